@@ -1,0 +1,25 @@
+"""KL-f4 autoencoder on Fashion-MNIST: 28 px grayscale, resized to 32 px → 8×8×4 latents.
+
+Reads the idx files of Debian's `dataset-fashion-mnist` (or any MNIST-format directory):
+  python train_autoencoder.py --config configs/autoencoder/fmnist_kl_f4.py --workdir runs/fmnist_ae
+The stage-2 config `configs/ldm/fmnist_class_cond.py` trains on its latents.
+"""
+
+from ldm_jax.train import autoencoder
+from ldm_jax.train import config as config_lib
+
+
+def get_config(arg=None):
+  options = config_lib.parse_arg(arg)
+  config_lib.check_options(options, {"smoke"}, "fmnist_kl_f4")
+  config = autoencoder.default_config()
+  config.data.update(source="idx", path="/usr/share/datasets/fashion-mnist", image_size=32, channels=1)
+  config.model.update(kind="kl", embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                      attn_resolutions=())
+  config.loss.update(disc_start=100_000, disc_weight=0.5, kl_weight=1e-6)
+  config.optim.update(base_learning_rate=1.25e-5)  # × batch 32 = 4e-4
+  config.train.update(num_steps=6_000, batch_size=32, log_every=100, checkpoint_every=1_000,
+                      eval_every=2_000, eval_batches=40, image_every=2_000)
+  if "smoke" in options:
+    autoencoder.apply_smoke(config)
+  return config

@@ -1,0 +1,334 @@
+"""Stage 1 trainer: a KL- or VQ-regularised autoencoder with L1 + LPIPS + PatchGAN losses.
+
+`train_and_evaluate(config, workdir)` builds the mesh, creates the sharded train state, resumes
+from the newest checkpoint of `workdir` if there is one, and runs the loop: one jitted step
+updates the autoencoder (and the learned log-variance of the KL objective) and the
+discriminator together; scalars go to TensorBoard and `metrics.jsonl`; every
+`train.eval_every` steps the held-out split is reconstructed and PSNR, SSIM and LPIPS (and
+codebook usage for VQ) are reported, with a grid of inputs above their reconstructions.
+
+The adversarial weight is the reference's adaptive one: λ = ‖∇_L L_nll‖ / (‖∇_L L_G‖ + 1e-4)
+on the decoder's last layer L. One forward pass gives both objectives; two pullbacks of the
+same `jax.vjp` give their gradients, and the update uses ∇(L_nll + w·L_reg) + λ·∇L_G.
+Before `loss.disc_start` a second compiled step without the discriminator is used, so the
+adversarial branch costs nothing until it is switched on.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from ldm_jax import data as data_lib
+from ldm_jax.eval import metrics as metrics_lib
+from ldm_jax.losses import autoencoder as losses
+from ldm_jax.losses import lpips as lpips_lib
+from ldm_jax.models import autoencoder as ae_lib
+from ldm_jax.models.discriminator import NLayerDiscriminator
+from ldm_jax.train import checkpoint as ckpt_lib
+from ldm_jax.train import config as config_lib
+from ldm_jax.train import sharding
+from ldm_jax.train.logging import MetricWriter, image_grid
+
+# Where the adaptive GAN weight looks: the decoder's output convolution.
+LAST_LAYER = ("autoencoder", "decoder", "conv_out", "kernel")
+
+
+@flax.struct.dataclass
+class AutoencoderState:
+  """Everything a stage-1 run needs to continue exactly where it stopped.
+
+  params: {'autoencoder': …, 'logvar': [] (KL objective's learned log-variance), 'discriminator': …}.
+  batch_stats: the discriminator's BatchNorm running statistics ({} for stateless norms).
+  rng: a raw uint32 PRNG key, split once per step.
+  """
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All stage-1 keys with defaults: the paper's KL-f8 at 256 px (LDM `autoencoder_kl_32x32x4`)."""
+  config = ml_collections.ConfigDict()
+  config.data = data_lib.default_data_config()
+  config.data.image_size = 256
+  config.data.channels = 3
+  config.model = ml_collections.ConfigDict(dict(
+      kind="kl", embed_dim=4, n_embed=8192, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
+      attn_resolutions=(), z_channels=4, dropout=0.0))
+  # Linked, so that --config.data.channels / image_size move the model with them.
+  config.model.in_channels = config.data.get_ref("channels")
+  config.model.resolution = config.data.get_ref("image_size")
+  config.loss = losses.default_loss_config()
+  config.optim = ml_collections.ConfigDict(dict(
+      # LDM scales the base rate by the global batch size (and #GPUs × accumulation there).
+      base_learning_rate=4.5e-6, scale_lr=True, b1=0.5, b2=0.9))
+  config.train = config_lib.train_config()
+  config.mesh = config_lib.mesh_config()
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any stage-1 config to a < 1 minute CPU run; keeps its kind and data source."""
+  config.data.image_size = 16
+  config.data.num_examples = min(config.data.get("num_examples", 256) or 256, 256)
+  config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), n_embed=64)
+  config.loss.disc_start = 6
+  config.loss.disc_num_layers = 1
+  config.loss.disc_ndf = 8
+  config.optim.update(base_learning_rate=1e-3, scale_lr=False)
+  config.train.update(num_steps=12, batch_size=8, log_every=4, checkpoint_every=6, eval_every=12,
+                      eval_batches=2, image_every=12)
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Every check that can fail before compiling; errors name the offending key."""
+  config_lib.validate_train_config(config.train)
+  data_lib.validate_data_config(config.data)
+  ae_lib.validate_autoencoder_config(config.model, config.data.image_size)
+  losses.validate_loss_config(config.loss)
+  if config.optim.base_learning_rate <= 0:
+    raise ValueError(f"optim.base_learning_rate: must be > 0, got {config.optim.base_learning_rate}.")
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> float:
+  scale = config.train.batch_size if config.optim.scale_lr else 1
+  return config.optim.base_learning_rate * scale
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam(β=(0.5, 0.9)) for the generator side and, separately, for the discriminator."""
+  adam = lambda: optax.adam(learning_rate(config), b1=config.optim.b1, b2=config.optim.b2)
+  labels = {"autoencoder": "generator", "logvar": "generator", "discriminator": "discriminator"}
+  return optax.multi_transform({"generator": adam(), "discriminator": adam()}, labels)
+
+
+def make_discriminator(config: ml_collections.ConfigDict) -> NLayerDiscriminator:
+  return NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
+                             norm=config.loss.disc_norm)
+
+
+class Stage1:
+  """The modules, optimizer and frozen LPIPS weights of one run, and the jitted functions over them."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh):
+    self.config = config
+    self.mesh = mesh
+    self.model = ae_lib.make_autoencoder(config.model)
+    self.disc = make_discriminator(config)
+    self.optimizer = make_optimizer(config)
+    self.lpips_params = lpips_lib.load_lpips_params()
+    self.is_kl = config.model.kind == "kl"
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    self.dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
+    self.state_sharding = sharding.state_sharding(mesh, abstract)
+    self.abstract_state = ckpt_lib.abstract_like(abstract, self.state_sharding)
+    batch_sh = sharding.batch_sharding(mesh)
+    jit_step = lambda with_gan: jax.jit(
+        functools.partial(self._train_step, with_gan=with_gan),
+        in_shardings=(self.state_sharding, batch_sh),
+        out_shardings=(self.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    self.train_step = {False: jit_step(False), True: jit_step(True)}
+    self.init = jax.jit(self._init, out_shardings=self.state_sharding)
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, batch_sh))
+
+  # ---- state ----------------------------------------------------------------------------------
+  def _init(self, rng) -> AutoencoderState:
+    ae_rng, disc_rng, rng = jax.random.split(rng, 3)
+    ae_params = self.model.init(ae_rng, self.dummy, method=self.model.init_all)["params"]
+    disc_vars = self.disc.init(disc_rng, self.dummy)
+    params = {"autoencoder": ae_params,
+              "logvar": jnp.asarray(self.config.loss.logvar_init, jnp.float32),
+              "discriminator": disc_vars["params"]}
+    return AutoencoderState(step=jnp.zeros((), jnp.int32), params=params,
+                            batch_stats=disc_vars.get("batch_stats", {}),
+                            opt_state=self.optimizer.init(params), rng=rng)
+
+  # ---- losses ---------------------------------------------------------------------------------
+  def _discriminate(self, disc_params, batch_stats, images):
+    """Patch logits [B, h, w, 1] in training mode, and the updated BatchNorm statistics."""
+    variables = {"params": disc_params}
+    if batch_stats:
+      logits, updates = self.disc.apply({**variables, "batch_stats": batch_stats}, images, train=True,
+                                        mutable=["batch_stats"])
+      return logits, updates["batch_stats"]
+    return self.disc.apply(variables, images), batch_stats
+
+  def _reconstruct(self, ae_params, x, rng):
+    """(x_rec, regulariser, extras): KL of the sampled posterior, or the VQ codebook loss."""
+    if self.is_kl:
+      posterior = self.model.apply({"params": ae_params}, x, method=self.model.encode)
+      x_rec = self.model.apply({"params": ae_params}, posterior.sample(rng), method=self.model.decode)
+      return x_rec, jnp.mean(posterior.kl()), {}
+    x_rec, qloss, info = self.model.apply({"params": ae_params}, x)
+    return x_rec, qloss, {"perplexity": info["perplexity"], "codebook_usage": info["usage"]}
+
+  def _generator_objectives(self, gen_params, disc_params, batch_stats, x, rng, with_gan):
+    """(nll, regulariser, generator loss) and auxiliaries, as functions of the generator params."""
+    cfg = self.config.loss
+    x_rec, reg, extras = self._reconstruct(gen_params["autoencoder"], x, rng)
+    p_loss = (lpips_lib.lpips(self.lpips_params, x, x_rec) if cfg.perceptual_weight > 0
+              else jnp.zeros(x.shape[:1]))
+    if self.is_kl:
+      nll, rec = losses.kl_nll_loss(x, x_rec, gen_params["logvar"], p_loss, cfg.perceptual_weight)
+    else:
+      nll, rec = losses.vq_nll_loss(x, x_rec, p_loss, cfg.perceptual_weight)
+    g_loss, new_stats = jnp.zeros(()), batch_stats
+    if with_gan:
+      logits_fake, new_stats = self._discriminate(disc_params, batch_stats, x_rec)
+      g_loss = losses.generator_loss(logits_fake, cfg.disc_loss)
+    aux = dict(x_rec=x_rec, rec_loss=rec, p_loss=jnp.mean(p_loss), batch_stats=new_stats, **extras)
+    return (nll, reg, g_loss), aux
+
+  def _train_step(self, state: AutoencoderState, batch, *, with_gan: bool):
+    cfg = self.config.loss
+    x = batch["image"]
+    rng, sample_rng = jax.random.split(state.rng)
+    params = state.params
+    gen_params = {"autoencoder": params["autoencoder"], "logvar": params["logvar"]}
+    objectives = functools.partial(self._generator_objectives, disc_params=params["discriminator"],
+                                   batch_stats=state.batch_stats, x=x, rng=sample_rng, with_gan=with_gan)
+    (nll, reg, g_loss), pullback, aux = jax.vjp(objectives, gen_params, has_aux=True)
+    reg_weight = cfg.kl_weight if self.is_kl else cfg.codebook_weight
+    one = jnp.ones((), nll.dtype)
+    (grads,) = pullback((one, reg_weight * one, 0 * one))
+    metrics = dict(nll_loss=nll, rec_loss=aux["rec_loss"], p_loss=aux["p_loss"],
+                   **{("kl_loss" if self.is_kl else "codebook_loss"): reg},
+                   **{k: aux[k] for k in ("perplexity", "codebook_usage") if k in aux})
+    loss = nll + reg_weight * reg
+    batch_stats = aux["batch_stats"]
+    disc_grads = jax.tree.map(jnp.zeros_like, params["discriminator"])
+    if with_gan:
+      (g_grads,) = pullback((0 * one, 0 * one, one))
+      last = lambda tree: tree[LAST_LAYER[0]][LAST_LAYER[1]][LAST_LAYER[2]][LAST_LAYER[3]]
+      d_weight = losses.adaptive_weight(last(grads), last(g_grads), cfg.disc_weight) * cfg.disc_factor
+      grads = jax.tree.map(lambda a, b: a + d_weight * b, grads, g_grads)
+      loss = loss + d_weight * g_loss
+
+      def disc_objective(disc_params):
+        both = jnp.concatenate([x, jax.lax.stop_gradient(aux["x_rec"])])
+        logits, stats = self._discriminate(disc_params, batch_stats, both)
+        real, fake = jnp.split(logits, 2)
+        d_loss = cfg.disc_factor * losses.discriminator_loss(real, fake, cfg.disc_loss)
+        return d_loss, (stats, jnp.mean(real), jnp.mean(fake))
+
+      (d_loss, (batch_stats, real, fake)), disc_grads = jax.value_and_grad(
+          disc_objective, has_aux=True)(params["discriminator"])
+      metrics.update(g_loss=g_loss, d_weight=d_weight, d_loss=d_loss, logits_real=real, logits_fake=fake)
+    grads = {**grads, "discriminator": disc_grads}
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state, rng=rng)
+    metrics.update(loss=loss, logvar=params["logvar"])
+    return new_state, metrics
+
+  # ---- evaluation -----------------------------------------------------------------------------
+  def reconstruct(self, ae_params, x):
+    """Deterministic reconstruction: the posterior mode (KL) or the quantized code (VQ)."""
+    if self.is_kl:
+      posterior = self.model.apply({"params": ae_params}, x, method=self.model.encode)
+      return self.model.apply({"params": ae_params}, posterior.mode(), method=self.model.decode), None
+    x_rec, _, info = self.model.apply({"params": ae_params}, x)
+    return x_rec, info["indices"]
+
+  def _eval_step(self, params, batch):
+    """Per-image PSNR/SSIM/LPIPS [B], the reconstructions, and a codebook histogram for VQ."""
+    x = batch["image"]
+    x_rec, indices = self.reconstruct(params["autoencoder"], x)
+    x_rec = jnp.clip(x_rec, -1.0, 1.0)
+    scores = dict(psnr=metrics_lib.psnr(x, x_rec), ssim=metrics_lib.ssim(x, x_rec),
+                  lpips=lpips_lib.lpips(self.lpips_params, x, x_rec))
+    counts = (jnp.bincount(indices.reshape(-1), length=self.config.model.n_embed)
+              if indices is not None else jnp.zeros((1,), jnp.int32))
+    return scores, x_rec, counts
+
+  def evaluate(self, params, *, num_batches: int):
+    """Means of PSNR/SSIM/LPIPS over the first `num_batches` held-out batches, and a grid."""
+    cfg = self.config
+    loader = data_lib.make_loader(cfg.data, cfg.data.eval_split, batch_size=cfg.train.batch_size,
+                                  seed=0, shuffle=False, num_epochs=1)
+    totals, count, grid, codes = {}, 0, None, 0
+    for i, batch in zip(range(num_batches), loader):
+      scores, x_rec, counts = self.eval_step(params, sharding.shard_batch(batch, self.mesh))
+      for key, value in jax.device_get(scores).items():
+        totals[key] = totals.get(key, 0.0) + float(np.sum(value))
+      count += len(scores["psnr"])
+      codes = codes + np.asarray(jax.device_get(counts))
+      if i == 0:
+        n = min(8, len(batch["image"]))
+        x_rec = np.asarray(jax.device_get(x_rec))[:n] if jax.process_count() == 1 else None
+        if x_rec is not None:
+          grid = image_grid(np.concatenate([batch["image"][:n], x_rec]), num_cols=n)
+    if count == 0:
+      raise ValueError(f"data.eval_split: '{cfg.data.eval_split}' gave no full batch of "
+                       f"train.batch_size={cfg.train.batch_size} images to evaluate on.")
+    results = {f"eval/{key}": value / count for key, value in totals.items()}
+    if not self.is_kl:
+      results["eval/codebook_usage"] = float(np.mean(codes > 0))
+    return results, grid
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) a stage-1 run in `workdir`; returns the final held-out metrics."""
+  validate_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  config_lib.save_config(config, workdir) if jax.process_index() == 0 else None
+  stage = Stage1(config, mesh)
+  train_iter = iter(data_lib.make_loader(config.data, config.data.train_split,
+                                         batch_size=config.train.batch_size, seed=config.train.seed))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=config.train.max_checkpoints)
+  state = checkpointer.restore(stage.abstract_state, train_iter)
+  if state is None:
+    state = stage.init(jax.random.PRNGKey(config.train.seed))
+  start_step = int(jax.device_get(state.step))
+  writer = MetricWriter(workdir)
+  num_steps = config.train.num_steps
+  logging.info("Stage 1 (%s): steps %d → %d, %s params", config.model.kind, start_step, num_steps,
+               f"{sum(x.size for x in jax.tree.leaves(state.params['autoencoder'])):,}")
+
+  pending, t0, results = [], time.perf_counter(), {}
+  progress = tqdm(total=num_steps, initial=start_step, desc="stage 1", disable=jax.process_index() != 0)
+  for step in range(start_step + 1, num_steps + 1):
+    batch = sharding.shard_batch(next(train_iter), mesh)
+    with_gan = config.loss.disc_weight > 0 and step > config.loss.disc_start
+    state, metrics = stage.train_step[with_gan](state, batch)
+    pending.append(metrics)
+    if step % config.train.log_every == 0 or step == num_steps:
+      fetched = jax.device_get(pending)
+      # Steps before disc_start report no GAN terms; average each key over the steps that have it.
+      scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched if k in m])) for k in fetched[-1]}
+      elapsed = time.perf_counter() - t0
+      scalars["train/images_per_sec"] = len(pending) * config.train.batch_size / elapsed
+      writer.write_scalars(step, scalars)
+      progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['train/images_per_sec']:.1f}")
+      pending, t0 = [], time.perf_counter()
+    if step % config.train.eval_every == 0 or step == num_steps:
+      results, grid = stage.evaluate(state.params, num_batches=config.train.eval_batches)
+      writer.write_scalars(step, results)
+      if grid is not None and (step % config.train.image_every == 0 or step == num_steps):
+        writer.write_image(step, "reconstructions", grid)
+      logging.info("step %d: %s", step, {k: round(v, 4) for k, v in results.items()})
+      t0 = time.perf_counter()
+    if step % config.train.checkpoint_every == 0 or step == num_steps:
+      checkpointer.save(step, state, train_iter)
+    progress.update(1)
+  progress.close()
+  checkpointer.close()
+  writer.close()
+  return results

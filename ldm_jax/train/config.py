@@ -1,0 +1,97 @@
+"""Config pieces shared by both trainers: the `train.*` and `mesh.*` keys, `:smoke`, validation.
+
+Config files are Python (`configs/<stage>/<name>.py` with `get_config(arg)`), as in big_vision.
+The argument after the colon is a comma-separated list of options; `smoke` shrinks any config
+so that it runs on a 2-core CPU in under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+
+def parse_arg(arg: str | None) -> set[str]:
+  """'smoke,foo' → {'smoke', 'foo'}; unknown options are rejected by the caller."""
+  return {part.strip() for part in (arg or "").split(",") if part.strip()}
+
+
+def check_options(options: set[str], allowed: set[str], config_name: str) -> None:
+  unknown = options - allowed
+  if unknown:
+    raise ValueError(f"{config_name}: unknown config argument(s) {sorted(unknown)}; "
+                     f"allowed: {sorted(allowed)}.")
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """`train.*` keys with their defaults; `batch_size` is global (all devices of all processes)."""
+  cfg = ml_collections.ConfigDict(dict(
+      num_steps=100_000,
+      batch_size=32,
+      seed=0,
+      log_every=50,
+      checkpoint_every=2_000,
+      max_checkpoints=3,
+      eval_every=5_000,
+      eval_batches=8,
+      image_every=5_000,
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """`mesh.data` × `mesh.fsdp` devices; −1 = all remaining devices."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+
+def validate_train_config(train: ml_collections.ConfigDict) -> None:
+  """ValueError naming the `train.*` key whose value cannot work."""
+  positive = ("num_steps", "batch_size", "log_every", "checkpoint_every", "max_checkpoints",
+              "eval_every", "eval_batches", "image_every")
+  for key in positive:
+    value = train.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ValueError(f"train.{key}: expected a positive integer, got {value!r}.")
+  if not isinstance(train.seed, int):
+    raise ValueError(f"train.seed: expected an integer, got {train.seed!r}.")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config as `workdir/config.json` (read back by later stages)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """Reads `workdir/config.json`; FileNotFoundError names the path."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no config.json; is {workdir} a ldm_jax workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+
+
+def _lists_to_tuples(value):
+  # JSON has no tuples; model fields such as ch_mult are tuples in the config files.
+  if isinstance(value, dict):
+    return {k: _lists_to_tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_lists_to_tuples(v) for v in value)
+  return value
+
+
+def from_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` as `--config` does: imports the file and calls `get_config(arg)`."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: config file not found.")
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

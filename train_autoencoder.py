@@ -1,0 +1,29 @@
+"""Stage 1: train a KL or VQ autoencoder.
+
+  python train_autoencoder.py --config configs/autoencoder/fmnist_kl_f4.py --workdir runs/fmnist_ae
+  python train_autoencoder.py --config configs/autoencoder/kl_f8.py:smoke --workdir /tmp/ae \
+      --config.train.batch_size=16
+
+Running the same command again resumes from the newest checkpoint in --workdir.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ldm_jax.train import autoencoder
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (`path.py[:arg]`).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  results = autoencoder.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.info("Final held-out metrics: %s", results)
+
+
+if __name__ == "__main__":
+  app.run(main)
