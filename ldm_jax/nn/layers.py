@@ -25,18 +25,23 @@ class ResnetBlock(nn.Module):
   With `time_embedding_norm='scale_shift'` the time embedding modulates the second norm as
   `norm2(h) · (1 + scale) + shift` (openaimodel `use_scale_shift_norm`); with 'default' it is
   added after the first conv. A 1×1 `conv_shortcut` matches channels when they change.
+  With `resample` the block also halves ('down', 2×2 average pooling) or doubles ('up', nearest)
+  H and W, resampling both paths after the first norm and SiLU (openaimodel `ResBlock(up|down)`,
+  diffusers `ResnetBlock2D(up|down)`, used by the U-Net's `resblock_updown`).
 
   Attributes:
     out_channels: output channels (None = input channels).
     num_groups, epsilon: GroupNorm settings (autoencoder 32/1e-6, U-Net 32/1e-5).
     dropout: dropout rate before the second conv.
     time_embedding_norm: 'default' | 'scale_shift'.
+    resample: None | 'up' | 'down'.
   """
   out_channels: int | None = None
   num_groups: int = 32
   epsilon: float = 1e-6
   dropout: float = 0.0
   time_embedding_norm: str = "default"
+  resample: str | None = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -47,7 +52,10 @@ class ResnetBlock(nn.Module):
     norm = lambda name: nn.GroupNorm(self.num_groups, epsilon=self.epsilon, dtype=self.dtype, name=name)
     conv = lambda features, kernel, name: nn.Conv(features, (kernel, kernel), padding=kernel // 2,
                                                   dtype=self.dtype, name=name)
-    h = conv(out_channels, 3, "conv1")(nn.silu(norm("norm1")(x)))
+    h = nn.silu(norm("norm1")(x))
+    if self.resample is not None:
+      h, x = _resample(h, self.resample), _resample(x, self.resample)
+    h = conv(out_channels, 3, "conv1")(h)
     if temb is not None:
       scale_shift = self.time_embedding_norm == "scale_shift"
       emb = nn.Dense(out_channels * (2 if scale_shift else 1), dtype=self.dtype,
@@ -64,6 +72,14 @@ class ResnetBlock(nn.Module):
     if x.shape[-1] != out_channels:
       x = conv(out_channels, 1, "conv_shortcut")(x)
     return x + h
+
+
+def _resample(x: jax.Array, mode: str) -> jax.Array:
+  if mode == "up":
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  if mode == "down":
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+  raise ValueError(f"ResnetBlock.resample: {mode!r} is not one of None, 'up', 'down'.")
 
 
 class Downsample(nn.Module):
