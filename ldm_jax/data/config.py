@@ -1,0 +1,75 @@
+"""The `data` config section: defaults and validation (cheap, before anything compiles)."""
+
+import os
+
+import ml_collections
+
+from ldm_jax.data import folder, idx, shapes
+from ldm_jax.data.sources import SOURCES
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """All `data.*` keys with their defaults; config files start from this."""
+  return ml_collections.ConfigDict({
+      'source': 'shapes',       # 'shapes', 'idx', 'folder' or 'tfds'
+      'path': '',               # idx / folder: directory
+      'name': '',               # tfds: dataset name, e.g. 'mnist' or 'celeb_a_hq/256'
+      'tfds_data_dir': '',      # tfds: '' → $TFDS_DATA_DIR or ~/tensorflow_datasets
+      'image_size': 32,         # output side: shorter side resized to it, then cropped square
+      'channels': 3,            # 1 (grayscale) or 3 (RGB), converted from whatever is read
+      'train_split': 'train',
+      'eval_split': 'test',
+      'random_crop': False,     # random instead of center crop after the resize
+      'random_flip': False,     # horizontal flips; breaks left/right words in `shapes` captions
+      'num_examples': 50_000,   # shapes: train split size (test: a tenth)
+      'labels_from_dirs': False,  # folder: label = first-level sub-directory
+      'image_key': 'image',     # tfds feature keys ('/' for nested features)
+      'label_key': 'label',
+      'caption_key': '',
+      'num_workers': 0,         # 0: load in-process (threads); > 0: grain worker processes
+  })
+
+
+def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the offending `data.*` key; touches only metadata."""
+  if data_cfg.source not in SOURCES:
+    raise ValueError(f'data.source: unknown {data_cfg.source!r}, expected one of {SOURCES}')
+  if data_cfg.channels not in (1, 3):
+    raise ValueError(f'data.channels must be 1 or 3, got {data_cfg.channels!r}')
+  if not isinstance(data_cfg.image_size, int) or data_cfg.image_size < 1:
+    raise ValueError(f'data.image_size must be a positive integer, got {data_cfg.image_size!r}')
+  if not isinstance(data_cfg.num_workers, int) or data_cfg.num_workers < 0:
+    raise ValueError(f'data.num_workers must be an integer >= 0, got {data_cfg.num_workers!r}')
+  splits = {'data.train_split': data_cfg.train_split, 'data.eval_split': data_cfg.eval_split}
+
+  if data_cfg.source == 'shapes':
+    if not isinstance(data_cfg.num_examples, int) or data_cfg.num_examples < 1:
+      raise ValueError(f'data.num_examples must be a positive integer, got '
+                       f'{data_cfg.num_examples!r}')
+    for key, split in splits.items():
+      if split not in shapes.SPLITS:
+        raise ValueError(f'{key}: the shapes source has splits {shapes.SPLITS}, got {split!r}')
+
+  elif data_cfg.source in ('idx', 'folder'):
+    path = data_cfg.path
+    if not path:
+      raise ValueError(f'data.path: empty; the {data_cfg.source} source reads a directory')
+    if not os.path.isdir(path):
+      raise ValueError(f'data.path: directory {path} does not exist')
+    if data_cfg.source == 'idx':
+      for key, split in splits.items():
+        if split not in idx.SPLIT_PREFIXES:
+          raise ValueError(f'{key}: the idx source has splits {tuple(idx.SPLIT_PREFIXES)}, '
+                           f'got {split!r}')
+        idx.split_files(path, split)
+    else:
+      for split in splits.values():
+        root = folder.split_dir(path, split)
+        if next(folder.iter_images(root), None) is None:
+          raise ValueError(f'data.path: {root} is empty (no images found with extensions '
+                           f'{folder.IMAGE_EXTENSIONS})')
+
+  else:
+    # TFDS is imported only by configs that use it: it is slow to import and optional.
+    from ldm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    tfds_source.check_keys(tfds_source.prepared_builder(data_cfg), data_cfg)

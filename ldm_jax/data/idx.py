@@ -1,0 +1,96 @@
+"""`idx`: MNIST-style idx files (Fashion-MNIST, MNIST, KMNIST, ...) from a directory.
+
+`data.path` holds `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
+`t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each optionally gzipped
+(`.gz`). Split 'train' reads `train-*`, split 'test' reads `t10k-*`. The whole
+split is loaded into memory (Fashion-MNIST train: 47 MB).
+
+Captions name the class, "a photo of a sneaker", with Fashion-MNIST class names
+when the directory path contains "fashion" (case-insensitive), and "a photo of
+the digit 7" otherwise. Labels are the file's labels (10 classes).
+"""
+
+import gzip
+import os
+from typing import Any
+
+import numpy as np
+
+FASHION_MNIST_CLASSES = ('t-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt',
+                         'sneaker', 'bag', 'ankle boot')
+NUM_CLASSES = 10
+SPLIT_PREFIXES = {'train': 'train', 'test': 't10k'}
+
+# idx header byte 3 → big-endian element type.
+_IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads one idx file (gzipped when the name ends in .gz) into an array."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+    raise ValueError(f'{path}: not an idx file (bad magic number {data[:4].hex()})')
+  ndim = data[3]
+  shape = tuple(int(d) for d in np.frombuffer(data, '>u4', count=ndim, offset=4))
+  dtype = np.dtype(_IDX_DTYPES[data[2]])
+  offset = 4 + 4 * ndim
+  if len(data) - offset != int(np.prod(shape)) * dtype.itemsize:
+    raise ValueError(f'{path}: header shape {shape} does not match {len(data) - offset} data bytes')
+  return np.frombuffer(data, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder('='))
+
+
+def split_files(directory: str, split: str) -> tuple[str, str]:
+  """Paths of the (images, labels) files of `split`; ValueError naming data.path if absent."""
+  if split not in SPLIT_PREFIXES:
+    raise ValueError(f"idx source: unknown split {split!r}, expected one of "
+                     f"{tuple(SPLIT_PREFIXES)} (data.train_split / data.eval_split)")
+  prefix = SPLIT_PREFIXES[split]
+  found = []
+  for kind in ('images-idx3-ubyte', 'labels-idx1-ubyte'):
+    candidates = [os.path.join(directory, f'{prefix}-{kind}{ext}') for ext in ('', '.gz')]
+    path = next((p for p in candidates if os.path.isfile(p)), None)
+    if path is None:
+      raise ValueError(f'data.path: {directory} has no {prefix}-{kind}[.gz] for split {split!r}')
+    found.append(path)
+  return found[0], found[1]
+
+
+def class_captions(directory: str) -> tuple[str, ...]:
+  """One caption per label, e.g. "a photo of an ankle boot" or "a photo of the digit 7"."""
+  if 'fashion' in os.path.abspath(directory).lower():
+    return tuple(f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}"
+                 for name in FASHION_MNIST_CLASSES)
+  return tuple(f'a photo of the digit {d}' for d in range(NUM_CLASSES))
+
+
+class IdxSource:
+  """Random-access source of `{'image': uint8 [28, 28, 1], 'label', 'caption'}`."""
+
+  def __init__(self, directory: str, split: str):
+    images_path, labels_path = split_files(directory, split)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+      raise ValueError(f'{images_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}')
+    if labels.shape != images.shape[:1]:
+      raise ValueError(f'{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images')
+    if labels.size and not 0 <= labels.min() <= labels.max() < NUM_CLASSES:
+      raise ValueError(f'{labels_path}: labels must lie in [0, {NUM_CLASSES}), got '
+                       f'[{labels.min()}, {labels.max()}]')
+    self._images = images[..., None]
+    self._labels = labels.astype(np.int32)
+    self._captions = class_captions(directory)
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def caption(self, index: int) -> str:
+    return self._captions[self._labels[index]]
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {
+        'image': self._images[index],
+        'label': self._labels[index],
+        'caption': self.caption(index),
+    }

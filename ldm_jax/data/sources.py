@@ -1,0 +1,59 @@
+"""Builds the record source a `data` config names, and answers questions about it.
+
+Every source is random access (`len(source)`, `source[i]`) and returns records
+`{'image': uint8 [H, W, C], 'label': int32 scalar, 'caption': str}` with C in
+{1, 3}, label -1 and caption '' when the source has none. Each also has a cheap
+`caption(i)` that skips the image.
+"""
+
+from collections.abc import Iterator
+
+import ml_collections
+
+from ldm_jax.data import folder, idx, shapes
+
+SOURCES = ('shapes', 'idx', 'folder', 'tfds')
+
+
+def make_source(data_cfg: ml_collections.ConfigDict, split: str):
+  """The source of `data_cfg.source` for `split` (e.g. data_cfg.train_split)."""
+  if data_cfg.source == 'shapes':
+    return shapes.ShapesSource(split, num_examples=data_cfg.num_examples,
+                               image_size=data_cfg.image_size)
+  if data_cfg.source == 'idx':
+    return idx.IdxSource(data_cfg.path, split)
+  if data_cfg.source == 'folder':
+    return folder.FolderSource(data_cfg.path, split, labels_from_dirs=data_cfg.labels_from_dirs,
+                               min_size=data_cfg.image_size)
+  if data_cfg.source == 'tfds':
+    # Imported only when used: TFDS is optional and slow to import.
+    from ldm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.TfdsSource(data_cfg, split)
+  raise ValueError(f'data.source: unknown {data_cfg.source!r}, expected one of {SOURCES}')
+
+
+def num_classes(data_cfg: ml_collections.ConfigDict) -> int:
+  """Number of label classes (labels lie in [0, num_classes)); ValueError when unlabelled."""
+  if data_cfg.source == 'shapes':
+    return len(shapes.KINDS)
+  if data_cfg.source == 'idx':
+    return idx.NUM_CLASSES
+  if data_cfg.source == 'folder':
+    if not data_cfg.labels_from_dirs:
+      raise ValueError('data.labels_from_dirs is False, so the folder source has no labels')
+    return len(folder.class_names(folder.split_dir(data_cfg.path, data_cfg.train_split)))
+  if data_cfg.source == 'tfds':
+    from ldm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.num_classes(data_cfg)
+  raise ValueError(f'data.source: unknown {data_cfg.source!r}, expected one of {SOURCES}')
+
+
+def captions(data_cfg: ml_collections.ConfigDict, split: str) -> Iterator[str]:
+  """Yields the caption of every record of `split`, in index order, without decoding images.
+
+  For the folder source this includes captions of images that turn out to be
+  unreadable, which is harmless for its purpose (training a tokenizer).
+  """
+  source = make_source(data_cfg, split)
+  for i in range(len(source)):
+    yield source.caption(i)

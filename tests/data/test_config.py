@@ -1,0 +1,59 @@
+"""validate_data_config: each bad value is reported with its key."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_jax.data import default_data_config, num_classes, validate_data_config
+
+KEYS = {'source', 'path', 'name', 'tfds_data_dir', 'image_size', 'channels', 'train_split',
+        'eval_split', 'random_crop', 'random_flip', 'num_examples', 'labels_from_dirs',
+        'image_key', 'label_key', 'caption_key', 'num_workers'}
+
+
+def _cfg(**overrides):
+  cfg = default_data_config()
+  cfg.update(overrides)
+  return cfg
+
+
+def test_defaults_have_every_key_and_validate():
+  cfg = default_data_config()
+  assert set(cfg.keys()) == KEYS
+  assert (cfg.source, cfg.channels, cfg.num_workers) == ('shapes', 3, 0)
+  validate_data_config(cfg)
+  assert num_classes(cfg) == 6
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'source': 'foo'}, "data.source: unknown 'foo', expected one of"),
+    ({'channels': 2}, 'data.channels must be 1 or 3'),
+    ({'image_size': 0}, 'data.image_size must be a positive integer'),
+    ({'num_workers': -1}, 'data.num_workers'),
+    ({'num_examples': 0}, 'data.num_examples'),
+    ({'eval_split': 'validation'}, "data.eval_split: .*'validation'"),
+    ({'source': 'folder', 'path': ''}, 'data.path: empty'),
+    ({'source': 'folder', 'path': '/no/such/dir'}, 'data.path: directory /no/such/dir does not exist'),
+    ({'source': 'idx', 'path': '/no/such/dir'}, 'data.path: directory /no/such/dir does not exist'),
+    ({'source': 'tfds', 'name': 'foo'}, "data.name: unknown TFDS dataset 'foo'"),
+    ({'source': 'tfds', 'name': ''}, 'data.name: empty'),
+])
+def test_errors_name_the_key(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    validate_data_config(_cfg(**overrides))
+
+
+def test_empty_folder_and_missing_idx_files(tmp_path):
+  (tmp_path / 'readme.txt').write_text('no images here')
+  with pytest.raises(ValueError, match=f'data.path: {tmp_path} is empty \\(no images found'):
+    validate_data_config(_cfg(source='folder', path=str(tmp_path)))
+  with pytest.raises(ValueError, match='data.path: .* has no train-images-idx3-ubyte'):
+    validate_data_config(_cfg(source='idx', path=str(tmp_path)))
+  Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / 'image.png')
+  validate_data_config(_cfg(source='folder', path=str(tmp_path)))
+
+
+def test_folder_without_labels_has_no_classes(tmp_path):
+  Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / 'x.png')
+  with pytest.raises(ValueError, match='data.labels_from_dirs'):
+    num_classes(_cfg(source='folder', path=str(tmp_path)))
