@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ldm_jax.train import autoencoder
+from ldm_jax.train.logging import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (`path.py[:arg]`).",
                                           lock_config=True)
@@ -20,7 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  setup_logging()
   results = autoencoder.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("Final held-out metrics: %s", results)
 

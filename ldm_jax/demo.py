@@ -7,9 +7,10 @@ grid of held-out images above their reconstructions. Run from the repository roo
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from ldm_jax.train import autoencoder
+from ldm_jax.train.logging import setup_logging
 from ldm_jax.train import config as config_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs are written.")
@@ -20,7 +21,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  setup_logging()
   suffix = ":smoke" if _SMOKE.value else ""
   ae_dir = os.path.join(_WORKDIR.value, "autoencoder")
   ae_config = config_lib.from_file(os.path.join(CONFIG_DIR, "autoencoder", "shapes_kl_f4.py") + suffix)

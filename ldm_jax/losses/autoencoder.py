@@ -36,7 +36,9 @@ def default_loss_config():
   autoencoder's learning rate (base 4.5e-6 × global batch) and betas (0.5, 0.9).
 
   The reference's `logvar` is an nn.Parameter of the loss module that neither of its
-  optimizers holds, so in the released KL models it stayed at logvar_init = 0 throughout.
+  optimizers holds, so in the released KL models it stayed at logvar_init = 0 throughout;
+  `learn_logvar=False` reproduces that, True trains it with the autoencoder (the NLL then
+  balances the reconstruction against its own learned scale).
   """
   c = ml_collections.ConfigDict()
   c.disc_start = 50001  # step from which the GAN terms are on
@@ -50,6 +52,7 @@ def default_loss_config():
   c.perceptual_weight = 1.0
   c.codebook_weight = 1.0
   c.logvar_init = 0.0
+  c.learn_logvar = False
   return c
 
 
@@ -67,6 +70,8 @@ def validate_loss_config(cfg):
       raise ValueError(f"loss.{key}: expected a finite number >= 0, got {cfg[key]!r}.")
   if not (isinstance(cfg.logvar_init, (int, float)) and math.isfinite(cfg.logvar_init)):
     raise ValueError(f"loss.logvar_init: expected a finite number, got {cfg.logvar_init!r}.")
+  if not isinstance(cfg.learn_logvar, bool):
+    raise ValueError(f"loss.learn_logvar: expected true or false, got {cfg.learn_logvar!r}.")
 
 
 def hinge_d_loss(logits_real, logits_fake):

@@ -48,13 +48,11 @@ LAST_LAYER = ("autoencoder", "decoder", "conv_out", "kernel")
 class AutoencoderState:
   """Everything a stage-1 run needs to continue exactly where it stopped.
 
-  params: {'autoencoder': …, 'logvar': [] (KL objective's learned log-variance), 'discriminator': …}.
-  batch_stats: the discriminator's BatchNorm running statistics ({} for stateless norms).
+  params: {'autoencoder': …, 'logvar': [] (KL objective's log-variance), 'discriminator': …}.
   rng: a raw uint32 PRNG key, split once per step.
   """
   step: jax.Array
   params: dict
-  batch_stats: dict
   opt_state: optax.OptState
   rng: jax.Array
 
@@ -110,10 +108,16 @@ def learning_rate(config: ml_collections.ConfigDict) -> float:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam(β=(0.5, 0.9)) for the generator side and, separately, for the discriminator."""
+  """Adam(β=(0.5, 0.9)) for the autoencoder and, separately, for the discriminator.
+
+  The KL objective's log-variance is trained with the autoencoder only when `loss.learn_logvar`;
+  the reference's optimizers never held it, so by default it stays at `loss.logvar_init`.
+  """
   adam = lambda: optax.adam(learning_rate(config), b1=config.optim.b1, b2=config.optim.b2)
-  labels = {"autoencoder": "generator", "logvar": "generator", "discriminator": "discriminator"}
-  return optax.multi_transform({"generator": adam(), "discriminator": adam()}, labels)
+  logvar = "autoencoder" if config.loss.learn_logvar else "frozen"
+  labels = {"autoencoder": "autoencoder", "logvar": logvar, "discriminator": "discriminator"}
+  return optax.multi_transform(
+      {"autoencoder": adam(), "discriminator": adam(), "frozen": optax.set_to_zero()}, labels)
 
 
 def make_discriminator(config: ml_collections.ConfigDict) -> NLayerDiscriminator:
@@ -150,23 +154,17 @@ class Stage1:
   def _init(self, rng) -> AutoencoderState:
     ae_rng, disc_rng, rng = jax.random.split(rng, 3)
     ae_params = self.model.init(ae_rng, self.dummy, method=self.model.init_all)["params"]
-    disc_vars = self.disc.init(disc_rng, self.dummy)
     params = {"autoencoder": ae_params,
               "logvar": jnp.asarray(self.config.loss.logvar_init, jnp.float32),
-              "discriminator": disc_vars["params"]}
+              "discriminator": self.disc.init(disc_rng, self.dummy)["params"]}
     return AutoencoderState(step=jnp.zeros((), jnp.int32), params=params,
-                            batch_stats=disc_vars.get("batch_stats", {}),
                             opt_state=self.optimizer.init(params), rng=rng)
 
   # ---- losses ---------------------------------------------------------------------------------
-  def _discriminate(self, disc_params, batch_stats, images):
-    """Patch logits [B, h, w, 1] in training mode, and the updated BatchNorm statistics."""
-    variables = {"params": disc_params}
-    if batch_stats:
-      logits, updates = self.disc.apply({**variables, "batch_stats": batch_stats}, images, train=True,
-                                        mutable=["batch_stats"])
-      return logits, updates["batch_stats"]
-    return self.disc.apply(variables, images), batch_stats
+  def _discriminate(self, disc_params, images):
+    """Patch logits [B, h, w, 1]. Real and fake batches go in separate calls, as in taming:
+    with batch normalisation each is normalised by its own statistics."""
+    return self.disc.apply({"params": disc_params}, images)
 
   def _reconstruct(self, ae_params, x, rng):
     """(x_rec, regulariser, extras): KL of the sampled posterior, or the VQ codebook loss."""
@@ -177,7 +175,7 @@ class Stage1:
     x_rec, qloss, info = self.model.apply({"params": ae_params}, x)
     return x_rec, qloss, {"perplexity": info["perplexity"], "codebook_usage": info["usage"]}
 
-  def _generator_objectives(self, gen_params, disc_params, batch_stats, x, rng, with_gan):
+  def _generator_objectives(self, gen_params, disc_params, x, rng, with_gan):
     """(nll, regulariser, generator loss) and auxiliaries, as functions of the generator params."""
     cfg = self.config.loss
     x_rec, reg, extras = self._reconstruct(gen_params["autoencoder"], x, rng)
@@ -187,11 +185,10 @@ class Stage1:
       nll, rec = losses.kl_nll_loss(x, x_rec, gen_params["logvar"], p_loss, cfg.perceptual_weight)
     else:
       nll, rec = losses.vq_nll_loss(x, x_rec, p_loss, cfg.perceptual_weight)
-    g_loss, new_stats = jnp.zeros(()), batch_stats
+    g_loss = jnp.zeros(())
     if with_gan:
-      logits_fake, new_stats = self._discriminate(disc_params, batch_stats, x_rec)
-      g_loss = losses.generator_loss(logits_fake, cfg.disc_loss)
-    aux = dict(x_rec=x_rec, rec_loss=rec, p_loss=jnp.mean(p_loss), batch_stats=new_stats, **extras)
+      g_loss = losses.generator_loss(self._discriminate(disc_params, x_rec), cfg.disc_loss)
+    aux = dict(x_rec=x_rec, rec_loss=rec, p_loss=jnp.mean(p_loss), **extras)
     return (nll, reg, g_loss), aux
 
   def _train_step(self, state: AutoencoderState, batch, *, with_gan: bool):
@@ -201,7 +198,7 @@ class Stage1:
     params = state.params
     gen_params = {"autoencoder": params["autoencoder"], "logvar": params["logvar"]}
     objectives = functools.partial(self._generator_objectives, disc_params=params["discriminator"],
-                                   batch_stats=state.batch_stats, x=x, rng=sample_rng, with_gan=with_gan)
+                                   x=x, rng=sample_rng, with_gan=with_gan)
     (nll, reg, g_loss), pullback, aux = jax.vjp(objectives, gen_params, has_aux=True)
     reg_weight = cfg.kl_weight if self.is_kl else cfg.codebook_weight
     one = jnp.ones((), nll.dtype)
@@ -210,7 +207,6 @@ class Stage1:
                    **{("kl_loss" if self.is_kl else "codebook_loss"): reg},
                    **{k: aux[k] for k in ("perplexity", "codebook_usage") if k in aux})
     loss = nll + reg_weight * reg
-    batch_stats = aux["batch_stats"]
     disc_grads = jax.tree.map(jnp.zeros_like, params["discriminator"])
     if with_gan:
       (g_grads,) = pullback((0 * one, 0 * one, one))
@@ -220,19 +216,18 @@ class Stage1:
       loss = loss + d_weight * g_loss
 
       def disc_objective(disc_params):
-        both = jnp.concatenate([x, jax.lax.stop_gradient(aux["x_rec"])])
-        logits, stats = self._discriminate(disc_params, batch_stats, both)
-        real, fake = jnp.split(logits, 2)
+        real = self._discriminate(disc_params, x)
+        fake = self._discriminate(disc_params, jax.lax.stop_gradient(aux["x_rec"]))
         d_loss = cfg.disc_factor * losses.discriminator_loss(real, fake, cfg.disc_loss)
-        return d_loss, (stats, jnp.mean(real), jnp.mean(fake))
+        return d_loss, (jnp.mean(real), jnp.mean(fake))
 
-      (d_loss, (batch_stats, real, fake)), disc_grads = jax.value_and_grad(
+      (d_loss, (real, fake)), disc_grads = jax.value_and_grad(
           disc_objective, has_aux=True)(params["discriminator"])
       metrics.update(g_loss=g_loss, d_weight=d_weight, d_loss=d_loss, logits_real=real, logits_fake=fake)
     grads = {**grads, "discriminator": disc_grads}
     updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state, rng=rng)
+                              opt_state=opt_state, rng=rng)
     metrics.update(loss=loss, logvar=params["logvar"])
     return new_state, metrics
 

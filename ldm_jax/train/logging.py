@@ -12,9 +12,26 @@ import json
 import math
 import os
 
+import logging as py_logging
+
 import jax
 import numpy as np
+from absl import logging
 from PIL import Image
+
+
+class _DropLibraryInfo(py_logging.Filter):
+  """Keeps warnings from everywhere but INFO lines only from outside the noisy libraries."""
+  NOISY = ("/orbax/", "/grain/", "/jax/_src/")
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(p in record.pathname for p in self.NOISY)
+
+
+def setup_logging() -> None:
+  """INFO for ldm_jax; orbax's per-save chatter (dozens of lines per checkpoint) is dropped."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())
 
 
 def to_uint8(images) -> np.ndarray:
