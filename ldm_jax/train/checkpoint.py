@@ -56,6 +56,29 @@ class Checkpointer:
     logging.info("Restored checkpoint %d from %s", step, self.directory)
     return restored["state"]
 
+  def restore_subtree(self, keys: tuple[str, ...], sharding, step: int | None = None):
+    """Restores only `state[keys[0]][keys[1]]…` (e.g. a frozen model's params) onto `sharding`.
+
+    Reads the shapes from the checkpoint's own metadata, so the caller needs no abstract state
+    of the run that wrote it, and the optimizer state is never read.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{self.directory}: no checkpoint to restore.")
+    path = os.path.join(self.directory, str(step), "state")
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    for key in keys:
+      tree = tree[key]
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+    for key in reversed(keys):
+      abstract = {key: abstract}
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+    for key in keys:
+      restored = restored[key]
+    return restored
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     self._manager.wait_until_finished()
