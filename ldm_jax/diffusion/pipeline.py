@@ -1,0 +1,121 @@
+"""A trained latent diffusion model as one object: condition → sample latents → decode.
+
+`LatentDiffusion` holds the modules (U-Net, conditioner τ_θ, the frozen autoencoder), the noise
+schedule, the latent `scale_factor` and the tokenizer, and nothing trainable: parameters are
+passed in, so the same object serves the trainer's periodic sample grids (EMA weights) and
+`sample.py`. The conditioner runs once per batch, outside the sampling loop; the loop itself is
+one jit-compiled `lax.scan` of the samplers in `ldm_jax.diffusion.samplers`.
+
+    ldm = LatentDiffusion(...)
+    cond = ldm.prepare({'caption': prompts})               # host: tokenize / labels
+    images = ldm.generate(params, cond, rng, guidance_scale=3.0)   # [B, H, W, C] in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion.schedule import Schedule
+from ldm_jax.models import conditioning
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentDiffusion:
+  """Modules and constants of one latent diffusion model (see the module docstring).
+
+  Attributes:
+    unet: the denoiser ε_θ(z_t, t, context, y) (predicting `parameterization`).
+    conditioner: τ_θ, prepared conditions → {'context', 'y', 'concat'}.
+    autoencoder: the frozen stage-1 model (`encode` → posterior or pre-quant latent, `decode`).
+    schedule: the training noise schedule.
+    scale_factor: latents seen by the U-Net are `encode(x) · scale_factor`.
+    parameterization: 'eps' | 'x0' | 'v'.
+    cond_cfg: the `cond` config section; tokenizer: for text conditioning, else None.
+    latent_shape: (h, w, c) of one latent.
+  """
+  unet: Any
+  conditioner: Any
+  autoencoder: Any
+  schedule: Schedule
+  scale_factor: float
+  parameterization: str
+  cond_cfg: ml_collections.ConfigDict
+  tokenizer: Any
+  latent_shape: tuple[int, int, int]
+
+  # ---- latents --------------------------------------------------------------------------------
+  def encode(self, ae_params, images, rng=None, scale_factor=None):
+    """Images [B, H, W, C] in [-1, 1] → latents [B, h, w, c] × scale_factor.
+
+    KL: a posterior sample (the mean when `rng` is None); VQ: the pre-quantization latent.
+    """
+    out = self.autoencoder.apply({"params": ae_params}, images, method=self.autoencoder.encode)
+    if hasattr(out, "sample"):
+      out = out.mode() if rng is None else out.sample(rng)
+    return out * (self.scale_factor if scale_factor is None else scale_factor)
+
+  def decode(self, ae_params, z):
+    """Latents (scaled) → images [B, H, W, C], clipped to [-1, 1]."""
+    images = self.autoencoder.apply({"params": ae_params}, z / self.scale_factor,
+                                    method=self.autoencoder.decode)
+    return jnp.clip(images, -1.0, 1.0)
+
+  # ---- conditioning ---------------------------------------------------------------------------
+  def prepare(self, batch: dict, rng: np.random.Generator | None = None) -> dict:
+    """Host side: a batch with 'caption' / 'label' / 'image' … → conditioner inputs (numpy)."""
+    return conditioning.prepare_condition(self.cond_cfg, batch, self.tokenizer,
+                                          latent_size=self.latent_shape[:2], rng=rng)
+
+  def null(self, batch_size: int) -> dict:
+    """Conditioner inputs of the unconditional branch (null class, empty caption)."""
+    return conditioning.null_condition(self.cond_cfg, batch_size, self.tokenizer)
+
+  def condition(self, cond_params, batch_cond, ae_params=None):
+    """Conditioner inputs → {'context', 'y', 'concat'} for the U-Net (inpainting encodes here)."""
+    if "masked_image" in batch_cond:
+      batch_cond = conditioning.inpaint_concat(batch_cond, functools.partial(self.encode, ae_params))
+    return self.conditioner.apply({"params": cond_params}, batch_cond, deterministic=True)
+
+  # ---- denoising ------------------------------------------------------------------------------
+  def denoise(self, unet_params, z_t, t, cond, *, deterministic=True, rngs=None):
+    """U-Net on the noisy latents with the conditioner's outputs (concat channels appended)."""
+    x = z_t if cond.get("concat") is None else jnp.concatenate([z_t, cond["concat"].astype(z_t.dtype)], -1)
+    return self.unet.apply({"params": unet_params}, x, t, context=cond.get("context"), y=cond.get("y"),
+                           deterministic=deterministic, rngs=rngs)
+
+  def sample_latents(self, params, batch_cond, rng, *, null_cond=None, sampler="ddim", num_steps=50,
+                     eta=0.0, guidance_scale=1.0, guidance_rescale=0.0, ae_params=None, x_T=None,
+                     batch_size=None, **sampler_kwargs):
+    """Runs a sampler from noise to clean latents [B, h, w, c] (scaled), with guidance.
+
+    params: {'unet': …, 'cond': …}. `null_cond` (default: `null(B)`) is the unconditional branch;
+    a negative prompt is a prepared condition passed as `null_cond`. Guidance scale 1 (or an
+    unconditional model) runs a single pass per step. `batch_size` is needed only when there is
+    no condition to take it from (unconditional models).
+    """
+    cond = self.condition(params["cond"], batch_cond, ae_params)
+    batch_size = jax.tree.leaves(batch_cond)[0].shape[0] if batch_cond else batch_size
+    rng_noise, rng_sample = jax.random.split(rng)
+    if x_T is None:
+      x_T = jax.random.normal(rng_noise, (batch_size, *self.latent_shape), jnp.float32)
+    apply_fn = lambda x, t, c: self.denoise(params["unet"], x, t, c)
+    model_fn = functools.partial(apply_fn, c=cond)
+    if guidance_scale != 1.0 and self.cond_cfg.kind != "none":
+      null_inputs = self.null(batch_size) if null_cond is None else null_cond
+      uncond = self.condition(params["cond"], {**batch_cond, **null_inputs}, ae_params)
+      model_fn = samplers.cfg_model_fn(apply_fn, cond, uncond, guidance_scale, guidance_rescale)
+    return samplers.sample(sampler, model_fn, self.schedule, x_T, rng_sample, num_steps=num_steps, eta=eta,
+                           parameterization=self.parameterization, **sampler_kwargs)
+
+  def generate(self, params, ae_params, batch_cond, rng, **kwargs):
+    """Prepared conditions → images [B, H, W, C] in [-1, 1]; kwargs as `sample_latents`."""
+    z = self.sample_latents(params, batch_cond, rng, ae_params=ae_params, **kwargs)
+    return self.decode(ae_params, z)
