@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          query_chunk_size: int | None = None) -> jax.Array:
+                          query_chunk_size: int | None = None,
+                          key_mask: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention, softmax(q kᵀ / √d) v.
 
   Args:
@@ -27,29 +28,34 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     v: [B, Lk, H, D] values.
     query_chunk_size: if set and smaller than Lq, queries are processed in chunks of this
       many tokens (`lax.map`), bounding the logits memory to [B, H, chunk, Lk].
+    key_mask: optional bool [B, Lk]; False keys (padding tokens) get no attention weight.
+      A query whose keys are all masked attends uniformly instead of producing NaNs.
 
   Returns:
     [B, Lq, H, D], in the dtype of `q`.
   """
   length = q.shape[1]
+  mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, Lk]
   if query_chunk_size is None or query_chunk_size >= length:
-    return _attend(q, k, v)
+    return _attend(q, k, v, mask)
   num_chunks = math.ceil(length / query_chunk_size)
   pad = num_chunks * query_chunk_size - length
   q_padded = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
   chunks = q_padded.reshape(q.shape[0], num_chunks, query_chunk_size, *q.shape[2:])
-  out = jax.lax.map(lambda qc: _attend(qc, k, v), jnp.moveaxis(chunks, 1, 0))
+  out = jax.lax.map(lambda qc: _attend(qc, k, v, mask), jnp.moveaxis(chunks, 1, 0))
   out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], -1, *q.shape[2:])
   return out[:, :length]
 
 
-def _attend(q, k, v):
+def _attend(q, k, v, mask):
   if q.dtype == jnp.float32:
-    return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
   # jax.nn.dot_product_attention's XLA path already accumulates the logits in f32; the explicit
   # form below keeps the softmax in f32 for low-precision inputs on every backend.
   scale = 1.0 / math.sqrt(q.shape[-1])
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
