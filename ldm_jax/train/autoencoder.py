@@ -184,7 +184,7 @@ class Stage1:
     if self.is_kl:
       nll, rec = losses.kl_nll_loss(x, x_rec, gen_params["logvar"], p_loss, cfg.perceptual_weight)
     else:
-      nll, rec = losses.vq_nll_loss(x, x_rec, p_loss, cfg.perceptual_weight)
+      nll = rec = losses.vq_nll_loss(x, x_rec, p_loss, cfg.perceptual_weight)  # the mean rec loss
     g_loss = jnp.zeros(())
     if with_gan:
       g_loss = losses.generator_loss(self._discriminate(disc_params, x_rec), cfg.disc_loss)

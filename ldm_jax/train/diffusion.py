@@ -29,7 +29,7 @@ from absl import logging
 from tqdm import tqdm
 
 from ldm_jax import data as data_lib
-from ldm_jax.data.tokenizer import load_tokenizer
+from ldm_jax.data.tokenizer import build_tokenizer, load_tokenizer
 from ldm_jax.diffusion import schedule as schedule_lib
 from ldm_jax.diffusion.pipeline import LatentDiffusion
 from ldm_jax.models import autoencoder as ae_lib
@@ -333,7 +333,7 @@ def get_tokenizer(config, workdir):
   saved = os.path.join(workdir, "tokenizer")
   if os.path.isdir(saved):
     return load_tokenizer(saved, max_length=config.cond.max_length)
-  tokenizer = conditioning.build_tokenizer(config.cond, data_lib.captions(config.data, config.data.train_split))
+  tokenizer = build_tokenizer(config.cond, data_lib.captions(config.data, config.data.train_split))
   if jax.process_index() == 0:
     tokenizer.save(saved)
   return tokenizer
