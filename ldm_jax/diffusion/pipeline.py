@@ -112,7 +112,9 @@ class LatentDiffusion:
       null_inputs = self.null(batch_size) if null_cond is None else null_cond
       uncond = self.condition(params["cond"], {**batch_cond, **null_inputs}, ae_params)
       model_fn = samplers.cfg_model_fn(apply_fn, cond, uncond, guidance_scale, guidance_rescale)
-    return samplers.sample(sampler, model_fn, self.schedule, x_T, rng_sample, num_steps=num_steps, eta=eta,
+    if sampler == "ddim":  # the only sampler with a stochasticity knob
+      sampler_kwargs["eta"] = eta
+    return samplers.sample(sampler, model_fn, self.schedule, x_T, rng_sample, num_steps=num_steps,
                            parameterization=self.parameterization, **sampler_kwargs)
 
   def generate(self, params, ae_params, batch_cond, rng, **kwargs):

@@ -79,7 +79,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks a stage-2 config to a < 1 minute CPU run (the U-Net and text encoder become tiny)."""
+  """Shrinks a stage-2 config to a < 1 minute CPU run (the U-Net and text encoder become tiny).
+
+  The data shrink as the stage-1 `:smoke` configs do (16 px), so that a smoke autoencoder fits.
+  """
+  config.data.update(image_size=16, num_examples=min(config.data.get("num_examples", 256) or 256, 256))
   config.model.update(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                       num_heads=2, num_head_channels=-1, transformer_depth=1)
   if config.model.context_dim is not None:
