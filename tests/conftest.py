@@ -4,3 +4,22 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(relative_path: str):
+  """A config file of the repository, `path[:arg]` relative to the repository root."""
+  from ldm_jax.train import config as config_lib
+  return config_lib.from_file(os.path.join(ROOT, relative_path))
+
+
+@pytest.fixture(scope="session")
+def smoke_autoencoder(tmp_path_factory):
+  """Workdir of a `shapes_kl_f4:smoke` stage-1 run (16 px, f=2), trained once per session."""
+  from ldm_jax.train import autoencoder
+  workdir = str(tmp_path_factory.mktemp("smoke_ae"))
+  autoencoder.train_and_evaluate(load_config("configs/autoencoder/shapes_kl_f4.py:smoke"), workdir)
+  return workdir

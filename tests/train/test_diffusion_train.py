@@ -1,0 +1,89 @@
+"""Stage-2 runs at `:smoke` size on a smoke autoencoder: learning, sampling, checkpoints, resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ldm_jax.train import checkpoint as ckpt_lib
+from ldm_jax.train import diffusion
+from ldm_jax.train import sharding
+from tests.conftest import load_config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore(workdir, keys):
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  value = ckpt.restore_subtree(keys, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  ckpt.close()
+  return jax.device_get(value)
+
+
+def test_ema_decay_warms_up_as_litema():
+  steps = np.array([0, 1, 10, 1000, 10**6])
+  decay = np.asarray(diffusion.ema_decay(jax.numpy.asarray(steps), 0.999))
+  np.testing.assert_allclose(decay, np.minimum(0.999, (1 + steps) / (10 + steps)), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_text_smoke_run_samples_checkpoints_and_resumes(smoke_autoencoder, tmp_path):
+  workdir = str(tmp_path / "ldm")
+  config = load_config("configs/ldm/shapes_txt2img.py:smoke")
+  config.autoencoder.workdir = smoke_autoencoder
+  diffusion.train_and_evaluate(config, workdir)
+
+  assert [r["step"] for r in read_metrics(workdir)] == [5, 10]
+  assert os.path.isfile(os.path.join(workdir, "samples", "samples_0000010.png"))
+  assert os.path.isfile(os.path.join(workdir, "tokenizer", "tokenizer.json"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
+  scale = float(restore(workdir, ("scale_factor",)))
+  assert 0 < scale < 100
+  params = restore(workdir, ("params", "unet"))
+  ema = restore(workdir, ("ema_params", "unet"))
+  # EMA lags the parameters: close, but not equal after 10 updates.
+  diffs = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ema))]
+  assert max(diffs) > 0
+
+  # Resuming keeps the estimated scale_factor (not re-estimated) and continues the step count.
+  config.train.num_steps = 12
+  config.train.log_every = 2
+  diffusion.train_and_evaluate(config, workdir)
+  assert [r["step"] for r in read_metrics(workdir)] == [5, 10, 12]
+  assert float(restore(workdir, ("scale_factor",))) == scale
+
+
+@pytest.mark.slow
+def test_class_conditional_overfits_a_small_set(smoke_autoencoder, tmp_path):
+  config = load_config("configs/ldm/fmnist_class_cond.py:smoke")
+  config.autoencoder.workdir = smoke_autoencoder
+  config.data.update(source="shapes", path="", channels=3, num_examples=80)  # 8 training images
+  config.cond.num_classes = 0  # taken from the data: 6 shape kinds
+  config.train.update(num_steps=60, log_every=20, image_every=60, checkpoint_every=60, batch_size=8)
+  workdir = str(tmp_path / "cls")
+  diffusion.train_and_evaluate(config, workdir)
+  losses = [r["train/loss"] for r in read_metrics(workdir)]
+  assert losses[-1] < 0.6 * losses[0], losses
+  assert config.model.num_classes == 6
+
+
+def test_bad_configs_name_their_key(smoke_autoencoder, tmp_path):
+  def check(match, **changes):
+    config = load_config("configs/ldm/shapes_txt2img.py:smoke")
+    config.autoencoder.workdir = smoke_autoencoder
+    for key, value in changes.items():
+      section, name = key.split("__")
+      config[section][name] = value
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+      diffusion.train_and_evaluate(config, str(tmp_path / "bad"))
+
+  check("model.context_dim", model__context_dim=64)
+  check("data.image_size", data__image_size=32)
+  check("model.in_channels", model__in_channels=5)
+  check("model.attention_resolutions", model__attention_resolutions=(8,))
+  check("autoencoder.workdir", autoencoder__workdir=str(tmp_path / "missing"))
