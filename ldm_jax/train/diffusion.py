@@ -390,6 +390,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   generate = jax.jit(functools.partial(
       ldm.generate, sampler=config.sample.sampler, num_steps=config.sample.num_steps, eta=config.sample.eta,
       guidance_scale=config.sample.guidance_scale, batch_size=config.sample.num_images))
+  # One column per prompt or class, so that each column of the grid shows one condition.
+  grid_cols = (len(config.sample.prompts) if config.cond.kind in ("text", "hybrid") and config.sample.prompts
+               else config.cond.num_classes if config.cond.kind == "class" else None)
   pending, t0, scalars = [], time.perf_counter(), {}
   progress = tqdm(total=config.train.num_steps, initial=start_step, desc="stage 2",
                   disable=jax.process_index() != 0)
@@ -406,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending, t0 = [], time.perf_counter()
     if step % config.train.image_every == 0 or step == config.train.num_steps:
       images = generate(state.ema_params, ae_params, sample_cond, jax.random.PRNGKey(config.train.seed))
-      writer.write_image(step, "samples", image_grid(np.asarray(jax.device_get(images))))
+      writer.write_image(step, "samples", image_grid(np.asarray(jax.device_get(images)), grid_cols))
       t0 = time.perf_counter()
     if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
       checkpointer.save(step, state, train_iter)
