@@ -1,0 +1,96 @@
+"""Command line of the converters: `python -m ldm_jax.convert import|export …`.
+
+  # a diffusers SD folder, a diffusers/transformers component folder, or a CompVis/Stability file
+  python -m ldm_jax.convert import --src stable-diffusion-2-1 --out pretrained/sd21
+  python -m ldm_jax.convert import --src v1-5-pruned-emaonly.safetensors --out pretrained/sd15
+  python -m ldm_jax.convert import --src 768-v-ema.safetensors --parameterization v --out pretrained/sd21v
+
+  # a training run → diffusers folders (EMA weights) or plain safetensors in ldm_jax naming
+  python -m ldm_jax.convert export --workdir runs/ldm --format diffusers --out exported/ldm
+  python -m ldm_jax.convert export --workdir runs/ae --format safetensors --out exported/ae
+
+`import` writes a pretrained directory (see `ldm_jax.convert.pretrained`); its `autoencoder/`
+folder is also a stage-1 workdir, so `train_diffusion.py --config.autoencoder.workdir=OUT/autoencoder`
+trains a new latent diffusion model on the imported autoencoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ldm_jax.convert import export as export_lib
+from ldm_jax.convert import pretrained as pretrained_lib
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m ldm_jax.convert", description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  imp = sub.add_parser("import", help="diffusers folder / single-file checkpoint → pretrained directory")
+  imp.add_argument("--src", required=True, help="diffusers pipeline or component folder, or a .safetensors/.ckpt file")
+  imp.add_argument("--out", required=True, help="pretrained directory to write")
+  imp.add_argument("--image_size", type=int, default=None,
+                   help="data.image_size recorded for the autoencoder workdir (default: its sample size)")
+  imp.add_argument("--autoencoder_format", choices=("workdir", "safetensors"), default="workdir",
+                   help="autoencoder/ as an orbax stage-1 workdir (default) or params.safetensors")
+  single = imp.add_argument_group("single-file checkpoints (what the weights do not tell)")
+  single.add_argument("--config", default=None, help="the checkpoint's CompVis YAML config")
+  single.add_argument("--num_heads", type=int, default=None, help="U-Net attention heads (SD 1.x: 8)")
+  single.add_argument("--num_head_channels", type=int, default=None, help="U-Net channels per head (SD 2.x: 64)")
+  single.add_argument("--parameterization", choices=("eps", "v", "x0"), default=None,
+                      help="what the U-Net predicts (default eps; SD 2.x 768-v: v)")
+  single.add_argument("--scale_factor", type=float, default=None, help="latent scale factor")
+  single.add_argument("--resolution", type=int, default=None,
+                      help="first-stage image size its attention levels are counted from (default 256)")
+
+  exp = sub.add_parser("export", help="workdir or pretrained directory → diffusers folder or safetensors")
+  source = exp.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="a stage-1 or stage-2 training run")
+  source.add_argument("--src", help="a pretrained directory (or anything `import` reads)")
+  exp.add_argument("--format", choices=("diffusers", "safetensors"), required=True)
+  exp.add_argument("--out", required=True, help="folder to write")
+  exp.add_argument("--no_ema", action="store_true", help="stage 2: export the raw params, not the EMA")
+  exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return _run(args)
+  except (ValueError, FileNotFoundError) as e:  # bad inputs: the message says what and where
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+def _run(args) -> int:
+  if args.command == "import":
+    options = {k: getattr(args, k) for k in ("config", "num_heads", "num_head_channels", "parameterization",
+                                             "scale_factor", "resolution") if getattr(args, k) is not None}
+    if options and not os.path.isfile(args.src):
+      print(f"error: {', '.join('--' + k for k in options)} apply to single-file checkpoints; {args.src} is a "
+            "folder whose config files say all that.", file=sys.stderr)
+      return 2
+    pretrained = pretrained_lib.read_source(args.src, **options)
+    pretrained_lib.save_pretrained(args.out, pretrained, image_size=args.image_size,
+                                   autoencoder_workdir=args.autoencoder_format == "workdir")
+    print(f"wrote {', '.join(pretrained.components)} to {args.out}")
+    return 0
+  if args.workdir:
+    pretrained = export_lib.read_workdir(args.workdir, ema=not args.no_ema, step=args.step)
+  else:
+    pretrained = pretrained_lib.read_source(args.src)
+  if args.format == "diffusers":
+    written = export_lib.write_diffusers(args.out, pretrained)
+    print("wrote " + ", ".join(written))
+  else:
+    pretrained_lib.save_pretrained(args.out, pretrained)
+    print(f"wrote {', '.join(pretrained.components)} to {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

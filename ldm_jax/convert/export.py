@@ -1,0 +1,147 @@
+"""Export: a training run (workdir) → a diffusers-format folder or a pretrained directory of safetensors.
+
+    pretrained = read_workdir('runs/ldm')              # EMA weights of the newest checkpoint
+    write_diffusers('exported/', pretrained)           # unet/, vae/, scheduler/, …
+    save_pretrained('exported_st/', pretrained)        # ldm_jax naming, plain safetensors
+
+A stage-1 run (its config has `model.kind`) exports its autoencoder — stage 1 keeps no EMA, so
+its trained params. A stage-2 run (its config names `autoencoder.workdir`) exports the U-Net
+(`ema_params` by default), the conditioner τ_θ it trained, the frozen autoencoder of its
+stage-1 run, the noise schedule and `scale_factor`, and the tokenizer.
+
+diffusers layout: one component → the folder itself (`AutoencoderKL.from_pretrained(out)`); several
+→ diffusers' pipeline subfolders (`unet/`, `vae/` or `vqvae/` for VQ, `text_encoder/`, `tokenizer/`,
+`scheduler/` with a DDIMScheduler config), plus `model_index.json` when the set is a complete
+StableDiffusionPipeline. A conditioner trained from scratch (the paper's BERT-like transformer, a
+class-embedding table) has no diffusers class: it is written to `conditioner/` in ldm_jax's format.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from ldm_jax.convert import diffusers as dconv
+from ldm_jax.convert import transformers_text as tconv
+from ldm_jax.convert.pretrained import PARAMS_FILE, Pretrained
+from ldm_jax.convert.safetensors_io import flatten_params, write_safetensors
+
+_DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "cosine_s",
+                   "zero_terminal_snr", "parameterization")
+
+
+def _restore(workdir: str, keys: tuple[str, ...], step: int | None, optional: bool = False):
+  from ldm_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir}: no checkpoints/; is it a ldm_jax workdir?")
+  checkpointer = Checkpointer(directory)
+  try:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"{directory}: no checkpoint.")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    try:
+      tree = checkpointer.restore_subtree(keys, sharding, step=step)
+    except KeyError:
+      if optional:
+        return {}
+      raise ValueError(f"{workdir}: the checkpoint has no state.{'.'.join(keys)}.") from None
+  finally:
+    checkpointer.close()
+  return jax.tree.map(np.asarray, tree)
+
+
+def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> Pretrained:
+  """The exportable model of a stage-1 or stage-2 workdir (newest checkpoint unless `step`)."""
+  from ldm_jax.train.config import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config(workdir)
+  if "autoencoder" not in config or "workdir" not in config.autoencoder:
+    if "kind" not in config.get("model", {}):
+      raise ValueError(f"{workdir}/config.json: neither a stage-1 run (model.kind) nor a stage-2 run "
+                       "(autoencoder.workdir).")
+    params = _restore(workdir, ("params", "autoencoder"), step)
+    return Pretrained({"autoencoder": config.model.to_dict()}, {"autoencoder": params}, source=workdir)
+
+  tree = "ema_params" if ema else "params"
+  ae_workdir = config.autoencoder.workdir
+  if not os.path.isdir(ae_workdir):
+    raise FileNotFoundError(f"{workdir}/config.json: autoencoder.workdir={ae_workdir} does not exist (relative "
+                            "paths are read from the current directory).")
+  stage1 = read_workdir(ae_workdir)
+  configs: dict[str, Any] = {
+      "unet": config.model.to_dict(), "autoencoder": stage1.configs["autoencoder"],
+      "diffusion": {k: config.diffusion[k] for k in _DIFFUSION_KEYS if k in config.diffusion},
+      "latent": {"scale_factor": float(_restore(workdir, ("scale_factor",), step))},
+      "cond": config.cond.to_dict(),
+  }
+  params = {"unet": _restore(workdir, (tree, "unet"), step), "autoencoder": stage1.params["autoencoder"]}
+  if config.cond.kind != "none":
+    params["conditioner"] = _restore(workdir, (tree, "cond"), step, optional=True)
+  tokenizer = os.path.join(workdir, "tokenizer")
+  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=workdir)
+
+
+def write_diffusers(directory: str, pretrained: Pretrained) -> list[str]:
+  """Writes `pretrained` in diffusers/transformers format; returns the folders written."""
+  parts = [c for c in pretrained.components if c != "conditioner"]
+  single = len(parts) == 1 and "conditioner" not in pretrained.params
+  written = []
+  latent = pretrained.configs.get("latent", {})
+
+  def folder(name):
+    path = directory if single else os.path.join(directory, name)
+    written.append(path)
+    return path
+
+  ae = pretrained.configs.get("autoencoder")
+  if ae is not None:
+    cfg = dconv.autoencoder_config_to_diffusers(ae, latent.get("scale_factor", 1.0))
+    dconv.write_component(folder("vae" if ae["kind"] == "kl" else "vqvae"), cfg,
+                          dconv.autoencoder_state(ae, pretrained.params["autoencoder"]), dconv.WEIGHTS_NAME)
+  if "unet" in pretrained.configs:
+    sample_size = None
+    if ae is not None:
+      sample_size = ae["resolution"] // 2 ** (len(ae["ch_mult"]) - 1)
+    cfg = dconv.unet_config_to_diffusers(pretrained.configs["unet"], sample_size)
+    dconv.write_component(folder("unet"), cfg, dconv.unet_state(pretrained.params["unet"]), dconv.WEIGHTS_NAME)
+  text = pretrained.configs.get("text_encoder")
+  if text is not None:
+    dconv.write_component(folder("text_encoder"), tconv.text_config_to_transformers(text),
+                          tconv.text_encoder_state(text, pretrained.params["text_encoder"]), tconv.CLIP_WEIGHTS_NAME)
+  if "conditioner" in pretrained.params:
+    path = os.path.join(directory, "conditioner")
+    dconv.write_json(os.path.join(path, "config.json"), {"cond": pretrained.configs["cond"]})
+    write_safetensors(os.path.join(path, PARAMS_FILE), flatten_params(pretrained.params["conditioner"]))
+    written.append(path)
+  if pretrained.tokenizer_dir and not single:
+    target = os.path.join(directory, "tokenizer")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(pretrained.tokenizer_dir, target)
+    written.append(target)
+  if "diffusion" in pretrained.configs and not single:
+    path = os.path.join(directory, "scheduler")
+    dconv.write_json(os.path.join(path, "scheduler_config.json"),
+                     dconv.scheduler_config_from_diffusion(pretrained.configs["diffusion"]))
+    written.append(path)
+  if (not single and ae is not None and ae["kind"] == "kl" and "unet" in pretrained.params
+      and text is not None and text["kind"] == "clip" and pretrained.tokenizer_dir):
+    dconv.write_json(os.path.join(directory, "model_index.json"), _model_index(pretrained.tokenizer_dir))
+  return written
+
+
+def _model_index(tokenizer_dir: str) -> dict:
+  tokenizer_class = "CLIPTokenizer"
+  config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
+  if os.path.isfile(config_path):
+    tokenizer_class = dconv.read_json(config_path).get("tokenizer_class") or tokenizer_class
+  return {
+      "_class_name": "StableDiffusionPipeline", "_diffusers_version": dconv.diffusers_version(),
+      "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+      "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+      "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", tokenizer_class],
+      "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+  }

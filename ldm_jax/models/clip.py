@@ -1,0 +1,180 @@
+"""The CLIP text transformer, Stable Diffusion's frozen text encoder τ(y), in linen.
+
+Token ids [B, L] → context [B, L, dim]: token embedding + learned absolute position embedding →
+`depth` pre-LayerNorm blocks [causal multi-head self-attention, MLP] each residual → final
+LayerNorm. The MLP activation is `quick_gelu`, x·σ(1.702x), in OpenAI's CLIP (SD 1.x, ViT-L/14)
+and the exact GELU in OpenCLIP (SD 2.x, ViT-H/14). The attention is causal, as CLIP was trained,
+so a token's context does not depend on the padding after it; no padding mask is applied (SD).
+
+Which layer feeds the U-Net: SD 1.x takes the last layer; SD 2.x the penultimate one, then the
+final LayerNorm (`skip_last_layers=1`). diffusers' SD 2.x folders store the text encoder with its
+last layer already removed (23 of 24 layers), so they load with `skip_last_layers=0`.
+
+Parameter paths follow transformers' `CLIPTextModel` (its `text_model.` prefix dropped), so the
+converter is the generic renaming rule of `ldm_jax.convert.naming`:
+
+    embeddings/{token_embedding, position_embedding}/embedding
+    encoder/layers_{i}/{layer_norm1, self_attn/{q_proj, k_proj, v_proj, out_proj}, layer_norm2, mlp/{fc1, fc2}}
+    final_layer_norm
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+  if name == "quick_gelu":
+    return x * jax.nn.sigmoid(1.702 * x)
+  if name == "gelu":
+    return nn.gelu(x, approximate=False)
+  raise ValueError(f"text_encoder.activation: {name!r} is not one of {ACTIVATIONS}.")
+
+
+class CLIPAttention(nn.Module):
+  """Causal multi-head self-attention; q, k, v and out projections with biases, scale 1/√head_dim."""
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, L, C] → [B, L, C]."""
+    b, length, channels = x.shape
+    head_dim = channels // self.num_heads
+    q, k, v = (nn.Dense(channels, dtype=self.dtype, name=name)(x).reshape(b, length, self.num_heads, head_dim)
+               for name in ("q_proj", "k_proj", "v_proj"))
+    # ldm_jax.nn.dot_product_attention has no causal mask; this is the same XLA-dispatched kernel.
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return nn.Dense(channels, dtype=self.dtype, name="out_proj")(out.reshape(b, length, channels))
+
+
+class CLIPMLP(nn.Module):
+  """fc1 → activation → fc2."""
+  mlp_dim: int
+  activation: str
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(_activation(self.activation, h))
+
+
+class CLIPEncoderLayer(nn.Module):
+  """x + attn(LN(x)), then x + mlp(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+    x = x + CLIPAttention(self.num_heads, self.dtype, name="self_attn")(norm("layer_norm1")(x))
+    return x + CLIPMLP(self.mlp_dim, self.activation, self.dtype, name="mlp")(norm("layer_norm2")(x))
+
+
+class _Embeddings(nn.Module):
+  vocab_size: int
+  max_length: int
+  dim: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, tokens):
+    init = nn.initializers.normal(0.02)
+    x = nn.Embed(self.vocab_size, self.dim, embedding_init=init, name="token_embedding")(tokens)
+    pos = nn.Embed(self.max_length, self.dim, embedding_init=init, name="position_embedding")(
+        jnp.arange(tokens.shape[1]))
+    return (x + pos[None]).astype(self.dtype)
+
+
+class _Encoder(nn.Module):
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  activation: str
+  layer_norm_eps: float
+  num_used: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.depth):
+      layer = CLIPEncoderLayer(self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype,
+                     name=f"layers_{i}")
+      if i < self.num_used:
+        x = layer(x)
+      elif self.is_initializing():
+        layer(x)  # the skipped layers still get parameters, so full checkpoints load unchanged
+    return x
+
+
+class CLIPTextEncoder(nn.Module):
+  """tokens int [B, L] (L ≤ max_length) → context [B, L, dim]. Defaults: SD 1.x (CLIP ViT-L/14).
+
+  Attributes:
+    vocab_size: token embedding rows (49408 for CLIP's BPE).
+    max_length: position embedding rows (77).
+    dim: width (768 ViT-L/14, 1024 ViT-H/14).
+    depth: encoder layers (12; SD 2.x: 24 in OpenCLIP, 23 in diffusers' copy).
+    num_heads: attention heads (12; 16).
+    mlp_dim: MLP hidden width (3072; 4096).
+    activation: 'quick_gelu' (OpenAI CLIP) or 'gelu' (OpenCLIP).
+    layer_norm_eps: LayerNorm epsilon (1e-5).
+    skip_last_layers: 0 takes the last layer, 1 the penultimate (SD 2.x original), …; the final
+      LayerNorm is applied to the layer taken, as SD 2.x and diffusers' `clip_skip` do.
+  """
+  vocab_size: int = 49408
+  max_length: int = 77
+  dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  skip_last_layers: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    if tokens.shape[1] > self.max_length:
+      raise ValueError(f"text encoder: {tokens.shape[1]} tokens exceed max_length={self.max_length}.")
+    if not 0 <= self.skip_last_layers < self.depth:
+      raise ValueError(f"text_encoder.skip_last_layers: {self.skip_last_layers} is not in [0, {self.depth}).")
+    x = _Embeddings(self.vocab_size, self.max_length, self.dim, self.dtype, name="embeddings")(tokens)
+    x = _Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
+                 self.depth - self.skip_last_layers, self.dtype, name="encoder")(x)
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
+
+
+def clip_config(**overrides) -> dict[str, Any]:
+  """The `text_encoder` config of a CLIP text encoder: {'kind': 'clip', fields…} (SD 1.x defaults)."""
+  cfg = dict(kind="clip", vocab_size=49408, max_length=77, dim=768, depth=12, num_heads=12, mlp_dim=3072,
+             activation="quick_gelu", layer_norm_eps=1e-5, skip_last_layers=0)
+  unknown = sorted(set(overrides) - set(cfg))
+  if unknown:
+    raise ValueError(f"text_encoder.{unknown[0]}: not a CLIP text encoder setting; known: {sorted(cfg)}.")
+  cfg.update(overrides)
+  return cfg
+
+
+def make_clip_text_encoder(cfg: Mapping[str, Any], dtype=jnp.float32) -> CLIPTextEncoder:
+  """Builds `CLIPTextEncoder` from a `clip_config`-style mapping; ValueError names a bad key."""
+  cfg = clip_config(**{k: v for k, v in cfg.items() if k != "kind"})
+  for key in ("vocab_size", "max_length", "dim", "depth", "num_heads", "mlp_dim"):
+    if not isinstance(cfg[key], int) or cfg[key] < 1:
+      raise ValueError(f"text_encoder.{key}: expected a positive integer, got {cfg[key]!r}.")
+  if cfg["dim"] % cfg["num_heads"]:
+    raise ValueError(f"text_encoder.num_heads: {cfg['num_heads']} does not divide dim={cfg['dim']}.")
+  if cfg["activation"] not in ACTIVATIONS:
+    raise ValueError(f"text_encoder.activation: {cfg['activation']!r} is not one of {ACTIVATIONS}.")
+  return CLIPTextEncoder(**{k: v for k, v in cfg.items() if k != "kind"}, dtype=dtype)
