@@ -19,8 +19,8 @@ def get_config(arg=None):
   # LPIPS (VGG16) would cost ~10× the tiny autoencoder per step on a CPU; L1 + KL alone here.
   config.loss.update(disc_start=100_000, disc_weight=0.5, kl_weight=1e-6, perceptual_weight=0.0)
   config.optim.update(base_learning_rate=1.25e-5)  # × batch 32 = 4e-4
-  config.train.update(num_steps=6_000, batch_size=32, log_every=100, checkpoint_every=1_000,
-                      eval_every=2_000, eval_batches=40, image_every=2_000)
+  config.train.update(num_steps=4_000, batch_size=32, log_every=100, checkpoint_every=1_000,
+                      eval_every=1_000, eval_batches=40, image_every=1_000)
   if "smoke" in options:
     autoencoder.apply_smoke(config)
   return config

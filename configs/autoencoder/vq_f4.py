@@ -1,29 +1,15 @@
 """VQ-f4 (LDM `first_stage_models/vq-f4`): 256 px → 64×64×3 latents, 8192 codes.
 
-Hyperparameters of the released LDM first-stage configs: ch 128, two ResNet blocks per level,
-Adam(4.5e-6 × global batch, β = (0.5, 0.9)), L1 + LPIPS + PatchGAN from `loss.disc_start`.
-Data: an image folder of 256 px training images (the paper used OpenImages), e.g.
   python train_autoencoder.py --config configs/autoencoder/vq_f4.py --workdir runs/vq_f4 \
       --config.data.path=/data/openimages
-`:smoke` trains a tiny version on the built-in shapes data set instead.
+Shared settings and `:smoke`: `ldm_jax.train.autoencoder.paper_config`.
 """
 
 from ldm_jax.train import autoencoder
-from ldm_jax.train import config as config_lib
 
 
 def get_config(arg=None):
-  options = config_lib.parse_arg(arg)
-  config_lib.check_options(options, {"smoke"}, "vq_f4")
-  config = autoencoder.default_config()
-  config.data.update(source="folder", path="", image_size=256, channels=3, random_crop=True, random_flip=True)
-  config.model.update(kind="vq", embed_dim=3, z_channels=3, ch=128, ch_mult=(1, 2, 4),
-                      num_res_blocks=2, attn_resolutions=())
-  config.loss.update(disc_start=0, disc_weight=0.75)
-  config.model.n_embed = 8192
-  config.loss.codebook_weight = 1.0
-  config.train.update(batch_size=96, num_steps=300_000)  # 12 per GPU × 8 GPUs; steps not given by the paper
-  if "smoke" in options:
-    config.data.update(source="shapes", random_crop=False)
-    autoencoder.apply_smoke(config)
-  return config
+  return autoencoder.paper_config(
+      arg, "vq_f4",
+      model=dict(kind="vq", embed_dim=3, z_channels=3, n_embed=8192, ch_mult=(1, 2, 4), attn_resolutions=()),
+      loss=dict(disc_start=0, disc_weight=0.75, codebook_weight=1.0))

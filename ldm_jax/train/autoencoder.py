@@ -78,6 +78,27 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def paper_config(arg: str | None, name: str, *, model: dict, loss: dict) -> ml_collections.ConfigDict:
+  """A 256 px first-stage config of the paper (LDM's released `first_stage_models` configs).
+
+  Shared by `configs/autoencoder/{kl,vq}_f*.py`: ch 128, two ResNet blocks per level, Adam at
+  4.5e-6 × global batch with β = (0.5, 0.9), L1 + LPIPS + PatchGAN from `loss.disc_start`, on an
+  image folder (`--config.data.path`; the paper used OpenImages). `model` and `loss` hold what
+  differs between the variants. `arg` 'smoke' trains a tiny version on the built-in shapes.
+  """
+  options = config_lib.parse_arg(arg)
+  config_lib.check_options(options, {"smoke"}, name)
+  config = default_config()
+  config.data.update(source="folder", path="", image_size=256, channels=3, random_crop=True, random_flip=True)
+  config.model.update(ch=128, num_res_blocks=2, **model)
+  config.loss.update(**loss)
+  config.train.update(batch_size=96, num_steps=300_000)  # 12 per GPU × 8 GPUs; steps not given by the paper
+  if "smoke" in options:
+    config.data.update(source="shapes", random_crop=False)
+    apply_smoke(config)
+  return config
+
+
 def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any stage-1 config to a < 1 minute CPU run; keeps its kind and data source."""
   config.data.image_size = 16
