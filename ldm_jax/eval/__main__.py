@@ -25,7 +25,6 @@ import json
 import os
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 
 from ldm_jax.eval import evaluate
@@ -56,19 +55,6 @@ _IS_SPLITS = flags.DEFINE_integer("is_splits", 10, "Inception Score: number of s
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the KID subsets and the IS shuffle.")
 
 
-def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-  """(images uint8 [N, H, W, C], labels or None) from a samples.npz; clear errors otherwise."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--samples: {path} not found")
-  with np.load(path, allow_pickle=False) as f:
-    if "images" not in f.files:
-      raise ValueError(f"--samples: {path} has no 'images' array (keys: {f.files}); sample.py writes "
-                       f"uint8 images [N, H, W, C] under 'images'")
-    images = features_lib.check_images(f["images"], f"--samples {path}: 'images'")
-    labels = f["labels"] if "labels" in f.files else None
-  return images, labels
-
-
 def _data_config(spec: str):
   config = config_lib.from_file(spec)
   return config.data if "data" in config else config
@@ -85,9 +71,8 @@ def _write(results: dict, report: dict) -> None:
     print(f"wrote {_OUT.value}")
 
 
-def _evaluate_samples(extractor) -> None:
+def _evaluate_samples(extractor, images, labels) -> None:
   metrics = evaluate.parse_metrics(_METRICS.value or "fd,kid,pr", evaluate.SAMPLE_METRICS)
-  images, labels = load_samples(_SAMPLES.value)
   if _REF.value.endswith(".npz"):
     ref = stats_lib.load_stats(_REF.value, extractor)
   else:
@@ -125,13 +110,15 @@ def main(argv):
     raise app.UsageError("give exactly one of --samples (generated images) or --autoencoder (a stage-1 run)")
   if _SAMPLES.value and not _REF.value:
     raise app.UsageError("--samples needs --ref: a data config file or a reference stats .npz")
+  # Cheap checks first: a bad samples file fails before any network is loaded.
+  samples = evaluate.load_samples(_SAMPLES.value) if _SAMPLES.value else None
   needs_features = _SAMPLES.value or "rfd" in evaluate.parse_metrics(
       _METRICS.value or "rfd", evaluate.RECONSTRUCTION_METRICS)
   extractor = (features_lib.make_extractor(_EXTRACTOR.value, inception_weights=_INCEPTION_WEIGHTS.value)
                if needs_features else None)
   logging.info("Extractor %s, protocol %s", _EXTRACTOR.value, extractor.protocol() if extractor else None)
   if _SAMPLES.value:
-    _evaluate_samples(extractor)
+    _evaluate_samples(extractor, *samples)
   else:
     _evaluate_autoencoder(extractor)
 

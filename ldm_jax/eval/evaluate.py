@@ -136,6 +136,19 @@ def evaluate_samples(images, ref: stats_lib.ReferenceStats, extractor: features_
   return results
 
 
+def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+  """(images uint8 [N, H, W, C], labels or None) from a samples.npz; clear errors otherwise."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"samples file {path} not found")
+  with np.load(path, allow_pickle=False) as f:
+    if "images" not in f.files:
+      raise ValueError(f"{path} has no 'images' array (keys: {f.files}); sample.py writes "
+                       f"uint8 images [N, H, W, C] under 'images'")
+    images = features_lib.check_images(f["images"], f"{path}: 'images'")
+    labels = f["labels"] if "labels" in f.files else None
+  return images, labels
+
+
 # ---- autoencoders ---------------------------------------------------------------------------
 
 def load_autoencoder(workdir: str):

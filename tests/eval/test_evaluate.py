@@ -75,7 +75,6 @@ def test_cli_end_to_end_with_the_vgg16_extractor(tmp_path):
       "  c.data.update(source='shapes', image_size=32, num_examples=200)\n  return c\n")
   samples = stats.reference_images(shapes_config(200, 32), "test", 20)
   np.savez(tmp_path / "samples.npz", images=samples)
-  np.savez(tmp_path / "bad.npz", images=samples.astype(np.float32) / 127.5 - 1)
   env = {**os.environ, "PYTHONPATH": REPO, "LDM_JAX_EVAL_CACHE": str(tmp_path / "cache")}
   base = [sys.executable, "-m", "ldm_jax.eval", "--ref", str(cfg_file), "--num_ref", "24",
           "--extractor", "vgg16:32", "--kid_subset_size", "16", "--kid_subsets", "4", "--batch_size", "16"]
@@ -92,9 +91,17 @@ def test_cli_end_to_end_with_the_vgg16_extractor(tmp_path):
   assert "fd_vgg16_32px" in run.stdout
   assert len(os.listdir(tmp_path / "cache")) == 1
 
-  bad = subprocess.run(base + ["--samples", str(tmp_path / "bad.npz")], env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert bad.returncode != 0 and "expected uint8 pixels in [0, 255], got float32" in bad.stderr
+
+
+def test_bad_sample_files_are_refused(tmp_path):
+  np.savez(tmp_path / "float.npz", images=np.zeros((4, 8, 8, 3), np.float32) - 1)
+  with pytest.raises(ValueError, match=r"got float32 with values in \[-1, -1\].*to_uint8"):
+    evaluate.load_samples(str(tmp_path / "float.npz"))
+  np.savez(tmp_path / "other.npz", x=np.zeros((4, 8, 8, 3), np.uint8))
+  with pytest.raises(ValueError, match="has no 'images' array"):
+    evaluate.load_samples(str(tmp_path / "other.npz"))
+  with pytest.raises(FileNotFoundError, match="not found"):
+    evaluate.load_samples(str(tmp_path / "missing.npz"))
 
 
 def test_autoencoder_reconstruction_metrics(tmp_path, toy_extractor):
