@@ -7,20 +7,21 @@ them run without them.
 
 import pytest
 
-from tests.convert.reference import (BERT, CLIP, UNET_SD1, UNET_SD2, VAE_KL, VAE_VQ, clip_tokenizer_vocab,
-                                     perturb)
+from tests.convert.reference import (BERT, CLIP, UNET_SD1, UNET_SD2, UNET_SMALL, VAE_KL, VAE_VQ,
+                                     clip_tokenizer_vocab, perturb)
 
 
 @pytest.fixture(scope="session")
 def diffusers_models(tmp_path_factory):
-  """name → (folder, torch model) for 'vae', 'vq', 'unet_sd1', 'unet_sd2'."""
+  """name → (folder, torch model) for 'vae', 'vq', 'unet_sd1', 'unet_sd2', 'unet_small'."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   torch.manual_seed(0)
   root = tmp_path_factory.mktemp("diffusers")
   models = {"vae": diffusers.AutoencoderKL(**VAE_KL), "vq": diffusers.VQModel(**VAE_VQ),
             "unet_sd1": diffusers.UNet2DConditionModel(**UNET_SD1),
-            "unet_sd2": diffusers.UNet2DConditionModel(**UNET_SD2)}
+            "unet_sd2": diffusers.UNet2DConditionModel(**UNET_SD2),
+            "unet_small": diffusers.UNet2DConditionModel(**UNET_SMALL)}
   out = {}
   for i, (name, model) in enumerate(models.items()):
     perturb(model, seed=i)
@@ -50,3 +51,18 @@ def transformers_models(tmp_path_factory):
   return out
 
 
+
+
+@pytest.fixture(scope="session")
+def sd_pipeline(diffusers_models, transformers_models, tmp_path_factory):
+  """(folder, StableDiffusionPipeline) of a tiny SD 1.x-layout pipeline: 16 px images, 8×8×4 latents."""
+  diffusers = pytest.importorskip("diffusers")
+  pipe = diffusers.StableDiffusionPipeline(
+      vae=diffusers_models["vae"][1], text_encoder=transformers_models["clip"][1],
+      tokenizer=transformers_models["clip_tokenizer"][1], unet=diffusers_models["unet_small"][1],
+      scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  folder = str(tmp_path_factory.mktemp("sd_pipeline"))
+  pipe.save_pretrained(folder)
+  return folder, pipe
