@@ -27,6 +27,7 @@ import os
 import jax
 from absl import app, flags, logging
 
+from ldm_jax.data import make_source
 from ldm_jax.eval import evaluate
 from ldm_jax.eval import features as features_lib
 from ldm_jax.eval import stats as stats_lib
@@ -38,7 +39,8 @@ _AUTOENCODER = flags.DEFINE_string("autoencoder", None, "Stage-1 workdir: evalua
 _REF = flags.DEFINE_string("ref", None, "Data config file (`path.py[:arg]`) or a reference stats .npz.")
 _REF_SPLIT = flags.DEFINE_string("ref_split", None, "Split of the reference data (default: data.train_split "
                                  "for samples, data.eval_split for --autoencoder).")
-_NUM_REF = flags.DEFINE_integer("num_ref", 10_000, "Reference images (the first N of the split).")
+_NUM_REF = flags.DEFINE_integer("num_ref", 10_000, "Reference images: the first N of the split (with "
+                                "--autoencoder, the images reconstructed).")
 _METRICS = flags.DEFINE_string("metrics", None, "Comma-separated: fd (fid), kid, pr, is, acc for samples "
                                "(default fd,kid,pr); psnr, ssim, lpips, rfd for --autoencoder (default all).")
 _EXTRACTOR = flags.DEFINE_string("extractor", "vgg16", "inception | vgg16[:SIZE] | classifier:WORKDIR.")
@@ -98,7 +100,7 @@ def _evaluate_autoencoder(extractor) -> None:
   results = evaluate.evaluate_autoencoder(model, params, data_cfg, split, _NUM_REF.value, extractor, metrics,
                                           batch_size=_BATCH_SIZE.value, cache_dir=_CACHE_DIR.value)
   _write(results, {"autoencoder": os.path.abspath(_AUTOENCODER.value), "split": split,
-                   "num_images": _NUM_REF.value, "extractor": extractor.spec if extractor else None,
+                   "num_images": min(_NUM_REF.value, len(make_source(data_cfg, split))), "extractor": extractor.spec if extractor else None,
                    "protocol": extractor.protocol() if extractor else None})
 
 

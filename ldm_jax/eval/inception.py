@@ -9,6 +9,8 @@ average, and the classifier has 1008 classes. This module is that network, NHWC:
     x [B, S, S, 3] pixels in [0, 255] → (x − 128) / 128 → stem → Mixed_5b … Mixed_7c
       → global average → pool3 [B, 2048] → fc → logits [B, 1008]
 
+The input scaling is the TF graph's own (as torch-fidelity and clean-fid); pytorch-fid uses
+2·x/255 − 1, which differs by < 0.4 % of a pixel step.
 FID uses pool3; the Inception Score uses the logits without the fc bias, as the original
 IS code did (`logits_unbiased`). The network is fully convolutional up to pool3, so any
 S ≥ 75 runs; the evaluation protocol (`ldm_jax.eval.features`) always feeds S = 299.
