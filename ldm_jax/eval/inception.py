@@ -10,7 +10,7 @@ average, and the classifier has 1008 classes. This module is that network, NHWC:
       → global average → pool3 [B, 2048] → fc → logits [B, 1008]
 
 The input scaling is the TF graph's own (as torch-fidelity and clean-fid); pytorch-fid uses
-2·x/255 − 1, which differs by < 0.4 % of a pixel step.
+2·x/255 − 1, which differs from it by up to one pixel step (2/255, at white).
 FID uses pool3; the Inception Score uses the logits without the fc bias, as the original
 IS code did (`logits_unbiased`). The network is fully convolutional up to pool3, so any
 S ≥ 75 runs; the evaluation protocol (`ldm_jax.eval.features`) always feeds S = 299.
