@@ -30,8 +30,9 @@ UNET_SD2 = dict(UNET_COMMON, block_out_channels=(64, 128),
 # One level, attention at 8×8, context from the tiny CLIP below: the U-Net of the tiny SD pipeline
 # and of the sampler trajectories (one level compiles in half the time of two).
 UNET_SMALL = dict(UNET_COMMON, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-                  up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=32, attention_head_dim=2)
-CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=128, attention_head_dim=2)
+# 64 channels per head, as every CLIP and OpenCLIP text tower (single files do not store the head count).
+CLIP = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
             max_position_embeddings=16, hidden_act="quick_gelu")
 BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=16, type_vocab_size=2)
@@ -86,3 +87,108 @@ def nhwc(tensor):
 def nchw(array):
   import torch
   return torch.from_numpy(np.ascontiguousarray(np.asarray(array).transpose(0, 3, 1, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers/transformers state dicts → CompVis / Stability single-file layouts (the inverse of what
+# ldm_jax.convert.compvis reads; the tests check these against diffusers' own CompVis converters).
+
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_to_ldm(state, config):
+  """diffusers UNet2DConditionModel → openaimodel names (no prefix)."""
+  per_level = config["layers_per_block"] + 1
+  attended = ["CrossAttn" in t for t in config["down_block_types"]]
+  out = {}
+  for key, value in state.items():
+    p = key.split(".")
+    fixed = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "class_embedding": "label_emb.0"}
+    if p[0] in fixed:
+      new = [fixed[p[0]]] + p[1:]
+    elif p[0] == "time_embedding":
+      new = ["time_embed", "0" if p[1] == "linear_1" else "2"] + p[2:]
+    elif p[0] == "down_blocks":
+      level, kind = int(p[1]), p[2]
+      if kind == "downsamplers":
+        new = [f"input_blocks.{1 + level * per_level + per_level - 1}.0.op"] + p[5:]
+      else:
+        n = 1 + level * per_level + int(p[3])
+        new = [f"input_blocks.{n}.0", _RESNET_TO_LDM[p[4]]] + p[5:] if kind == "resnets" else [f"input_blocks.{n}.1"] + p[4:]
+    elif p[0] == "mid_block":
+      if p[1] == "attentions":
+        new = ["middle_block.1"] + p[3:]
+      else:
+        new = [f"middle_block.{0 if p[2] == '0' else 2}", _RESNET_TO_LDM[p[3]]] + p[4:]
+    elif p[0] == "up_blocks":
+      i, kind = int(p[1]), p[2]
+      level = len(attended) - 1 - i
+      if kind == "upsamplers":
+        new = [f"output_blocks.{i * per_level + per_level - 1}.{2 if attended[level] else 1}.conv"] + p[5:]
+      else:
+        n = i * per_level + int(p[3])
+        new = [f"output_blocks.{n}.0", _RESNET_TO_LDM[p[4]]] + p[5:] if kind == "resnets" else [f"output_blocks.{n}.1"] + p[4:]
+    else:
+      raise KeyError(key)
+    out[".".join(new)] = value
+  return out
+
+
+_VAE_ATTN_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+
+
+def vae_to_ldm(state, config):
+  """diffusers AutoencoderKL/VQModel → CompVis names, attention projections as 1×1 convs."""
+  levels = len(config["block_out_channels"])
+  out = {}
+  for key, value in state.items():
+    p = key.split(".")
+    if p[0] not in ("encoder", "decoder"):
+      out[key] = value
+      continue
+    coder, rest = p[0], p[1:]
+    if rest[0] in ("down_blocks", "up_blocks"):
+      level = int(rest[1]) if rest[0] == "down_blocks" else levels - 1 - int(rest[1])
+      head = ["down" if rest[0] == "down_blocks" else "up", str(level)]
+      if rest[2] == "resnets":
+        new = head + ["block", rest[3], "nin_shortcut" if rest[4] == "conv_shortcut" else rest[4]] + rest[5:]
+      elif rest[2] == "attentions":
+        new = head + ["attn", rest[3], _VAE_ATTN_TO_LDM[rest[4]]] + rest[-1:]
+      else:
+        new = head + ["downsample" if rest[2] == "downsamplers" else "upsample"] + rest[4:]
+    elif rest[0] == "mid_block":
+      sub = {"resnets.0": "block_1", "attentions.0": "attn_1", "resnets.1": "block_2"}[f"{rest[1]}.{rest[2]}"]
+      name = _VAE_ATTN_TO_LDM[rest[3]] if rest[1] == "attentions" else \
+          ("nin_shortcut" if rest[3] == "conv_shortcut" else rest[3])
+      new = ["mid", sub, name] + rest[-1:]
+    elif rest[0] == "conv_norm_out":
+      new = ["norm_out"] + rest[1:]
+    else:
+      new = rest
+    if ("attn" in new or "attn_1" in new) and new[-1] == "weight" and value.ndim == 2:
+      value = value[:, :, None, None]
+    out[".".join([coder] + new)] = value
+  return out
+
+
+def clip_to_openclip(state):
+  """transformers CLIPTextModel → OpenCLIP text tower names (fused q/k/v), as SD 2.x checkpoints keep them."""
+  state = {k.removeprefix("text_model."): v for k, v in state.items()}
+  out = {"token_embedding.weight": state["embeddings.token_embedding.weight"],
+         "positional_embedding": state["embeddings.position_embedding.weight"],
+         "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"],
+         "text_projection": np.eye(state["final_layer_norm.weight"].shape[0], dtype=np.float32),
+         "logit_scale": np.array(4.6, np.float32)}
+  names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+           "self_attn.out_proj": "attn.out_proj"}
+  layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}
+  for i in layers:
+    src = f"encoder.layers.{i}."
+    for leaf in ("weight", "bias"):
+      out[f"transformer.resblocks.{i}.attn.in_proj_{leaf}"] = np.concatenate(
+          [state[f"{src}self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+      for ours, theirs in names.items():
+        out[f"transformer.resblocks.{i}.{theirs}.{leaf}"] = state[f"{src}{ours}.{leaf}"]
+  return out

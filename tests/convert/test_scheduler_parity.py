@@ -31,7 +31,7 @@ def setup(diffusers_models):
   folder, unet = diffusers_models["unet_small"]
   modules, params, _ = load_pretrained(folder)
   rng = np.random.default_rng(0)
-  context = rng.normal(size=(2, 5, 32)).astype(np.float32)
+  context = rng.normal(size=(2, 5, 128)).astype(np.float32)
   x_T = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
   model = modules["unet"]
   model_fn = lambda x, t: model.apply({"params": params["unet"]}, x, t, context)

@@ -1,0 +1,419 @@
+"""CompVis / Stability single-file checkpoints: key maps to diffusers names, and configs from shapes.
+
+One file holds a whole latent diffusion model under prefixes (an LDM first-stage checkpoint has
+no prefix):
+
+    model.diffusion_model.*              openaimodel UNetModel          → 'unet'
+    first_stage_model.*                  AutoencoderKL / VQModel        → 'autoencoder'
+    cond_stage_model.transformer.*       FrozenCLIPEmbedder (SD 1.x)    → 'text_encoder' (CLIP, last layer)
+    cond_stage_model.model.*             FrozenOpenCLIPEmbedder (SD 2.x) → 'text_encoder' (CLIP, penultimate)
+    betas, alphas_cumprod, …, scale_factor   the schedule and latent scale, when saved
+    model_ema.*, loss.*, posterior_* …   ignored (EMA copies, losses, derived buffers)
+
+Each part is renamed to diffusers/transformers names (CompVis `down.{i}.block.{j}` →
+`down_blocks.{i}.resnets.{j}`, openaimodel `input_blocks.{n}` → `down_blocks.{level}.…`, OpenCLIP's
+fused `in_proj_weight` split into q, k, v, …) and then loaded by the generic rule of
+`ldm_jax.convert.naming`, which reports every missing, unexpected or mis-shaped tensor at once.
+
+The architecture is read from the tensor shapes. Not in the weights: the U-Net's attention head
+counts (SD 1.x: 8 heads; SD 2.x: 64 channels per head — guessed from the projection type unless
+given), the text encoder's (64 channels per head, as in every CLIP and OpenCLIP text tower), and
+the prediction type of the U-Net (eps unless given; SD 2.x 768-v models are 'v'). Pass them, or
+the checkpoint's CompVis YAML config, to `read_single_file`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from ldm_jax.convert import components, naming
+from ldm_jax.convert.pretrained import Pretrained
+from ldm_jax.convert.safetensors_io import read_weights
+from ldm_jax.diffusion.schedule import beta_schedule
+
+UNET_PREFIX = "model.diffusion_model."
+AE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+SD_SCALE_FACTOR = 0.18215
+
+
+def _sub(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+  return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _ints(keys, pattern: str) -> list[int]:
+  regex = re.compile(pattern)
+  return sorted({int(m.group(1)) for k in keys if (m := regex.match(k))})
+
+
+# ---------------------------------------------------------------------------------------------
+# First stage (CompVis ldm/modules/diffusionmodules/model.py)
+
+_AE_RESNET = {"nin_shortcut": "conv_shortcut"}
+_AE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def autoencoder_config_from_state(state: Mapping[str, np.ndarray], resolution: int = 256) -> dict:
+  """The `model.*` of a CompVis first stage, from its shapes (attention placed from `resolution`)."""
+  keys = list(state)
+  if "encoder.conv_in.weight" not in state:
+    raise ValueError("first stage: no encoder.conv_in.weight; not a CompVis autoencoder.")
+  ch = int(state["encoder.conv_in.weight"].shape[0])
+  levels = _ints(keys, r"encoder\.down\.(\d+)\.")
+  ch_mult = tuple(int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) // ch for i in levels)
+  num_res_blocks = len(_ints(keys, r"encoder\.down\.0\.block\.(\d+)\."))
+  attn = [any(k.startswith(f"encoder.down.{i}.attn.") for k in keys) for i in levels]
+  vq = "quantize.embedding.weight" in state
+  z = int(state["encoder.conv_out.weight"].shape[0]) // (1 if vq else 2)
+  embed = int(state["quant_conv.weight"].shape[0]) // (1 if vq else 2)
+  cfg = dict(kind="vq" if vq else "kl", embed_dim=embed, z_channels=z, ch=ch, ch_mult=ch_mult,
+             num_res_blocks=num_res_blocks, attn_resolutions=tuple(resolution // 2**i for i, a in enumerate(attn) if a),
+             dropout=0.0, in_channels=int(state["encoder.conv_in.weight"].shape[1]), resolution=resolution)
+  if vq:
+    cfg["n_embed"] = int(state["quantize.embedding.weight"].shape[0])
+  return cfg
+
+
+def autoencoder_key(key: str, num_levels: int) -> str | None:
+  """CompVis first-stage key → diffusers AutoencoderKL/VQModel key (None: not a model weight)."""
+  if key.startswith("loss."):
+    return None
+  parts = key.split(".")
+  if parts[0] not in ("encoder", "decoder"):
+    return key  # quant_conv, post_quant_conv, quantize.embedding
+  coder, rest = parts[0], parts[1:]
+  if rest[0] in ("down", "up"):
+    level = int(rest[1]) if rest[0] == "down" else num_levels - 1 - int(rest[1])
+    block = f"{'down' if rest[0] == 'down' else 'up'}_blocks.{level}"
+    kind = rest[2]
+    if kind == "block":
+      return ".".join([coder, block, "resnets", rest[3], _AE_RESNET.get(rest[4], rest[4])] + rest[5:])
+    if kind == "attn":
+      return ".".join([coder, block, "attentions", rest[3], _AE_ATTN[rest[4]]] + rest[5:])
+    if kind in ("downsample", "upsample"):
+      return ".".join([coder, block, f"{kind}rs", "0"] + rest[3:])
+  if rest[0] == "mid":
+    sub = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}[rest[1]]
+    name = _AE_ATTN[rest[2]] if rest[1] == "attn_1" else _AE_RESNET.get(rest[2], rest[2])
+    return ".".join([coder, "mid_block", sub, name] + rest[3:])
+  if rest[0] == "norm_out":
+    return ".".join([coder, "conv_norm_out"] + rest[1:])
+  return key
+
+
+def load_autoencoder_state(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any], where: str) -> dict:
+  n = len(cfg["ch_mult"])
+  return naming.torch_to_flax(state, components.abstract_params("autoencoder", cfg), what=where,
+                              rename=lambda k: autoencoder_key(k, n))
+
+
+# ---------------------------------------------------------------------------------------------
+# U-Net (CompVis ldm/modules/diffusionmodules/openaimodel.py)
+
+_UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def _resnet_name(rest: list[str]) -> list[str]:
+  for old, new in _UNET_RESNET.items():
+    n = len(old.split("."))
+    if ".".join(rest[:n]) == old:
+      return [new] + rest[n:]
+  raise KeyError(".".join(rest))
+
+
+def unet_config_from_state(state: Mapping[str, np.ndarray], *, num_heads: int | None = None,
+                           num_head_channels: int | None = None) -> dict:
+  """The `model.*` of an openaimodel U-Net, from its shapes; heads as given, else the SD guess."""
+  keys = list(state)
+  model_channels = int(state["input_blocks.0.0.weight"].shape[0])
+  outputs = _ints(keys, r"output_blocks\.(\d+)\.")
+  # The first up block ends with the first upsampler (a conv, or a ResnetBlock with resblock_updown).
+  upsamplers = [n for n in outputs for k in (1, 2)
+                if f"output_blocks.{n}.{k}.conv.weight" in state or f"output_blocks.{n}.{k}.in_layers.0.weight" in state]
+  per_level = upsamplers[0] + 1 if upsamplers else len(outputs)
+  num_levels = len(outputs) // per_level
+  if num_levels * per_level != len(outputs):
+    raise ValueError(f"U-Net: {len(outputs)} output blocks do not split into levels of {per_level}.")
+  num_res_blocks = per_level - 1
+  widths, attended = [], []
+  for level in range(num_levels):
+    first = 1 + level * per_level
+    widths.append(int(state[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0]))
+    attended.append(any(k.startswith(f"input_blocks.{first}.1.") for k in keys))
+  spatial = any(".transformer_blocks." in k for k in keys)
+  linear = spatial and state["middle_block.1.proj_in.weight"].ndim == 2
+  cfg: dict[str, Any] = dict(
+      in_channels=int(state["input_blocks.0.0.weight"].shape[1]), out_channels=int(state["out.2.weight"].shape[0]),
+      model_channels=model_channels, channel_mult=tuple(w // model_channels for w in widths),
+      num_res_blocks=num_res_blocks, attention_resolutions=tuple(2**l for l, a in enumerate(attended) if a),
+      use_spatial_transformer=spatial, use_linear_projection=linear,
+      use_scale_shift_norm=int(state["input_blocks.1.0.emb_layers.1.weight"].shape[0]) == 2 * widths[0],
+      resblock_updown=bool(upsamplers) and f"output_blocks.{upsamplers[0]}.{1 if not attended[-1] else 2}.in_layers.0.weight" in state,
+      num_classes=int(state["label_emb.0.weight"].shape[0]) - 1 if "label_emb.0.weight" in state else None,
+      context_dim=None, transformer_depth=1)
+  if spatial:
+    cfg["transformer_depth"] = len(_ints(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    cfg["context_dim"] = int(state["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+    if cfg["context_dim"] == widths[-1] and cfg["num_classes"] is not None:
+      cfg["context_dim"] = None  # a class-conditional U-Net whose attn2 attends to the image
+  if num_heads is None and num_head_channels is None:
+    num_head_channels = 64 if linear else -1
+    num_heads = 8
+    logging.warning("U-Net attention heads are not stored in the weights; assuming %s (pass num_heads / "
+                    "num_head_channels or the YAML config to override).",
+                    "64 channels per head (SD 2.x)" if linear else "8 heads (SD 1.x)")
+  cfg["num_heads"] = 8 if num_heads is None else int(num_heads)
+  cfg["num_head_channels"] = -1 if num_head_channels is None else int(num_head_channels)
+  return cfg
+
+
+def unet_key(key: str, cfg: Mapping[str, Any]) -> str | None:
+  """openaimodel key → diffusers UNet2DConditionModel key. SpatialTransformer names are diffusers' already;
+  the paper's plain AttentionBlock (`norm`, `qkv`, `proj_out`) is renamed by `_split_legacy_qkv`."""
+  r = cfg["num_res_blocks"]
+  levels = len(cfg["channel_mult"])
+  attended = [2**l in tuple(cfg["attention_resolutions"]) for l in range(levels)]
+  parts = key.split(".")
+  head = parts[0]
+  if head == "time_embed":
+    return f"time_embedding.linear_{1 if parts[1] == '0' else 2}.{parts[2]}"
+  if head == "label_emb":
+    return f"class_embedding.{parts[2]}"
+  if head == "out":
+    return f"{'conv_norm_out' if parts[1] == '0' else 'conv_out'}.{parts[2]}"
+  if head == "input_blocks":
+    n = int(parts[1])
+    if n == 0:
+      return f"conv_in.{parts[3]}"
+    level, j = divmod(n - 1, r + 1)
+    rest = parts[3:]
+    if j == r:  # the downsampler
+      if rest[0] == "op":
+        return ".".join([f"down_blocks.{level}.downsamplers.0.conv"] + rest[1:])
+      return ".".join([f"down_blocks.{level}.downsamplers.0"] + _resnet_name(rest))
+    if parts[2] == "0":
+      return ".".join([f"down_blocks.{level}.resnets.{j}"] + _resnet_name(rest))
+    return ".".join([f"down_blocks.{level}.attentions.{j}"] + rest)
+  if head == "middle_block":
+    rest = parts[2:]
+    if parts[1] == "1":
+      return ".".join(["mid_block.attentions.0"] + rest)
+    return ".".join([f"mid_block.resnets.{0 if parts[1] == '0' else 1}"] + _resnet_name(rest))
+  if head == "output_blocks":
+    i, j = divmod(int(parts[1]), r + 1)
+    level = levels - 1 - i
+    sub, rest = int(parts[2]), parts[3:]
+    if sub == 0:
+      return ".".join([f"up_blocks.{i}.resnets.{j}"] + _resnet_name(rest))
+    if sub == 1 and attended[level]:
+      return ".".join([f"up_blocks.{i}.attentions.{j}"] + rest)
+    if rest[0] == "conv":
+      return ".".join([f"up_blocks.{i}.upsamplers.0.conv"] + rest[1:])
+    return ".".join([f"up_blocks.{i}.upsamplers.0"] + _resnet_name(rest))
+  return key
+
+
+def _split_legacy_qkv(state: dict[str, np.ndarray], cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """openaimodel AttentionBlock: `qkv` conv1d [3C, C, 1] (per head: q, k, v rows) → to_q/to_k/to_v;
+  `norm` → group_norm, `proj_out` → to_out.0."""
+  if cfg["use_spatial_transformer"]:
+    return state
+  out = {}
+  for key, value in state.items():
+    prefix, _, leaf = key.rpartition(".")
+    module, _, name = prefix.rpartition(".")
+    if name == "qkv":
+      channels = value.shape[1] if leaf == "weight" else value.shape[0] // 3
+      heads, _ = _legacy_heads(channels, cfg)
+      value = np.asarray(value).reshape(heads, 3, channels // heads, *value.shape[1:])
+      for idx, proj in enumerate(("to_q", "to_k", "to_v")):
+        part = value[:, idx].reshape(channels, *value.shape[3:])
+        out[f"{module}.{proj}.{leaf}"] = part[..., 0] if part.ndim == 3 else part
+    elif name in ("norm", "proj_out") and ".attentions." in module:
+      value = np.asarray(value)
+      out[f"{module}.{'group_norm' if name == 'norm' else 'to_out.0'}.{leaf}"] = value[..., 0] if value.ndim == 3 else value
+    else:
+      out[key] = value
+  return out
+
+
+def _legacy_heads(channels: int, cfg: Mapping[str, Any]) -> tuple[int, int]:
+  from ldm_jax.models.unet import attention_heads  # pylint: disable=g-import-not-at-top
+  return attention_heads(channels, cfg["num_heads"], cfg["num_head_channels"])
+
+
+def load_unet_state(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any], where: str) -> dict:
+  renamed = {}
+  for key, value in state.items():
+    new = unet_key(key, cfg)
+    if new is not None:
+      renamed[new] = value
+  renamed = _split_legacy_qkv(renamed, cfg)
+  return naming.torch_to_flax(renamed, components.abstract_params("unet", cfg), what=where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoders
+
+def clip_from_transformers_state(state: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+  """(config, state in CLIPTextModel names) of SD 1.x's `cond_stage_model.transformer.*`."""
+  state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+  dim = int(state["embeddings.token_embedding.weight"].shape[1])
+  cfg = dict(kind="clip", vocab_size=int(state["embeddings.token_embedding.weight"].shape[0]),
+             max_length=int(state["embeddings.position_embedding.weight"].shape[0]), dim=dim,
+             depth=len(_ints(state, r"encoder\.layers\.(\d+)\.")), num_heads=max(1, dim // 64),
+             mlp_dim=int(state["encoder.layers.0.mlp.fc1.weight"].shape[0]), activation="quick_gelu",
+             layer_norm_eps=1e-5, skip_last_layers=0)
+  return cfg, state
+
+
+_OPENCLIP = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+
+
+def clip_from_openclip_state(state: Mapping[str, np.ndarray], skip_last_layers: int = 1) -> tuple[dict, dict]:
+  """(config, state in CLIPTextModel names) of SD 2.x's OpenCLIP `cond_stage_model.model.*`."""
+  out = {"embeddings.token_embedding.weight": state["token_embedding.weight"],
+         "embeddings.position_embedding.weight": state["positional_embedding"],
+         "final_layer_norm.weight": state["ln_final.weight"], "final_layer_norm.bias": state["ln_final.bias"]}
+  for key, value in state.items():
+    m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+    if not m:
+      m2 = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)
+      if m2:
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), np.split(np.asarray(value), 3, axis=0)):
+          out[f"encoder.layers.{m2.group(1)}.self_attn.{proj}.{m2.group(2)}"] = part
+      continue
+    layer, name, leaf = m.groups()
+    if name in _OPENCLIP:
+      out[f"encoder.layers.{layer}.{_OPENCLIP[name]}.{leaf}"] = value
+  dim = int(out["embeddings.token_embedding.weight"].shape[1])
+  cfg = dict(kind="clip", vocab_size=int(out["embeddings.token_embedding.weight"].shape[0]),
+             max_length=int(out["embeddings.position_embedding.weight"].shape[0]), dim=dim,
+             depth=len(_ints(state, r"transformer\.resblocks\.(\d+)\.")), num_heads=max(1, dim // 64),
+             mlp_dim=int(out["encoder.layers.0.mlp.fc1.weight"].shape[0]), activation="gelu",
+             layer_norm_eps=1e-5, skip_last_layers=skip_last_layers)
+  return cfg, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+
+def diffusion_config_from_betas(betas: np.ndarray) -> dict | None:
+  """diffusion.* keys of a saved `betas` buffer, when it is one of ldm_jax's schedules."""
+  betas = np.asarray(betas, np.float64)
+  start, end, n = float(betas[0]), float(betas[-1]), len(betas)
+  for name in ("scaled_linear", "linear", "cosine"):
+    if np.allclose(beta_schedule(name, n, start, end), betas, rtol=1e-4, atol=1e-7):
+      return dict(beta_schedule=name, num_timesteps=n, linear_start=start, linear_end=end)
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole files
+
+def _yaml_options(path: str) -> dict[str, Any]:
+  """The settings a CompVis YAML config adds to what the shapes tell."""
+  import yaml  # pylint: disable=g-import-not-at-top  (a transformers dependency)
+  with open(path) as f:
+    cfg = yaml.safe_load(f)
+  params = cfg.get("model", {}).get("params", {})
+  unet = params.get("unet_config", {}).get("params", {})
+  ddconfig = params.get("first_stage_config", {}).get("params", {}).get("ddconfig", {}) or \
+      params.get("ddconfig", {})
+  out: dict[str, Any] = {}
+  if "num_heads" in unet or "num_head_channels" in unet:
+    out["num_heads"] = unet.get("num_heads", -1 if unet.get("num_head_channels", -1) != -1 else 8)
+    out["num_head_channels"] = unet.get("num_head_channels", -1)
+  if "resolution" in ddconfig:
+    out["resolution"] = int(ddconfig["resolution"])
+  if "parameterization" in params:
+    out["parameterization"] = params["parameterization"]
+  if "scale_factor" in params:
+    out["scale_factor"] = float(params["scale_factor"])
+  if "linear_start" in params:
+    out["diffusion"] = dict(beta_schedule="scaled_linear" if params.get("beta_schedule", "linear") == "linear"
+                            else params["beta_schedule"], num_timesteps=int(params.get("timesteps", 1000)),
+                            linear_start=float(params["linear_start"]), linear_end=float(params["linear_end"]))
+  return out
+
+
+def read_single_file(path: str, *, config: str | None = None, num_heads: int | None = None,
+                     num_head_channels: int | None = None, parameterization: str | None = None,
+                     scale_factor: float | None = None, resolution: int | None = None) -> Pretrained:
+  """A CompVis/Stability checkpoint (`.safetensors`, or `.ckpt` via torch weights_only) → `Pretrained`.
+
+  Args:
+    path: the file: a whole LDM / Stable Diffusion model or a first-stage autoencoder.
+    config: the model's CompVis YAML (e.g. v1-inference.yaml); fills what the shapes cannot tell.
+    num_heads, num_head_channels: U-Net attention heads (override the YAML and the SD guess).
+    parameterization: 'eps' | 'v' | 'x0' (default: the YAML's, else 'eps').
+    scale_factor: latent scale (default: the saved buffer, the YAML's, 0.18215 for SD-like
+      models with a 4-channel KL autoencoder, else 1.0).
+    resolution: image side the first stage's attention levels are counted from (default 256).
+  """
+  options = _yaml_options(config) if config else {}
+  for key, value in dict(num_heads=num_heads, num_head_channels=num_head_channels, parameterization=parameterization,
+                         scale_factor=scale_factor, resolution=resolution).items():
+    if value is not None:
+      options[key] = value
+  if "num_heads" in options and "num_head_channels" not in options:
+    options["num_head_channels"] = -1
+  if "num_head_channels" in options and "num_heads" not in options:
+    options["num_heads"] = 8
+  state = read_weights(path)
+  configs: dict[str, dict] = {}
+  params: dict[str, Any] = {}
+
+  unet_state = _sub(state, UNET_PREFIX)
+  ae_state = _sub(state, AE_PREFIX) if any(k.startswith(AE_PREFIX) for k in state) else \
+      {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.",
+                                                        "quantize.", "loss."))}
+  if unet_state:
+    cfg = unet_config_from_state(unet_state, num_heads=options.get("num_heads"),
+                                 num_head_channels=options.get("num_head_channels"))
+    params["unet"] = load_unet_state(unet_state, cfg, f"U-Net ({UNET_PREFIX}*) of {path}")
+    configs["unet"] = cfg
+  if ae_state:
+    cfg = autoencoder_config_from_state(ae_state, options.get("resolution", 256))
+    params["autoencoder"] = load_autoencoder_state(ae_state, cfg, f"autoencoder of {path}")
+    configs["autoencoder"] = cfg
+  text = None
+  if any(k.startswith(CLIP_PREFIX) for k in state):
+    text = clip_from_transformers_state(_sub(state, CLIP_PREFIX))
+  elif any(k.startswith(OPENCLIP_PREFIX) for k in state):
+    text = clip_from_openclip_state(_sub(state, OPENCLIP_PREFIX))
+  if text is not None:
+    cfg, text_state = text
+    params["text_encoder"] = naming.torch_to_flax(
+        text_state, components.abstract_params("text_encoder", cfg), what=f"text encoder of {path}")
+    configs["text_encoder"] = cfg
+  if not params:
+    raise ValueError(f"{path}: no U-Net ({UNET_PREFIX}*), autoencoder ({AE_PREFIX}* or encoder.*) or text "
+                     "encoder found; is it a CompVis/Stability checkpoint?")
+
+  if unet_state:
+    diffusion = options.get("diffusion") or (diffusion_config_from_betas(state["betas"]) if "betas" in state else None)
+    if diffusion is None:
+      diffusion = dict(beta_schedule="scaled_linear", num_timesteps=1000, linear_start=0.00085, linear_end=0.012)
+      logging.warning("%s: no schedule saved or given; assuming Stable Diffusion's (scaled_linear "
+                      "0.00085–0.012, 1000 steps).", path)
+    diffusion["parameterization"] = options.get("parameterization", "eps")
+    configs["diffusion"] = diffusion
+  if "scale_factor" in options:
+    sf = float(options["scale_factor"])
+  elif "scale_factor" in state:
+    sf = float(np.asarray(state["scale_factor"]))
+  elif unet_state and ae_state and configs["autoencoder"]["kind"] == "kl" and configs["autoencoder"]["embed_dim"] == 4:
+    sf = SD_SCALE_FACTOR
+  else:
+    sf = 1.0
+  configs["latent"] = {"scale_factor": sf}
+  return Pretrained(configs, params, None, source=path)
