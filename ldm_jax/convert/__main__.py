@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
   single.add_argument("--scale_factor", type=float, default=None, help="latent scale factor")
   single.add_argument("--resolution", type=int, default=None,
                       help="first-stage image size its attention levels are counted from (default 256)")
+  single.add_argument("--tokenizer", default=None,
+                      help="tokenizer folder to include (SD 1.x: CLIP's; the paper's txt2img: bert-base-uncased)")
 
   exp = sub.add_parser("export", help="workdir or pretrained directory → diffusers folder or safetensors")
   source = exp.add_mutually_exclusive_group(required=True)
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
 def _run(args) -> int:
   if args.command == "import":
     options = {k: getattr(args, k) for k in ("config", "num_heads", "num_head_channels", "parameterization",
-                                             "scale_factor", "resolution") if getattr(args, k) is not None}
+                                             "scale_factor", "resolution", "tokenizer")
+               if getattr(args, k) is not None}
     if options and not os.path.isfile(args.src):
       print(f"error: {', '.join('--' + k for k in options)} apply to single-file checkpoints; {args.src} is a "
             "folder whose config files say all that.", file=sys.stderr)

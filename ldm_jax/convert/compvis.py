@@ -5,7 +5,9 @@ no prefix):
 
     model.diffusion_model.*              openaimodel UNetModel          → 'unet'
     first_stage_model.*                  AutoencoderKL / VQModel        → 'autoencoder'
-    cond_stage_model.transformer.*       FrozenCLIPEmbedder (SD 1.x)    → 'text_encoder' (CLIP, last layer)
+    cond_stage_model.transformer.*       FrozenCLIPEmbedder (SD 1.x)    → 'text_encoder' (CLIP, last layer),
+                                         or the paper's BERTEmbedder (x-transformers, trained with the
+                                         U-Net: `token_emb`, `attn_layers`) → 'conditioner' (cond.kind 'text')
     cond_stage_model.model.*             FrozenOpenCLIPEmbedder (SD 2.x) → 'text_encoder' (CLIP, penultimate)
     betas, alphas_cumprod, …, scale_factor   the schedule and latent scale, when saved
     model_ema.*, loss.*, posterior_* …   ignored (EMA copies, losses, derived buffers)
@@ -303,6 +305,52 @@ def clip_from_openclip_state(state: Mapping[str, np.ndarray], skip_last_layers: 
   return cfg, out
 
 
+def bert_embedder_from_state(state: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+  """(cond.* config, Conditioner params) of CompVis' BERTEmbedder (`cond_stage_model.transformer.*`).
+
+  x-transformers' `TransformerWrapper(Encoder)`, the paper's txt2img conditioner, is ldm_jax's
+  `TransformerTextEncoder` (see its docstring for the names); CompVis runs it without a padding
+  mask, so `cond.mask_padding` is False. The tokenizer (BERT's uncased WordPiece) is not in the file.
+  """
+  from ldm_jax.models.conditioning import default_cond_config  # pylint: disable=g-import-not-at-top
+  params: dict[str, Any] = {}
+  depth = len(_ints(state, r"attn_layers\.layers\.(\d+)\.")) // 2
+
+  def put(path, value):
+    node = params
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = np.asarray(value, np.float32)
+
+  unexpected = []
+  for key, value in state.items():
+    m = re.match(r"attn_layers\.layers\.(\d+)\.(\d)\.(?:(.+)\.)?(weight|bias)$", key)
+    if key in ("token_emb.weight", "pos_emb.emb.weight"):
+      put([key.split(".")[0], "embedding"], value)
+    elif key in ("norm.weight", "norm.bias"):
+      put(["norm", "scale" if key.endswith("weight") else "bias"], value)
+    elif m and (m.group(2) == "0") == (m.group(3) is None):
+      index, sub, name, leaf = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+      block = f"blocks_{index // 2}"
+      if sub == "0":
+        put([block, "ff_norm" if index % 2 else "attn_norm", "scale" if leaf == "weight" else "bias"], value)
+      else:
+        module = (["attn", name] if index % 2 == 0 else
+                  ["ff", {"net.0.0": "net_0", "net.2": "net_2"}.get(name, name)])
+        put([block] + module + ["kernel" if leaf == "weight" else "bias"], np.asarray(value).T if leaf == "weight" else value)
+    else:
+      unexpected.append(key)
+  if unexpected:
+    raise naming.WeightMismatchError("BERTEmbedder (cond_stage_model.transformer.*)", unexpected=unexpected)
+  dim = int(state["token_emb.weight"].shape[1])
+  heads_dim = int(state["attn_layers.layers.0.1.to_q.weight"].shape[0])
+  cfg = default_cond_config().to_dict()
+  cfg.update(kind="text", text_encoder="scratch", vocab_size=int(state["token_emb.weight"].shape[0]),
+             max_length=int(state["pos_emb.emb.weight"].shape[0]), dim=dim, depth=depth, num_heads=heads_dim // 64,
+             head_dim=64, mask_padding=False)
+  return cfg, {"text_encoder": params}
+
+
 # ---------------------------------------------------------------------------------------------
 # Schedule
 
@@ -319,7 +367,7 @@ def diffusion_config_from_betas(betas: np.ndarray) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # Whole files
 
-def _yaml_options(path: str) -> dict[str, Any]:
+def options_from_yaml(path: str) -> dict[str, Any]:
   """The settings a CompVis YAML config adds to what the shapes tell."""
   import yaml  # pylint: disable=g-import-not-at-top  (a transformers dependency)
   with open(path) as f:
@@ -347,7 +395,8 @@ def _yaml_options(path: str) -> dict[str, Any]:
 
 def read_single_file(path: str, *, config: str | None = None, num_heads: int | None = None,
                      num_head_channels: int | None = None, parameterization: str | None = None,
-                     scale_factor: float | None = None, resolution: int | None = None) -> Pretrained:
+                     scale_factor: float | None = None, resolution: int | None = None,
+                     tokenizer: str | None = None) -> Pretrained:
   """A CompVis/Stability checkpoint (`.safetensors`, or `.ckpt` via torch weights_only) → `Pretrained`.
 
   Args:
@@ -358,8 +407,10 @@ def read_single_file(path: str, *, config: str | None = None, num_heads: int | N
     scale_factor: latent scale (default: the saved buffer, the YAML's, 0.18215 for SD-like
       models with a 4-channel KL autoencoder, else 1.0).
     resolution: image side the first stage's attention levels are counted from (default 256).
+    tokenizer: a tokenizer folder to include (single files hold none; SD 1.x: CLIP's BPE, the
+      paper's txt2img model: bert-base-uncased).
   """
-  options = _yaml_options(config) if config else {}
+  options = options_from_yaml(config) if config else {}
   for key, value in dict(num_heads=num_heads, num_head_channels=num_head_channels, parameterization=parameterization,
                          scale_factor=scale_factor, resolution=resolution).items():
     if value is not None:
@@ -386,7 +437,9 @@ def read_single_file(path: str, *, config: str | None = None, num_heads: int | N
     params["autoencoder"] = load_autoencoder_state(ae_state, cfg, f"autoencoder of {path}")
     configs["autoencoder"] = cfg
   text = None
-  if any(k.startswith(CLIP_PREFIX) for k in state):
+  if f"{CLIP_PREFIX}token_emb.weight" in state:
+    configs["cond"], params["conditioner"] = bert_embedder_from_state(_sub(state, CLIP_PREFIX))
+  elif any(k.startswith(CLIP_PREFIX) for k in state):
     text = clip_from_transformers_state(_sub(state, CLIP_PREFIX))
   elif any(k.startswith(OPENCLIP_PREFIX) for k in state):
     text = clip_from_openclip_state(_sub(state, OPENCLIP_PREFIX))
@@ -416,4 +469,21 @@ def read_single_file(path: str, *, config: str | None = None, num_heads: int | N
   else:
     sf = 1.0
   configs["latent"] = {"scale_factor": sf}
-  return Pretrained(configs, params, None, source=path)
+  if "conditioner" in params:
+    check_conditioner(configs["cond"], params["conditioner"], path)
+  return Pretrained(configs, params, tokenizer, source=path)
+
+
+def check_conditioner(cond_cfg: Mapping[str, Any], params, where: str) -> None:
+  """WeightMismatchError unless `params` fill exactly the Conditioner that `cond_cfg` builds."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ldm_jax.models import conditioning  # pylint: disable=g-import-not-at-top
+
+  cfg = ml_collections.ConfigDict(dict(cond_cfg))
+  module = conditioning.Conditioner(kind="text", vocab_size=cfg.vocab_size, max_length=cfg.max_length, dim=cfg.dim,
+                                    depth=cfg.depth, num_heads=cfg.num_heads, head_dim=cfg.head_dim, pad_id=None)
+  tokens = jnp.zeros((1, cfg.max_length), jnp.int32)
+  expected = jax.eval_shape(lambda: module.init(jax.random.key(0), {"tokens": tokens}, deterministic=True))["params"]
+  naming.check_params(params, expected, what=f"text conditioner of {where}")

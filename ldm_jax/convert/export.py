@@ -111,7 +111,7 @@ def write_diffusers(directory: str, pretrained: Pretrained) -> list[str]:
   text = pretrained.configs.get("text_encoder")
   if text is not None:
     dconv.write_component(folder("text_encoder"), tconv.text_config_to_transformers(text),
-                          tconv.text_encoder_state(text, pretrained.params["text_encoder"]), tconv.CLIP_WEIGHTS_NAME)
+                          tconv.text_encoder_state(text, pretrained.params["text_encoder"]), tconv.WEIGHTS_NAME)
   if "conditioner" in pretrained.params:
     path = os.path.join(directory, "conditioner")
     dconv.write_json(os.path.join(path, "config.json"), {"cond": pretrained.configs["cond"]})

@@ -166,6 +166,22 @@ def torch_to_flax(state: Mapping[str, np.ndarray], expected, *, what: str,
   return tree
 
 
+def check_params(params, expected, *, what: str, dtype=np.float32) -> dict:
+  """`params` (flax names already) as `dtype` arrays, if they fill exactly the tree `expected` describes.
+
+  Raises:
+    WeightMismatchError listing every missing, unexpected and mis-shaped parameter.
+  """
+  shapes, given = _shape_tree(expected), _shape_tree(params)
+  missing = [f"{k} {_fmt(s)}" for k, (s, _) in shapes.items() if k not in given]
+  unexpected = [f"{k} {_fmt(s)}" for k, (s, _) in given.items() if k not in shapes]
+  misshaped = [f"{k} {_fmt(s)}: the model needs {_fmt(shapes[k][0])}" for k, (s, _) in given.items()
+               if k in shapes and s != shapes[k][0]]
+  if missing or unexpected or misshaped:
+    raise WeightMismatchError(what, missing, unexpected, misshaped)
+  return jax.tree.map(lambda x: np.asarray(x, dtype), params)
+
+
 def flax_to_torch(params, *, prefix: str = "", overrides: Mapping[str, str] | None = None,
                   literal: Iterable[str] = LITERAL_NAMES, dtype=np.float32) -> dict[str, np.ndarray]:
   """The torch state dict of a flax parameter tree (the inverse of `torch_to_flax`).

@@ -174,7 +174,7 @@ def read_pretrained(directory: str) -> Pretrained:
       flat = flatten_params(_restore_autoencoder_workdir(path))
     else:
       raise FileNotFoundError(f"{path}: neither {PARAMS_FILE} nor (for an autoencoder) checkpoints/.")
-    params[component] = _check_flat(flat, expected, f"{path}")
+    params[component] = naming.check_params(unflatten_params(flat), expected, what=path)
   tokenizer = os.path.join(directory, "tokenizer")
   return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None,
                     source=meta.get("source", directory))
@@ -186,19 +186,6 @@ def _tuples(value):
   if isinstance(value, list):
     return tuple(_tuples(v) for v in value)
   return value
-
-
-def _check_flat(flat: Mapping[str, np.ndarray], expected, where: str) -> dict:
-  """Flat ldm_jax-named tensors → the params tree, with the mismatch report of `naming`."""
-  shapes = {"/".join(str(p.key) for p in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  missing = [f"{k} {list(s)}" for k, s in shapes.items() if k not in flat]
-  unexpected = [f"{k} {list(np.shape(v))}" for k, v in flat.items() if k not in shapes]
-  misshaped = [f"{k} {list(np.shape(v))}: the model needs {list(shapes[k])}" for k, v in flat.items()
-               if k in shapes and tuple(np.shape(v)) != shapes[k]]
-  if missing or unexpected or misshaped:
-    raise naming.WeightMismatchError(where, missing, unexpected, misshaped)
-  return unflatten_params({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def save_pretrained(directory: str, pretrained: Pretrained, *, autoencoder_workdir: bool = False,

@@ -20,7 +20,7 @@ from typing import Any
 from ldm_jax.convert import naming
 from ldm_jax.convert.diffusers import read_component
 
-CLIP_WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "model.safetensors"
 _CLIP_ARCHS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 _BERT_ARCHS = ("BertModel",)
 
@@ -120,8 +120,3 @@ def load_text_encoder(directory: str, expected) -> dict:
 def text_encoder_state(cfg: Mapping[str, Any], params) -> dict:
   """The transformers state dict of ldm_jax text-encoder params."""
   return naming.flax_to_torch(params, prefix="text_model." if cfg["kind"] == "clip" else "")
-
-
-def strip_text_prefix(state: Mapping[str, Any]) -> dict:
-  """Applies the import renaming (prefixes stripped, buffers and unused heads dropped) to a state dict."""
-  return {new: v for k, v in state.items() if (new := _rename(k)) is not None}

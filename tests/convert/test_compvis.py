@@ -116,3 +116,38 @@ def test_first_stage_checkpoint_without_prefix(diffusers_models, tmp_path):
     read_source(path)
   assert "decoder/conv_out/bias [3]" in str(error.value)
   assert "encoder.down.0.block.0.conv1.weight [16, 32, 3, 3]" in str(error.value)
+
+
+def test_paper_txt2img_bert_embedder(tmp_path):
+  """The paper's text conditioner (CompVis BERTEmbedder, x-transformers names) → a 'text' Conditioner."""
+  from ldm_jax.data.tokenizer import train_tokenizer
+  from ldm_jax.models.text import TransformerTextEncoder
+  encoder = TransformerTextEncoder(vocab_size=40, max_length=8, dim=128, depth=2, num_heads=2, head_dim=64, pad_id=None)
+  tokens = np.array([[2, 5, 7, 3, 0, 0, 0, 0]], np.int32)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.2,
+                        jax.eval_shape(lambda: encoder.init(jax.random.key(0), tokens))["params"])
+  state = {"cond_stage_model.transformer.token_emb.weight": params["token_emb"]["embedding"],
+           "cond_stage_model.transformer.pos_emb.emb.weight": params["pos_emb"]["embedding"],
+           "cond_stage_model.transformer.norm.weight": params["norm"]["scale"],
+           "cond_stage_model.transformer.norm.bias": params["norm"]["bias"]}
+  for i in range(2):
+    block, prefix = params[f"blocks_{i}"], "cond_stage_model.transformer.attn_layers.layers."
+    for j, norm in ((2 * i, "attn_norm"), (2 * i + 1, "ff_norm")):
+      state[f"{prefix}{j}.0.weight"], state[f"{prefix}{j}.0.bias"] = block[norm]["scale"], block[norm]["bias"]
+    for name in ("to_q", "to_k", "to_v"):
+      state[f"{prefix}{2 * i}.1.{name}.weight"] = block["attn"][name]["kernel"].T
+    state[f"{prefix}{2 * i}.1.to_out.weight"] = block["attn"]["to_out"]["kernel"].T
+    state[f"{prefix}{2 * i}.1.to_out.bias"] = block["attn"]["to_out"]["bias"]
+    for ours, theirs in (("net_0", "net.0.0"), ("net_2", "net.2")):
+      state[f"{prefix}{2 * i + 1}.1.{theirs}.weight"] = block["ff"][ours]["kernel"].T
+      state[f"{prefix}{2 * i + 1}.1.{theirs}.bias"] = block["ff"][ours]["bias"]
+  path = str(tmp_path / "txt2img.safetensors")
+  write_safetensors(path, state)
+  tokenizer = train_tokenizer(["a red circle", "a blue square"], 40, max_length=8)
+  tokenizer.save(str(tmp_path / "tokenizer"))
+
+  modules, loaded, configs = load_pretrained(path, tokenizer=str(tmp_path / "tokenizer"))
+  assert (configs["cond"].kind, configs["cond"].num_heads, configs["cond"].mask_padding) == ("text", 2, False)
+  out = modules["conditioner"].apply({"params": loaded["conditioner"]}, {"tokens": tokens}, deterministic=True)
+  np.testing.assert_allclose(out["context"], encoder.apply({"params": params}, tokens), atol=1e-5)

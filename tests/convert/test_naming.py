@@ -136,3 +136,29 @@ def test_bad_files_are_named(tmp_path):
   with pytest.raises(ValueError, match="unknown weight file type"):
     (tmp_path / "w.npz").write_bytes(b"")
     read_weights(str(tmp_path / "w.npz"))
+
+
+def test_compvis_yaml_config_fills_what_the_weights_do_not_tell(tmp_path):
+  from ldm_jax.convert.compvis import options_from_yaml
+  path = tmp_path / "v2-inference-v.yaml"
+  path.write_text("""
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    parameterization: "v"
+    linear_start: 0.00085
+    linear_end: 0.0120
+    timesteps: 1000
+    scale_factor: 0.18215
+    unet_config:
+      params:
+        num_head_channels: 64
+        use_linear_in_transformer: True
+    first_stage_config:
+      params:
+        ddconfig:
+          resolution: 256
+""")
+  assert options_from_yaml(str(path)) == dict(
+      num_heads=-1, num_head_channels=64, resolution=256, parameterization="v", scale_factor=0.18215,
+      diffusion=dict(beta_schedule="scaled_linear", num_timesteps=1000, linear_start=0.00085, linear_end=0.012))
