@@ -14,8 +14,9 @@ and imported with `ldm_jax.convert.load_pretrained`, then both run:
   train step     ε-prediction MSE + AdamW on `batch` latents (forward, backward, update)
 
 JAX times exclude compilation, which is reported apart; every figure is the mean of `--repeats`
-runs after a warm-up. The outputs are checked to agree before anything is timed. On a shared
-machine, run it when the machine is idle: both frameworks use every core.
+runs after a warm-up (DDIM: one run). The outputs are checked to agree before anything is timed.
+Both frameworks use every core: run it on an idle machine. The defaults peak at about 8 GB of
+memory (two frameworks' activations for the training step); `--parts` runs a subset.
 """
 
 import os
@@ -41,6 +42,7 @@ _LATENT = flags.DEFINE_integer("latent_size", 32, "Latent side (32 = 256 px imag
 _STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions of each measurement (after a warm-up).")
+_PARTS = flags.DEFINE_list("parts", ["forward", "ddim", "train"], "Measurements to run (one at a time needs less memory).")
 
 
 def _timed(fn, repeats):
@@ -90,18 +92,34 @@ def main(argv):
   print(_HEADER, flush=True)
   results = []
 
-  # --- U-Net forward ---------------------------------------------------------------------------
+  if "forward" in _PARTS.value:
+    results.append(_forward(model, unet_params, unet, x, x_torch, t, context, context_torch))
+  if "ddim" in _PARTS.value:
+    results.append(_ddim(model, unet_params, unet, schedule, x, x_torch, context, uncond, context_torch, uncond_torch))
+  if "train" in _PARTS.value:
+    results.append(_train(model, unet_params, unet, schedule, x, x_torch, context, context_torch, rng))
+  print(f"\n{_HEADER}")
+  for row in results:
+    _report(row)
+
+
+def _forward(model, unet_params, unet, x, x_torch, t, context, context_torch):
+  import torch  # pylint: disable=g-import-not-at-top
   forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
   jax_forward = lambda: jax.block_until_ready(forward(unet_params, x, t, context))
   compile_forward = _compile_time(jax_forward)
   with torch.inference_mode():
     torch_forward = lambda: unet(x_torch, torch.from_numpy(t), encoder_hidden_states=context_torch).sample
     diff = np.abs(np.asarray(forward(unet_params, x, t, context)) - torch_forward().numpy().transpose(0, 2, 3, 1)).max()
-    results.append(("unet forward", _timed(torch_forward, _REPEATS.value), _timed(jax_forward, _REPEATS.value),
-                    compile_forward, diff))
-  _report(results[-1])
+    row = ("unet forward", _timed(torch_forward, _REPEATS.value), _timed(jax_forward, _REPEATS.value),
+           compile_forward, diff)
+  _report(row)
+  return row
 
-  # --- DDIM + classifier-free guidance --------------------------------------------------------
+
+def _ddim(model, unet_params, unet, schedule, x, x_torch, context, uncond, context_torch, uncond_torch):
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
   scale = _GUIDANCE.value
   apply_fn = lambda p: (lambda x, t, c: model.apply({"params": p}, x, t, c))
   sample = jax.jit(lambda p, x: samplers.ddim(samplers.cfg_model_fn(apply_fn(p), context, uncond, scale), schedule,
@@ -123,11 +141,14 @@ def main(argv):
     return latents
 
   diff = np.abs(np.asarray(sample(unet_params, x)) - torch_sample().numpy().transpose(0, 2, 3, 1)).max()
-  results.append((f"ddim-{_STEPS.value} + cfg", _timed(torch_sample, 1), _timed(jax_sample, 1), compile_sample, diff))
-  del sample, jax_sample  # frees the executable before the training step compiles
-  _report(results[-1])
+  row = (f"ddim-{_STEPS.value} + cfg", _timed(torch_sample, 1), _timed(jax_sample, 1), compile_sample, diff)
+  _report(row)
+  return row
 
-  # --- one training step -----------------------------------------------------------------------
+
+def _train(model, unet_params, unet, schedule, x, x_torch, context, context_torch, rng):
+  import torch  # pylint: disable=g-import-not-at-top
+  b = x.shape[0]
   optimizer = optax.adamw(1e-4)
   noise = rng.normal(size=x.shape).astype(np.float32)
   t_train = rng.integers(0, 1000, b).astype(np.int32)
@@ -167,12 +188,9 @@ def main(argv):
   torch_s = _timed(torch_train, _REPEATS.value)
   del torch_optimizer
   unet.eval()
-  results.append(("train step (adamw)", torch_s, _timed(jax_train, _REPEATS.value), compile_train, float("nan")))
-  _report(results[-1])
-
-  print(f"\n{_HEADER}")
-  for row in results:
-    _report(row)
+  row = ("train step (adamw)", torch_s, _timed(jax_train, _REPEATS.value), compile_train, float("nan"))
+  _report(row)
+  return row
 
 
 _HEADER = f"{'':22s}{'diffusers s':>12s}{'ldm_jax s':>12s}{'speed-up':>10s}{'jax compile s':>15s}{'max |diff|':>12s}"
