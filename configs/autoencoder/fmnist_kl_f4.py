@@ -18,9 +18,11 @@ def get_config(arg=None):
                       attn_resolutions=())
   # LPIPS (VGG16) would cost ~10× the tiny autoencoder per step on a CPU; L1 + KL alone here.
   config.loss.update(disc_start=100_000, disc_weight=0.5, kl_weight=1e-6, perceptual_weight=0.0)
-  config.optim.update(base_learning_rate=1.25e-5)  # × batch 32 = 4e-4
-  config.train.update(num_steps=4_000, batch_size=32, log_every=100, checkpoint_every=1_000,
-                      eval_every=1_000, eval_batches=40, image_every=1_000)
+  # 1e-3 (× batch 32) decayed to 0 by a cosine: 28.7 dB test PSNR at step 2400 of 3200, where a
+  # constant 4e-4 was at 27.4 dB after 3000 steps.
+  config.optim.update(base_learning_rate=3.125e-5, schedule="cosine")
+  config.train.update(num_steps=3_200, batch_size=32, log_every=100, checkpoint_every=800,
+                      eval_every=800, eval_batches=40, image_every=800)
   if "smoke" in options:
     autoencoder.apply_smoke(config)
   return config

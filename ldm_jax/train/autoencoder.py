@@ -72,7 +72,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.loss = losses.default_loss_config()
   config.optim = ml_collections.ConfigDict(dict(
       # LDM scales the base rate by the global batch size (and #GPUs × accumulation there).
-      base_learning_rate=4.5e-6, scale_lr=True, b1=0.5, b2=0.9))
+      base_learning_rate=4.5e-6, scale_lr=True, b1=0.5, b2=0.9,
+      # 'constant' as LDM; 'cosine' decays to 0 at train.num_steps (short runs end sharper).
+      schedule="constant"))
   config.train = config_lib.train_config()
   config.mesh = config_lib.mesh_config()
   return config
@@ -119,6 +121,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   data_lib.validate_data_config(config.data)
   ae_lib.validate_autoencoder_config(config.model, config.data.image_size)
   losses.validate_loss_config(config.loss)
+  if config.optim.schedule not in ("constant", "cosine"):
+    raise ValueError(f"optim.schedule: {config.optim.schedule!r} is not 'constant' or 'cosine'.")
   if config.optim.base_learning_rate <= 0:
     raise ValueError(f"optim.base_learning_rate: must be > 0, got {config.optim.base_learning_rate}.")
 
@@ -134,7 +138,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   The KL objective's log-variance is trained with the autoencoder only when `loss.learn_logvar`;
   the reference's optimizers never held it, so by default it stays at `loss.logvar_init`.
   """
-  adam = lambda: optax.adam(learning_rate(config), b1=config.optim.b1, b2=config.optim.b2)
+  lr = learning_rate(config)
+  if config.optim.schedule == "cosine":
+    lr = optax.cosine_decay_schedule(lr, config.train.num_steps)
+  adam = lambda: optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
   logvar = "autoencoder" if config.loss.learn_logvar else "frozen"
   labels = {"autoencoder": "autoencoder", "logvar": logvar, "discriminator": "discriminator"}
   return optax.multi_transform(
