@@ -52,6 +52,21 @@ def _conv(features: int, kernel: int, dtype, name: str) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), padding=kernel // 2, dtype=dtype, name=name)
 
 
+class _ResnetBlock(ResnetBlock):
+  """ResnetBlock with `deterministic` positional, so that `nn.remat` can mark it static."""
+
+  def __call__(self, x, deterministic):  # pylint: disable=arguments-differ
+    return super().__call__(x, deterministic=deterministic)
+
+
+def _blocks(remat: bool):
+  """(ResnetBlock, SpatialSelfAttention) classes; with `remat` their activations are recomputed
+  in the backward pass instead of stored (same parameters, less memory)."""
+  if remat:
+    return nn.remat(_ResnetBlock, static_argnums=(2,)), nn.remat(SpatialSelfAttention)
+  return _ResnetBlock, SpatialSelfAttention
+
+
 class _Level(nn.Module):
   """One resolution level: `num_layers` ResnetBlocks (each optionally followed by attention) and
   an optional resampler; diffusers' `DownEncoderBlock2D` / `UpDecoderBlock2D` (Attn* variants)."""
@@ -62,15 +77,16 @@ class _Level(nn.Module):
   dropout: float
   query_chunk_size: int | None
   dtype: Any
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    resnet, attention = _blocks(self.remat)
     for j in range(self.num_layers):
-      x = ResnetBlock(self.out_channels, num_groups=NUM_GROUPS, epsilon=EPSILON, dropout=self.dropout,
-                      dtype=self.dtype, name=f"resnets_{j}")(x, deterministic=deterministic)
+      x = resnet(self.out_channels, num_groups=NUM_GROUPS, epsilon=EPSILON, dropout=self.dropout,
+                 dtype=self.dtype, name=f"resnets_{j}")(x, deterministic)
       if self.add_attention:
-        x = SpatialSelfAttention(NUM_GROUPS, EPSILON, self.query_chunk_size, dtype=self.dtype,
-                                 name=f"attentions_{j}")(x)
+        x = attention(NUM_GROUPS, EPSILON, self.query_chunk_size, dtype=self.dtype, name=f"attentions_{j}")(x)
     if self.resample == "down":
       x = Downsample(self.out_channels, padding="asymmetric", dtype=self.dtype, name="downsamplers_0")(x)
     elif self.resample == "up":
@@ -83,15 +99,16 @@ class _MidBlock(nn.Module):
   dropout: float
   query_chunk_size: int | None
   dtype: Any
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    block = lambda name: ResnetBlock(num_groups=NUM_GROUPS, epsilon=EPSILON, dropout=self.dropout,
-                                     dtype=self.dtype, name=name)
-    x = block("resnets_0")(x, deterministic=deterministic)
-    x = SpatialSelfAttention(NUM_GROUPS, EPSILON, self.query_chunk_size, dtype=self.dtype,
-                             name="attentions_0")(x)
-    return block("resnets_1")(x, deterministic=deterministic)
+    resnet, attention = _blocks(self.remat)
+    block = lambda name: resnet(num_groups=NUM_GROUPS, epsilon=EPSILON, dropout=self.dropout,
+                                dtype=self.dtype, name=name)
+    x = block("resnets_0")(x, deterministic)
+    x = attention(NUM_GROUPS, EPSILON, self.query_chunk_size, dtype=self.dtype, name="attentions_0")(x)
+    return block("resnets_1")(x, deterministic)
 
 
 def _out(x: jax.Array, features: int, dtype) -> jax.Array:
@@ -113,6 +130,7 @@ class Encoder(nn.Module):
     z_channels: latent channels; `double_z` doubles them for the mean and log-variance of q(z|x).
     dropout: dropout rate inside the ResnetBlocks.
     query_chunk_size: attention query chunking (see `ldm_jax.nn.dot_product_attention`).
+    remat: rematerialize ResnetBlocks and attention in the backward pass (less memory).
   """
   ch: int = 128
   ch_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -125,6 +143,7 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   query_chunk_size: int | None = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -134,10 +153,10 @@ class Encoder(nn.Module):
       last = i == len(self.ch_mult) - 1
       h = _Level(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
                  None if last else "down", self.dropout, self.query_chunk_size, self.dtype,
-                 name=f"down_blocks_{i}")(h, deterministic)
+                 self.remat, name=f"down_blocks_{i}")(h, deterministic)
       if not last:
         res //= 2
-    h = _MidBlock(self.dropout, self.query_chunk_size, self.dtype, name="mid_block")(h, deterministic)
+    h = _MidBlock(self.dropout, self.query_chunk_size, self.dtype, self.remat, name="mid_block")(h, deterministic)
     return _out(h, 2 * self.z_channels if self.double_z else self.z_channels, self.dtype)
 
 
@@ -154,17 +173,18 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   query_chunk_size: int | None = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array, *, deterministic: bool = True) -> jax.Array:
     levels = len(self.ch_mult)
     h = _conv(self.ch * self.ch_mult[-1], 3, self.dtype, "conv_in")(z)
-    h = _MidBlock(self.dropout, self.query_chunk_size, self.dtype, name="mid_block")(h, deterministic)
+    h = _MidBlock(self.dropout, self.query_chunk_size, self.dtype, self.remat, name="mid_block")(h, deterministic)
     res = self.resolution // 2 ** (levels - 1)
     for k, i in enumerate(reversed(range(levels))):
       h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
                  "up" if i else None, self.dropout, self.query_chunk_size, self.dtype,
-                 name=f"up_blocks_{k}")(h, deterministic)
+                 self.remat, name=f"up_blocks_{k}")(h, deterministic)
       if i:
         res *= 2
     return _out(h, self.out_ch, self.dtype)
@@ -230,11 +250,13 @@ class _AutoencoderFields(nn.Module):
   dropout: float = 0.0
   query_chunk_size: int | None = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def _coders(self, double_z: bool) -> tuple[Encoder, Decoder]:
     shared = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                  dropout=self.dropout, query_chunk_size=self.query_chunk_size, dtype=self.dtype)
+                  dropout=self.dropout, query_chunk_size=self.query_chunk_size, dtype=self.dtype,
+                  remat=self.remat)
     return (Encoder(in_channels=self.in_channels, z_channels=self.z_channels, double_z=double_z,
                     name="encoder", **shared),
             Decoder(out_ch=self.out_ch or self.in_channels, name="decoder", **shared))
@@ -467,7 +489,8 @@ def make_autoencoder(model_cfg: Mapping[str, Any]) -> AutoencoderKL | VQModel:
   """Builds `AutoencoderKL` (model.kind='kl') or `VQModel` ('vq') from the `model` config.
 
   Required keys: see `validate_autoencoder_config` (call it first; this only builds). Optional keys:
-  `query_chunk_size` (None), `dtype` ('float32'; computation dtype, parameters stay float32) and,
+  `query_chunk_size` (None), `dtype` ('float32'; computation dtype, parameters stay float32),
+  `remat` (False; recompute block activations in the backward pass) and,
   for 'vq', `beta` (0.25) and `legacy_loss` (True); see `VectorQuantizer`.
   """
   kind = model_cfg["kind"]
@@ -479,7 +502,7 @@ def make_autoencoder(model_cfg: Mapping[str, Any]) -> AutoencoderKL | VQModel:
       attn_resolutions=tuple(model_cfg["attn_resolutions"]), resolution=model_cfg["resolution"],
       in_channels=model_cfg["in_channels"], z_channels=model_cfg["z_channels"],
       dropout=float(model_cfg["dropout"]), query_chunk_size=model_cfg.get("query_chunk_size"),
-      dtype=jnp.dtype(model_cfg.get("dtype", "float32")))
+      dtype=jnp.dtype(model_cfg.get("dtype", "float32")), remat=bool(model_cfg.get("remat", False)))
   if kind == "kl":
     return AutoencoderKL(**fields)
   return VQModel(n_embed=model_cfg["n_embed"], beta=float(model_cfg.get("beta", 0.25)),

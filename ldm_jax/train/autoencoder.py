@@ -12,6 +12,12 @@ on the decoder's last layer L. One forward pass gives both objectives; two pullb
 same `jax.vjp` give their gradients, and the update uses ∇(L_nll + w·L_reg) + λ·∇L_G.
 Before `loss.disc_start` a second compiled step without the discriminator is used, so the
 adversarial branch costs nothing until it is switched on.
+
+Scale and resilience (shared with stage 2, see `ldm_jax.train.loop`): parameters and optimizer
+state are placed by `mesh.rules`; `train.dtype`, `train.remat` and `train.grad_accum_steps`
+(each micro-batch gets its own adaptive weight, as with the reference's gradient accumulation)
+trade precision, compute and steps for memory; a step with a non-finite loss or gradient is
+skipped; SIGTERM saves the current step and returns.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import config as config_lib
+from ldm_jax.train import loop
 from ldm_jax.train import sharding
 from ldm_jax.train.logging import MetricWriter, image_grid
+from ldm_jax.train.preemption import PreemptionGuard
 
 # Where the adaptive GAN weight looks: the decoder's output convolution.
 LAST_LAYER = ("autoencoder", "decoder", "conv_out", "kernel")
@@ -118,6 +126,8 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Every check that can fail before compiling; errors name the offending key."""
   config_lib.validate_train_config(config.train)
+  config_lib.validate_model_overrides(config.model, config.train)
+  sharding.validate_mesh_config(config.mesh)
   data_lib.validate_data_config(config.data)
   ae_lib.validate_autoencoder_config(config.model, config.data.image_size)
   losses.validate_loss_config(config.loss)
@@ -159,7 +169,7 @@ class Stage1:
   def __init__(self, config: ml_collections.ConfigDict, mesh):
     self.config = config
     self.mesh = mesh
-    self.model = ae_lib.make_autoencoder(config.model)
+    self.model = ae_lib.make_autoencoder(config_lib.with_train_overrides(config.model, config.train))
     self.disc = make_discriminator(config)
     self.optimizer = make_optimizer(config)
     self.lpips_params = lpips_lib.load_lpips_params()
@@ -167,16 +177,18 @@ class Stage1:
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     self.dummy = jnp.zeros((1, *image_shape), jnp.float32)
     abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
-    self.state_sharding = sharding.state_sharding(mesh, abstract)
+    self.state_sharding = sharding.state_sharding(mesh, abstract, **sharding.rules_of(config.mesh))
     self.abstract_state = ckpt_lib.abstract_like(abstract, self.state_sharding)
-    batch_sh = sharding.batch_sharding(mesh)
+    batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     jit_step = lambda with_gan: jax.jit(
         functools.partial(self._train_step, with_gan=with_gan),
-        in_shardings=(self.state_sharding, batch_sh),
-        out_shardings=(self.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+        in_shardings=(self.state_sharding, batch_sh), out_shardings=(self.state_sharding, rep),
+        donate_argnums=0)
     self.train_step = {False: jit_step(False), True: jit_step(True)}
     self.init = jax.jit(self._init, out_shardings=self.state_sharding)
-    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, batch_sh))
+    # Scores and code counts replicated, so that every process can read them.
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, batch_sh),
+                             out_shardings=(rep, batch_sh, rep))
 
   # ---- state ----------------------------------------------------------------------------------
   def _init(self, rng) -> AutoencoderState:
@@ -219,14 +231,13 @@ class Stage1:
     aux = dict(x_rec=x_rec, rec_loss=rec, p_loss=jnp.mean(p_loss), **extras)
     return (nll, reg, g_loss), aux
 
-  def _train_step(self, state: AutoencoderState, batch, *, with_gan: bool):
+  def _grads(self, params, batch, rng, *, with_gan: bool):
+    """(gradients of every parameter, metrics) on one (micro-)batch."""
     cfg = self.config.loss
     x = batch["image"]
-    rng, sample_rng = jax.random.split(state.rng)
-    params = state.params
     gen_params = {"autoencoder": params["autoencoder"], "logvar": params["logvar"]}
     objectives = functools.partial(self._generator_objectives, disc_params=params["discriminator"],
-                                   x=x, rng=sample_rng, with_gan=with_gan)
+                                   x=x, rng=rng, with_gan=with_gan)
     (nll, reg, g_loss), pullback, aux = jax.vjp(objectives, gen_params, has_aux=True)
     reg_weight = cfg.kl_weight if self.is_kl else cfg.codebook_weight
     one = jnp.ones((), nll.dtype)
@@ -252,11 +263,21 @@ class Stage1:
       (d_loss, (real, fake)), disc_grads = jax.value_and_grad(
           disc_objective, has_aux=True)(params["discriminator"])
       metrics.update(g_loss=g_loss, d_weight=d_weight, d_loss=d_loss, logits_real=real, logits_fake=fake)
-    grads = {**grads, "discriminator": disc_grads}
+    metrics.update(loss=loss)
+    return {**grads, "discriminator": disc_grads}, metrics
+
+  def _train_step(self, state: AutoencoderState, batch, *, with_gan: bool):
+    rng, step_rng = jax.random.split(state.rng)
+    params = state.params
+    grads, metrics = loop.accumulate_gradients(
+        functools.partial(self._grads, with_gan=with_gan), params, batch, step_rng,
+        self.config.train.grad_accum_steps, mesh=self.mesh, grad_sharding=self.state_sharding.params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(params, updates),
-                              opt_state=opt_state, rng=rng)
-    metrics.update(loss=loss, logvar=params["logvar"])
+    ok = loop.all_finite(metrics["loss"], grads, updates)
+    new_params, opt_state = loop.keep_if(ok, (optax.apply_updates(params, updates), opt_state),
+                                         (params, state.opt_state))
+    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state, rng=rng)
+    metrics.update(logvar=params["logvar"], **{loop.NONFINITE: 1.0 - ok.astype(jnp.float32)})
     return new_state, metrics
 
   # ---- evaluation -----------------------------------------------------------------------------
@@ -306,10 +327,11 @@ class Stage1:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) a stage-1 run in `workdir`; returns the final held-out metrics."""
+  """Trains (or resumes) a stage-1 run in `workdir`; returns the final held-out metrics (empty
+  when a SIGTERM stopped the run early, after saving its current step)."""
   validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.train.batch_size, mesh)
+  sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
   config_lib.save_config(config, workdir) if jax.process_index() == 0 else None
   stage = Stage1(config, mesh)
   train_iter = iter(data_lib.make_loader(config.data, config.data.train_split,
@@ -326,32 +348,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                f"{sum(x.size for x in jax.tree.leaves(state.params['autoencoder'])):,}")
 
   pending, t0, results = [], time.perf_counter(), {}
+  monitor = loop.NonFiniteMonitor(config.train.max_nonfinite_steps)
   progress = tqdm(total=num_steps, initial=start_step, desc="stage 1", disable=jax.process_index() != 0)
-  for step in range(start_step + 1, num_steps + 1):
-    batch = sharding.shard_batch(next(train_iter), mesh)
-    with_gan = config.loss.disc_weight > 0 and step > config.loss.disc_start
-    state, metrics = stage.train_step[with_gan](state, batch)
-    pending.append(metrics)
-    if step % config.train.log_every == 0 or step == num_steps:
-      fetched = jax.device_get(pending)
-      # Steps before disc_start report no GAN terms; average each key over the steps that have it.
-      scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched if k in m])) for k in fetched[-1]}
-      elapsed = time.perf_counter() - t0
-      scalars["train/images_per_sec"] = len(pending) * config.train.batch_size / elapsed
-      writer.write_scalars(step, scalars)
-      progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['train/images_per_sec']:.1f}")
-      pending, t0 = [], time.perf_counter()
-    if step % config.train.eval_every == 0 or step == num_steps:
-      results, grid = stage.evaluate(state.params, num_batches=config.train.eval_batches)
-      writer.write_scalars(step, results)
-      if grid is not None and (step % config.train.image_every == 0 or step == num_steps):
-        writer.write_image(step, "reconstructions", grid)
-      logging.info("step %d: %s", step, {k: round(v, 4) for k, v in results.items()})
-      t0 = time.perf_counter()
-    if step % config.train.checkpoint_every == 0 or step == num_steps:
-      checkpointer.save(step, state, train_iter)
-    progress.update(1)
-  progress.close()
-  checkpointer.close()
-  writer.close()
+  try:
+    with PreemptionGuard() as preemption:
+      for step in range(start_step + 1, num_steps + 1):
+        batch = sharding.shard_batch(next(train_iter), mesh)
+        with_gan = config.loss.disc_weight > 0 and step > config.loss.disc_start
+        state, metrics = stage.train_step[with_gan](state, batch)
+        pending.append(metrics)
+        monitor.push(step, metrics)
+        if step % config.train.log_every == 0 or step == num_steps:
+          scalars = loop.summarize(jax.device_get(pending))
+          scalars["train/images_per_sec"] = len(pending) * config.train.batch_size / (time.perf_counter() - t0)
+          writer.write_scalars(step, scalars)
+          progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['train/images_per_sec']:.1f}")
+          pending, t0 = [], time.perf_counter()
+        if step % config.train.eval_every == 0 or step == num_steps:
+          results, grid = stage.evaluate(state.params, num_batches=config.train.eval_batches)
+          writer.write_scalars(step, results)
+          if grid is not None and (step % config.train.image_every == 0 or step == num_steps):
+            writer.write_image(step, "reconstructions", grid)
+          logging.info("step %d: %s", step, {k: round(v, 4) for k, v in results.items()})
+          t0 = time.perf_counter()
+        saved = step % config.train.checkpoint_every == 0 or step == num_steps
+        if saved:
+          checkpointer.save(step, state, train_iter)
+        progress.update(1)
+        if preemption.reached(step):
+          if not saved:
+            checkpointer.save(step, state, train_iter, force=True)
+          return {}
+      monitor.flush()
+  finally:
+    progress.close()
+    checkpointer.close()
+    writer.close()
   return results

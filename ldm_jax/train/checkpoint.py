@@ -4,17 +4,24 @@ A checkpoint `workdir/checkpoints/<step>/` holds two items: `state` (the whole t
 params, optimizer state, EMA, step, RNG, scale_factor — restored directly into the shardings of
 the abstract state it is given) and `data` (each process's grain iterator position, one JSON
 file per process), so that a resumed run sees exactly the batches it would have seen.
-Saving is asynchronous: the step loop goes on while the arrays are written.
+Saving is asynchronous: the step loop goes on while the arrays are written; every process
+writes its own shards and orbax commits a step only when all of them are on disk (a killed run
+leaves a temporary directory that is ignored). Restoring falls back to the previous step when
+the newest cannot be read, and places the arrays on whatever mesh the resumed run uses.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -40,15 +47,42 @@ class Checkpointer:
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
-    """Restores checkpoint `step` (default: the newest) into `abstract_state`'s shapes and shardings.
+    """Restores checkpoint `step` (default: the newest good one) into `abstract_state`'s shapes
+    and shardings; None when there is no checkpoint.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with shardings (from `jax.eval_shape`);
-    the data iterator, when given, is moved in place to the saved position.
-    Returns the restored state, or None when there is no checkpoint.
+    the data iterator, when given, is moved in place to the saved position. The shardings may
+    differ from those the checkpoint was written with (another mesh shape, other rules).
+
+    Without `step`, checkpoints are tried newest first: one that cannot be read (half-written,
+    truncated, damaged) is skipped with a warning and renamed `<step>.corrupt-<time>` once an
+    older one restores, so that the run can write that step again. If none restores (e.g. the
+    config no longer matches the checkpoints), RuntimeError with the newest one's error.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
+    if step is not None:
+      return self._restore(step, abstract_state, data_iterator)
+    failed = []
+    for candidate in sorted(self.all_steps(), reverse=True):
+      problem = self._agree(self._check_readable(candidate))
+      if problem is None:
+        try:
+          state = self._restore(candidate, abstract_state, data_iterator)
+        except Exception as e:  # noqa: BLE001 — any damage must fall back to the previous step
+          if jax.process_count() > 1:
+            raise  # the other processes wait in orbax's barrier: no consistent fallback possible
+          problem = f"{type(e).__name__}: {e}"
+        else:
+          self._quarantine([s for s, _ in failed])
+          return state
+      logging.warning("Checkpoint %d in %s cannot be restored, trying the previous one: %s",
+                      candidate, self.directory, problem[:500])
+      failed.append((candidate, problem))
+    if failed:
+      raise RuntimeError(f"{self.directory}: none of the checkpoints {[s for s, _ in failed]} could be "
+                         f"restored; the newest failed with: {failed[0][1][:2000]}")
+    return None
+
+  def _restore(self, step: int, abstract_state, data_iterator):
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -56,11 +90,46 @@ class Checkpointer:
     logging.info("Restored checkpoint %d from %s", step, self.directory)
     return restored["state"]
 
+  def _check_readable(self, step: int) -> str | None:
+    """Cheap local checks every process can make before the collective restore: the metadata
+    files parse. Returns what is wrong, or None."""
+    path = os.path.join(self.directory, str(step))
+    for relative in ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA")):
+      try:
+        with open(os.path.join(path, relative)) as f:
+          json.load(f)
+      except (OSError, ValueError) as e:
+        return f"{relative}: {type(e).__name__}: {e}"
+    return None
+
+  def _agree(self, problem: str | None) -> str | None:
+    """A problem seen by any process is a problem for all, so that all skip the same steps."""
+    if jax.process_count() == 1:
+      return problem
+    flags = multihost_utils.process_allgather(np.int32(problem is not None))
+    if problem is None and np.any(flags):
+      return f"unreadable on process(es) {np.flatnonzero(flags).tolist()}"
+    return problem
+
+  def _quarantine(self, steps: list[int]) -> None:
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        target = os.path.join(self.directory, f"{step}.corrupt-{int(time.time())}")
+        os.rename(os.path.join(self.directory, str(step)), target)
+        logging.warning("Moved unreadable checkpoint %d to %s", step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("ldm_jax:checkpoint_quarantine")
+    self._manager.reload()
+
   def restore_subtree(self, keys: tuple[str, ...], sharding, step: int | None = None):
     """Restores only `state[keys[0]][keys[1]]…` (e.g. a frozen model's params) onto `sharding`.
 
     Reads the shapes from the checkpoint's own metadata, so the caller needs no abstract state
-    of the run that wrote it, and the optimizer state is never read.
+    of the run that wrote it, and the optimizer state is never read. `sharding` is one sharding
+    for every leaf, or a function from the subtree of ShapeDtypeStructs to a tree of shardings
+    (e.g. the partition rules, `sharding.tree_sharding`).
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -69,7 +138,9 @@ class Checkpointer:
     tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     for key in keys:
       tree = tree[key]
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+    shardings = sharding(abstract) if callable(sharding) else jax.tree.map(lambda _: sharding, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     for key in reversed(keys):
       abstract = {key: abstract}
     restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(

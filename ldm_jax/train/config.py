@@ -12,6 +12,8 @@ import os
 
 import ml_collections
 
+from ldm_jax.train import sharding
+
 
 def parse_arg(arg: str | None) -> set[str]:
   """'smoke,foo' → {'smoke', 'foo'}; unknown options are rejected by the caller."""
@@ -37,14 +39,23 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       eval_every=5_000,
       eval_batches=8,
       image_every=5_000,
+      dtype="float32",            # compute dtype of every module; parameters stay float32
+      remat=False,                # recompute block activations in the backward pass (less memory)
+      grad_accum_steps=1,         # micro-batches per step, accumulated inside the jitted step
+      max_nonfinite_steps=10,     # this many skipped (non-finite) steps in a row stop the run
   ))
   cfg.update(overrides)
   return cfg
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-  """`mesh.data` × `mesh.fsdp` devices; −1 = all remaining devices."""
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  """`mesh.data` × `mesh.fsdp` × `mesh.tensor` devices (−1 = all remaining devices) and the
+  partition rules of the parameters; see `ldm_jax.train.sharding`."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES,
+                                        fsdp_min_size=sharding.DEFAULT_FSDP_MIN_SIZE))
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def validate_train_config(train: ml_collections.ConfigDict) -> None:
@@ -57,6 +68,32 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
       raise ValueError(f"train.{key}: expected a positive integer, got {value!r}.")
   if not isinstance(train.seed, int):
     raise ValueError(f"train.seed: expected an integer, got {train.seed!r}.")
+  for key in ("grad_accum_steps", "max_nonfinite_steps"):
+    value = train.get(key, 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ValueError(f"train.{key}: expected a positive integer, got {value!r}.")
+  if train.get("dtype", "float32") not in COMPUTE_DTYPES:
+    raise ValueError(f"train.dtype: {train.dtype!r} is not one of {COMPUTE_DTYPES}.")
+  if not isinstance(train.get("remat", False), bool):
+    raise ValueError(f"train.remat: expected True or False, got {train.remat!r}.")
+
+
+def validate_model_overrides(model_cfg: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> None:
+  """Training builds its modules with `train.dtype` and `train.remat`; a model section that sets
+  `dtype` or `remat` to something else is an error naming the key, not silently overridden."""
+  for key, default in (("dtype", "float32"), ("remat", False)):
+    value = model_cfg.get(key, default)
+    if value != default and value != train.get(key, default):
+      raise ValueError(f"model.{key}: {value!r}, but training uses train.{key}={train.get(key, default)!r}; "
+                       f"set train.{key} instead.")
+
+
+def with_train_overrides(model_cfg, train: ml_collections.ConfigDict, *, remat: bool | None = None) -> dict:
+  """The model section as a dict with `dtype` and `remat` taken from `train.*` (or `remat` given)."""
+  cfg = model_cfg.to_dict() if isinstance(model_cfg, ml_collections.ConfigDict) else dict(model_cfg)
+  cfg["dtype"] = train.get("dtype", "float32")
+  cfg["remat"] = train.get("remat", False) if remat is None else remat
+  return cfg
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

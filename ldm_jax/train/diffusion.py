@@ -9,6 +9,12 @@ latents, drops conditions to the null condition with probability `cond.dropout_p
 classifier-free guidance) and updates U-Net and conditioner with AdamW, followed by the EMA.
 Every `train.image_every` steps it draws a guided sample grid with the EMA weights through
 `LatentDiffusion` — the same sampler code as `sample.py`.
+
+Scale and resilience (shared with stage 1, see `ldm_jax.train.loop`): U-Net, conditioner, their
+EMA and optimizer state, and the frozen autoencoder are placed by `mesh.rules`; `train.dtype`
+sets the compute dtype of every module (parameters stay float32), `train.remat` recomputes U-Net
+blocks in the backward pass, `train.grad_accum_steps` accumulates micro-batches; a step with a
+non-finite loss or gradient is skipped; SIGTERM saves the current step and returns.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ldm_jax import data as data_lib
@@ -37,8 +44,10 @@ from ldm_jax.models import conditioning
 from ldm_jax.models import unet as unet_lib
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import config as config_lib
+from ldm_jax.train import loop
 from ldm_jax.train import sharding
 from ldm_jax.train.logging import MetricWriter, image_grid
+from ldm_jax.train.preemption import PreemptionGuard
 
 SAMPLERS = ("ddim", "ddpm", "plms", "dpmpp_2m")
 
@@ -114,6 +123,8 @@ def resolve_config(config: ml_collections.ConfigDict, ae_config: ml_collections.
   """Fills the derived keys (U-Net channels, context dim, classes) and checks them against the
   autoencoder, the data and the conditioner, all before anything is compiled."""
   config_lib.validate_train_config(config.train)
+  config_lib.validate_model_overrides(config.model, config.train)
+  sharding.validate_mesh_config(config.mesh)
   data_lib.validate_data_config(config.data)
   conditioning.validate_cond_config(config.cond)
   for key in ("image_size", "channels"):
@@ -183,12 +194,13 @@ class Stage2:
     """Shapes come from one prepared batch; builds the sharded init and the jitted step."""
     self._example = jax.tree.map(lambda x: np.asarray(x)[:1], example_cond)
     abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0), jnp.float32(1.0))
-    self.state_sharding = sharding.state_sharding(self.mesh, abstract)
+    self.state_sharding = sharding.state_sharding(self.mesh, abstract, **sharding.rules_of(self.config.mesh))
     self.abstract_state = ckpt_lib.abstract_like(abstract, self.state_sharding)
     self.init = jax.jit(self._init, out_shardings=self.state_sharding)
     batch_sh = sharding.batch_sharding(self.mesh)
     rep = sharding.replicated(self.mesh)
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, batch_sh, rep),
+    ae_sharding = jax.tree.map(lambda x: x.sharding, self.ae_params)
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, batch_sh, ae_sharding),
                               out_shardings=(self.state_sharding, rep), donate_argnums=0)
 
   def _init(self, rng, scale_factor) -> DiffusionState:
@@ -233,12 +245,23 @@ class Stage2:
 
   def _train_step(self, state: DiffusionState, batch, ae_params):
     rng, step_rng = jax.random.split(state.rng)
-    loss, grads = jax.value_and_grad(self._loss)(state.params, batch, step_rng, state.scale_factor, ae_params)
+
+    def grads_fn(params, micro_batch, micro_rng):
+      loss, grads = jax.value_and_grad(self._loss)(params, micro_batch, micro_rng, state.scale_factor, ae_params)
+      return grads, {"loss": loss}
+
+    grads, metrics = loop.accumulate_gradients(grads_fn, state.params, batch, step_rng,
+                                               self.config.train.grad_accum_steps, mesh=self.mesh,
+                                               grad_sharding=self.state_sharding.params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, self.config.optim.ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "ema_decay": decay}
+    ok = loop.all_finite(metrics["loss"], grads, updates)
+    params, ema, opt_state = loop.keep_if(ok, (params, ema, opt_state),
+                                          (state.params, state.ema_params, state.opt_state))
+    metrics.update(grad_norm=optax.tree.norm(grads), ema_decay=decay,
+                   **{loop.NONFINITE: 1.0 - ok.astype(jnp.float32)})
     return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                          rng=rng), metrics
 
@@ -312,19 +335,31 @@ def sample_conditions(config, ldm: LatentDiffusion) -> dict:
   return ldm.prepare(batch, rng=np.random.default_rng(0)) if kind != "none" else {}
 
 
-def load_frozen_autoencoder(config, mesh):
-  """(module, ae_config, params) of `autoencoder.workdir`, params replicated on the mesh."""
+def load_frozen_autoencoder(config, mesh, *, rules: dict | None = None, dtype: str | None = None):
+  """(module, ae_config, params) of `autoencoder.workdir`.
+
+  The params are replicated on the mesh, or placed by the partition `rules` (`sharding.rules_of`;
+  matched as `autoencoder/…`, as in the stage-1 run). `dtype` overrides the compute dtype.
+  """
   model, ae_config = _load_autoencoder(config)
+  if dtype is not None:
+    model = model.clone(dtype=jnp.dtype(dtype))
+  placement = sharding.replicated(mesh) if rules is None else (
+      lambda tree: sharding.tree_sharding(mesh, tree, prefix="autoencoder", **rules))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(config.autoencoder.workdir, "checkpoints"))
-  params = checkpointer.restore_subtree(("params", "autoencoder"), sharding.replicated(mesh))
+  params = checkpointer.restore_subtree(("params", "autoencoder"), placement)
   checkpointer.close()
   return model, ae_config, params
 
 
-def build_ldm(config, model, ae_config, tokenizer, scale_factor=1.0) -> LatentDiffusion:
+def build_ldm(config, model, ae_config, tokenizer, scale_factor=1.0, *, for_training=False) -> LatentDiffusion:
+  """The LatentDiffusion of a stage-2 config; `for_training` builds U-Net and conditioner with
+  `train.dtype` and `train.remat`."""
   latent = ae_lib.latent_shape(ae_config.model, config.data.image_size)
+  unet_cfg = config_lib.with_train_overrides(config.model, config.train) if for_training else config.model
+  dtype = jnp.dtype(config.train.dtype) if for_training else jnp.float32
   return LatentDiffusion(
-      unet=unet_lib.make_unet(config.model), conditioner=conditioning.make_conditioner(config.cond, tokenizer),
+      unet=unet_lib.make_unet(unet_cfg), conditioner=conditioning.make_conditioner(config.cond, tokenizer, dtype),
       autoencoder=model, schedule=schedule_lib.schedule_from_config(config.diffusion),
       scale_factor=float(scale_factor), parameterization=config.diffusion.parameterization,
       cond_cfg=config.cond, tokenizer=tokenizer, latent_shape=tuple(latent))
@@ -343,31 +378,37 @@ def get_tokenizer(config, workdir):
   return tokenizer
 
 
-def estimate_scale_factor(config, ldm, ae_params, batch) -> float:
-  """1 / std of the first batch's latents (LDM `scale_by_std`), unless the config fixes it."""
+def estimate_scale_factor(config, ldm, ae_params, batch, mesh) -> float:
+  """1 / std of the first global batch's latents (LDM `scale_by_std`), unless the config fixes it.
+
+  `batch` is this process's share; every process gets the same value.
+  """
   if config.latent.scale_factor > 0:
     return float(config.latent.scale_factor)
   if "latent_moments" in batch:
     mean, logvar = np.split(np.asarray(batch["latent_moments"]), 2, axis=-1)
     z = mean + np.exp(0.5 * logvar) * np.random.default_rng(0).standard_normal(mean.shape)
   else:
-    z = np.asarray(jax.device_get(jax.jit(functools.partial(ldm.encode, scale_factor=1.0))(
-        ae_params, jnp.asarray(batch["image"]), jax.random.PRNGKey(0))))
-  return float(1.0 / np.std(z))
+    images = sharding.shard_batch({"image": batch["image"]}, mesh)["image"]
+    z = jax.jit(functools.partial(ldm.encode, scale_factor=1.0))(ae_params, images, jax.random.PRNGKey(0))
+  z = multihost_utils.process_allgather(z, tiled=True) if jax.process_count() > 1 else jax.device_get(z)
+  return float(1.0 / np.std(np.asarray(z, np.float32)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) a stage-2 run in `workdir`; returns the last logged training scalars."""
+  """Trains (or resumes) a stage-2 run in `workdir`; returns the last logged training scalars
+  (empty when a SIGTERM stopped the run early, after saving its current step)."""
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.train.batch_size, mesh)
-  model, ae_config, ae_params = load_frozen_autoencoder(config, mesh)
+  sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
+  model, ae_config, ae_params = load_frozen_autoencoder(config, mesh, rules=sharding.rules_of(config.mesh),
+                                                        dtype=config.train.dtype)
   resolve_config(config, ae_config)
   if config.latent.cache and config.cond.kind in ("concat", "hybrid"):
     raise ValueError("latent.cache: concat conditioning needs the images at every step; set it to False.")
   if jax.process_index() == 0:
     config_lib.save_config(config, workdir)
   tokenizer = get_tokenizer(config, workdir)
-  ldm = build_ldm(config, model, ae_config, tokenizer)
+  ldm = build_ldm(config, model, ae_config, tokenizer, for_training=True)
   source = cache_latents(config, ldm, ae_params, mesh) if config.latent.cache else None
   train_iter = make_train_iterator(config, source)
 
@@ -378,7 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stage.setup({k[len("cond/"):]: v for k, v in first.items() if k.startswith("cond/")})
   state = checkpointer.restore(stage.abstract_state, train_iter)
   if state is None:
-    scale_factor = estimate_scale_factor(config, ldm, ae_params, first)
+    scale_factor = estimate_scale_factor(config, ldm, ae_params, first, mesh)
     state = stage.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor))
   ldm = dataclasses.replace(ldm, scale_factor=float(jax.device_get(state.scale_factor)))
   start_step = int(jax.device_get(state.step))
@@ -389,32 +430,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample_cond = sample_conditions(config, ldm)
   generate = jax.jit(functools.partial(
       ldm.generate, sampler=config.sample.sampler, num_steps=config.sample.num_steps, eta=config.sample.eta,
-      guidance_scale=config.sample.guidance_scale, batch_size=config.sample.num_images))
+      guidance_scale=config.sample.guidance_scale, batch_size=config.sample.num_images),
+      out_shardings=sharding.replicated(mesh))  # every process can read the grid
   # One column per prompt or class, so that each column of the grid shows one condition.
   grid_cols = (len(config.sample.prompts) if config.cond.kind in ("text", "hybrid") and config.sample.prompts
                else config.cond.num_classes if config.cond.kind == "class" else None)
   pending, t0, scalars = [], time.perf_counter(), {}
+  monitor = loop.NonFiniteMonitor(config.train.max_nonfinite_steps)
   progress = tqdm(total=config.train.num_steps, initial=start_step, desc="stage 2",
                   disable=jax.process_index() != 0)
-  for step in range(start_step + 1, config.train.num_steps + 1):
-    batch = sharding.shard_batch(prepare_batch(config, ldm, next(train_iter), step), mesh)
-    state, metrics = stage.train_step(state, batch, ae_params)
-    pending.append(metrics)
-    if step % config.train.log_every == 0 or step == config.train.num_steps:
-      fetched = jax.device_get(pending)
-      scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-      scalars["train/images_per_sec"] = len(pending) * config.train.batch_size / (time.perf_counter() - t0)
-      writer.write_scalars(step, scalars)
-      progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['train/images_per_sec']:.1f}")
-      pending, t0 = [], time.perf_counter()
-    if step % config.train.image_every == 0 or step == config.train.num_steps:
-      images = generate(state.ema_params, ae_params, sample_cond, jax.random.PRNGKey(config.train.seed))
-      writer.write_image(step, "samples", image_grid(np.asarray(jax.device_get(images)), grid_cols))
-      t0 = time.perf_counter()
-    if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
-      checkpointer.save(step, state, train_iter)
-    progress.update(1)
-  progress.close()
-  checkpointer.close()
-  writer.close()
+  try:
+    with PreemptionGuard() as preemption:
+      for step in range(start_step + 1, config.train.num_steps + 1):
+        batch = sharding.shard_batch(prepare_batch(config, ldm, next(train_iter), step), mesh)
+        state, metrics = stage.train_step(state, batch, ae_params)
+        pending.append(metrics)
+        monitor.push(step, metrics)
+        if step % config.train.log_every == 0 or step == config.train.num_steps:
+          scalars = loop.summarize(jax.device_get(pending))
+          scalars["train/images_per_sec"] = len(pending) * config.train.batch_size / (time.perf_counter() - t0)
+          writer.write_scalars(step, scalars)
+          progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['train/images_per_sec']:.1f}")
+          pending, t0 = [], time.perf_counter()
+        if step % config.train.image_every == 0 or step == config.train.num_steps:
+          images = generate(state.ema_params, ae_params, sample_cond, jax.random.PRNGKey(config.train.seed))
+          writer.write_image(step, "samples", image_grid(np.asarray(jax.device_get(images)), grid_cols))
+          t0 = time.perf_counter()
+        saved = step % config.train.checkpoint_every == 0 or step == config.train.num_steps
+        if saved:
+          checkpointer.save(step, state, train_iter)
+        progress.update(1)
+        if preemption.reached(step):
+          if not saved:
+            checkpointer.save(step, state, train_iter, force=True)
+          return {}
+      monitor.flush()
+  finally:
+    progress.close()
+    checkpointer.close()
+    writer.close()
   return scalars

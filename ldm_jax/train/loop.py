@@ -1,0 +1,145 @@
+"""Pieces of the train step and loop shared by both trainers.
+
+Inside the jitted step:
+  - `accumulate_gradients` splits the batch into `train.grad_accum_steps` micro-batches and sums
+    their gradients with `lax.scan`, so that only one micro-batch of activations is alive at once;
+  - `all_finite` / `keep_if` skip an update whose loss, gradients or updates are not finite: the step
+    counter and the RNG advance, parameters, optimizer state and EMA stay as they were.
+On the host:
+  - `NonFiniteMonitor` stops the run after `train.max_nonfinite_steps` skipped steps in a row;
+  - `summarize` averages a window of step metrics for the logs and counts the skipped steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ldm_jax.train import sharding as sharding_lib
+
+NONFINITE = "nonfinite"  # the metric key of the skip flag (1.0 when the update was skipped)
+
+
+def split_micro_batches(batch: dict, num: int, mesh=None) -> dict:
+  """[B, …] → [num, B/num, …], micro-batch k = examples k, k + num, k + 2·num, …
+
+  Interleaving keeps every micro-batch spread over all data-parallel devices: each device's
+  contiguous block of the batch holds B/(num·devices) examples of every micro-batch, so the split
+  moves no data between devices.
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES)))
+    return x
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(grad_fn: Callable, params, batch: dict, rng: jax.Array, num_micro_batches: int, *,
+                         mesh=None, grad_sharding=None):
+  """Mean gradients and metrics of `grad_fn` over `num_micro_batches` micro-batches of `batch`.
+
+  grad_fn(params, micro_batch, rng) → (grads, metrics), metrics a dict of scalars. With one
+  micro-batch this is just `grad_fn(params, batch, rng)`; otherwise micro-batch k uses
+  `jax.random.split(rng, num)[k]`. `grad_sharding` (the parameters' shardings) keeps the running
+  sum sharded like the parameters, as FSDP needs.
+  """
+  if num_micro_batches == 1:
+    return grad_fn(params, batch, rng)
+  micro = split_micro_batches(batch, num_micro_batches, mesh)
+  rngs = jax.random.split(rng, num_micro_batches)
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(grad_fn, params, first, rngs[0])
+  constrain = lambda g: g if grad_sharding is None else jax.lax.with_sharding_constraint(g, grad_sharding)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  zeros = (constrain(zeros[0]), zeros[1])
+
+  def body(total, inputs):
+    micro_batch, micro_rng = inputs
+    grads, metrics = grad_fn(params, micro_batch, micro_rng)
+    total = jax.tree.map(jnp.add, total, (constrain(grads), metrics))
+    return (constrain(total[0]), total[1]), None
+
+  (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, rngs))
+  return jax.tree.map(lambda x: x / num_micro_batches, (grads, metrics))
+
+
+def all_finite(*trees) -> jax.Array:
+  """A bool scalar: every element of every tree is finite.
+
+  Computed as finite global norms, so a tree whose squared norm overflows float32 (elements
+  beyond ~1e19, a diverged step anyway) counts as non-finite too. Per-leaf `all(isfinite(x))`
+  flags would make XLA's CPU compile of a whole train step about ten times slower.
+  """
+  ok = jnp.asarray(True)
+  for tree in trees:
+    ok = ok & jnp.isfinite(optax.tree.norm(tree))
+  return ok
+
+
+def keep_if(ok: jax.Array, new, old):
+  """`new` where `ok`, else `old`, leaf by leaf (same structure)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+class NonFiniteError(RuntimeError):
+  """Raised when `train.max_nonfinite_steps` steps in a row were skipped."""
+
+
+class NonFiniteMonitor:
+  """Counts consecutive skipped steps from the steps' `nonfinite` flags, one step behind.
+
+  `push(step, metrics)` is called right after step `step` is dispatched and reads the flag of
+  the step before, which has finished or is about to: the device never waits for the host.
+  """
+
+  def __init__(self, max_steps: int):
+    self.max_steps = max_steps
+    self.streak = 0
+    self._pending = None
+    self._first = None
+
+  def push(self, step: int, metrics: dict) -> None:
+    previous, self._pending = self._pending, (step, metrics[NONFINITE])
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self) -> None:
+    if self._pending is not None:
+      self._check(*self._pending)
+      self._pending = None
+
+  def _check(self, step: int, flag) -> None:
+    if float(jax.device_get(flag)) > 0:
+      self._first = step if self.streak == 0 else self._first
+      self.streak += 1
+      if self.streak >= self.max_steps:
+        raise NonFiniteError(
+            f"train.max_nonfinite_steps: {self.streak} steps in a row (steps {self._first}–{step}) had a "
+            f"non-finite loss or gradient; their updates were skipped and the run stops here. "
+            f"Checkpoints hold the parameters of the last finite update; lower the learning rate, "
+            f"use train.dtype='float32', or check the data before resuming.")
+    else:
+      self.streak = 0
+
+
+def summarize(window: list[dict]) -> dict[str, float]:
+  """Means of a window of fetched step metrics as `train/<key>`, over the steps that updated.
+
+  Keys missing from some steps (GAN terms before `loss.disc_start`) are averaged over the steps
+  that have them. `train/skipped_steps` counts the skipped steps of the window; when every step
+  was skipped the means are NaN.
+  """
+  kept = [m for m in window if not float(m.get(NONFINITE, 0.0)) > 0]
+  keys = [k for k in window[-1] if k != NONFINITE]
+  scalars = {}
+  for key in keys:
+    values = [float(m[key]) for m in kept if key in m]
+    scalars[f"train/{key}"] = float(np.mean(values)) if values else float("nan")
+  scalars["train/skipped_steps"] = float(len(window) - len(kept))
+  return scalars
