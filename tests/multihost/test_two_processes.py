@@ -2,8 +2,9 @@
 
 One test, two phases, so that the second reuses the first's compiled programs:
   1. the same `train_autoencoder.py` command on both processes trains an FSDP-sharded model on a
-     (data=2, fsdp=2) mesh spanning both, checkpoints (every process writes its shards and its data
-     position) and evaluates; only process 0 writes logs;
+     (data=2, fsdp=2) mesh spanning both, with remat and two accumulated micro-batches per step,
+     checkpoints (every process writes its shards and its data position) and evaluates; only
+     process 0 writes logs;
   2. both resume from that checkpoint, then process 1 is killed: process 0 must stop with an
      error within the heartbeat timeout instead of waiting in a collective forever.
 """
@@ -26,6 +27,7 @@ def start_pair(workdir, tmp_path, env, name, *extra):
   port = free_port()
   return [Run(["train_autoencoder.py", "--workdir", str(workdir), *TINY_AE, "--config.train.batch_size=8",
                "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.train.log_every=3",
+               "--config.train.remat=True", "--config.train.grad_accum_steps=2",
                f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
                f"--heartbeat_timeout={HEARTBEAT}", *extra], env, str(tmp_path / f"{name}_{i}.log"))
           for i in range(2)]

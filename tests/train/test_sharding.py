@@ -141,10 +141,11 @@ def test_optimizer_state_and_ema_follow_their_parameters():
 
 # ---- sharded train steps ------------------------------------------------------------------------
 
-def ae_config(mesh):
+def ae_config(mesh, **train):
   config = load_config("configs/autoencoder/shapes_kl_f4.py:smoke")
   config.model.ch_mult = (1,)
   config.mesh.update(mesh)
+  config.train.update(train)
   return config
 
 
@@ -152,11 +153,11 @@ def sgd(config):
   return optax.sgd(1e-4, momentum=0.9)
 
 
-def make_stage1(mesh_cfg, devices=None):
+def make_stage1(mesh_cfg, devices=None, **train):
   """A stage-1 trainer with SGD instead of Adam (see the module docstring)."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(autoencoder, "make_optimizer", sgd)
-    return autoencoder.Stage1(ae_config(mesh_cfg), sharding.make_mesh(cfg(**mesh_cfg), devices))
+    return autoencoder.Stage1(ae_config(mesh_cfg, **train), sharding.make_mesh(cfg(**mesh_cfg), devices))
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +209,19 @@ def test_stage1_fsdp_step_equals_single_device_step_and_restores_onto_other_mesh
     jax.tree.map(lambda r, s: (r.sharding == s) or pytest.fail(f"{r.sharding} != {s}"), restored, target.state_sharding)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state_8))
   ckpt.close()
+
+
+def test_stage1_bfloat16_with_remat_keeps_float32_weights_and_close_losses(stage1):
+  single, _, batch = stage1
+  mixed = make_stage1(SINGLE, jax.devices()[:1], dtype="bfloat16", remat=True)
+  assert mixed.model.dtype == jnp.bfloat16 and mixed.model.remat
+  initial = jax.device_get(single.init(jax.random.PRNGKey(0)))
+  state_32, metrics_32 = run_steps(single, initial, batch, 2)
+  state_16, metrics_16 = run_steps(mixed, initial, batch, 2)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state_16.params))  # master weights
+  for key in ("loss", "rec_loss", "kl_loss"):
+    np.testing.assert_allclose(metrics_16[key], metrics_32[key], rtol=2e-2)
+  assert metrics_16["nonfinite"] == 0
 
 
 def test_stage1_non_finite_batch_skips_the_update(stage1):
