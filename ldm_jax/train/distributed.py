@@ -4,8 +4,9 @@ Every entry point (`train_autoencoder.py`, `train_diffusion.py`, `sample.py`) ca
 `define_flags()` at import and `initialize_from_flags()` first thing in `main`:
 
     --coordinator_address=host0:1234 --num_processes=4 --process_id=$RANK   # explicit
-    (no flags) on a multi-host TPU slice, under SLURM with more than one task, or under Open MPI:
-               `jax.distributed.initialize()` detects coordinator, process count and id itself.
+    (no flags) under SLURM with more than one task, under Open MPI, on a GKE TPU slice
+               (TPU_WORKER_HOSTNAMES), or anywhere with LDM_JAX_DISTRIBUTED=1 (e.g. Cloud TPU
+               VMs): `jax.distributed.initialize()` detects coordinator, process count and id.
 
 After that `jax.devices()` lists the devices of all processes, meshes span them, each process
 loads its own shard of the data (`jax.process_index()`), process 0 writes logs and images, and
@@ -44,12 +45,15 @@ def initialize_from_flags() -> bool:
 
 
 def cluster_environment() -> str | None:
-  """The multi-process launcher this process runs under ('slurm', 'tpu', 'mpi'), or None.
+  """The multi-process launcher this process runs under ('slurm', 'tpu', 'mpi', 'env'), or None.
 
   Only launchers that start more than one process count: a single SLURM task or a single TPU
-  host runs as one process without `jax.distributed`.
+  host runs as one process without `jax.distributed`. LDM_JAX_DISTRIBUTED=1 asks for JAX's own
+  detection where no variable tells (Cloud TPU VMs find their peers through the metadata server).
   """
   env = os.environ
+  if env.get("LDM_JAX_DISTRIBUTED", "") == "1":
+    return "env"
   if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
     return "slurm"
   if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:

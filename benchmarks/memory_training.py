@@ -1,0 +1,177 @@
+"""Per-device memory of full-size training steps on simulated meshes, from the compiler alone.
+
+  .venv/bin/python benchmarks/memory_training.py --table              # every row below (subprocesses)
+  .venv/bin/python benchmarks/memory_training.py --model unet --devices 64 --fsdp --remat --dtype bfloat16
+
+Nothing runs: the real trainer step (`Stage2.train_step` / `Stage1.train_step`) is lowered with
+abstract, sharded arguments on `--devices` simulated CPU devices and compiled, and XLA's
+`memory_analysis()` of one device's program is reported:
+
+  state    arguments: parameters, optimizer state, EMA (and the batch), as placed by `mesh.rules`;
+  temp     activations and temporaries of the step (what remat, bf16 and accumulation shrink);
+  peak     arguments + outputs − donated aliases + temp, the device memory the step needs.
+
+Models: `unet` is Stable Diffusion 1.5's U-Net (860M parameters, 64×64×4 latents = 512 px, context
+[B, 77, 768]) trained with AdamW and an EMA on cached latents; a 1-layer 768-wide text encoder
+stands in for the frozen CLIP text encoder (which adds 123M frozen parameters, 0.5 GB in float32
+when replicated). `autoencoder` is the KL-f8 autoencoder at 256 px with LPIPS and the PatchGAN
+discriminator (the step after `loss.disc_start`). Attention is chunked (`--query_chunk_size`);
+XLA's CPU compiler makes its own fusion and scheduling choices, so TPU/GPU numbers differ by tens
+of percent — read the table for its ratios and orders of magnitude.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_enum("model", "unet", ["unet", "autoencoder"], "Which training step.")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices.")
+_FSDP = flags.DEFINE_bool("fsdp", False, "Shard parameters and optimizer state over all devices (mesh.fsdp=-1).")
+_REMAT = flags.DEFINE_bool("remat", False, "train.remat.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "train.dtype.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: 256 for the U-Net, 12 per device for the autoencoder).")
+_ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "train.grad_accum_steps.")
+_CHUNK = flags.DEFINE_integer("query_chunk_size", 1024, "Attention query chunk (0: unchunked).")
+_TABLE = flags.DEFINE_bool("table", False, "Run the table's rows, each in a subprocess.")
+
+TABLE = [
+    dict(model="unet", devices=8),
+    dict(model="unet", devices=8, remat=True),
+    dict(model="unet", devices=8, remat=True, dtype="bfloat16"),
+    dict(model="unet", devices=8, fsdp=True),
+    dict(model="unet", devices=8, fsdp=True, remat=True, dtype="bfloat16"),
+    dict(model="unet", devices=8, remat=True, dtype="bfloat16", grad_accum_steps=4),
+    dict(model="unet", devices=64),
+    dict(model="unet", devices=64, remat=True, dtype="bfloat16"),
+    dict(model="unet", devices=64, fsdp=True),
+    dict(model="unet", devices=64, fsdp=True, remat=True, dtype="bfloat16"),
+    dict(model="autoencoder", devices=8),
+    dict(model="autoencoder", devices=8, remat=True, dtype="bfloat16"),
+    dict(model="autoencoder", devices=8, fsdp=True),
+    dict(model="autoencoder", devices=64, fsdp=True, remat=True, dtype="bfloat16"),
+]
+GIB = 2**30
+
+
+class _Tokenizer:
+  """Shapes only: the step is compiled, never run."""
+  vocab_size, pad_id, max_length = 1000, 0, 77
+
+  def tokenize(self, texts):
+    import numpy as np
+    return np.zeros((len(texts), self.max_length), np.int32)
+
+
+def _mesh_config(config):
+  config.mesh.update(data=1, fsdp=-1) if _FSDP.value else config.mesh.update(data=-1, fsdp=1)
+  config.train.update(dtype=_DTYPE.value, remat=_REMAT.value, grad_accum_steps=_ACCUM.value)
+
+
+def unet_step():
+  """(compiled step, abstract state) of SD 1.5 U-Net training on cached 64×64×4 latents."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ldm_jax.models import autoencoder as ae_lib
+  from ldm_jax.train import autoencoder, diffusion, sharding
+
+  ae_config = autoencoder.default_config()
+  ae_config.data.image_size = 512
+  config = diffusion.default_config()
+  config.data.image_size = 512
+  config.latent.cache = True
+  config.cond.update(kind="text", dim=768, depth=1, num_heads=12, head_dim=64, vocab_size=1000, max_length=77)
+  config.model.query_chunk_size = _CHUNK.value or None
+  config.train.batch_size = _BATCH.value or 256
+  _mesh_config(config)
+  diffusion.resolve_config(config, ae_config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
+  ldm = diffusion.build_ldm(config, ae_lib.make_autoencoder(ae_config.model), ae_config, _Tokenizer(),
+                            for_training=True)
+  stage = diffusion.Stage2(config, mesh, ldm, {})
+  stage.setup({"tokens": np.zeros((1, 77), np.int32)})
+  batch_sh = sharding.batch_sharding(mesh)
+  b = config.train.batch_size
+  batch = {"latent_moments": jax.ShapeDtypeStruct((b, 64, 64, 8), jnp.float32, sharding=batch_sh),
+           "cond/tokens": jax.ShapeDtypeStruct((b, 77), jnp.int32, sharding=batch_sh)}
+  return stage.train_step.lower(stage.abstract_state, batch, {}).compile(), stage.abstract_state.params
+
+
+def autoencoder_step():
+  """(compiled step, abstract params) of KL-f8 training at 256 px with LPIPS and the GAN."""
+  import jax
+  import jax.numpy as jnp
+  from ldm_jax.train import autoencoder, sharding
+  from ldm_jax.train import config as config_lib
+
+  config = config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "autoencoder", "kl_f8.py"))
+  config.data.update(source="shapes", random_crop=False)  # no files are read; the shapes are what count
+  config.model.query_chunk_size = _CHUNK.value or None
+  config.train.batch_size = _BATCH.value or 12 * _DEVICES.value
+  _mesh_config(config)
+  autoencoder.validate_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
+  stage = autoencoder.Stage1(config, mesh)
+  batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, 256, 256, 3), jnp.float32,
+                                         sharding=sharding.batch_sharding(mesh))}
+  return stage.train_step[True].lower(stage.abstract_state, batch).compile(), stage.abstract_state.params
+
+
+def measure() -> dict:
+  import time
+  import jax
+  t0 = time.perf_counter()
+  compiled, params = unet_step() if _MODEL.value == "unet" else autoencoder_step()
+  m = compiled.memory_analysis()
+  peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  return dict(model=_MODEL.value, devices=jax.device_count(), fsdp=_FSDP.value, remat=_REMAT.value,
+              dtype=_DTYPE.value, grad_accum_steps=_ACCUM.value, batch_size=_BATCH.value or (
+                  256 if _MODEL.value == "unet" else 12 * _DEVICES.value),
+              params=sum(x.size for x in jax.tree.leaves(params)),
+              state_gib=m.argument_size_in_bytes / GIB, temp_gib=m.temp_size_in_bytes / GIB, peak_gib=peak / GIB,
+              compile_s=time.perf_counter() - t0)
+
+
+def fits(peak_gib: float) -> str:
+  # Leave ~10% of the device for the runtime, fragmentation and the input pipeline.
+  return " ".join(f"{size}" if peak_gib <= 0.9 * size else "–" for size in (16, 32, 80))
+
+
+def table() -> None:
+  print("| model | devices | batch/device | FSDP | remat | dtype | accum | state GiB | temp GiB | peak GiB | fits 16/32/80 GiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for row in TABLE:
+    argv = [sys.executable, __file__] + [f"--{k}={v}" if not isinstance(v, bool) else f"--{k}" for k, v in row.items()]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={row['devices']}")
+    out = subprocess.run(argv, env=env, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+      print(f"| {row} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode} |")
+      continue
+    r = json.loads(lines[-1])
+    print(f"| {r['model']} ({r['params'] / 1e6:.0f}M) | {r['devices']} | {r['batch_size'] // r['devices']} | "
+          f"{'yes' if r['fsdp'] else 'no'} | {'yes' if r['remat'] else 'no'} | {r['dtype']} | {r['grad_accum_steps']} | "
+          f"{r['state_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_gib']:.2f} | {fits(r['peak_gib'])} |", flush=True)
+
+
+def main(argv):
+  del argv
+  if _TABLE.value:
+    table()
+    return
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_DEVICES.value}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  print(json.dumps(measure()))
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)
