@@ -8,7 +8,11 @@ one jit-compiled `lax.scan` of the samplers in `ldm_jax.diffusion.samplers`.
 
     ldm = LatentDiffusion(...)
     cond = ldm.prepare({'caption': prompts})               # host: tokenize / labels
-    images = ldm.generate(params, cond, rng, guidance_scale=3.0)   # [B, H, W, C] in [-1, 1]
+    images = ldm.generate(params, ae_params, cond, rng, guidance_scale=3.0)   # [B, H, W, C] in [-1, 1]
+
+`img2img_latents` and `inpaint_latents` start from encoded images instead of noise; all three
+take the same guidance arguments through `guided_model_fn`. `ldm_jax.train.inference` loads a
+trained run into this object and drives it for `sample.py`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,6 +30,20 @@ import numpy as np
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.schedule import Schedule
 from ldm_jax.models import conditioning
+
+
+class TextEncoderConditioner(nn.Module):
+  """τ_θ of a pretrained text-to-image model: a frozen text encoder (CLIP, BERT) whose last hidden
+  states are the cross-attention context, behind the `Conditioner` interface.
+
+  Params: {'text_encoder': the encoder's}. Input {'tokens': int [B, L]} (from `prepare` with the
+  model's tokenizer); output {'context': [B, L, dim], 'y': None, 'concat': None}.
+  """
+  text_encoder: nn.Module
+
+  def __call__(self, batch_cond, *, deterministic: bool = True):
+    del deterministic  # a frozen encoder has no dropout at sampling time
+    return {"context": self.text_encoder(batch_cond["tokens"]), "y": None, "concat": None}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,33 +110,82 @@ class LatentDiffusion:
     return self.unet.apply({"params": unet_params}, x, t, context=cond.get("context"), y=cond.get("y"),
                            deterministic=deterministic, rngs=rngs)
 
+  def guided_model_fn(self, params, batch_cond, *, null_cond=None, guidance_scale=1.0, guidance_rescale=0.0,
+                      ae_params=None, batch_size=None) -> samplers.ModelFn:
+    """The samplers' `model_fn(z_t, t)`: the U-Net with its conditions closed over, guided.
+
+    params: {'unet': …, 'cond': …}. `null_cond` (default: `null(B)`; leading axis B or 1) is the
+    unconditional branch; a negative prompt is a prepared condition passed as `null_cond`.
+    Guidance scale 1 (or an unconditional model) gives a single pass per step. `batch_size` is
+    needed only when there is no condition to take it from (unconditional models).
+    """
+    cond = self.condition(params["cond"], batch_cond, ae_params)
+    apply_fn = lambda x, t, c: self.denoise(params["unet"], x, t, c)
+    if guidance_scale == 1.0 or self.cond_cfg.kind == "none":
+      return functools.partial(apply_fn, c=cond)
+    batch_size = jax.tree.leaves(batch_cond)[0].shape[0] if batch_cond else batch_size
+    null_inputs = self.null(batch_size) if null_cond is None else null_cond
+    uncond = self.condition(params["cond"], {**batch_cond, **null_inputs}, ae_params)
+    return samplers.cfg_model_fn(apply_fn, cond, uncond, guidance_scale, guidance_rescale)
+
   def sample_latents(self, params, batch_cond, rng, *, null_cond=None, sampler="ddim", num_steps=50,
                      eta=0.0, guidance_scale=1.0, guidance_rescale=0.0, ae_params=None, x_T=None,
                      batch_size=None, **sampler_kwargs):
     """Runs a sampler from noise to clean latents [B, h, w, c] (scaled), with guidance.
 
-    params: {'unet': …, 'cond': …}. `null_cond` (default: `null(B)`) is the unconditional branch;
-    a negative prompt is a prepared condition passed as `null_cond`. Guidance scale 1 (or an
-    unconditional model) runs a single pass per step. `batch_size` is needed only when there is
-    no condition to take it from (unconditional models).
+    params: {'unet': …, 'cond': …}; `null_cond`, `guidance_*`, `batch_size` as `guided_model_fn`.
+    `x_T` [B, h, w, c] is the starting noise (default: drawn from `rng`). Extra keyword arguments
+    go to the sampler (`return_x0_at`, `spacing`, …); with `return_x0_at` the result is
+    `(z, x0_preds [K, B, h, w, c])`.
     """
-    cond = self.condition(params["cond"], batch_cond, ae_params)
     batch_size = jax.tree.leaves(batch_cond)[0].shape[0] if batch_cond else batch_size
     rng_noise, rng_sample = jax.random.split(rng)
     if x_T is None:
       x_T = jax.random.normal(rng_noise, (batch_size, *self.latent_shape), jnp.float32)
-    apply_fn = lambda x, t, c: self.denoise(params["unet"], x, t, c)
-    model_fn = functools.partial(apply_fn, c=cond)
-    if guidance_scale != 1.0 and self.cond_cfg.kind != "none":
-      null_inputs = self.null(batch_size) if null_cond is None else null_cond
-      uncond = self.condition(params["cond"], {**batch_cond, **null_inputs}, ae_params)
-      model_fn = samplers.cfg_model_fn(apply_fn, cond, uncond, guidance_scale, guidance_rescale)
-    if sampler == "ddim":  # the only sampler with a stochasticity knob
-      sampler_kwargs["eta"] = eta
+    model_fn = self.guided_model_fn(params, batch_cond, null_cond=null_cond, guidance_scale=guidance_scale,
+                                    guidance_rescale=guidance_rescale, ae_params=ae_params, batch_size=batch_size)
     return samplers.sample(sampler, model_fn, self.schedule, x_T, rng_sample, num_steps=num_steps,
-                           parameterization=self.parameterization, **sampler_kwargs)
+                           parameterization=self.parameterization, **_eta_kwarg(sampler, eta), **sampler_kwargs)
+
+  def img2img_latents(self, params, batch_cond, init_latent, rng, *, strength, null_cond=None, sampler="ddim",
+                      num_steps=50, eta=0.0, guidance_scale=1.0, guidance_rescale=0.0, ae_params=None,
+                      **sampler_kwargs):
+    """Image-to-image (SDEdit) from clean latents [B, h, w, c] (scaled, e.g. `encode(init)`).
+
+    strength ∈ [0, 1]: the last ⌊num_steps·strength⌋ of the `num_steps` timesteps are run from the
+    noised init latent (`samplers.img2img`); 0 returns `init_latent` itself. Other arguments as
+    `sample_latents`.
+    """
+    model_fn = self.guided_model_fn(params, batch_cond, null_cond=null_cond, guidance_scale=guidance_scale,
+                                    guidance_rescale=guidance_rescale, ae_params=ae_params,
+                                    batch_size=init_latent.shape[0])
+    return samplers.img2img(model_fn, self.schedule, init_latent, rng, strength=strength, sampler=sampler,
+                            num_steps=num_steps, parameterization=self.parameterization,
+                            **_eta_kwarg(sampler, eta), **sampler_kwargs)
+
+  def inpaint_latents(self, params, batch_cond, known_latent, mask, rng, *, strength=1.0, null_cond=None,
+                      sampler="ddim", num_steps=50, eta=0.0, guidance_scale=1.0, guidance_rescale=0.0,
+                      ae_params=None, **sampler_kwargs):
+    """Inpainting by latent blending (`samplers.inpaint`) with any model.
+
+    known_latent: [B, h, w, c] (scaled, e.g. `encode(image)`); mask: [B or 1, h, w, 1] at the latent
+    resolution, 1 = keep the known latent, 0 = generate (an image-sized mask goes through
+    `samplers.mask_to_latent`). The known region of the result is exactly `known_latent`.
+    Other arguments as `img2img_latents`.
+    """
+    model_fn = self.guided_model_fn(params, batch_cond, null_cond=null_cond, guidance_scale=guidance_scale,
+                                    guidance_rescale=guidance_rescale, ae_params=ae_params,
+                                    batch_size=known_latent.shape[0])
+    return samplers.inpaint(model_fn, self.schedule, known_latent, mask, rng, strength=strength, sampler=sampler,
+                            num_steps=num_steps, parameterization=self.parameterization,
+                            **_eta_kwarg(sampler, eta), **sampler_kwargs)
 
   def generate(self, params, ae_params, batch_cond, rng, **kwargs):
     """Prepared conditions → images [B, H, W, C] in [-1, 1]; kwargs as `sample_latents`."""
     z = self.sample_latents(params, batch_cond, rng, ae_params=ae_params, **kwargs)
     return self.decode(ae_params, z)
+
+
+def _eta_kwarg(sampler: str, eta: float) -> dict:
+  """DDIM is the only sampler with a stochasticity knob; the others take no `eta`."""
+  return {"eta": eta} if sampler == "ddim" else {}

@@ -1,0 +1,93 @@
+"""Sample images from a trained latent diffusion run (or a pretrained model).
+
+  python sample.py --workdir runs/fmnist_ldm --out samples/fmnist --class_label all --num_samples 20
+  python sample.py --workdir runs/shapes_ldm --out samples/red --prompt "a large red circle on a white background" \
+      --num_samples 8 --guidance_scale 3 --steps 50 --sampler dpmpp_2m
+  python sample.py --workdir runs/shapes_ldm --out samples/edit --prompt "a blue square" \
+      --init_image in.png --strength 0.6            # image-to-image; add --mask m.png (white = repaint) to inpaint
+  python sample.py --pretrained exported_or_diffusers_dir --out samples/sd --prompt "…" --height 512 --width 512
+
+Writes DIR/grid.png, DIR/images/00000.png …, DIR/samples.npz (`images` uint8 N×H×W×C, `labels`
+or `prompts`) and DIR/sampling.json (the settings), all at once at the end. Every flag is checked
+against the model before anything is compiled (for --workdir, before any weight is read); a bad
+one stops the run with a message naming it and nothing written. See `ldm_jax.train.inference`.
+"""
+
+from absl import app, flags, logging
+
+from ldm_jax.diffusion.samplers import SAMPLERS
+from ldm_jax.train import inference
+from ldm_jax.train.logging import setup_logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Stage-2 run directory (train_diffusion.py --workdir).")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "Instead of --workdir: a pretrained directory, diffusers "
+                                   "pipeline folder or single-file checkpoint (ldm_jax.convert.load_pretrained).")
+_OUT = flags.DEFINE_string("out", None, "Output directory; must not exist or be empty.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Images to make (default: one per prompt of "
+                                    "--prompts_file, or one per class with --class_label all).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (text-conditional models).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "File with one prompt per line, cycled over the samples.")
+_CLASS_LABEL = flags.DEFINE_string("class_label", None, "Class index, or 'all' to cycle the classes "
+                                   "(class-conditional models).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Prompt of guidance's unconditional branch (default '').")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free guidance scale (1 = no guidance).")
+_RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale φ in [0, 1] (Lin et al. 2024).")
+_STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
+_ETA = flags.DEFINE_float("eta", 0.0, "DDIM η (0 = deterministic).")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", SAMPLERS, "Sampler.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per compiled call, a multiple of the device count.")
+_HEIGHT = flags.DEFINE_integer("height", None, "Image height in pixels (default: the training size).")
+_WIDTH = flags.DEFINE_integer("width", None, "Image width in pixels (default: the training size).")
+_INIT = flags.DEFINE_string("init_image", None, "Image-to-image: start from this image.")
+_STRENGTH = flags.DEFINE_float("strength", None, "Image-to-image strength in [0, 1] (default 0.6; 1.0 with --mask).")
+_MASK = flags.DEFINE_string("mask", None, "Inpainting mask, the init image's size: white = repaint, black = keep.")
+_EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA weights (--nouse_ema: the raw ones).")
+_INTERMEDIATES = flags.DEFINE_list("save_intermediates", [], "Step indices whose x0 predictions are drawn "
+                                   "in intermediates.png, e.g. 0,10,20.")
+flags.mark_flag_as_required("out")
+
+
+def _int(flag: str, value: str) -> int:
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"--{flag}: expected an integer, got {value!r}.") from None
+
+
+def request_from_flags() -> inference.SampleRequest:
+  """The parsed flags as a request; reads --prompts_file."""
+  if _PROMPT.value is not None and _PROMPTS_FILE.value is not None:
+    raise ValueError("--prompt / --prompts_file: give one of them.")
+  prompts = None
+  if _PROMPT.value is not None:
+    prompts = (_PROMPT.value,)
+  elif _PROMPTS_FILE.value is not None:
+    try:
+      with open(_PROMPTS_FILE.value) as f:
+        prompts = tuple(line.strip() for line in f if line.strip())
+    except OSError as e:
+      raise FileNotFoundError(f"--prompts_file: cannot read {_PROMPTS_FILE.value} ({e.strerror}).") from e
+    if not prompts:
+      raise ValueError(f"--prompts_file: {_PROMPTS_FILE.value} has no prompts (one per line).")
+  label = _CLASS_LABEL.value
+  if label is not None and label != "all":
+    label = _int("class_label", label)
+  return inference.SampleRequest(
+      out=_OUT.value, workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, num_samples=_NUM_SAMPLES.value,
+      prompts=prompts, class_labels=label, negative_prompt=_NEGATIVE.value, guidance_scale=_GUIDANCE.value,
+      guidance_rescale=_RESCALE.value, steps=_STEPS.value, eta=_ETA.value, sampler=_SAMPLER.value,
+      seed=_SEED.value, batch_size=_BATCH.value, height=_HEIGHT.value, width=_WIDTH.value,
+      init_image=_INIT.value, strength=_STRENGTH.value, mask=_MASK.value, use_ema=_EMA.value,
+      save_intermediates=tuple(_int("save_intermediates", i) for i in _INTERMEDIATES.value))
+
+
+def main(argv):
+  del argv
+  setup_logging()
+  summary = inference.sample_to_dir(request_from_flags())
+  logging.info("Done: %s", summary)
+
+
+if __name__ == "__main__":
+  app.run(main)

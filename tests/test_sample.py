@@ -1,0 +1,307 @@
+"""sample.py end to end on smoke runs: outputs, seeds, samplers, img2img, inpainting, bad input.
+
+Two stage-2 runs are trained for a couple of steps on the session's smoke autoencoder (16 px,
+f = 2): a text-conditional one (shapes_txt2img:smoke) and a class-conditional one
+(fmnist_class_cond:smoke on the shapes data, 6 classes). Their weights are nearly untrained, which
+is enough: these tests check what sample.py does with a model, not how good the model is.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+import sample
+from ldm_jax.train import diffusion, inference
+from tests.conftest import load_config
+
+FLAGS = flags.FLAGS
+PROMPT = "a large red circle on a white background"
+
+
+def train_smoke(config_path, autoencoder_workdir, workdir, **data):
+  config = load_config(config_path)
+  config.autoencoder.workdir = autoencoder_workdir
+  if data:
+    config.data.update(**data)
+    config.cond.num_classes = 0  # taken from the data
+  config.train.update(num_steps=2, log_every=2, checkpoint_every=2, image_every=2)
+  config.sample.num_images = 8
+  diffusion.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def text_run(smoke_autoencoder, tmp_path_factory):
+  return train_smoke("configs/ldm/shapes_txt2img.py:smoke", smoke_autoencoder,
+                     str(tmp_path_factory.mktemp("sample_txt")))
+
+
+@pytest.fixture(scope="module")
+def class_run(smoke_autoencoder, tmp_path_factory):
+  return train_smoke("configs/ldm/fmnist_class_cond.py:smoke", smoke_autoencoder,
+                     str(tmp_path_factory.mktemp("sample_cls")), source="shapes", path="", channels=3,
+                     num_examples=80)
+
+
+@pytest.fixture(scope="module")
+def text_ldm(text_run):
+  return inference.load_ldm(text_run, inference.sampling_mesh())
+
+
+def cli(*args):
+  """Runs sample.py's main with these flags, as `python sample.py ARGS` would."""
+  FLAGS.unparse_flags()
+  FLAGS(["sample.py", *args])
+  sample.main([])
+
+
+def outputs(out):
+  with np.load(os.path.join(out, "samples.npz"), allow_pickle=False) as data:
+    return {key: data[key] for key in data.files}
+
+
+def init_image(tmp_path):
+  """A 16 px RGB image (a red square on white) saved as PNG; (path, pixels in [-1, 1] [1, 16, 16, 3])."""
+  pixels = np.full((16, 16, 3), 255, np.uint8)
+  pixels[4:12, 3:11] = (220, 40, 40)
+  path = str(tmp_path / "init.png")
+  Image.fromarray(pixels).save(path)
+  return path, pixels[None].astype(np.float32) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "plms", "dpmpp_2m"])
+def test_text_samples_have_the_documented_outputs(text_run, tmp_path, sampler):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text(f"{PROMPT}\n\na small blue square on a black background\n")
+  out = str(tmp_path / "out")
+  cli("--workdir", text_run, "--out", out, "--prompts_file", str(prompts), "--num_samples", "10",
+      "--sampler", sampler, "--steps", "3", "--save_intermediates", "0,2")
+
+  data = outputs(out)
+  assert sorted(data) == ["images", "prompts"]
+  assert data["images"].dtype == np.uint8 and data["images"].shape == (10, 16, 16, 3)
+  assert data["prompts"].dtype.kind == "U"
+  assert list(data["prompts"]) == [PROMPT, "a small blue square on a black background"] * 5
+  assert sorted(os.listdir(os.path.join(out, "images"))) == [f"{i:05d}.png" for i in range(10)]
+  np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(out, "images", "00007.png"))), data["images"][7])
+  assert Image.open(os.path.join(out, "grid.png")).size == (2 * 18 + 2, 5 * 18 + 2)  # a column per prompt
+  assert Image.open(os.path.join(out, "intermediates.png")).size == (3 * 18 + 2, 8 * 18 + 2)  # 2 x0 + final
+  settings = json.load(open(os.path.join(out, "sampling.json")))
+  assert settings["sampler"] == sampler and settings["checkpoint_step"] == 2
+  assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no staging left
+
+
+@pytest.mark.slow
+def test_class_labels_seeds_and_one_compilation_for_all_batches(class_run, tmp_path):
+  def run(name, seed):
+    request = inference.SampleRequest(out=str(tmp_path / name), workdir=class_run, class_labels="all",
+                                      num_samples=9, steps=2, seed=seed)
+    summary = inference.sample_to_dir(request)
+    return summary, outputs(request.out)
+
+  summary, first = run("a", seed=0)
+  assert summary["compilations"] == 1  # two batches (8, then 1 padded to 8), one compiled function
+  assert sorted(first) == ["images", "labels"]
+  assert first["labels"].dtype.kind == "i"
+  np.testing.assert_array_equal(first["labels"], [0, 1, 2, 3, 4, 5, 0, 1, 2])
+  assert first["images"].dtype == np.uint8 and first["images"].shape == (9, 16, 16, 3)
+  _, again = run("b", seed=0)
+  _, other = run("c", seed=1)
+  np.testing.assert_array_equal(first["images"], again["images"])
+  assert np.abs(first["images"].astype(int) - other["images"].astype(int)).mean() > 5
+  # Each sample has its own noise: the two samples of class 0 differ.
+  assert np.abs(first["images"][0].astype(int) - first["images"][6].astype(int)).mean() > 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-to-image and inpainting
+
+@pytest.mark.slow
+def test_img2img_strength_zero_returns_the_reconstruction(text_run, text_ldm, tmp_path):
+  path, pixels = init_image(tmp_path)
+  ldm, _, ae_params = text_ldm
+  reconstruction = np.asarray(jax.jit(lambda p, x: ldm.decode(p, ldm.encode(p, x)))(ae_params, pixels))
+  expected = np.clip(np.round((reconstruction + 1) * 127.5), 0, 255)
+
+  out = str(tmp_path / "s0")
+  cli("--workdir", text_run, "--out", out, "--prompt", PROMPT, "--num_samples", "2", "--init_image", path,
+      "--strength", "0")
+  images = outputs(out)["images"]
+  assert np.abs(images.astype(int) - expected).max() <= 1
+
+  # An all-black mask keeps everything: inpainting gives the reconstruction as well.
+  black = str(tmp_path / "black.png")
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(black)
+  out = str(tmp_path / "keep_all")
+  cli("--workdir", text_run, "--out", out, "--prompt", PROMPT, "--num_samples", "2", "--init_image", path,
+      "--mask", black, "--steps", "2")
+  assert np.abs(outputs(out)["images"].astype(int) - expected).max() <= 1
+
+
+@pytest.mark.slow
+def test_inpainting_keeps_the_known_latent(text_ldm):
+  ldm, params, ae_params = text_ldm
+  h, w, c = ldm.latent_shape
+  known = jax.random.normal(jax.random.key(0), (8, h, w, c))
+  keep = np.zeros((1, h, w, 1), np.float32)
+  keep[:, :, : w // 2] = 1.0
+  cond = ldm.prepare({"caption": [PROMPT] * 8})
+
+  @jax.jit
+  def run(params, known, keep):
+    return ldm.inpaint_latents(params, cond, known, keep, jax.random.key(1), num_steps=3, guidance_scale=2.0,
+                               null_cond=ldm.null(1))
+
+  z = np.asarray(run(params, known, keep))
+  np.testing.assert_array_equal(z[:, :, : w // 2], np.asarray(known)[:, :, : w // 2])
+  assert np.abs(z[:, :, w // 2:] - np.asarray(known)[:, :, w // 2:]).mean() > 0.1
+
+
+def test_mask_white_means_repaint(text_run, tmp_path):
+  path, _ = init_image(tmp_path)
+  mask = np.zeros((16, 16), np.uint8)
+  mask[:, :5] = 255  # repaint columns 0-4: latent columns 0-1 fully, 2 partly (f = 2)
+  mask_path = str(tmp_path / "mask.png")
+  Image.fromarray(mask).save(mask_path)
+  request = inference.SampleRequest(out=str(tmp_path / "o"), workdir=text_run, prompts=(PROMPT,), num_samples=1,
+                                    init_image=path, mask=mask_path)
+  plan = inference.make_plan(request, inference.read_run(text_run), num_devices=8)
+  keep = plan.keep_mask[0, :, :, 0]
+  assert keep.shape == (8, 8)
+  np.testing.assert_array_equal(keep[:, :3], 0.0)  # a partly repainted block is repainted
+  np.testing.assert_array_equal(keep[:, 3:], 1.0)
+  assert plan.strength == 1.0 and plan.mode == "inpaint"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained directories
+
+@pytest.mark.slow
+def test_an_exported_run_samples_as_its_workdir(text_run, tmp_path):
+  from ldm_jax.convert import read_workdir, save_pretrained
+  exported = str(tmp_path / "exported")
+  save_pretrained(exported, read_workdir(text_run))
+  common = ("--prompt", PROMPT, "--num_samples", "8", "--steps", "2", "--seed", "3")
+  cli("--workdir", text_run, "--out", str(tmp_path / "from_workdir"), *common)
+  cli("--pretrained", exported, "--out", str(tmp_path / "from_pretrained"), *common)
+  from_workdir = outputs(str(tmp_path / "from_workdir"))
+  from_pretrained = outputs(str(tmp_path / "from_pretrained"))
+  assert list(from_pretrained["prompts"]) == [PROMPT] * 8
+  assert np.abs(from_pretrained["images"].astype(int) - from_workdir["images"].astype(int)).max() <= 1
+
+
+def test_a_pretrained_text_encoder_gives_the_context(text_run, tmp_path):
+  """A source with a CLIP text encoder and a tokenizer (the Stable Diffusion layout) conditions
+  the U-Net on the encoder's last hidden states of the tokenized prompt."""
+  from ldm_jax.convert import read_workdir, save_pretrained
+  from ldm_jax.models.clip import clip_config, make_clip_text_encoder
+  pretrained = read_workdir(text_run)
+  clip = clip_config(vocab_size=512, max_length=16, dim=32, depth=1, num_heads=2, mlp_dim=64)
+  encoder = make_clip_text_encoder(clip)
+  encoder_params = encoder.init(jax.random.key(0), np.zeros((1, 16), np.int32))["params"]
+  pretrained.params = {"unet": pretrained.params["unet"], "autoencoder": pretrained.params["autoencoder"],
+                       "text_encoder": jax.tree.map(np.asarray, encoder_params)}
+  pretrained.configs = {k: v for k, v in pretrained.configs.items() if k != "cond"}
+  pretrained.configs["text_encoder"] = clip
+  save_pretrained(str(tmp_path / "sd_like"), pretrained)
+
+  info = inference.read_pretrained(str(tmp_path / "sd_like"))
+  assert (info.kind, info.num_timesteps, info.f, info.image_size, info.step) == ("text", 1000, 2, (16, 16), None)
+  ldm, params, _ = info.load(inference.sampling_mesh(), True)
+  tokens = ldm.prepare({"caption": [PROMPT, ""]})["tokens"]
+  context = ldm.condition(params["cond"], {"tokens": tokens})["context"]
+  np.testing.assert_allclose(context, encoder.apply({"params": encoder_params}, tokens), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error before anything is loaded, and nothing written
+
+@pytest.fixture
+def no_loading(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError("weights were loaded before the request was checked")
+  monkeypatch.setattr(inference, "load_ldm", fail)
+
+
+def test_bad_input_is_reported_before_loading_and_writes_nothing(text_run, class_run, tmp_path, no_loading):
+  path, _ = init_image(tmp_path)
+  wrong_mask = str(tmp_path / "mask8.png")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(wrong_mask)
+  no_checkpoint = str(tmp_path / "no_ckpt")
+  os.makedirs(no_checkpoint)
+  shutil.copy(os.path.join(text_run, "config.json"), no_checkpoint)
+  busy = tmp_path / "busy"
+  busy.mkdir()
+  (busy / "old.png").write_bytes(b"")
+  text = ("--workdir", text_run, "--prompt", PROMPT, "--num_samples", "2")
+  cls = ("--workdir", class_run, "--num_samples", "2")
+
+  cases = [
+      (ValueError, "--guidance_scale: must be ≥ 0", text + ("--guidance_scale", "-1")),
+      (ValueError, "--steps: 1001 is more than the 1000 timesteps", text + ("--steps", "1001")),
+      (ValueError, "--steps: expected a positive integer", text + ("--steps", "0")),
+      (ValueError, r"--strength: must be in \[0, 1\]", text + ("--init_image", path, "--strength", "1.5")),
+      (ValueError, r"--strength: must be in \[0, 1\]", text + ("--init_image", path, "--strength", "-0.1")),
+      (ValueError, "--strength: only used with --init_image", text + ("--strength", "0.5")),
+      (ValueError, "--mask: .*mask8.png is 8×8 .*init.png is 16×16", text + ("--init_image", path, "--mask",
+                                                                              wrong_mask)),
+      (ValueError, "--mask: inpainting needs the image", text + ("--mask", wrong_mask)),
+      (FileNotFoundError, "--init_image: .*missing.png is not a file", text + ("--init_image", "missing.png")),
+      (FileNotFoundError, re.escape(f"--workdir: {tmp_path}/nowhere does not exist"),
+       ("--workdir", str(tmp_path / "nowhere"), "--prompt", PROMPT)),
+      (FileNotFoundError, re.escape(f"{no_checkpoint}/checkpoints holds no checkpoint"), ("--workdir", no_checkpoint,
+                                                                              "--prompt", PROMPT)),
+      (ValueError, r"--class_label: 6 is outside the model's classes \[0, 6\)", cls + ("--class_label", "6")),
+      (ValueError, "--class_label: expected an integer", cls + ("--class_label", "cat")),
+      (ValueError, "--class_label: the model .* is not class-conditional", ("--workdir", text_run,
+                                                                           "--class_label", "1")),
+      (ValueError, "--prompt / --prompts_file: the model .* is not text-conditional", cls + ("--prompt", PROMPT)),
+      (ValueError, "--class_label: the model .* is class-conditional", cls),
+      (ValueError, "--prompt / --prompts_file: the model .* is text-conditional", ("--workdir", text_run)),
+      (ValueError, "--negative_prompt: the model .* is not text-conditional",
+       cls + ("--class_label", "1", "--negative_prompt", "blue")),
+      (ValueError, "--height: 18 is not a multiple of 4", text + ("--height", "18")),
+      (ValueError, "--width: 6 is not a multiple of 4", text + ("--width", "6")),
+      (ValueError, "--height: 32, but --init_image", text + ("--init_image", path, "--height", "32")),
+      (ValueError, "--eta: only DDIM", text + ("--sampler", "plms", "--eta", "0.5")),
+      (ValueError, "--batch_size: 6 is not divisible by the 8 devices", text + ("--batch_size", "6")),
+      (ValueError, "--save_intermediates: step 3 does not run", text + ("--steps", "3", "--save_intermediates", "3")),
+      (ValueError, "--save_intermediates: step 1 does not run",
+       text + ("--steps", "4", "--init_image", path, "--strength", "0.3", "--save_intermediates", "1")),
+      (ValueError, "--negative_prompt: .* --guidance_scale 1", text + ("--negative_prompt", "x", "--guidance_scale",
+                                                                      "1")),
+      (ValueError, "--workdir / --pretrained: give exactly one", ("--prompt", PROMPT)),
+      (FileNotFoundError, "--pretrained: .*nowhere does not exist", ("--pretrained", str(tmp_path / "nowhere"),
+                                                                     "--prompt", PROMPT)),
+      (ValueError, "--use_ema: a --pretrained directory", ("--pretrained", text_run, "--nouse_ema")),
+      (FileExistsError, "--out: .*busy already exists", text),
+  ]
+  for error, match, args in cases:
+    out = str(busy if "busy" in match else tmp_path / "out")
+    with pytest.raises(error, match=match):
+      cli("--out", out, *args)
+    assert not os.path.exists(tmp_path / "out"), match
+    assert os.listdir(busy) == ["old.png"]
+  assert sorted(os.listdir(tmp_path)) == ["busy", "init.png", "mask8.png", "no_ckpt"]
+
+
+def test_long_prompts_are_truncated_with_a_warning(text_run, caplog):
+  info = inference.read_run(text_run)
+  long_prompt = " ".join(["red circle"] * 40)
+  request = inference.SampleRequest(out="unused", workdir=text_run, prompts=(long_prompt,), num_samples=1)
+  with caplog.at_level("WARNING"):
+    plan = inference.make_plan(request, info, num_devices=8)
+  assert "truncated to max_length=16" in caplog.text
+  tokens = plan.cond["tokens"]
+  assert tokens.shape == (1, 16) and (tokens != info.tokenizer.pad_id).all()
