@@ -7,6 +7,10 @@
       --init_image in.png --strength 0.6            # image-to-image; add --mask m.png (white = repaint) to inpaint
   python sample.py --pretrained exported_or_diffusers_dir --out samples/sd --prompt "…" --height 512 --width 512
 
+Multi-host: the same command on every host with --coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I (nothing to add on TPU pods or under SLURM/Open MPI); the batches are spread over
+the devices of all hosts and process 0 writes the outputs.
+
 Writes DIR/grid.png, DIR/images/00000.png …, DIR/samples.npz (`images` uint8 N×H×W×C, `labels`
 or `prompts`) and DIR/sampling.json (the settings), all at once at the end. Every flag is checked
 against the model before anything is compiled (for --workdir, before any weight is read); a bad
@@ -16,7 +20,7 @@ one stops the run with a message naming it and nothing written. See `ldm_jax.tra
 from absl import app, flags, logging
 
 from ldm_jax.diffusion.samplers import SAMPLERS
-from ldm_jax.train import inference
+from ldm_jax.train import distributed, inference
 from ldm_jax.train.logging import setup_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Stage-2 run directory (train_diffusion.py --workdir).")
@@ -46,6 +50,7 @@ _EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA weights (--nouse_ema: the
 _INTERMEDIATES = flags.DEFINE_list("save_intermediates", [], "Step indices whose x0 predictions are drawn "
                                    "in intermediates.png, e.g. 0,10,20.")
 flags.mark_flag_as_required("out")
+distributed.define_flags()
 
 
 def _int(flag: str, value: str) -> int:
@@ -85,6 +90,7 @@ def request_from_flags() -> inference.SampleRequest:
 def main(argv):
   del argv
   setup_logging()
+  distributed.initialize_from_flags()
   summary = inference.sample_to_dir(request_from_flags())
   logging.info("Done: %s", summary)
 

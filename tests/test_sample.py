@@ -20,6 +20,7 @@ from PIL import Image
 import sample
 from ldm_jax.train import diffusion, inference
 from tests.conftest import load_config
+from tests.train.runs import Run, cpu_env, free_port, jax_cache  # noqa: F401
 
 FLAGS = flags.FLAGS
 PROMPT = "a large red circle on a white background"
@@ -122,6 +123,33 @@ def test_class_labels_seeds_and_one_compilation_for_all_batches(class_run, tmp_p
   assert np.abs(first["images"].astype(int) - other["images"].astype(int)).mean() > 5
   # Each sample has its own noise: the two samples of class 0 differ.
   assert np.abs(first["images"][0].astype(int) - first["images"][6].astype(int)).mean() > 5
+
+
+@pytest.mark.slow
+def test_two_processes_sample_the_same_images_as_one(class_run, tmp_path, jax_cache):
+  """sample.py on 2 processes × 2 CPU devices (gloo): one mesh over both, process 0 writes."""
+  args = ["--workdir", class_run, "--class_label", "all", "--num_samples", "6", "--batch_size", "4",
+          "--steps", "2", "--seed", "3"]
+  port = free_port()
+  runs = [Run(["sample.py", *args, "--out", str(tmp_path / f"out{i}"), f"--coordinator_address=localhost:{port}",
+               "--num_processes=2", f"--process_id={i}", "--heartbeat_timeout=20"],
+              cpu_env(2, jax_cache), str(tmp_path / f"sample_{i}.log")) for i in range(2)]
+  try:
+    codes = [run.wait(600) for run in runs]
+  finally:
+    for run in runs:
+      run.kill()
+  assert codes == [0, 0], "\n".join(run.output()[-3000:] for run in runs)
+  assert "2 local / 4 global devices" in runs[1].output()
+  assert not os.path.exists(tmp_path / "out1")  # only process 0 writes
+  two = outputs(str(tmp_path / "out0"))
+  one_request = inference.SampleRequest(out=str(tmp_path / "one"), workdir=class_run, class_labels="all",
+                                        num_samples=6, batch_size=4, steps=2, seed=3)
+  inference.sample_to_dir(one_request, mesh=inference.sampling_mesh(jax.devices()[:4]))
+  one = outputs(one_request.out)
+  np.testing.assert_array_equal(two["labels"], [0, 1, 2, 3, 4, 5])
+  # The same request on a mesh of the same shape gives the same images, however many hosts.
+  assert np.abs(two["images"].astype(int) - one["images"].astype(int)).max() <= 1
 
 
 # ---------------------------------------------------------------------------------------------
