@@ -189,7 +189,7 @@ def concat_model_fn(model_fn: ModelFn, concat: jax.Array) -> ModelFn:
 
 
 # ---------------------------------------------------------------------------------------------
-# What every sampler shares: argument checks, the inpainting blend, the x0 buffer
+# What every sampler shares: argument checks, the inpainting blend, the x0 buffer, the scan
 
 def _check_parameterization(parameterization: str) -> None:
   if parameterization not in PARAMETERIZATIONS:
@@ -255,19 +255,47 @@ def _record(buf, slot, x0):
   return jnp.where(slot >= 0, buf.at[jnp.maximum(slot, 0)].set(x0), buf)
 
 
-def _start(x_T, return_x0_at, num_steps):
-  x = jnp.asarray(x_T, jnp.float32)
-  slots = _x0_slots(tuple(return_x0_at), num_steps)
-  buf = jnp.zeros((len(return_x0_at),) + x.shape, jnp.float32) if len(return_x0_at) else None
-  return x, slots, buf
+class _Trajectory:
+  """What every sampler shares: the checked arguments, the visited timesteps `ts` [n], ᾱ in
+  float32 (`ab`), the inpainting blend and the x0 buffer. `predict` is the start of every step,
+  `scan` runs the steps as one `lax.scan`."""
 
+  def __init__(self, model_fn, schedule, x_T, *, parameterization, num_steps, spacing, timesteps,
+               return_x0_at, known_latent, mask, known_noise, clip_x0=None):
+    _check_parameterization(parameterization)
+    self.model_fn, self.schedule, self.parameterization, self.clip_x0 = (
+        model_fn, schedule, parameterization, clip_x0)
+    self.ts = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
+    self.n = len(self.ts)
+    self.ab = schedule.alphas_cumprod.astype(jnp.float32)
+    self.known = _Known(schedule, x_T, known_latent, mask, known_noise)
+    self.x_T = jnp.asarray(x_T, jnp.float32)
+    self.slots = _x0_slots(tuple(return_x0_at), self.n)
+    self.buf = (jnp.zeros((len(return_x0_at),) + self.x_T.shape, jnp.float32)
+                if len(return_x0_at) else None)
 
-def _finish(x, buf):
-  return x if buf is None else (x, buf)
+  def predict(self, x, t):
+    """One network call at timestep t (a scalar) on x after the inpainting blend →
+    (blended x, x̂0 clipped to `clip_x0`, ε̂), float32; a sampler uses x̂0, ε̂ or both."""
+    t_vec = jnp.full((x.shape[0],), t, jnp.int32)
+    x = self.known.at(x, t_vec)
+    out = self.model_fn(x, t_vec).astype(jnp.float32)
+    x0 = _clip(predict_x0(self.schedule, x, t_vec, out, self.parameterization), self.clip_x0)
+    return x, x0, predict_eps(self.schedule, x, t_vec, out, self.parameterization)
 
+  def scan(self, step, state, xs):
+    """Runs `step(x, state, s) -> (x_next, state, x̂0)` over the rows s of `xs` from x_T, one
+    `lax.scan`; x̂0 goes to the buffer at `s['slot']` ≥ 0. Returns the final x after the
+    inpainting blend, or `(x, x0_preds)` with `return_x0_at`."""
 
-def _call(model_fn, x, t):
-  return model_fn(x, jnp.full((x.shape[0],), t, jnp.int32)).astype(jnp.float32)
+    def body(carry, s):
+      x, state, buf = carry
+      x, state, x0 = step(x, state, s)
+      return (x, state, _record(buf, s["slot"], x0)), None
+
+    (x, _, buf), _ = jax.lax.scan(body, (self.x_T, state, self.buf), xs)
+    x = self.known.final(x)
+    return x if buf is None else (x, buf)
 
 
 def _step_keys(rng, n, needed: bool, what: str):
@@ -306,36 +334,28 @@ def ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
   Returns:
     x [B, H, W, C] float32 at ᾱ_0 (or `(x, x0_preds [K, B, H, W, C])` with `return_x0_at`).
   """
-  _check_parameterization(parameterization)
   if not eta >= 0:
     raise ValueError(f"eta: must be ≥ 0, got {eta}.")
-  ts = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
-  n = len(ts)
-  known = _Known(schedule, x_T, known_latent, mask, known_noise)
-  x, slots, buf = _start(x_T, return_x0_at, n)
-  ab = schedule.alphas_cumprod.astype(jnp.float32)
+  run = _Trajectory(model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
+                    spacing=spacing, timesteps=timesteps, return_x0_at=return_x0_at,
+                    known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0)
+  ts, ab = run.ts, run.ab
   ab_t = ab[ts]
   ab_prev = jnp.concatenate([ab[ts[1:]], ab[:1]])
   sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
   stochastic = eta > 0
-  xs = dict(t=jnp.asarray(ts), ab_prev=ab_prev, sigma=sigma, slot=jnp.asarray(slots),
-            key=_step_keys(rng, n, stochastic, "ddim with eta > 0"))
+  xs = dict(t=jnp.asarray(ts), ab_prev=ab_prev, sigma=sigma, slot=jnp.asarray(run.slots),
+            key=_step_keys(rng, run.n, stochastic, "ddim with eta > 0"))
 
-  def step(carry, s):
-    x, buf = carry
-    t_vec = jnp.full((x.shape[0],), s["t"])
-    x = known.at(x, t_vec)
-    out = _call(model_fn, x, s["t"])
-    x0 = _clip(predict_x0(schedule, x, t_vec, out, parameterization), clip_x0)
-    eps = predict_eps(schedule, x, t_vec, out, parameterization)
+  def step(x, state, s):
+    x, x0, eps = run.predict(x, s["t"])
     ab_prev, sigma = s["ab_prev"], s["sigma"]
     x = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps
     if stochastic:
       x = x + sigma * jax.random.normal(s["key"], x.shape, x.dtype)
-    return (x, _record(buf, s["slot"], x0)), None
+    return x, state, x0
 
-  (x, buf), _ = jax.lax.scan(step, (x, buf), xs)
-  return _finish(known.final(x), buf)
+  return run.scan(step, (), xs)
 
 
 def ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, *,
@@ -348,31 +368,24 @@ def ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, 
   β = 1 − ᾱ_t/ᾱ_{t'}, and ᾱ = 1 after the last timestep (so the last step adds no noise and returns
   x̂0). `num_steps=None` visits every training timestep T−1 … 0. Other arguments as `ddim`.
   """
-  _check_parameterization(parameterization)
-  ts = _resolve_timesteps(schedule, schedule.num_timesteps if num_steps is None else num_steps, spacing,
-                          timesteps)
-  n = len(ts)
-  known = _Known(schedule, x_T, known_latent, mask, known_noise)
-  x, slots, buf = _start(x_T, return_x0_at, n)
-  ab = schedule.alphas_cumprod.astype(jnp.float32)
+  run = _Trajectory(model_fn, schedule, x_T, parameterization=parameterization,
+                    num_steps=schedule.num_timesteps if num_steps is None else num_steps, spacing=spacing,
+                    timesteps=timesteps, return_x0_at=return_x0_at, known_latent=known_latent, mask=mask,
+                    known_noise=known_noise, clip_x0=clip_x0)
+  ts, ab = run.ts, run.ab
   ab_t = ab[ts]
   ab_prev = jnp.concatenate([ab[ts[1:]], jnp.ones((1,), jnp.float32)])
   beta = 1 - ab_t / ab_prev
-  xs = dict(t=jnp.asarray(ts), slot=jnp.asarray(slots), key=_step_keys(rng, n, True, "ddpm"),
+  xs = dict(t=jnp.asarray(ts), slot=jnp.asarray(run.slots), key=_step_keys(rng, run.n, True, "ddpm"),
             c_x0=jnp.sqrt(ab_prev) * beta / (1 - ab_t), c_xt=jnp.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t),
             std=jnp.sqrt(jnp.maximum((1 - ab_prev) / (1 - ab_t) * beta, 0.0)))
 
-  def step(carry, s):
-    x, buf = carry
-    t_vec = jnp.full((x.shape[0],), s["t"])
-    x = known.at(x, t_vec)
-    out = _call(model_fn, x, s["t"])
-    x0 = _clip(predict_x0(schedule, x, t_vec, out, parameterization), clip_x0)
+  def step(x, state, s):
+    x, x0, _ = run.predict(x, s["t"])
     x = s["c_x0"] * x0 + s["c_xt"] * x + s["std"] * jax.random.normal(s["key"], x.shape, x.dtype)
-    return (x, _record(buf, s["slot"], x0)), None
+    return x, state, x0
 
-  (x, buf), _ = jax.lax.scan(step, (x, buf), xs)
-  return _finish(known.final(x), buf)
+  return run.scan(step, (), xs)
 
 
 def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array | None = None, *,
@@ -393,11 +406,10 @@ def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
   PNDM it needs ᾱ > 0 at the first timestep (x0 = (x − √(1−ᾱ)ε′)/√ᾱ): with a zero-terminal-SNR
   schedule, use another sampler or timesteps below T − 1.
   """
-  _check_parameterization(parameterization)
-  ts = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
-  n = len(ts)
-  known = _Known(schedule, x_T, known_latent, mask, known_noise)
-  x, step_slots, buf = _start(x_T, return_x0_at, n)
+  run = _Trajectory(model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
+                    spacing=spacing, timesteps=timesteps, return_x0_at=return_x0_at,
+                    known_latent=known_latent, mask=mask, known_noise=known_noise)
+  ts, n, step_slots = run.ts, run.n, run.slots
 
   # The calls, as in diffusers' PNDM with skip_prk_steps: call 0 at t_0 (a provisional step),
   # call 1 at t_1 redoing step 0 from the saved sample, then call k at t_{k−1} doing step k−1.
@@ -416,31 +428,27 @@ def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
     append = np.array([True, False] + [True] * (n - 1))
     from_saved = np.array([False, True] + [False] * (n - 1))
     slots = np.concatenate([[-1], step_slots])
-  ab = schedule.alphas_cumprod.astype(jnp.float32)
+  ab = run.ab
   ab_to = jnp.where(jnp.asarray(t_to) >= 0, ab[np.maximum(t_to, 0)], ab[0])
   xs = dict(t=jnp.asarray(t_call, jnp.int32), t_from=jnp.asarray(t_from, jnp.int32), ab_to=ab_to,
             w=jnp.asarray(weights, jnp.float32), append=jnp.asarray(append), from_saved=jnp.asarray(from_saved),
             slot=jnp.asarray(slots, jnp.int32))
 
-  def step(carry, s):
-    x, saved, hist, buf = carry  # hist: the last three appended ε, newest first
-    t_vec = jnp.full((x.shape[0],), s["t"])
-    x = known.at(x, t_vec)
-    eps = predict_eps(schedule, x, t_vec, _call(model_fn, x, s["t"]), parameterization)
+  def step(x, state, s):
+    saved, hist = state  # hist: the last three appended ε, newest first
+    x, _, eps = run.predict(x, s["t"])
     w = s["w"]
     eps_comb = w[0] * eps + w[1] * hist[0] + w[2] * hist[1] + w[3] * hist[2]
     base = jnp.where(s["from_saved"], saved, x)
-    ab_from = schedule.alphas_cumprod.astype(jnp.float32)[s["t_from"]]
+    ab_from = ab[s["t_from"]]
     x0 = (base - jnp.sqrt(1 - ab_from) * eps_comb) / jnp.sqrt(ab_from)
     ab_to = s["ab_to"]
     x_next = jnp.sqrt(ab_to) * x0 + jnp.sqrt(1 - ab_to) * eps_comb
     hist = jnp.where(s["append"], jnp.concatenate([eps[None], hist[:2]]), hist)
     saved = jnp.where(s["from_saved"], saved, x)
-    return (x_next, saved, hist, _record(buf, s["slot"], x0)), None
+    return x_next, (saved, hist), x0
 
-  hist = jnp.zeros((3,) + x.shape, jnp.float32)
-  (x, _, _, buf), _ = jax.lax.scan(step, (x, x, hist, buf), xs)
-  return _finish(known.final(x), buf)
+  return run.scan(step, (run.x_T, jnp.zeros((3,) + run.x_T.shape, jnp.float32)), xs)
 
 
 def dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array | None = None, *,
@@ -454,12 +462,10 @@ def dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arr
   first order (no D_prev term) on the first step and on the last, which goes to ᾱ = 1 and so
   returns the last x̂0. Deterministic; `rng` is unused. Other arguments as `ddim`.
   """
-  _check_parameterization(parameterization)
-  ts = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
-  n = len(ts)
-  known = _Known(schedule, x_T, known_latent, mask, known_noise)
-  x, slots, buf = _start(x_T, return_x0_at, n)
-  ab = schedule.alphas_cumprod.astype(jnp.float32)
+  run = _Trajectory(model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
+                    spacing=spacing, timesteps=timesteps, return_x0_at=return_x0_at,
+                    known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0)
+  ts, n, ab = run.ts, run.n, run.ab
   ab_t = ab[ts]
   ab_next = jnp.concatenate([ab[ts[1:]], jnp.ones((1,), jnp.float32)])
   # ς = σ/α = e^{−λ}; e^{−h} = ς_{t'}/ς_t stays finite at the last step, where ς_{t'} = 0.
@@ -470,19 +476,15 @@ def dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arr
   h = jnp.where(second, -jnp.log(jnp.where(second, vs_next, 1.0)) - lam, 1.0)
   h_prev = jnp.where(second, lam - jnp.roll(lam, 1), 1.0)
   c0 = jnp.sqrt(ab_next) * (1 - vs_next / vs_t)
-  xs = dict(t=jnp.asarray(ts), slot=jnp.asarray(slots), c_x=jnp.sqrt((1 - ab_next) / (1 - ab_t)), c0=c0,
+  xs = dict(t=jnp.asarray(ts), slot=jnp.asarray(run.slots), c_x=jnp.sqrt((1 - ab_next) / (1 - ab_t)), c0=c0,
             c1=jnp.where(second, 0.5 * c0 * h / h_prev, 0.0))
 
-  def step(carry, s):
-    x, d_prev, buf = carry
-    t_vec = jnp.full((x.shape[0],), s["t"])
-    x = known.at(x, t_vec)
-    d = _clip(predict_x0(schedule, x, t_vec, _call(model_fn, x, s["t"]), parameterization), clip_x0)
+  def step(x, d_prev, s):
+    x, d, _ = run.predict(x, s["t"])
     x = s["c_x"] * x + s["c0"] * d + s["c1"] * (d - d_prev)
-    return (x, d, _record(buf, s["slot"], d)), None
+    return x, d, d
 
-  (x, _, buf), _ = jax.lax.scan(step, (x, jnp.zeros_like(x), buf), xs)
-  return _finish(known.final(x), buf)
+  return run.scan(step, jnp.zeros_like(run.x_T), xs)
 
 
 _SAMPLER_FNS = {"ddim": ddim, "ddpm": ddpm, "plms": plms, "dpmpp_2m": dpmpp_2m}
