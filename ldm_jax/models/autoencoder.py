@@ -59,34 +59,39 @@ class _ResnetBlock(ResnetBlock):
     return super().__call__(x, deterministic=deterministic)
 
 
-def _blocks(remat: bool):
-  """(ResnetBlock, SpatialSelfAttention) classes; with `remat` their activations are recomputed
-  in the backward pass instead of stored (same parameters, less memory)."""
-  if remat:
-    return nn.remat(_ResnetBlock, static_argnums=(2,)), nn.remat(SpatialSelfAttention)
-  return _ResnetBlock, SpatialSelfAttention
+class _Blocks(nn.Module):
+  """Fields of a block of the encoder or decoder, and its ResnetBlock and self-attention layers;
+  with `remat` their activations are recomputed in the backward pass instead of stored (same
+  parameters, less memory)."""
+  dropout: float
+  query_chunk_size: int | None
+  dtype: Any
+  remat: bool
+
+  def resnet(self, name: str, features: int | None = None) -> nn.Module:
+    block = nn.remat(_ResnetBlock, static_argnums=(2,)) if self.remat else _ResnetBlock
+    return block(features, num_groups=NUM_GROUPS, epsilon=EPSILON, dropout=self.dropout, dtype=self.dtype,
+                 name=name)
+
+  def attention(self, name: str) -> nn.Module:
+    attention = nn.remat(SpatialSelfAttention) if self.remat else SpatialSelfAttention
+    return attention(NUM_GROUPS, EPSILON, self.query_chunk_size, dtype=self.dtype, name=name)
 
 
-class _Level(nn.Module):
+class _Level(_Blocks):
   """One resolution level: `num_layers` ResnetBlocks (each optionally followed by attention) and
   an optional resampler; diffusers' `DownEncoderBlock2D` / `UpDecoderBlock2D` (Attn* variants)."""
   out_channels: int
   num_layers: int
   add_attention: bool
   resample: str | None  # None | 'down' | 'up'
-  dropout: float
-  query_chunk_size: int | None
-  dtype: Any
-  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    resnet, attention = _blocks(self.remat)
     for j in range(self.num_layers):
-      x = resnet(self.out_channels, num_groups=NUM_GROUPS, epsilon=EPSILON, dropout=self.dropout,
-                 dtype=self.dtype, name=f"resnets_{j}")(x, deterministic)
+      x = self.resnet(f"resnets_{j}", self.out_channels)(x, deterministic)
       if self.add_attention:
-        x = attention(NUM_GROUPS, EPSILON, self.query_chunk_size, dtype=self.dtype, name=f"attentions_{j}")(x)
+        x = self.attention(f"attentions_{j}")(x)
     if self.resample == "down":
       x = Downsample(self.out_channels, padding="asymmetric", dtype=self.dtype, name="downsamplers_0")(x)
     elif self.resample == "up":
@@ -94,21 +99,14 @@ class _Level(nn.Module):
     return x
 
 
-class _MidBlock(nn.Module):
+class _MidBlock(_Blocks):
   """ResnetBlock → self-attention → ResnetBlock at the lowest resolution (diffusers `UNetMidBlock2D`)."""
-  dropout: float
-  query_chunk_size: int | None
-  dtype: Any
-  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    resnet, attention = _blocks(self.remat)
-    block = lambda name: resnet(num_groups=NUM_GROUPS, epsilon=EPSILON, dropout=self.dropout,
-                                dtype=self.dtype, name=name)
-    x = block("resnets_0")(x, deterministic)
-    x = attention(NUM_GROUPS, EPSILON, self.query_chunk_size, dtype=self.dtype, name="attentions_0")(x)
-    return block("resnets_1")(x, deterministic)
+    x = self.resnet("resnets_0")(x, deterministic)
+    x = self.attention("attentions_0")(x)
+    return self.resnet("resnets_1")(x, deterministic)
 
 
 def _out(x: jax.Array, features: int, dtype) -> jax.Array:
@@ -116,7 +114,38 @@ def _out(x: jax.Array, features: int, dtype) -> jax.Array:
   return _conv(features, 3, dtype, "conv_out")(nn.silu(x))
 
 
-class Encoder(nn.Module):
+class _CoderFields(nn.Module):
+  """Hyperparameters shared by `Encoder`, `Decoder` and both autoencoders (see `Encoder`)."""
+  ch: int = 128
+  ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = ()
+  resolution: int = 256
+  dropout: float = 0.0
+  query_chunk_size: int | None = None
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def _coder_fields(self) -> dict[str, Any]:
+    return dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
+                **self._block_fields())
+
+  def _block_fields(self) -> dict[str, Any]:
+    return dict(dropout=self.dropout, query_chunk_size=self.query_chunk_size, dtype=self.dtype,
+                remat=self.remat)
+
+  def _level(self, i: int, num_layers: int, res: int, resample: str | None, name: str) -> _Level:
+    """Level i (ch·ch_mult[i] channels) working at `res` pixels of the training resolution."""
+    return _Level(out_channels=self.ch * self.ch_mult[i], num_layers=num_layers,
+                  add_attention=res in self.attn_resolutions, resample=resample, name=name,
+                  **self._block_fields())
+
+  def _mid_block(self) -> _MidBlock:
+    return _MidBlock(name="mid_block", **self._block_fields())
+
+
+class Encoder(_CoderFields):
   """x [B, H, W, in_channels] → [B, H/f, W/f, z_channels (×2 if double_z)], f = 2^(len(ch_mult)−1).
 
   Attributes:
@@ -132,59 +161,37 @@ class Encoder(nn.Module):
     query_chunk_size: attention query chunking (see `ldm_jax.nn.dot_product_attention`).
     remat: rematerialize ResnetBlocks and attention in the backward pass (less memory).
   """
-  ch: int = 128
-  ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-  num_res_blocks: int = 2
-  attn_resolutions: tuple[int, ...] = ()
-  resolution: int = 256
   in_channels: int = 3
   z_channels: int = 4
   double_z: bool = True
-  dropout: float = 0.0
-  query_chunk_size: int | None = None
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
     h = _conv(self.ch, 3, self.dtype, "conv_in")(x)
     res = self.resolution
-    for i, mult in enumerate(self.ch_mult):
+    for i in range(len(self.ch_mult)):
       last = i == len(self.ch_mult) - 1
-      h = _Level(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
-                 None if last else "down", self.dropout, self.query_chunk_size, self.dtype,
-                 self.remat, name=f"down_blocks_{i}")(h, deterministic)
+      h = self._level(i, self.num_res_blocks, res, None if last else "down", f"down_blocks_{i}")(h, deterministic)
       if not last:
         res //= 2
-    h = _MidBlock(self.dropout, self.query_chunk_size, self.dtype, self.remat, name="mid_block")(h, deterministic)
+    h = self._mid_block()(h, deterministic)
     return _out(h, 2 * self.z_channels if self.double_z else self.z_channels, self.dtype)
 
 
-class Decoder(nn.Module):
+class Decoder(_CoderFields):
   """z [B, h, w, c] → x [B, h·f, w·f, out_ch]; the mirror of `Encoder` with num_res_blocks + 1
   ResnetBlocks per level. `up_blocks_0` is the deepest level (diffusers order). See `Encoder` for
   the attributes."""
-  ch: int = 128
-  ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-  num_res_blocks: int = 2
-  attn_resolutions: tuple[int, ...] = ()
-  resolution: int = 256
   out_ch: int = 3
-  dropout: float = 0.0
-  query_chunk_size: int | None = None
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array, *, deterministic: bool = True) -> jax.Array:
     levels = len(self.ch_mult)
     h = _conv(self.ch * self.ch_mult[-1], 3, self.dtype, "conv_in")(z)
-    h = _MidBlock(self.dropout, self.query_chunk_size, self.dtype, self.remat, name="mid_block")(h, deterministic)
+    h = self._mid_block()(h, deterministic)
     res = self.resolution // 2 ** (levels - 1)
     for k, i in enumerate(reversed(range(levels))):
-      h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
-                 "up" if i else None, self.dropout, self.query_chunk_size, self.dtype,
-                 self.remat, name=f"up_blocks_{k}")(h, deterministic)
+      h = self._level(i, self.num_res_blocks + 1, res, "up" if i else None, f"up_blocks_{k}")(h, deterministic)
       if i:
         res *= 2
     return _out(h, self.out_ch, self.dtype)
@@ -236,30 +243,17 @@ class DiagonalGaussian:
                          axis=(1, 2, 3))
 
 
-class _AutoencoderFields(nn.Module):
+class _AutoencoderFields(_CoderFields):
   """Hyperparameters shared by both autoencoders (CompVis `ddconfig`)."""
   embed_dim: int = 4
-  ch: int = 128
-  ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-  num_res_blocks: int = 2
-  attn_resolutions: tuple[int, ...] = ()
-  resolution: int = 256
   in_channels: int = 3
   out_ch: int | None = None
   z_channels: int = 4
-  dropout: float = 0.0
-  query_chunk_size: int | None = None
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   def _coders(self, double_z: bool) -> tuple[Encoder, Decoder]:
-    shared = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                  attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                  dropout=self.dropout, query_chunk_size=self.query_chunk_size, dtype=self.dtype,
-                  remat=self.remat)
     return (Encoder(in_channels=self.in_channels, z_channels=self.z_channels, double_z=double_z,
-                    name="encoder", **shared),
-            Decoder(out_ch=self.out_ch or self.in_channels, name="decoder", **shared))
+                    name="encoder", **self._coder_fields()),
+            Decoder(out_ch=self.out_ch or self.in_channels, name="decoder", **self._coder_fields()))
 
 
 class AutoencoderKL(_AutoencoderFields):
