@@ -9,26 +9,11 @@ same command on every host with --coordinator_address=HOST0:PORT --num_processes
 (nothing to add on TPU pods, or under SLURM/Open MPI with several tasks); see README "Scaling".
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
-from ldm_jax.train import autoencoder, distributed
-from ldm_jax.train.logging import setup_logging
+from ldm_jax.train import autoencoder, loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (`path.py[:arg]`).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples.")
-flags.mark_flags_as_required(["config", "workdir"])
-distributed.define_flags()
-
-
-def main(argv):
-  del argv
-  setup_logging()
-  distributed.initialize_from_flags()
-  results = autoencoder.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  logging.info("Final held-out metrics: %s", results)
-
+main = loop.entry_point(autoencoder.train_and_evaluate, "Final held-out metrics")
 
 if __name__ == "__main__":
   app.run(main)

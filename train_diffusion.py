@@ -4,31 +4,23 @@
   python train_diffusion.py --config configs/ldm/shapes_txt2img.py --workdir runs/shapes_ldm \
       --config.autoencoder.workdir=runs/shapes_ae
 
+Fine-tuning a pretrained model (U-Net, frozen autoencoder and text encoder, schedule and
+scale_factor are taken from it; see `ldm_jax.train.diffusion`):
+
+  python -m ldm_jax.convert import --src stable-diffusion-v1-5 --out pretrained/sd15
+  python train_diffusion.py --config configs/ldm/shapes_txt2img.py --workdir runs/sd15_shapes \
+      --config.init.pretrained=pretrained/sd15 --config.data.image_size=256
+
 Running the same command again resumes from the newest checkpoint in --workdir. Multi-host: the
 same command on every host with --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
 (nothing to add on TPU pods, or under SLURM/Open MPI with several tasks); see README "Scaling".
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
-from ldm_jax.train import diffusion, distributed
-from ldm_jax.train.logging import setup_logging
+from ldm_jax.train import diffusion, loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (`path.py[:arg]`).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples.")
-flags.mark_flags_as_required(["config", "workdir"])
-distributed.define_flags()
-
-
-def main(argv):
-  del argv
-  setup_logging()
-  distributed.initialize_from_flags()
-  results = diffusion.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  logging.info("Final training scalars: %s", results)
-
+main = loop.entry_point(diffusion.train_and_evaluate, "Final training scalars")
 
 if __name__ == "__main__":
   app.run(main)

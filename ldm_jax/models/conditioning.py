@@ -91,7 +91,7 @@ def default_cond_config() -> ml_collections.ConfigDict:
       'num_classes': 0,           # labels in [0, num_classes), null class num_classes; 0 = from the data
       'class_mode': 'embedding',  # 'embedding' (U-Net y) | 'crossattn' (context [B, 1, dim])
       # text (and the class embedder's width in 'crossattn' mode)
-      'text_encoder': 'scratch',  # 'scratch' | 'pretrained' (frozen CLIP/BERT: interop issue)
+      'text_encoder': 'scratch',  # 'scratch' | 'pretrained' (frozen CLIP/BERT of init.pretrained)
       'tokenizer_dir': '',        # local HF tokenizer folder; '' = train one on the training captions
       'vocab_size': 30522,        # token embedding rows (≥ the tokenizer's vocabulary)
       'max_length': 77,           # tokens per caption, [CLS] and [SEP] included
@@ -140,9 +140,6 @@ def validate_cond_config(cond_cfg: ml_collections.ConfigDict) -> None:
   if kind in _TEXT_KINDS:
     if cond_cfg.text_encoder not in TEXT_ENCODERS:
       raise ValueError(f'cond.text_encoder: unknown {cond_cfg.text_encoder!r}, expected one of {TEXT_ENCODERS}.')
-    if cond_cfg.text_encoder == 'pretrained':
-      raise ValueError("cond.text_encoder: 'pretrained' (a frozen CLIP/BERT text encoder read from local "
-                       "files) is not available yet; use 'scratch'.")
     _check_int(cond_cfg, 'vocab_size', 5)
     for key in ('max_length', 'dim', 'depth', 'num_heads'):
       _check_int(cond_cfg, key, 2 if key == 'max_length' else 1)
@@ -271,6 +268,9 @@ def make_conditioner(cond_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer |
   """The Conditioner of a validated `cond` section; text kinds need their tokenizer."""
   pad_id = None
   if cond_cfg.kind in _TEXT_KINDS:
+    if cond_cfg.text_encoder == 'pretrained':
+      raise ValueError("cond.text_encoder: 'pretrained' encoders come with their weights; wrap one in "
+                       'ldm_jax.diffusion.pipeline.TextEncoderConditioner (ldm_jax.train.diffusion.make_conditioner).')
     if tokenizer is None:
       raise ValueError(f'cond.kind={cond_cfg.kind!r} needs a tokenizer (ldm_jax.data.tokenizer.build_tokenizer).')
     check_tokenizer(cond_cfg, tokenizer)

@@ -4,8 +4,12 @@
 from the newest checkpoint of `workdir` if there is one, and runs the loop: one jitted step
 updates the autoencoder (and the learned log-variance of the KL objective) and the
 discriminator together; scalars go to TensorBoard and `metrics.jsonl`; every
-`train.eval_every` steps the held-out split is reconstructed and PSNR, SSIM and LPIPS (and
-codebook usage for VQ) are reported, with a grid of inputs above their reconstructions.
+`train.eval_every` steps the first `train.eval_batches` batches of the held-out split are
+reconstructed and `eval.metrics` are reported as `eval/<metric>` — PSNR, SSIM and LPIPS by
+default, and optionally rFD, the Fréchet distance between `eval.extractor` features of the
+reconstructions and of their originals (`eval/rfd_vgg16_64px`; the originals' statistics are
+computed once per run) — together with codebook usage for VQ and a grid of inputs above their
+reconstructions.
 
 The adversarial weight is the reference's adaptive one: λ = ‖∇_L L_nll‖ / (‖∇_L L_G‖ + 1e-4)
 on the decoder's last layer L. One forward pass gives both objectives; two pullbacks of the
@@ -33,9 +37,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ldm_jax import data as data_lib
+from ldm_jax.eval import distribution
+from ldm_jax.eval import evaluate as eval_lib
+from ldm_jax.eval import features as features_lib
 from ldm_jax.eval import metrics as metrics_lib
 from ldm_jax.losses import autoencoder as losses
 from ldm_jax.losses import lpips as lpips_lib
@@ -45,8 +53,7 @@ from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import config as config_lib
 from ldm_jax.train import loop
 from ldm_jax.train import sharding
-from ldm_jax.train.logging import MetricWriter, image_grid
-from ldm_jax.train.preemption import PreemptionGuard
+from ldm_jax.train.logging import MetricWriter, image_grid, to_uint8
 
 # Where the adaptive GAN weight looks: the decoder's output convolution.
 LAST_LAYER = ("autoencoder", "decoder", "conv_out", "kernel")
@@ -83,6 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
       base_learning_rate=4.5e-6, scale_lr=True, b1=0.5, b2=0.9,
       # 'constant' as LDM; 'cosine' decays to 0 at train.num_steps (short runs end sharper).
       schedule="constant"))
+  config.eval = ml_collections.ConfigDict(dict(
+      metrics=("psnr", "ssim", "lpips"),  # some of 'psnr', 'ssim', 'lpips', 'rfd'
+      extractor="vgg16:64"))               # rfd's features: 'vgg16[:SIZE]', 'inception', 'classifier:RUN'
   config.train = config_lib.train_config()
   config.mesh = config_lib.mesh_config()
   return config
@@ -135,6 +145,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optim.schedule: {config.optim.schedule!r} is not 'constant' or 'cosine'.")
   if config.optim.base_learning_rate <= 0:
     raise ValueError(f"optim.base_learning_rate: must be > 0, got {config.optim.base_learning_rate}.")
+  eval_metrics(config)
+
+
+def eval_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The validated `eval.metrics`; ValueError names the key."""
+  try:
+    metrics = eval_lib.parse_metrics(config.eval.metrics, eval_lib.RECONSTRUCTION_METRICS)
+  except ValueError as err:
+    raise ValueError(f"eval.metrics: {err}.") from None
+  if "rfd" in metrics and config.train.eval_batches * config.train.batch_size < 2:
+    raise ValueError("train.eval_batches: rfd needs at least 2 reconstructions; evaluate more batches.")
+  return metrics
+
+
+def make_eval_extractor(config: ml_collections.ConfigDict) -> features_lib.Extractor | None:
+  """The feature network of rFD (loaded before anything is compiled), or None without 'rfd'."""
+  if "rfd" not in eval_metrics(config):
+    return None
+  try:
+    return features_lib.make_extractor(config.eval.extractor)
+  except (ValueError, OSError) as err:
+    raise ValueError(f"eval.extractor: {err}") from None
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -166,9 +198,12 @@ def make_discriminator(config: ml_collections.ConfigDict) -> NLayerDiscriminator
 class Stage1:
   """The modules, optimizer and frozen LPIPS weights of one run, and the jitted functions over them."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh):
+  def __init__(self, config: ml_collections.ConfigDict, mesh, extractor: features_lib.Extractor | None = None):
     self.config = config
     self.mesh = mesh
+    self.scores = tuple(m for m in eval_metrics(config) if m != "rfd")  # per-image, in the eval step
+    self.extractor = extractor  # rFD's, when asked for
+    self._rfd_reference = None  # (μ, Σ) of the originals' features: the same images at every evaluation
     self.model = ae_lib.make_autoencoder(config_lib.with_train_overrides(config.model, config.train))
     self.disc = make_discriminator(config)
     self.optimizer = make_optimizer(config)
@@ -290,28 +325,34 @@ class Stage1:
     return x_rec, info["indices"]
 
   def _eval_step(self, params, batch):
-    """Per-image PSNR/SSIM/LPIPS [B], the reconstructions, and a codebook histogram for VQ."""
+    """Per-image scores [B] of `eval.metrics` (PSNR/SSIM/LPIPS), the reconstructions, and a
+    codebook histogram for VQ."""
     x = batch["image"]
     x_rec, indices = self.reconstruct(params["autoencoder"], x)
     x_rec = jnp.clip(x_rec, -1.0, 1.0)
-    scores = dict(psnr=metrics_lib.psnr(x, x_rec), ssim=metrics_lib.ssim(x, x_rec),
-                  lpips=lpips_lib.lpips(self.lpips_params, x, x_rec))
+    score_fns = dict(psnr=lambda: metrics_lib.psnr(x, x_rec), ssim=lambda: metrics_lib.ssim(x, x_rec),
+                     lpips=lambda: lpips_lib.lpips(self.lpips_params, x, x_rec))
+    scores = {key: score_fns[key]() for key in self.scores}
     counts = (jnp.bincount(indices.reshape(-1), length=self.config.model.n_embed)
               if indices is not None else jnp.zeros((1,), jnp.int32))
     return scores, x_rec, counts
 
   def evaluate(self, params, *, num_batches: int):
-    """Means of PSNR/SSIM/LPIPS over the first `num_batches` held-out batches, and a grid."""
+    """Means of the `eval.metrics` over the first `num_batches` held-out batches, and a grid."""
     cfg = self.config
     loader = data_lib.make_loader(cfg.data, cfg.data.eval_split, batch_size=cfg.train.batch_size,
                                   seed=0, shuffle=False, num_epochs=1)
-    totals, count, grid, codes = {}, 0, None, 0
+    totals, count, grid, codes = {key: 0.0 for key in self.scores}, 0, None, 0
+    originals, reconstructions = [], []
     for i, batch in zip(range(num_batches), loader):
       scores, x_rec, counts = self.eval_step(params, sharding.shard_batch(batch, self.mesh))
       for key, value in jax.device_get(scores).items():
-        totals[key] = totals.get(key, 0.0) + float(np.sum(value))
-      count += len(scores["psnr"])
+        totals[key] += float(np.sum(value))
+      count += x_rec.shape[0]
       codes = codes + np.asarray(jax.device_get(counts))
+      if self.extractor is not None:
+        originals.append(to_uint8(multihost_utils.process_allgather(batch["image"], tiled=True)))
+        reconstructions.append(to_uint8(multihost_utils.process_allgather(x_rec, tiled=True)))
       if i == 0:
         n = min(8, len(batch["image"]))
         x_rec = np.asarray(jax.device_get(x_rec))[:n] if jax.process_count() == 1 else None
@@ -321,9 +362,22 @@ class Stage1:
       raise ValueError(f"data.eval_split: '{cfg.data.eval_split}' gave no full batch of "
                        f"train.batch_size={cfg.train.batch_size} images to evaluate on.")
     results = {f"eval/{key}": value / count for key, value in totals.items()}
+    if self.extractor is not None:
+      results[f"eval/{self.extractor.metric_name('rfd')}"] = self._rfd(np.concatenate(originals),
+                                                                      np.concatenate(reconstructions))
     if not self.is_kl:
       results["eval/codebook_usage"] = float(np.mean(codes > 0))
     return results, grid
+
+  def _rfd(self, originals: np.ndarray, reconstructions: np.ndarray) -> float:
+    """Fréchet distance between the features of uint8 reconstructions and of their originals."""
+    def stats(images):
+      features = features_lib.extract(self.extractor, images, mesh=self.mesh, batch_size=self.config.train.batch_size,
+                                      progress=False)["features"]
+      return distribution.gaussian_stats(features)
+    if self._rfd_reference is None:
+      self._rfd_reference = stats(originals)
+    return distribution.frechet_distance(*stats(reconstructions), *self._rfd_reference)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -332,8 +386,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
+  extractor = make_eval_extractor(config)
   config_lib.save_config(config, workdir) if jax.process_index() == 0 else None
-  stage = Stage1(config, mesh)
+  stage = Stage1(config, mesh, extractor)
   train_iter = iter(data_lib.make_loader(config.data, config.data.train_split,
                                          batch_size=config.train.batch_size, seed=config.train.seed))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -350,38 +405,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending, t0, results = [], time.perf_counter(), {}
   monitor = loop.NonFiniteMonitor(config.train.max_nonfinite_steps)
   progress = tqdm(total=num_steps, initial=start_step, desc="stage 1", disable=jax.process_index() != 0)
-  try:
-    with PreemptionGuard() as preemption:
-      for step in range(start_step + 1, num_steps + 1):
-        batch = sharding.shard_batch(next(train_iter), mesh)
-        with_gan = config.loss.disc_weight > 0 and step > config.loss.disc_start
-        state, metrics = stage.train_step[with_gan](state, batch)
-        pending.append(metrics)
-        monitor.push(step, metrics)
-        if step % config.train.log_every == 0 or step == num_steps:
-          scalars = loop.summarize(jax.device_get(pending))
-          scalars["train/images_per_sec"] = len(pending) * config.train.batch_size / (time.perf_counter() - t0)
-          writer.write_scalars(step, scalars)
-          progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['train/images_per_sec']:.1f}")
-          pending, t0 = [], time.perf_counter()
-        if step % config.train.eval_every == 0 or step == num_steps:
-          results, grid = stage.evaluate(state.params, num_batches=config.train.eval_batches)
-          writer.write_scalars(step, results)
-          if grid is not None and (step % config.train.image_every == 0 or step == num_steps):
-            writer.write_image(step, "reconstructions", grid)
-          logging.info("step %d: %s", step, {k: round(v, 4) for k, v in results.items()})
-          t0 = time.perf_counter()
-        saved = step % config.train.checkpoint_every == 0 or step == num_steps
-        if saved:
-          checkpointer.save(step, state, train_iter)
-        progress.update(1)
-        if preemption.reached(step):
-          if not saved:
-            checkpointer.save(step, state, train_iter, force=True)
-          return {}
-      monitor.flush()
-  finally:
-    progress.close()
-    checkpointer.close()
-    writer.close()
+  with loop.running(progress, checkpointer, writer) as preemption:
+    for step in range(start_step + 1, num_steps + 1):
+      batch = sharding.shard_batch(next(train_iter), mesh)
+      with_gan = config.loss.disc_weight > 0 and step > config.loss.disc_start
+      state, metrics = stage.train_step[with_gan](state, batch)
+      pending.append(metrics)
+      monitor.push(step, metrics)
+      if loop.due(step, config.train.log_every, num_steps):
+        loop.write_train_scalars(writer, progress, step, pending, config.train.batch_size, time.perf_counter() - t0)
+        pending, t0 = [], time.perf_counter()
+      if loop.due(step, config.train.eval_every, num_steps):
+        results, grid = stage.evaluate(state.params, num_batches=config.train.eval_batches)
+        loop.write_eval_scalars(writer, step, results)
+        if grid is not None and loop.due(step, config.train.image_every, num_steps):
+          writer.write_image(step, "reconstructions", grid)
+        t0 = time.perf_counter()
+      progress.update(1)
+      if loop.checkpoint_or_stop(checkpointer, preemption, step, state, train_iter,
+                                 config.train.checkpoint_every, num_steps):
+        return {}
+    monitor.flush()
   return results

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 
@@ -134,8 +135,11 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore.")
-    path = os.path.join(self.directory, str(step), "state")
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    path = epath.Path(self.directory) / str(step) / "state"
+    # The item's handler reads the item directly; the Checkpointer wrappers would also look for
+    # step metadata inside the item directory and warn that it is missing (it is one level up).
+    handler = ocp.PyTreeCheckpointHandler()
+    tree = handler.metadata(path).tree
     for key in keys:
       tree = tree[key]
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
@@ -143,9 +147,12 @@ class Checkpointer:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     for key in reversed(keys):
       abstract = {key: abstract}
-    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True))
+    try:
+      restored = handler.restore(path, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True))
+    finally:
+      handler.close()
     for key in keys:
       restored = restored[key]
     return restored

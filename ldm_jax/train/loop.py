@@ -7,11 +7,17 @@ Inside the jitted step:
     counter and the RNG advance, parameters, optimizer state and EMA stay as they were.
 On the host:
   - `NonFiniteMonitor` stops the run after `train.max_nonfinite_steps` skipped steps in a row;
-  - `summarize` averages a window of step metrics for the logs and counts the skipped steps.
+  - `summarize` averages a window of step metrics for the logs and counts the skipped steps;
+    `write_train_scalars` writes them with the throughput (`write_eval_scalars`: evaluation
+    scores); `due` says whether a periodic action (log, eval, images, checkpoint) runs at a step;
+    `running` wraps the loop (SIGTERM guard, closing its outputs) and `checkpoint_or_stop` saves
+    checkpoints and answers a SIGTERM;
+  - `entry_point` is the whole `main` of `train_autoencoder.py` and `train_diffusion.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import jax
@@ -21,6 +27,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax.train import sharding as sharding_lib
+from ldm_jax.train.preemption import PreemptionGuard
 
 NONFINITE = "nonfinite"  # the metric key of the skip flag (1.0 when the update was skipped)
 
@@ -143,3 +150,76 @@ def summarize(window: list[dict]) -> dict[str, float]:
     scalars[f"train/{key}"] = float(np.mean(values)) if values else float("nan")
   scalars["train/skipped_steps"] = float(len(window) - len(kept))
   return scalars
+
+
+def due(step: int, every: int, num_steps: int) -> bool:
+  """Whether a periodic action with period `every` runs at `step` (the last step always runs it)."""
+  return step % every == 0 or step == num_steps
+
+
+def write_train_scalars(writer, progress, step: int, window: list, batch_size: int, seconds: float) -> dict:
+  """Summarizes a window of (device) step metrics, adds `train/images_per_sec`, writes them with
+  `writer` (a `MetricWriter`) and shows loss and throughput on the tqdm `progress` bar."""
+  scalars = summarize(jax.device_get(window))
+  scalars["train/images_per_sec"] = len(window) * batch_size / seconds
+  writer.write_scalars(step, scalars)
+  progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['train/images_per_sec']:.1f}")
+  return scalars
+
+
+def write_eval_scalars(writer, step: int, results: dict) -> None:
+  """Writes evaluation scores with `writer` and logs them, rounded."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  writer.write_scalars(step, results)
+  logging.info("step %d: %s", step, {k: round(v, 4) for k, v in results.items()})
+
+
+@contextlib.contextmanager
+def running(*resources):
+  """Context of a training loop: yields its `PreemptionGuard`, and closes `resources` (progress
+  bar, checkpointer — waiting for its saves —, metric writer) however the loop ends."""
+  try:
+    with PreemptionGuard() as preemption:
+      yield preemption
+  finally:
+    for resource in resources:
+      resource.close()
+
+
+def checkpoint_or_stop(checkpointer, preemption, step: int, state, data_iterator, every: int,
+                       num_steps: int) -> bool:
+  """Saves `step` every `every` steps and at the last; when a SIGTERM asked to stop
+  (`PreemptionGuard.reached`), saves it in any case and returns True: the trainer returns."""
+  saved = due(step, every, num_steps)
+  if saved:
+    checkpointer.save(step, state, data_iterator)
+  if preemption.reached(step):
+    if not saved:
+      checkpointer.save(step, state, data_iterator, force=True)
+    return True
+  return False
+
+
+def entry_point(train_and_evaluate: Callable, results_name: str) -> Callable:
+  """Defines `--config`, `--workdir` and the multi-host flags; returns the `main(argv)` for `app.run`
+  that sets up logging and `jax.distributed`, then runs `train_and_evaluate(config, workdir)`."""
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from ldm_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  from ldm_jax.train.logging import setup_logging  # pylint: disable=g-import-not-at-top
+
+  config = config_flags.DEFINE_config_file("config", None, "Path to a config file (`path.py[:arg]`).",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  distributed.define_flags()
+
+  def main(argv):
+    del argv
+    setup_logging()
+    distributed.initialize_from_flags()
+    results = train_and_evaluate(config.value, workdir.value)
+    logging.info("%s: %s", results_name, results)
+
+  return main

@@ -45,7 +45,6 @@ def test_defaults_are_the_papers_and_valid():
     (dict(dropout_prob=1.5), 'cond.dropout_prob'),
     (dict(kind='class', num_classes=-1), 'cond.num_classes'),
     (dict(kind='class', class_mode='film'), 'cond.class_mode'),
-    (dict(kind='text', text_encoder='pretrained'), 'cond.text_encoder'),
     (dict(kind='text', text_encoder='clip'), 'cond.text_encoder'),
     (dict(kind='text', num_heads=3), 'cond.num_heads'),
     (dict(kind='text', depth=0), 'cond.depth'),
