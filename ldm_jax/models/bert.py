@@ -22,19 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.nn.attention import dot_product_attention
-
-
-class _SelfAttention(nn.Module):
-  num_heads: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x, key_mask):
-    b, length, channels = x.shape
-    q, k, v = (nn.Dense(channels, dtype=self.dtype, name=name)(x).reshape(b, length, self.num_heads, -1)
-               for name in ("query", "key", "value"))
-    return dot_product_attention(q, k, v, key_mask=key_mask).reshape(b, length, channels)
+from ldm_jax.nn.attention import MultiHeadSelfAttention
 
 
 class _Residual(nn.Module):
@@ -56,7 +44,8 @@ class _Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, key_mask):
-    h = _SelfAttention(self.num_heads, self.dtype, name="self")(x, key_mask)
+    h = MultiHeadSelfAttention(self.num_heads, qkv_names=("query", "key", "value"), out_name=None,
+                               dtype=self.dtype, name="self")(x, key_mask)
     return _Residual(x.shape[-1], self.layer_norm_eps, self.dtype, name="output")(h, x)
 
 

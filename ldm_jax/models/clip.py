@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.nn.attention import MultiHeadSelfAttention
+
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 
@@ -36,23 +38,6 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
   if name == "gelu":
     return nn.gelu(x, approximate=False)
   raise ValueError(f"text_encoder.activation: {name!r} is not one of {ACTIVATIONS}.")
-
-
-class CLIPAttention(nn.Module):
-  """Causal multi-head self-attention; q, k, v and out projections with biases, scale 1/√head_dim."""
-  num_heads: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, L, C] → [B, L, C]."""
-    b, length, channels = x.shape
-    head_dim = channels // self.num_heads
-    q, k, v = (nn.Dense(channels, dtype=self.dtype, name=name)(x).reshape(b, length, self.num_heads, head_dim)
-               for name in ("q_proj", "k_proj", "v_proj"))
-    # ldm_jax.nn.dot_product_attention has no causal mask; this is the same XLA-dispatched kernel.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return nn.Dense(channels, dtype=self.dtype, name="out_proj")(out.reshape(b, length, channels))
 
 
 class CLIPMLP(nn.Module):
@@ -68,7 +53,7 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-  """x + attn(LN(x)), then x + mlp(LN(x))."""
+  """x + attn(LN(x)), then x + mlp(LN(x)); causal attention, q, k, v and out projections with biases."""
   num_heads: int
   mlp_dim: int
   activation: str = "quick_gelu"
@@ -78,7 +63,9 @@ class CLIPEncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x):
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
-    x = x + CLIPAttention(self.num_heads, self.dtype, name="self_attn")(norm("layer_norm1")(x))
+    attention = MultiHeadSelfAttention(self.num_heads, qkv_names=("q_proj", "k_proj", "v_proj"),
+                                       out_name="out_proj", causal=True, dtype=self.dtype, name="self_attn")
+    x = x + attention(norm("layer_norm1")(x))
     return x + CLIPMLP(self.mlp_dim, self.activation, self.dtype, name="mlp")(norm("layer_norm2")(x))
 
 

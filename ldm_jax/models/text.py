@@ -28,27 +28,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.nn.attention import dot_product_attention
+from ldm_jax.nn.attention import MultiHeadSelfAttention
 
 _LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default, as in x-transformers
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)  # x-transformers' token and position init
-
-
-class SelfAttention(nn.Module):
-  """Multi-head self-attention (x-transformers `Attention`): q, k, v without bias, `to_out` with."""
-  num_heads: int
-  head_dim: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-    """x: [B, L, C], key_mask: bool [B, L] (False = padding) → [B, L, C]."""
-    b, length, channels = x.shape
-    dense = lambda name: nn.Dense(self.num_heads * self.head_dim, use_bias=False, dtype=self.dtype, name=name)
-    q, k, v = (dense(name)(x).reshape(b, length, self.num_heads, self.head_dim)
-               for name in ('to_q', 'to_k', 'to_v'))
-    out = dot_product_attention(q, k, v, key_mask=key_mask).reshape(b, length, -1)
-    return nn.Dense(channels, dtype=self.dtype, name='to_out')(out)
 
 
 class MLP(nn.Module):
@@ -63,7 +46,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm residual self-attention, then pre-LayerNorm residual MLP."""
+  """Pre-LayerNorm residual self-attention, then pre-LayerNorm residual MLP. The attention is
+  x-transformers' `Attention`: q, k, v projections without bias, `to_out` with."""
   num_heads: int
   head_dim: int
   dropout: float = 0.0
@@ -74,7 +58,7 @@ class Block(nn.Module):
     """x: [B, L, C], key_mask: bool [B, L] or None → [B, L, C]."""
     norm = lambda name: nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=self.dtype, name=name)
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    attention = SelfAttention(self.num_heads, self.head_dim, self.dtype, name='attn')
+    attention = MultiHeadSelfAttention(self.num_heads, self.head_dim, qkv_bias=False, dtype=self.dtype, name='attn')
     x = x + drop(attention(norm('attn_norm')(x), key_mask))
     return x + drop(MLP(dtype=self.dtype, name='ff')(norm('ff_norm')(x)))
 

@@ -5,13 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.nn import SpatialSelfAttention, dot_product_attention
+from ldm_jax.nn import MultiHeadSelfAttention, SpatialSelfAttention, dot_product_attention
 
 
-def naive_attention(q, k, v):
-  """softmax(q kᵀ / √D) v in float64; q [B, Lq, H, D], k/v [B, Lk, H, D]."""
+def naive_attention(q, k, v, allowed=None):
+  """softmax(q kᵀ / √D) v in float64; q [B, Lq, H, D], k/v [B, Lk, H, D]; `allowed` [B, 1, Lq, Lk]
+  bool, False logits dropped."""
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  if allowed is not None:
+    logits = np.where(allowed, logits, -np.inf)
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   return np.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -45,6 +48,39 @@ def test_dot_product_attention_bfloat16_stays_close_and_in_dtype():
   out = dot_product_attention(q, k, v, query_chunk_size=5)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), naive_attention(q, k, v), atol=3e-2)
+
+
+@pytest.mark.parametrize("query_chunk_size", [None, 4, 7])
+def test_causal_attention_sees_only_earlier_keys(query_chunk_size):
+  kq, kk, kv, km = jax.random.split(jax.random.key(4), 4)
+  q, k, v = (jax.random.normal(key, (2, 10, 2, 8)) for key in (kq, kk, kv))
+  key_mask = np.array(jax.random.uniform(km, (2, 10)) > 0.3)
+  key_mask[:, 0] = True  # every query keeps at least one key
+  causal = np.tril(np.ones((10, 10), bool))[None, None]
+  out = dot_product_attention(q, k, v, query_chunk_size=query_chunk_size, causal=True)
+  np.testing.assert_allclose(out, naive_attention(q, k, v, causal), atol=2e-5, rtol=1e-5)
+  out = dot_product_attention(q, k, v, query_chunk_size=query_chunk_size, key_mask=key_mask, causal=True)
+  np.testing.assert_allclose(out, naive_attention(q, k, v, causal & key_mask[:, None, None, :]),
+                             atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_multi_head_self_attention_names_and_matches_numpy(causal):
+  x = jax.random.normal(jax.random.key(5), (2, 6, 16))
+  module = MultiHeadSelfAttention(num_heads=2, head_dim=4, qkv_names=("q", "k", "v"), out_name="o",
+                                  qkv_bias=False, causal=causal)
+  params = module.init(jax.random.key(6), x)["params"]
+  assert set(params) == {"q", "k", "v", "o"} and "bias" not in params["q"] and "bias" in params["o"]
+  assert params["q"]["kernel"].shape == (16, 8) and params["o"]["kernel"].shape == (8, 16)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  q, k, v = (np.asarray(x, np.float64) @ p[n]["kernel"] for n in ("q", "k", "v"))
+  heads = [a.reshape(2, 6, 2, 4) for a in (q, k, v)]
+  allowed = np.tril(np.ones((6, 6), bool))[None, None] if causal else None
+  expected = naive_attention(*heads, allowed).reshape(2, 6, 8) @ p["o"]["kernel"] + p["o"]["bias"]
+  np.testing.assert_allclose(module.apply({"params": params}, x), expected, atol=2e-5, rtol=1e-5)
+  # Without an output projection the heads come back concatenated.
+  bare = MultiHeadSelfAttention(num_heads=2, out_name=None)
+  assert set(bare.init(jax.random.key(6), x)["params"]) == {"to_q", "to_k", "to_v"}
 
 
 @pytest.mark.parametrize("query_chunk_size", [None, 5])
