@@ -24,9 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
 
+from ldm_jax.train import distributed
 from ldm_jax.train import sharding as sharding_lib
+from ldm_jax.train.logging import setup_logging
 from ldm_jax.train.preemption import PreemptionGuard
 
 NONFINITE = "nonfinite"  # the metric key of the skip flag (1.0 when the update was skipped)
@@ -169,7 +173,6 @@ def write_train_scalars(writer, progress, step: int, window: list, batch_size: i
 
 def write_eval_scalars(writer, step: int, results: dict) -> None:
   """Writes evaluation scores with `writer` and logs them, rounded."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
   writer.write_scalars(step, results)
   logging.info("step %d: %s", step, {k: round(v, 4) for k, v in results.items()})
 
@@ -203,12 +206,6 @@ def checkpoint_or_stop(checkpointer, preemption, step: int, state, data_iterator
 def entry_point(train_and_evaluate: Callable, results_name: str) -> Callable:
   """Defines `--config`, `--workdir` and the multi-host flags; returns the `main(argv)` for `app.run`
   that sets up logging and `jax.distributed`, then runs `train_and_evaluate(config, workdir)`."""
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  from ldm_jax.train import distributed  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train.logging import setup_logging  # pylint: disable=g-import-not-at-top
-
   config = config_flags.DEFINE_config_file("config", None, "Path to a config file (`path.py[:arg]`).",
                                            lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples.")
