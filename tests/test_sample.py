@@ -223,10 +223,12 @@ def test_an_exported_run_samples_as_its_workdir(text_run, tmp_path):
   common = ("--prompt", PROMPT, "--num_samples", "8", "--steps", "2", "--seed", "3")
   cli("--workdir", text_run, "--out", str(tmp_path / "from_workdir"), *common)
   cli("--pretrained", exported, "--out", str(tmp_path / "from_pretrained"), *common)
+  cli("--workdir", exported, "--out", str(tmp_path / "pretrained_as_workdir"), *common)  # convert import's output
   from_workdir = outputs(str(tmp_path / "from_workdir"))
   from_pretrained = outputs(str(tmp_path / "from_pretrained"))
   assert list(from_pretrained["prompts"]) == [PROMPT] * 8
   assert np.abs(from_pretrained["images"].astype(int) - from_workdir["images"].astype(int)).max() <= 1
+  np.testing.assert_array_equal(outputs(str(tmp_path / "pretrained_as_workdir"))["images"], from_pretrained["images"])
 
 
 def test_a_pretrained_text_encoder_gives_the_context(text_run, tmp_path):

@@ -338,9 +338,21 @@ def read_pretrained(directory: str) -> ModelInfo:
       f=ae_lib.downsampling_factor(ae_cfg), unet_factor=2 ** (len(unet_cfg.channel_mult) - 1), step=None, load=load)
 
 
+def is_pretrained_dir(directory: str) -> bool:
+  """Whether `directory` is a pretrained directory (`convert import`/`export --format ldm_jax`
+  output: `unet/config.json`, no run `config.json`) rather than a training workdir."""
+  return (os.path.isfile(os.path.join(directory, "unet", "config.json"))
+          and not os.path.isfile(os.path.join(directory, "config.json")))
+
+
 def read_model(request: SampleRequest) -> ModelInfo:
-  """The model a request names: `--workdir` (a stage-2 run) or `--pretrained`."""
-  return read_run(request.workdir) if request.pretrained is None else read_pretrained(request.pretrained)
+  """The model a request names: `--workdir` (a stage-2 run, or a pretrained directory made by
+  `python -m ldm_jax.convert import --out`) or `--pretrained`."""
+  if request.pretrained is not None:
+    return read_pretrained(request.pretrained)
+  if is_pretrained_dir(request.workdir):
+    return read_pretrained(request.workdir)
+  return read_run(request.workdir)
 
 
 # ---------------------------------------------------------------------------------------------
