@@ -13,33 +13,21 @@ ResNet blocks per level, self-attention with 32-channel heads at 32², 16² and 
 The reference trains with lr = base_learning_rate 2e-6 × batch 42 × 1 GPU = 8.4e-5, the paper's
 value (`optim.learning_rate` is this effective rate; it does not follow `train.batch_size`),
 constant, AdamW (torch defaults: weight decay 0.01, no clipping), EMA 0.9999, scale_factor 1
-(VQ latents unscaled), 635k steps. `:smoke` runs on the shapes data
-against `configs/autoencoder/vq_f4.py:smoke` trained in runs/vq_f4_smoke.
+(VQ latents unscaled), 635k steps: `celebahq_ldm_vq4.py` with FFHQ's batch, rate and length
+(and its `:smoke`).
 """
 
+import os
+
 from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion
 
 
 def get_config(arg=None):
   options = config_lib.parse_arg(arg)
   config_lib.check_options(options, {"smoke"}, "ffhq_ldm_vq4")
-  config = diffusion.default_config()
-  config.autoencoder.workdir = "runs/vq_f4"
-  config.data.update(source="folder", path="", image_size=256, channels=3)
-  config.cond.update(kind="none", dropout_prob=0.0)
-  config.model.update(model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-                      attention_resolutions=(2, 4, 8), num_head_channels=32, use_spatial_transformer=False,
-                      context_dim=None)
-  config.diffusion.update(beta_schedule="scaled_linear", linear_start=0.0015, linear_end=0.0195)
-  config.latent.scale_factor = 1.0
-  config.optim.update(learning_rate=8.4e-5, warmup_steps=0, weight_decay=0.01, grad_clip=0.0,
-                      ema_decay=0.9999)
-  config.sample.update(sampler="ddim", num_steps=50, guidance_scale=1.0, num_images=8)
-  config.train.update(num_steps=635_000, batch_size=42, log_every=100, checkpoint_every=5_000,
-                      image_every=5_000, eval_every=5_000)
-  if "smoke" in options:
-    config.autoencoder.workdir = "runs/vq_f4_smoke"
-    config.data.update(source="shapes", path="")
-    diffusion.apply_smoke(config)
+  config = config_lib.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "celebahq_ldm_vq4.py")
+                                + (f":{arg}" if arg else ""))
+  if "smoke" not in options:
+    config.optim.learning_rate = 8.4e-5
+    config.train.update(num_steps=635_000, batch_size=42)
   return config
