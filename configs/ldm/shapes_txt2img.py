@@ -29,8 +29,8 @@ def get_config(arg=None):
   config.latent.cache = True
   config.optim.update(learning_rate=3e-4, warmup_steps=200, ema_decay=0.999)
   config.sample.update(sampler="ddim", num_steps=50, guidance_scale=3.0, num_images=8, prompts=PROMPTS)
-  config.train.update(num_steps=1_500, batch_size=32, log_every=100, checkpoint_every=500,
-                      image_every=500, eval_every=500)
+  config.train.update(num_steps=1_200, batch_size=32, log_every=100, checkpoint_every=400,
+                      image_every=400, eval_every=400)
   if "smoke" in options:
     diffusion.apply_smoke(config)
   return config
