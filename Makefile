@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
+TEST_WORKERS ?= 2
 
-.PHONY: demo test venv fmnist clean
+.PHONY: demo test test-extended venv fmnist clean
 
 venv: $(STAMP)
 
@@ -26,7 +27,11 @@ demo: $(STAMP)
 	$(PY) -m ldm_jax.demo --workdir $(DEMO_DIR)
 
 test: $(STAMP) fmnist
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not extended" tests
+
+# The long runs left out of make test (their code paths are covered there too); CI runs both.
+test-extended: $(STAMP) fmnist
+	$(PY) -m pytest -n $(TEST_WORKERS) -m extended tests
 
 clean:
 	rm -rf $(VENV) runs

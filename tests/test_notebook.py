@@ -120,6 +120,7 @@ def test_notebook_trains_samples_and_evaluates_headless(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_notebook_samples_a_pretrained_directory_without_training(trained, tmp_path):
   """PRETRAINED_DIR = the trained run exported (EMA weights): no training, the same samples and metrics."""
   from ldm_jax.convert import read_workdir, save_pretrained

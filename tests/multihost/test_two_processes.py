@@ -34,6 +34,7 @@ def start_pair(workdir, tmp_path, env, name, *extra):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_two_processes_train_checkpoint_and_stop_when_a_peer_dies(tmp_path, jax_cache):
   env = cpu_env(2, jax_cache)
   workdir = tmp_path / "run"

@@ -48,6 +48,7 @@ def test_kl_smoke_run_learns_checkpoints_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_vq_smoke_run_reports_codebook_usage(tmp_path):
   config = smoke_config("vq_f4.py")
   results = autoencoder.train_and_evaluate(config, str(tmp_path / "vq"))
