@@ -20,7 +20,7 @@ from PIL import Image
 import sample
 from ldm_jax.train import diffusion, inference
 from tests.conftest import load_config
-from tests.train.runs import Run, cpu_env, free_port, jax_cache  # noqa: F401
+from tests.train.runs import Run, cpu_env, free_port, jax_cache, wait_all  # noqa: F401
 
 FLAGS = flags.FLAGS
 PROMPT = "a large red circle on a white background"
@@ -134,11 +134,7 @@ def test_two_processes_sample_the_same_images_as_one(class_run, tmp_path, jax_ca
   runs = [Run(["sample.py", *args, "--out", str(tmp_path / f"out{i}"), f"--coordinator_address=localhost:{port}",
                "--num_processes=2", f"--process_id={i}", "--heartbeat_timeout=20"],
               cpu_env(2, jax_cache), str(tmp_path / f"sample_{i}.log")) for i in range(2)]
-  try:
-    codes = [run.wait(600) for run in runs]
-  finally:
-    for run in runs:
-      run.kill()
+  codes = wait_all(runs, 600)
   assert codes == [0, 0], "\n".join(run.output()[-3000:] for run in runs)
   assert "2 local / 4 global devices" in runs[1].output()
   assert not os.path.exists(tmp_path / "out1")  # only process 0 writes

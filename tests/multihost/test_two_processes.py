@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train.runs import TINY_AE, Run, cpu_env, finalized_steps, free_port, jax_cache, read_state, wait_until  # noqa: F401
+from tests.train.runs import TINY_AE, Run, cpu_env, finalized_steps, free_port, jax_cache, read_state, wait_all, wait_until  # noqa: F401
 
 HEARTBEAT = 10
 
@@ -40,11 +40,7 @@ def test_two_processes_train_checkpoint_and_stop_when_a_peer_dies(tmp_path, jax_
   workdir = tmp_path / "run"
   runs = start_pair(workdir, tmp_path, env, "train", "--config.train.num_steps=6",
                     "--config.train.checkpoint_every=3", "--config.train.eval_every=6")
-  try:
-    codes = [run.wait(600) for run in runs]
-  finally:
-    for run in runs:
-      run.kill()
+  codes = wait_all(runs, 600)
   assert codes == [0, 0], "\n".join(run.output()[-3000:] for run in runs)
   for run in runs:
     assert "process %d of 2, 2 local / 4 global devices" % runs.index(run) in run.output()

@@ -63,6 +63,15 @@ class Run:
       self.proc.wait()
 
 
+def wait_all(runs: list[Run], timeout: float) -> list[int]:
+  """Exit codes of `runs`, waited for in order; any still running afterwards is killed."""
+  try:
+    return [run.wait(timeout) for run in runs]
+  finally:
+    for run in runs:
+      run.kill()
+
+
 def finalized_steps(workdir: str) -> list[int]:
   """Checkpoint steps that orbax has committed (temporary directories are not digits)."""
   directory = os.path.join(workdir, "checkpoints")
