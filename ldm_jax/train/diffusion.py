@@ -275,9 +275,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.chain(*chain, optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
-def ema_decay(step, decay: float):
-  """LDM's LitEma warm-up: min(decay, (1 + n) / (10 + n)) after n updates."""
-  n = step.astype(jnp.float32)
+def ema_decay(num_updates, decay: float):
+  """LDM's LitEma warm-up: min(decay, (1 + n) / (10 + n)) for the n-th update, n = 1 the first
+  (LitEma increments its counter before it computes the decay): 2/11, 3/12, 4/13, …"""
+  n = num_updates.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
@@ -368,7 +369,7 @@ class Stage2:
                                                grad_sharding=self.state_sharding.params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = ema_decay(state.step, self.config.optim.ema_decay)
+    decay = ema_decay(state.step + 1, self.config.optim.ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     if self.frozen_cond:
       ema = {**ema, "cond": params["cond"]}  # exactly the pretrained weights, not a rounded average

@@ -4,9 +4,11 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import diffusion
 from ldm_jax.train import sharding
@@ -25,10 +27,53 @@ def restore(workdir, keys):
   return jax.device_get(value)
 
 
+def tiny_run(kind="kl", *, cache=False):
+  """(config, mesh, ldm, ae_params) of a class-conditional `:smoke` LDM on the 16 px shapes (80
+  images) over a random one-level autoencoder of `kind` ('kl' | 'vq'), on one device."""
+  ae_config = load_config("configs/autoencoder/shapes_kl_f4.py:smoke" if kind == "kl"
+                          else "configs/autoencoder/vq_f4.py:smoke")
+  ae_config.model.ch_mult = (1,)
+  model = ae_lib.make_autoencoder(ae_config.model)
+  ae_params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)), method=model.init_all)["params"]
+  config = load_config("configs/ldm/fmnist_class_cond.py:smoke")
+  config.data.update(source="shapes", path="", channels=3, num_examples=80)
+  config.cond.num_classes = 0
+  config.latent.cache = cache
+  diffusion.resolve_config(config, ae_config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  return config, mesh, diffusion.build_ldm(config, model, ae_config, None, for_training=True), ae_params
+
+
+def make_stage(config, mesh, ldm, ae_params, batch):
+  """A set-up `Stage2` for prepared batches like `batch`."""
+  stage = diffusion.Stage2(config, mesh, ldm, ae_params)
+  stage.setup({k[len("cond/"):]: v for k, v in batch.items() if k.startswith("cond/")})
+  return stage
+
+
 def test_ema_decay_warms_up_as_litema():
-  steps = np.array([0, 1, 10, 1000, 10**6])
-  decay = np.asarray(diffusion.ema_decay(jax.numpy.asarray(steps), 0.999))
-  np.testing.assert_allclose(decay, np.minimum(0.999, (1 + steps) / (10 + steps)), rtol=1e-6)
+  n = np.array([1, 2, 10, 1000, 10**6])
+  decay = np.asarray(diffusion.ema_decay(jax.numpy.asarray(n), 0.999))
+  np.testing.assert_allclose(decay, np.minimum(0.999, (1 + n) / (10 + n)), rtol=1e-6)
+
+
+def test_ema_updates_use_litema_decays_from_the_first_step():
+  """LitEma's first update uses n = 1 (its counter is incremented first): decays 2/11, 3/12, 4/13."""
+  config, mesh, ldm, ae_params = tiny_run()
+  rng = np.random.default_rng(0)
+  raw = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 6,
+         "caption": np.array([""] * 8)}
+  batch = diffusion.prepare_batch(config, ldm, raw, 1)
+  stage = make_stage(config, mesh, ldm, ae_params, batch)
+  state = stage.init(jax.random.PRNGKey(0), jnp.float32(0.5))
+  expected = jax.device_get(state.params)
+  for decay in (2 / 11, 3 / 12, 4 / 13):
+    state, metrics = stage.train_step(state, sharding.shard_batch(batch, mesh), ae_params)
+    params = jax.device_get(state.params)
+    expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, expected, params)
+    np.testing.assert_allclose(float(metrics["ema_decay"]), decay, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(state.ema_params),
+               expected)
 
 
 @pytest.mark.slow
