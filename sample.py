@@ -17,9 +17,10 @@ against the model before anything is compiled (for --workdir, before any weight 
 one stops the run with a message naming it and nothing written. See `ldm_jax.train.inference`.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from ldm_jax.diffusion.samplers import SAMPLERS
+from ldm_jax.runtime import cli
 from ldm_jax.train import distributed, inference
 from ldm_jax.train.logging import setup_logging
 
@@ -96,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,11 +9,10 @@ same command on every host with --coordinator_address=HOST0:PORT --num_processes
 (nothing to add on TPU pods, or under SLURM/Open MPI with several tasks); see README "Scaling".
 """
 
-from absl import app
-
+from ldm_jax.runtime import cli
 from ldm_jax.train import autoencoder, loop
 
 main = loop.entry_point(autoencoder.train_and_evaluate, "Final held-out metrics")
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,11 +16,10 @@ same command on every host with --coordinator_address=HOST0:PORT --num_processes
 (nothing to add on TPU pods, or under SLURM/Open MPI with several tasks); see README "Scaling".
 """
 
-from absl import app
-
+from ldm_jax.runtime import cli
 from ldm_jax.train import diffusion, loop
 
 main = loop.entry_point(diffusion.train_and_evaluate, "Final training scalars")
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

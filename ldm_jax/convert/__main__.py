@@ -9,7 +9,9 @@
   python -m ldm_jax.convert export --workdir runs/ldm --format diffusers --out exported/ldm
   python -m ldm_jax.convert export --workdir runs/ae --format safetensors --out exported/ae
 
-`import` writes a pretrained directory (see `ldm_jax.convert.pretrained`); its `autoencoder/`
+Nothing that exists is replaced: a path of --out that the converter would write and that exists
+is an error, unless `--overwrite` is given and an earlier export wrote it (see
+`ldm_jax.runtime.outputs`). `import` writes a pretrained directory (see `ldm_jax.convert.pretrained`); its `autoencoder/`
 folder is also a stage-1 workdir, so `train_diffusion.py --config.autoencoder.workdir=OUT/autoencoder`
 trains a new latent diffusion model on the imported autoencoder.
 """
@@ -22,16 +24,25 @@ import sys
 
 from ldm_jax.convert import export as export_lib
 from ldm_jax.convert import pretrained as pretrained_lib
+from ldm_jax.runtime import cli
+
+
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as the one `error: …` line of every entry point."""
+
+  def error(self, message):
+    sys.exit(cli.fail(f"{self.prog}: {message} (see --help)"))
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m ldm_jax.convert", description=__doc__.split("\n\n")[0],
+  parser = _Parser(prog="python -m ldm_jax.convert", description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   imp = sub.add_parser("import", help="diffusers folder / single-file checkpoint → pretrained directory")
   imp.add_argument("--src", required=True, help="diffusers pipeline or component folder, or a .safetensors/.ckpt file")
   imp.add_argument("--out", required=True, help="pretrained directory to write")
+  _common(imp)
   imp.add_argument("--image_size", type=int, default=None,
                    help="data.image_size recorded for the autoencoder workdir (default: its sample size)")
   imp.add_argument("--autoencoder_format", choices=("workdir", "safetensors"), default="workdir",
@@ -54,18 +65,21 @@ def _parser() -> argparse.ArgumentParser:
   source.add_argument("--src", help="a pretrained directory (or anything `import` reads)")
   exp.add_argument("--format", choices=("diffusers", "safetensors"), required=True)
   exp.add_argument("--out", required=True, help="folder to write")
+  _common(exp)
   exp.add_argument("--no_ema", action="store_true", help="stage 2: export the raw params, not the EMA")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   return parser
 
 
+def _common(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace what an earlier export or import wrote in --out (nothing else)")
+  parser.add_argument("--verbose", "--debug", action="store_true", help="on an error, print the full traceback")
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  try:
-    return _run(args)
-  except (ValueError, FileNotFoundError) as e:  # bad inputs: the message says what and where
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  return cli.guarded(lambda: _run(args), args.verbose)
 
 
 def _run(args) -> int:
@@ -74,12 +88,12 @@ def _run(args) -> int:
                                              "scale_factor", "resolution", "tokenizer")
                if getattr(args, k) is not None}
     if options and not os.path.isfile(args.src):
-      print(f"error: {', '.join('--' + k for k in options)} apply to single-file checkpoints; {args.src} is a "
-            "folder whose config files say all that.", file=sys.stderr)
-      return 2
+      raise ValueError(f"{', '.join('--' + k for k in options)}: apply to single-file checkpoints; {args.src} "
+                       "is a folder whose config files say all that.")
     pretrained = pretrained_lib.read_source(args.src, **options)
     pretrained_lib.save_pretrained(args.out, pretrained, image_size=args.image_size,
-                                   autoencoder_workdir=args.autoencoder_format == "workdir")
+                                   autoencoder_workdir=args.autoencoder_format == "workdir",
+                                   overwrite=args.overwrite)
     print(f"wrote {', '.join(pretrained.components)} to {args.out}")
     return 0
   if args.workdir:
@@ -87,10 +101,10 @@ def _run(args) -> int:
   else:
     pretrained = pretrained_lib.read_source(args.src)
   if args.format == "diffusers":
-    written = export_lib.write_diffusers(args.out, pretrained)
+    written = export_lib.write_diffusers(args.out, pretrained, overwrite=args.overwrite)
     print("wrote " + ", ".join(written))
   else:
-    pretrained_lib.save_pretrained(args.out, pretrained)
+    pretrained_lib.save_pretrained(args.out, pretrained, overwrite=args.overwrite)
     print(f"wrote {', '.join(pretrained.components)} to {args.out}")
   return 0
 

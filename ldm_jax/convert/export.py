@@ -29,6 +29,7 @@ from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert import transformers_text as tconv
 from ldm_jax.convert.pretrained import PARAMS_FILE, Pretrained
 from ldm_jax.convert.safetensors_io import flatten_params, write_safetensors
+from ldm_jax.runtime import outputs
 
 _DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "cosine_s",
                    "zero_terminal_snr", "parameterization")
@@ -85,10 +86,31 @@ def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> 
   return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=workdir)
 
 
-def write_diffusers(directory: str, pretrained: Pretrained) -> list[str]:
-  """Writes `pretrained` in diffusers/transformers format; returns the folders written."""
+def _diffusers_entries(pretrained: Pretrained, single: bool) -> list[str]:
+  """The entries `write_diffusers` puts directly into its directory."""
+  if single:
+    component = next(c for c in pretrained.components if c != "conditioner")
+    return ["config.json", tconv.WEIGHTS_NAME if component == "text_encoder" else dconv.WEIGHTS_NAME]
+  ae = pretrained.configs.get("autoencoder")
+  names = [folder for folder, present in (
+      ("vae" if ae is not None and ae["kind"] == "kl" else "vqvae", ae is not None),
+      ("unet", "unet" in pretrained.configs), ("text_encoder", "text_encoder" in pretrained.configs),
+      ("conditioner", "conditioner" in pretrained.params), ("tokenizer", bool(pretrained.tokenizer_dir)),
+      ("scheduler", "diffusion" in pretrained.configs)) if present]
+  return names + ["model_index.json"]
+
+
+def write_diffusers(directory: str, pretrained: Pretrained, *, overwrite: bool = False) -> list[str]:
+  """Writes `pretrained` in diffusers/transformers format; returns the folders written.
+
+  An entry of `directory` that it would write and that exists is an error (FileExistsError
+  naming it) unless `overwrite` is given and an earlier export wrote it (`ldm_jax.runtime.outputs`).
+  """
   parts = [c for c in pretrained.components if c != "conditioner"]
   single = len(parts) == 1 and "conditioner" not in pretrained.params
+  entries = _diffusers_entries(pretrained, single)
+  os.makedirs(directory, exist_ok=True)
+  outputs.claim(directory, entries, overwrite)
   written = []
   latent = pretrained.configs.get("latent", {})
 
@@ -119,7 +141,6 @@ def write_diffusers(directory: str, pretrained: Pretrained) -> list[str]:
     written.append(path)
   if pretrained.tokenizer_dir and not single:
     target = os.path.join(directory, "tokenizer")
-    shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(pretrained.tokenizer_dir, target)
     written.append(target)
   if "diffusion" in pretrained.configs and not single:
@@ -130,6 +151,7 @@ def write_diffusers(directory: str, pretrained: Pretrained) -> list[str]:
   if (not single and ae is not None and ae["kind"] == "kl" and "unet" in pretrained.params
       and text is not None and text["kind"] == "clip" and pretrained.tokenizer_dir):
     dconv.write_json(os.path.join(directory, "model_index.json"), _model_index(pretrained.tokenizer_dir))
+  outputs.record(directory, [name for name in entries if os.path.lexists(os.path.join(directory, name))])
   return written
 
 

@@ -37,6 +37,7 @@ from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert import naming
 from ldm_jax.convert import transformers_text as tconv
 from ldm_jax.convert.safetensors_io import flatten_params, read_safetensors, unflatten_params, write_safetensors
+from ldm_jax.runtime import outputs
 
 FORMAT_FILE = "ldm_jax_pretrained.json"
 PARAMS_FILE = "params.safetensors"
@@ -189,22 +190,28 @@ def _tuples(value):
 
 
 def save_pretrained(directory: str, pretrained: Pretrained, *, autoencoder_workdir: bool = False,
-                    image_size: int | None = None) -> None:
+                    image_size: int | None = None, overwrite: bool = False) -> None:
   """Writes `pretrained` as a pretrained directory.
 
   Args:
-    directory: created if needed; existing component folders are replaced.
+    directory: created if needed; a component folder, tokenizer/ or the format file that exists
+      there is an error (FileExistsError naming it), see `overwrite`.
     pretrained: what to write.
     autoencoder_workdir: store the autoencoder as an orbax stage-1 checkpoint (the folder becomes
       a stage-1 workdir for `autoencoder.workdir`) instead of params.safetensors.
     image_size: `data.image_size` recorded for the autoencoder (stage 2 checks its data against
       it); default: the autoencoder's `resolution`.
+    overwrite: replace those entries when an earlier export or import wrote them
+      (`ldm_jax.runtime.outputs`); entries of any other origin are never replaced.
   """
+  target_tokenizer = os.path.join(directory, "tokenizer")
+  copy_tokenizer = bool(pretrained.tokenizer_dir) and (
+      os.path.abspath(pretrained.tokenizer_dir) != os.path.abspath(target_tokenizer))
+  names = pretrained.components + (["tokenizer"] if copy_tokenizer else []) + [FORMAT_FILE]
   os.makedirs(directory, exist_ok=True)
+  outputs.claim(directory, names, overwrite)
   for component in pretrained.components:
     path = os.path.join(directory, component)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
     os.makedirs(path)
     params = pretrained.params[component]
     if component == "conditioner":
@@ -221,14 +228,12 @@ def save_pretrained(directory: str, pretrained: Pretrained, *, autoencoder_workd
       _save_autoencoder_workdir(path, params)
     else:
       write_safetensors(os.path.join(path, PARAMS_FILE), flatten_params(params))
-  if pretrained.tokenizer_dir:
-    target = os.path.join(directory, "tokenizer")
-    if os.path.abspath(pretrained.tokenizer_dir) != os.path.abspath(target):
-      shutil.rmtree(target, ignore_errors=True)
-      shutil.copytree(pretrained.tokenizer_dir, target)
+  if copy_tokenizer:
+    shutil.copytree(pretrained.tokenizer_dir, target_tokenizer)
   meta = {"format": FORMAT_VERSION, "source": pretrained.source, "components": pretrained.components}
   meta.update({key: pretrained.configs[key] for key in ("diffusion", "latent", "cond") if key in pretrained.configs})
   dconv.write_json(os.path.join(directory, FORMAT_FILE), meta)
+  outputs.record(directory, names)
 
 
 def _save_autoencoder_workdir(directory: str, params) -> None:

@@ -4,6 +4,7 @@ import os
 
 import ml_collections
 
+from ldm_jax import config as checks
 from ldm_jax.data import folder, idx, shapes
 from ldm_jax.data.sources import SOURCES
 
@@ -36,16 +37,12 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.source: unknown {data_cfg.source!r}, expected one of {SOURCES}')
   if data_cfg.channels not in (1, 3):
     raise ValueError(f'data.channels must be 1 or 3, got {data_cfg.channels!r}')
-  if not isinstance(data_cfg.image_size, int) or data_cfg.image_size < 1:
-    raise ValueError(f'data.image_size must be a positive integer, got {data_cfg.image_size!r}')
-  if not isinstance(data_cfg.num_workers, int) or data_cfg.num_workers < 0:
-    raise ValueError(f'data.num_workers must be an integer >= 0, got {data_cfg.num_workers!r}')
+  checks.check_number('data.image_size', data_cfg.image_size, integer=True, ge=1)
+  checks.check_number('data.num_workers', data_cfg.num_workers, integer=True, ge=0)
   splits = {'data.train_split': data_cfg.train_split, 'data.eval_split': data_cfg.eval_split}
 
   if data_cfg.source == 'shapes':
-    if not isinstance(data_cfg.num_examples, int) or data_cfg.num_examples < 1:
-      raise ValueError(f'data.num_examples must be a positive integer, got '
-                       f'{data_cfg.num_examples!r}')
+    checks.check_number('data.num_examples', data_cfg.num_examples, integer=True, ge=1)
     for key, split in splits.items():
       if split not in shapes.SPLITS:
         raise ValueError(f'{key}: the shapes source has splits {shapes.SPLITS}, got {split!r}')

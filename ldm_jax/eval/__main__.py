@@ -25,12 +25,13 @@ import json
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from ldm_jax.data import make_source
 from ldm_jax.eval import evaluate
 from ldm_jax.eval import features as features_lib
 from ldm_jax.eval import stats as stats_lib
+from ldm_jax.runtime import cli
 from ldm_jax.train import config as config_lib
 from ldm_jax.train.logging import setup_logging
 
@@ -104,21 +105,37 @@ def _evaluate_autoencoder(extractor) -> None:
                    "protocol": extractor.protocol() if extractor else None})
 
 
+def _extractor_spec() -> str:
+  """--extractor, but 'fid' names the Fréchet distance on Inception features: asked for without
+  --extractor, it selects Inception when its weights are given; with another extractor (or no
+  weights) it is refused, never computed quietly on VGG16 features."""
+  requested = {m.strip().lower() for m in (_METRICS.value or "").split(",")}
+  if not requested & {"fid", "rfid"} or _EXTRACTOR.value == "inception":
+    return _EXTRACTOR.value
+  weights = _INCEPTION_WEIGHTS.value or os.environ.get("LDM_JAX_INCEPTION_WEIGHTS")
+  if weights and not flags.FLAGS["extractor"].present:
+    return "inception"
+  raise ValueError(f"--metrics: 'fid' (and 'rfid') is the Fréchet distance on Inception features, but --extractor is "
+                   f"{_EXTRACTOR.value!r}; pass --extractor inception --inception_weights "
+                   f"PATH/pt_inception-2015-12-05-6726825d.pth, or ask for 'fd' on {_EXTRACTOR.value}.")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise ValueError(f"{' '.join(argv[1:])}: unexpected arguments; every option is a --flag (see --help).")
   setup_logging()
   if bool(_SAMPLES.value) == bool(_AUTOENCODER.value):
-    raise app.UsageError("give exactly one of --samples (generated images) or --autoencoder (a stage-1 run)")
+    raise ValueError("--samples / --autoencoder: give exactly one (generated images, or a stage-1 run).")
   if _SAMPLES.value and not _REF.value:
-    raise app.UsageError("--samples needs --ref: a data config file or a reference stats .npz")
+    raise ValueError("--ref: --samples needs it: a data config file or a reference stats .npz.")
+  extractor_spec = _extractor_spec()
   # Cheap checks first: a bad samples file fails before any network is loaded.
   samples = evaluate.load_samples(_SAMPLES.value) if _SAMPLES.value else None
   needs_features = _SAMPLES.value or "rfd" in evaluate.parse_metrics(
       _METRICS.value or "rfd", evaluate.RECONSTRUCTION_METRICS)
-  extractor = (features_lib.make_extractor(_EXTRACTOR.value, inception_weights=_INCEPTION_WEIGHTS.value)
+  extractor = (features_lib.make_extractor(extractor_spec, inception_weights=_INCEPTION_WEIGHTS.value)
                if needs_features else None)
-  logging.info("Extractor %s, protocol %s", _EXTRACTOR.value, extractor.protocol() if extractor else None)
+  logging.info("Extractor %s, protocol %s", extractor_spec, extractor.protocol() if extractor else None)
   if _SAMPLES.value:
     _evaluate_samples(extractor, *samples)
   else:
@@ -126,4 +143,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from tqdm import tqdm
 
+from ldm_jax import config as checks
 from ldm_jax import data as data_lib
+from ldm_jax.runtime import cli
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import config as config_lib
 from ldm_jax.train import sharding
@@ -94,12 +96,14 @@ def accuracy(model, params, data_cfg, split: str, *, batch_size: int, mesh) -> f
 
 def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the classifier run in `workdir`; returns {'eval/accuracy': …}."""
+  for key in ("num_steps", "batch_size", "log_every", "checkpoint_every"):
+    checks.check_number(f"train.{key}", config.train[key], integer=True, ge=1)
+  checks.check_number("train.learning_rate", config.train.learning_rate, gt=0)
   data_lib.validate_data_config(config.data)
   config.model.num_classes = data_lib.num_classes(config.data)
+  config_lib.check_resume(config, workdir, "classifier", ("model.",))
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh)
-  if jax.process_index() == 0:
-    config_lib.save_config(config, workdir)
   model = make_model(config.model)
   optimizer = optax.adamw(config.train.learning_rate)
   dummy = jnp.zeros((1, config.data.image_size, config.data.image_size, config.data.channels))
@@ -120,7 +124,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = data_lib.make_loader(config.data, config.data.train_split,
                                     batch_size=config.train.batch_size, seed=config.train.seed)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state = checkpointer.restore(ckpt_lib.abstract_like(abstract, state_sh), train_iter)
+  state = checkpointer.restore_or_close(ckpt_lib.abstract_like(abstract, state_sh), train_iter)
   if state is None:
     state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.train.seed))
   step_fn = jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
@@ -131,6 +135,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for step in tqdm(range(start + 1, num_steps + 1), initial=start, total=num_steps, desc="classifier",
                    disable=jax.process_index() != 0):
     state, metrics = step_fn(state, sharding.shard_batch(next(train_iter), mesh))
+    if step == start + 1 and jax.process_index() == 0:
+      config_lib.save_config(config, workdir)  # once a step has trained under it
     pending.append(metrics)
     if step % config.train.log_every == 0 or step == num_steps:
       fetched = jax.device_get(pending)
@@ -168,13 +174,15 @@ def load_classifier(workdir: str):
 def main(argv):
   del argv
   setup_logging()
-  cli = flags.FLAGS
+  args = flags.FLAGS
+  checks.check_number("--num_steps", args.num_steps, integer=True, ge=1)
+  checks.check_number("--batch_size", args.batch_size, integer=True, ge=1)
   config = default_config()
-  config.data = config_lib.from_file(cli.data).data
-  config.train.update(num_steps=cli.num_steps, batch_size=cli.batch_size,
-                      checkpoint_every=min(config.train.checkpoint_every, cli.num_steps))
-  results = train_classifier(config, cli.workdir)
-  logging.info("Classifier %s: %s", cli.workdir, results)
+  config.data = config_lib.from_file(args.data).data
+  config.train.update(num_steps=args.num_steps, batch_size=args.batch_size,
+                      checkpoint_every=min(config.train.checkpoint_every, args.num_steps))
+  results = train_classifier(config, args.workdir)
+  logging.info("Classifier %s: %s", args.workdir, results)
   print(f"eval accuracy ({config.data.eval_split}): {results['eval/accuracy']:.4f}")
 
 
@@ -186,4 +194,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_steps", 2_000, "Training steps.")
   flags.DEFINE_integer("batch_size", 128, "Global batch size.")
   flags.mark_flags_as_required(["data", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -17,12 +17,11 @@ The trainer computes nll and g_loss separately so that it can take both gradient
 decoder's last layer (jax.vjp) for λ; everything here is a pure function of arrays.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ldm_jax import config as checks
 from ldm_jax.models.discriminator import NORMS
 
 
@@ -62,14 +61,10 @@ def validate_loss_config(cfg):
   if cfg.disc_norm not in NORMS:
     raise ValueError(f"loss.disc_norm: {cfg.disc_norm!r} is not one of {NORMS}.")
   for key, minimum in (("disc_start", 0), ("disc_num_layers", 1), ("disc_ndf", 1)):
-    value = cfg[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-      raise ValueError(f"loss.{key}: expected an integer >= {minimum}, got {value!r}.")
+    checks.check_number(f"loss.{key}", cfg[key], integer=True, ge=minimum)
   for key in ("disc_weight", "disc_factor", "kl_weight", "perceptual_weight", "codebook_weight"):
-    if not (isinstance(cfg[key], (int, float)) and 0 <= cfg[key] < math.inf):
-      raise ValueError(f"loss.{key}: expected a finite number >= 0, got {cfg[key]!r}.")
-  if not (isinstance(cfg.logvar_init, (int, float)) and math.isfinite(cfg.logvar_init)):
-    raise ValueError(f"loss.logvar_init: expected a finite number, got {cfg.logvar_init!r}.")
+    checks.check_number(f"loss.{key}", cfg[key], ge=0)
+  checks.check_number("loss.logvar_init", cfg.logvar_init)
   if not isinstance(cfg.learn_logvar, bool):
     raise ValueError(f"loss.learn_logvar: expected true or false, got {cfg.learn_logvar!r}.")
 

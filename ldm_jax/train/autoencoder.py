@@ -40,6 +40,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from ldm_jax import config as checks
 from ldm_jax import data as data_lib
 from ldm_jax.eval import distribution
 from ldm_jax.eval import evaluate as eval_lib
@@ -143,8 +144,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   losses.validate_loss_config(config.loss)
   if config.optim.schedule not in ("constant", "cosine"):
     raise ValueError(f"optim.schedule: {config.optim.schedule!r} is not 'constant' or 'cosine'.")
-  if config.optim.base_learning_rate <= 0:
-    raise ValueError(f"optim.base_learning_rate: must be > 0, got {config.optim.base_learning_rate}.")
+  checks.check_finite(config)
+  checks.check_number("optim.base_learning_rate", config.optim.base_learning_rate, gt=0)
+  for key in ("b1", "b2"):
+    checks.check_number(f"optim.{key}", config.optim[key], ge=0, lt=1)
   eval_metrics(config)
 
 
@@ -380,20 +383,27 @@ class Stage1:
     return distribution.frechet_distance(*stats(reconstructions), *self._rfd_reference)
 
 
+# Keys a resumed run must share with its checkpoints (`config.check_resume`).
+RESUME_KEYS = ("model.", "loss.disc_num_layers", "loss.disc_ndf", "loss.disc_norm", "loss.learn_logvar")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) a stage-1 run in `workdir`; returns the final held-out metrics (empty
-  when a SIGTERM stopped the run early, after saving its current step)."""
+  when a SIGTERM stopped the run early, after saving its current step).
+
+  Every input is checked before anything is written to `workdir`; `config.json` is written once
+  the first step under this config has run."""
   validate_config(config)
+  config_lib.check_resume(config, workdir, "autoencoder", RESUME_KEYS)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
   extractor = make_eval_extractor(config)
-  config_lib.save_config(config, workdir) if jax.process_index() == 0 else None
   stage = Stage1(config, mesh, extractor)
   train_iter = iter(data_lib.make_loader(config.data, config.data.train_split,
                                          batch_size=config.train.batch_size, seed=config.train.seed))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.train.max_checkpoints)
-  state = checkpointer.restore(stage.abstract_state, train_iter)
+  state = checkpointer.restore_or_close(stage.abstract_state, train_iter)
   if state is None:
     state = stage.init(jax.random.PRNGKey(config.train.seed))
   start_step = int(jax.device_get(state.step))
@@ -410,6 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = sharding.shard_batch(next(train_iter), mesh)
       with_gan = config.loss.disc_weight > 0 and step > config.loss.disc_start
       state, metrics = stage.train_step[with_gan](state, batch)
+      loop.save_config_once(config, workdir, step, start_step)
       pending.append(metrics)
       monitor.push(step, metrics)
       if loop.due(step, config.train.log_every, num_steps):

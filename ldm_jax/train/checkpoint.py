@@ -58,7 +58,8 @@ class Checkpointer:
     Without `step`, checkpoints are tried newest first: one that cannot be read (half-written,
     truncated, damaged) is skipped with a warning and renamed `<step>.corrupt-<time>` once an
     older one restores, so that the run can write that step again. If none restores (e.g. the
-    config no longer matches the checkpoints), RuntimeError with the newest one's error.
+    config no longer matches the checkpoints), ValueError naming the directory, with the newest
+    one's error.
     """
     if step is not None:
       return self._restore(step, abstract_state, data_iterator)
@@ -79,9 +80,19 @@ class Checkpointer:
                       candidate, self.directory, problem[:500])
       failed.append((candidate, problem))
     if failed:
-      raise RuntimeError(f"{self.directory}: none of the checkpoints {[s for s, _ in failed]} could be "
-                         f"restored; the newest failed with: {failed[0][1][:2000]}")
+      raise ValueError(f"{self.directory}: none of the checkpoints {[s for s, _ in failed]} could be "
+                       f"restored (does the config match the run's?); the newest failed with: "
+                       f"{failed[0][1][:2000]}")
     return None
+
+  def restore_or_close(self, abstract_state, data_iterator=None):
+    """`restore`, closing the checkpointer when it raises: a caller that stops on the error leaves
+    no background thread of orbax behind to fail noisily at exit."""
+    try:
+      return self.restore(abstract_state, data_iterator)
+    except BaseException:
+      self.close()
+      raise
 
   def _restore(self, step: int, abstract_state, data_iterator):
     items = {"state": ocp.args.StandardRestore(abstract_state)}

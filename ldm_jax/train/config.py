@@ -12,6 +12,7 @@ import os
 
 import ml_collections
 
+from ldm_jax import config as checks
 from ldm_jax.train import sharding
 
 
@@ -63,15 +64,10 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
   positive = ("num_steps", "batch_size", "log_every", "checkpoint_every", "max_checkpoints",
               "eval_every", "eval_batches", "image_every")
   for key in positive:
-    value = train.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ValueError(f"train.{key}: expected a positive integer, got {value!r}.")
-  if not isinstance(train.seed, int):
-    raise ValueError(f"train.seed: expected an integer, got {train.seed!r}.")
+    checks.check_number(f"train.{key}", train.get(key), integer=True, ge=1)
+  checks.check_number("train.seed", train.seed, integer=True)
   for key in ("grad_accum_steps", "max_nonfinite_steps"):
-    value = train.get(key, 1)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ValueError(f"train.{key}: expected a positive integer, got {value!r}.")
+    checks.check_number(f"train.{key}", train.get(key, 1), integer=True, ge=1)
   if train.get("dtype", "float32") not in COMPUTE_DTYPES:
     raise ValueError(f"train.dtype: {train.dtype!r} is not one of {COMPUTE_DTYPES}.")
   if not isinstance(train.get("remat", False), bool):
@@ -101,6 +97,68 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+# What each kind of run is, for messages; `run_kind` tells them apart by their config.json.
+RUN_KINDS = {"autoencoder": "stage-1 autoencoder run (train_autoencoder.py)",
+             "diffusion": "stage-2 diffusion run (train_diffusion.py)",
+             "classifier": "classifier run (python -m ldm_jax.eval.classifier)"}
+
+
+def run_kind(config) -> str | None:
+  """'autoencoder', 'diffusion' or 'classifier': which trainer wrote this (resolved) config; None
+  when it is none of them. Pretrained directories' `autoencoder/` folders count as stage 1."""
+  model = config.get("model") or {}
+  if "diffusion" in config and "autoencoder" in config:
+    return "diffusion"
+  if "kind" in model:
+    return "autoencoder"
+  if "feature_dim" in model:
+    return "classifier"
+  return None
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, kind: str, fixed: tuple[str, ...]) -> None:
+  """Before anything is built or written: a `workdir` that holds a run must be a run of `kind`
+  whose keys under the prefixes `fixed` (those its checkpoints depend on, e.g. 'model.') equal
+  `config`'s; otherwise ValueError naming the workdir or the keys that differ.
+
+  `config` must be resolved as the trainer saves it (derived keys filled in).
+  """
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    return
+  try:
+    saved = load_config(workdir)
+  except ValueError as e:
+    raise ValueError(f"--workdir: {workdir}/config.json is not readable JSON ({e}); is it an ldm_jax run?") from e
+  saved_kind = run_kind(saved)
+  if saved_kind != kind:
+    what = RUN_KINDS.get(saved_kind, "folder whose config.json no ldm_jax trainer wrote")
+    raise ValueError(f"--workdir: {workdir} holds a {what}, not a {RUN_KINDS[kind]}; give this run its own "
+                     "--workdir (a new folder, or a run of this kind to resume).")
+  new, old = _flat(_as_saved(config)), _flat(_as_saved(saved))
+  differ = [key for key in sorted(set(new) | set(old)) if key.startswith(fixed) and new.get(key) != old.get(key)]
+  if differ:
+    key = differ[0]
+    also = f" (also differ: {', '.join(differ[1:])})" if len(differ) > 1 else ""
+    raise ValueError(f"{key}: {new.get(key)!r}, but the run in {workdir} was trained with {old.get(key)!r}{also}; "
+                     "its checkpoints cannot continue under another model: leave the key as it was, or use a "
+                     "new --workdir.")
+
+
+def _as_saved(config: ml_collections.ConfigDict) -> dict:
+  # Through JSON, as save_config writes it, so that tuples and lists compare equal.
+  return json.loads(config.to_json_best_effort())
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -59,6 +59,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from ldm_jax import config as checks
 from ldm_jax import data as data_lib
 from ldm_jax.data.tokenizer import build_tokenizer, load_tokenizer
 from ldm_jax.diffusion import schedule as schedule_lib
@@ -157,13 +158,23 @@ def _load_autoencoder(config: ml_collections.ConfigDict):
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"autoencoder.workdir: {workdir} has no checkpoints/; train the autoencoder "
                             "there first.")
-  ae_config = config_lib.load_config(workdir)
+  try:
+    ae_config = config_lib.load_config(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"autoencoder.workdir: {e}") from None
+  kind = config_lib.run_kind(ae_config)
+  if kind != "autoencoder":
+    own = f" (its autoencoder.workdir is {ae_config.autoencoder.workdir})" if kind == "diffusion" else ""
+    raise ValueError(f"autoencoder.workdir: {workdir} holds a {config_lib.RUN_KINDS.get(kind, 'run of no known kind')}"
+                     f"{own}; name a stage-1 run (train_autoencoder.py --workdir) or a pretrained directory's "
+                     "autoencoder/.")
   return ae_lib.make_autoencoder(ae_config.model), ae_config
 
 
 def resolve_config(config: ml_collections.ConfigDict, ae_config: ml_collections.ConfigDict) -> None:
   """Fills the derived keys (U-Net channels, context dim, classes) and checks them against the
   autoencoder, the data and the conditioner, all before anything is compiled."""
+  checks.check_finite(config)
   config_lib.validate_train_config(config.train)
   config_lib.validate_model_overrides(config.model, config.train)
   sharding.validate_mesh_config(config.mesh)
@@ -200,8 +211,20 @@ def resolve_config(config: ml_collections.ConfigDict, ae_config: ml_collections.
     raise ValueError(f"sample.sampler: {config.sample.sampler!r} is not one of {SAMPLERS}.")
   if config.optim.schedule not in ("constant", "cosine"):
     raise ValueError(f"optim.schedule: {config.optim.schedule!r} is not 'constant' or 'cosine'.")
-  if not 0.0 <= config.optim.ema_decay < 1.0:
-    raise ValueError(f"optim.ema_decay: {config.optim.ema_decay} is not in [0, 1).")
+  o = config.optim
+  checks.check_number("optim.learning_rate", o.learning_rate, gt=0)
+  checks.check_number("optim.warmup_steps", o.warmup_steps, integer=True, ge=0)
+  for key in ("weight_decay", "grad_clip"):
+    checks.check_number(f"optim.{key}", o[key], ge=0)
+  for key in ("b1", "b2", "ema_decay"):
+    checks.check_number(f"optim.{key}", o[key], ge=0, lt=1)
+  checks.check_number("latent.scale_factor", config.latent.scale_factor, ge=0)
+  for key in ("min_snr_gamma", "offset_noise"):
+    checks.check_number(f"diffusion.{key}", config.diffusion[key], ge=0)
+  checks.check_number("sample.num_steps", config.sample.num_steps, integer=True, ge=1)
+  checks.check_number("sample.num_images", config.sample.num_images, integer=True, ge=1)
+  checks.check_number("sample.eta", config.sample.eta, ge=0)
+  checks.check_number("sample.guidance_scale", config.sample.guidance_scale, ge=0)
   schedule_lib.schedule_from_config(config.diffusion)  # raises on bad schedule keys
   validate_eval_config(config)
 
@@ -680,22 +703,32 @@ def estimate_scale_factor(config, ldm, ae_params, batch, mesh) -> float:
   return float(1.0 / np.std(np.asarray(z, np.float32)))
 
 
+# Keys a resumed run must share with its checkpoints (`config.check_resume`).
+RESUME_KEYS = ("model.", "cond.kind", "cond.class_mode", "cond.concat_source", "cond.text_encoder", "cond.dim",
+               "cond.depth", "cond.num_heads", "cond.head_dim", "cond.vocab_size", "cond.max_length",
+               "cond.num_classes", "cond.concat_channels", "autoencoder.workdir", "init.pretrained", "latent.cache")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) a stage-2 run in `workdir`; returns the last logged training scalars
-  (empty when a SIGTERM stopped the run early, after saving its current step)."""
+  (empty when a SIGTERM stopped the run early, after saving its current step).
+
+  Every input is checked before anything is written to `workdir` (with `init.pretrained` naming a
+  diffusers folder or file, its import into `workdir/pretrained` comes first); `config.json` is
+  written once the first step under this config has run."""
+  config_lib.check_resume(config, workdir, "diffusion", ())
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
   pretrained_params = apply_pretrained(config, workdir)
-  model, ae_config, ae_params = load_frozen_autoencoder(config, mesh, rules=sharding.rules_of(config.mesh),
-                                                        dtype=config.train.dtype)
-  resolve_config(config, ae_config)
+  resolve_config(config, _load_autoencoder(config)[1])
   if config.latent.cache and config.cond.kind in ("concat", "hybrid"):
     raise ValueError("latent.cache: concat conditioning needs the images at every step; set it to False.")
   extractor, eval_metrics = make_eval_extractor(config) if config.eval.metrics else (None, ())
   if eval_metrics:
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-  if jax.process_index() == 0:
-    config_lib.save_config(config, workdir)
+  config_lib.check_resume(config, workdir, "diffusion", RESUME_KEYS)
+  model, ae_config, ae_params = load_frozen_autoencoder(config, mesh, rules=sharding.rules_of(config.mesh),
+                                                        dtype=config.train.dtype)
   tokenizer = get_tokenizer(config, workdir)
   ldm = build_ldm(config, model, ae_config, tokenizer, for_training=True)
   source = cache_latents(config, ldm, ae_params, mesh) if config.latent.cache else None
@@ -706,7 +739,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        max_to_keep=config.train.max_checkpoints)
   first = prepare_batch(config, ldm, next(iter(make_train_iterator(config, source))), 0)
   stage.setup({k[len("cond/"):]: v for k, v in first.items() if k.startswith("cond/")})
-  state = checkpointer.restore(stage.abstract_state, train_iter)
+  state = checkpointer.restore_or_close(stage.abstract_state, train_iter)
   if state is None:
     scale_factor = estimate_scale_factor(config, ldm, ae_params, first, mesh)
     state = stage.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor), pretrained_params)
@@ -734,6 +767,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for step in range(start_step + 1, num_steps + 1):
       batch = sharding.shard_batch(prepare_batch(config, ldm, next(train_iter), step), mesh)
       state, metrics = stage.train_step(state, batch, ae_params)
+      loop.save_config_once(config, workdir, step, start_step)
       pending.append(metrics)
       monitor.push(step, metrics)
       if loop.due(step, config.train.log_every, num_steps):

@@ -11,7 +11,7 @@ On the host:
     `write_train_scalars` writes them with the throughput (`write_eval_scalars`: evaluation
     scores); `due` says whether a periodic action (log, eval, images, checkpoint) runs at a step;
     `running` wraps the loop (SIGTERM guard, closing its outputs) and `checkpoint_or_stop` saves
-    checkpoints and answers a SIGTERM;
+    checkpoints and answers a SIGTERM; `save_config_once` writes config.json after the first step;
   - `entry_point` is the whole `main` of `train_autoencoder.py` and `train_diffusion.py`.
 """
 
@@ -28,6 +28,7 @@ from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from ldm_jax.train import config as config_lib
 from ldm_jax.train import distributed
 from ldm_jax.train import sharding as sharding_lib
 from ldm_jax.train.logging import setup_logging
@@ -201,6 +202,13 @@ def checkpoint_or_stop(checkpointer, preemption, step: int, state, data_iterator
       checkpointer.save(step, state, data_iterator, force=True)
     return True
   return False
+
+
+def save_config_once(config, workdir: str, step: int, start_step: int) -> None:
+  """Writes `workdir/config.json` right after the first step of this invocation has run: a run's
+  config changes only once a step has trained under it (a resume that fails keeps the old one)."""
+  if step == start_step + 1 and jax.process_index() == 0:
+    config_lib.save_config(config, workdir)
 
 
 def entry_point(train_and_evaluate: Callable, results_name: str) -> Callable:

@@ -108,7 +108,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplo
 
   # When no checkpoint restores (here: a config that no longer matches), an error and no renaming.
   wrong = {"w": jax.ShapeDtypeStruct((9,), jnp.float32, sharding=device), "step": abstract["step"]}
-  with pytest.raises(RuntimeError, match=r"none of the checkpoints \[2, 1\] could be restored"):
+  with pytest.raises(ValueError, match=r"none of the checkpoints \[2, 1\] could be restored"):
     ckpt.restore(wrong)
   assert ckpt.all_steps() == [1, 2]
   ckpt.close()
