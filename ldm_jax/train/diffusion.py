@@ -356,9 +356,11 @@ class Stage2:
   def _loss(self, params, batch, rng, scale_factor, ae_params):
     d = self.config.diffusion
     rng_enc, rng_drop, rng_t, rng_noise, rng_dropout = jax.random.split(rng, 5)
-    if "latent_moments" in batch:  # cached: the posterior's mean and log-variance
+    if "latent_moments" in batch:  # cached KL: the posterior's mean and log-variance
       mean, logvar = jnp.split(batch["latent_moments"], 2, axis=-1)
       z = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng_enc, mean.shape)) * scale_factor
+    elif "latent" in batch:  # cached VQ: the pre-quantization latent
+      z = batch["latent"] * scale_factor
     else:
       z = self.ldm.encode(ae_params, batch["image"], rng_enc, scale_factor=scale_factor)
     batch_cond = {k: batch[k] for k in batch if k.startswith("cond/")}
@@ -406,45 +408,64 @@ class Stage2:
 
 
 # ---- data ---------------------------------------------------------------------------------------
-class _ArraySource:
-  """Random access over in-memory cached latents: records {'latent_moments', 'label', 'caption'}."""
+# What a latent cache holds per image: the KL posterior's moments or VQ's pre-quantization latent.
+CACHED_LATENT_KEYS = ("latent_moments", "latent")
 
-  def __init__(self, moments: np.ndarray, labels: np.ndarray, captions: np.ndarray):
-    self.moments, self.labels, self.captions = moments, labels, captions
+
+class _ArraySource:
+  """Random access over in-memory columns of equal length: record i is {name: column[i]}."""
+
+  def __init__(self, columns: dict[str, np.ndarray]):
+    self.columns = columns
 
   def __len__(self) -> int:
-    return len(self.moments)
+    return len(next(iter(self.columns.values())))
 
   def __getitem__(self, i):
-    return {"latent_moments": self.moments[i], "label": self.labels[i], "caption": self.captions[i]}
+    return {name: column[i] for name, column in self.columns.items()}
 
 
 def _collate(records):
   return {key: np.stack([np.asarray(r[key]) for r in records]) for key in records[0]}
 
 
-def cache_latents(config, ldm: LatentDiffusion, ae_params, mesh) -> _ArraySource:
-  """Encodes the training split once: the KL posterior's (mean, logvar) per image, so that the
-  step still draws a fresh posterior sample as uncached training does. No augmentation."""
+def _encode_for_cache(ldm: LatentDiffusion, ae_params, images) -> dict[str, jax.Array]:
+  """What the cache keeps of a batch of images, unscaled, float32 (see `cache_latents`)."""
+  out = ldm.autoencoder.apply({"params": ae_params}, images, method=ldm.autoencoder.encode)
+  if isinstance(out, ae_lib.DiagonalGaussian):
+    return {"latent_moments": jnp.concatenate([out.mean, out.logvar], axis=-1)}
+  return {"latent": out.astype(jnp.float32)}
+
+
+def cache_latents(config, ldm: LatentDiffusion, ae_params) -> _ArraySource:
+  """Encodes this host's share of the training split once (the records `data.make_loader` gives
+  this host), without augmentation, with each record's label and caption.
+
+  A KL autoencoder's latents are kept as the posterior's moments ('latent_moments', mean ⊕ logvar),
+  so that every step still draws a fresh posterior sample as uncached training does; a VQ
+  autoencoder's as the pre-quantization latent ('latent'), which is what LDM trains on (the
+  decoder quantizes).
+  """
   loader = data_lib.make_loader(config.data, config.data.train_split, batch_size=config.train.batch_size,
                                 seed=0, shuffle=False, num_epochs=1, drop_remainder=False)
-  encode = jax.jit(lambda p, x: ldm.autoencoder.apply({"params": p}, x, method=ldm.autoencoder.encode))
-  moments, labels, captions = [], [], []
+  encode = jax.jit(functools.partial(_encode_for_cache, ldm))
+  columns = []
   for batch in tqdm(loader, desc="caching latents", disable=jax.process_index() != 0):
-    posterior = jax.device_get(encode(ae_params, batch["image"]))
-    moments.append(np.concatenate([posterior.mean, posterior.logvar], axis=-1))
-    labels.append(batch["label"])
-    captions.append(batch["caption"])
-  return _ArraySource(np.concatenate(moments), np.concatenate(labels), np.concatenate(captions))
+    latents = jax.device_get(encode(ae_params, batch["image"]))
+    columns.append({**latents, "label": batch["label"], "caption": batch["caption"]})
+  return _ArraySource({name: np.concatenate([c[name] for c in columns]) for name in columns[0]})
 
 
 def make_train_iterator(config, source=None):
-  """Batches of images (or cached latent moments), per host, deterministic given train.seed."""
+  """Batches of images (or cached latents), per host, deterministic given train.seed.
+
+  Each host reads its share of the training split: the images `data.make_loader` gives it, or a
+  cache of those same images (`cache_latents`), which is not split again.
+  """
   if source is None:
     return iter(data_lib.make_loader(config.data, config.data.train_split,
                                      batch_size=config.train.batch_size, seed=config.train.seed))
-  ds = grain.MapDataset.source(source).seed(config.train.seed)
-  ds = ds[jax.process_index()::jax.process_count()].shuffle().repeat(None)
+  ds = grain.MapDataset.source(source).seed(config.train.seed).shuffle().repeat(None)
   ds = ds.batch(data_lib.host_batch_size(config.train.batch_size), drop_remainder=True, batch_fn=_collate)
   return iter(ds.to_iter_dataset())
 
@@ -453,9 +474,8 @@ def prepare_batch(config, ldm: LatentDiffusion, batch: dict, step: int) -> dict:
   """Host side: the conditioner's inputs under 'cond/…' next to the image or cached latents."""
   rng = np.random.default_rng((config.train.seed, step))  # random inpainting masks, reproducible
   cond = ldm.prepare(batch, rng=rng)
-  out = {k: batch[k] for k in ("image", "latent_moments") if k in batch}
-  if "latent_moments" in out:
-    out.pop("image", None)
+  cached = [k for k in CACHED_LATENT_KEYS if k in batch]
+  out = {k: batch[k] for k in cached or ["image"]}
   out.update({f"cond/{k}": v for k, v in cond.items()})
   return out
 
@@ -696,6 +716,8 @@ def estimate_scale_factor(config, ldm, ae_params, batch, mesh) -> float:
   if "latent_moments" in batch:
     mean, logvar = np.split(np.asarray(batch["latent_moments"]), 2, axis=-1)
     z = mean + np.exp(0.5 * logvar) * np.random.default_rng(0).standard_normal(mean.shape)
+  elif "latent" in batch:
+    z = np.asarray(batch["latent"])
   else:
     images = sharding.shard_batch({"image": batch["image"]}, mesh)["image"]
     z = jax.jit(functools.partial(ldm.encode, scale_factor=1.0))(ae_params, images, jax.random.PRNGKey(0))
@@ -731,7 +753,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                         dtype=config.train.dtype)
   tokenizer = get_tokenizer(config, workdir)
   ldm = build_ldm(config, model, ae_config, tokenizer, for_training=True)
-  source = cache_latents(config, ldm, ae_params, mesh) if config.latent.cache else None
+  source = cache_latents(config, ldm, ae_params) if config.latent.cache else None
   train_iter = make_train_iterator(config, source)
 
   stage = Stage2(config, mesh, ldm, ae_params)

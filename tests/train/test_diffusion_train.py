@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax import data as data_lib
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import diffusion
@@ -74,6 +75,47 @@ def test_ema_updates_use_litema_decays_from_the_first_step():
     np.testing.assert_allclose(float(metrics["ema_decay"]), decay, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(state.ema_params),
                expected)
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_a_step_on_cached_latents_equals_a_step_on_their_images(kind):
+  """The cache keeps what the step would encode: KL moments (the step draws the same posterior
+  sample from them as from the images), VQ's pre-quantization latent."""
+  config, mesh, ldm, ae_params = tiny_run(kind, cache=True)
+  cache = diffusion.cache_latents(config, ldm, ae_params)
+  assert len(cache) == 80
+  images = next(data_lib.make_loader(config.data, config.data.train_split, batch_size=8, seed=0, shuffle=False,
+                                     num_epochs=1))
+  cached = {k: np.stack([cache[i][k] for i in range(8)]) for k in cache[0]}
+  np.testing.assert_array_equal(cached["label"], images["label"])
+  batches = [diffusion.prepare_batch(config, ldm, b, 1) for b in (images, cached)]
+  assert {"latent_moments" if kind == "kl" else "latent"} == set(batches[1]) - {"cond/label"}
+  stage = make_stage(config, mesh, ldm, ae_params, batches[0])
+  initial = jax.device_get(stage.init(jax.random.PRNGKey(0), jnp.float32(0.5)))
+  losses = []
+  for batch in batches:
+    _, metrics = stage.train_step(jax.device_put(initial, stage.state_sharding), sharding.shard_batch(batch, mesh),
+                                  ae_params)
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_each_host_trains_on_exactly_its_share_of_the_cached_latents(monkeypatch):
+  """Two simulated hosts: each caches the images `make_loader` gives it, and one epoch of its train
+  iterator visits each of its cached latents once (the cache is not split by host again)."""
+  config, _, ldm, ae_params = tiny_run(cache=True)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  shares = []
+  for host in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+    cache = diffusion.cache_latents(config, ldm, ae_params)
+    rows = lambda moments: sorted(m.tobytes() for m in moments)
+    cached = rows(cache[i]["latent_moments"] for i in range(len(cache)))
+    batches = diffusion.make_train_iterator(config, cache)
+    epoch = np.concatenate([next(batches)["latent_moments"] for _ in range(len(cache) // 4)])  # 4 per host
+    assert rows(epoch) == cached, f"host {host}: one epoch does not visit each of its cached latents once"
+    shares.append(set(cached))
+  assert len(shares[0]) == len(shares[1]) == 40 and not shares[0] & shares[1]  # 80 images, split in two
 
 
 @pytest.mark.slow
