@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ldm_jax.nn import Downsample, ResnetBlock, SpatialSelfAttention, Upsample, check_group_norm
+from ldm_jax.nn import (AttentionConfig, Downsample, ResnetBlock, SpatialSelfAttention, Upsample,
+                        check_group_norm, check_implementation)
 
 NUM_GROUPS = 32
 EPSILON = 1e-6
@@ -64,7 +65,7 @@ class _Blocks(nn.Module):
   with `remat` their activations are recomputed in the backward pass instead of stored (same
   parameters, less memory)."""
   dropout: float
-  query_chunk_size: int | None
+  attention_config: AttentionConfig
   dtype: Any
   remat: bool
 
@@ -75,7 +76,7 @@ class _Blocks(nn.Module):
 
   def attention(self, name: str) -> nn.Module:
     attention = nn.remat(SpatialSelfAttention) if self.remat else SpatialSelfAttention
-    return attention(NUM_GROUPS, EPSILON, self.query_chunk_size, dtype=self.dtype, name=name)
+    return attention(NUM_GROUPS, EPSILON, self.attention_config, dtype=self.dtype, name=name)
 
 
 class _Level(_Blocks):
@@ -122,6 +123,7 @@ class _CoderFields(nn.Module):
   attn_resolutions: tuple[int, ...] = ()
   resolution: int = 256
   dropout: float = 0.0
+  attention: str = "auto"
   query_chunk_size: int | None = None
   dtype: Any = jnp.float32
   remat: bool = False
@@ -129,11 +131,12 @@ class _CoderFields(nn.Module):
   def _coder_fields(self) -> dict[str, Any]:
     return dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                 attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                **self._block_fields())
+                dropout=self.dropout, attention=self.attention, query_chunk_size=self.query_chunk_size,
+                dtype=self.dtype, remat=self.remat)
 
   def _block_fields(self) -> dict[str, Any]:
-    return dict(dropout=self.dropout, query_chunk_size=self.query_chunk_size, dtype=self.dtype,
-                remat=self.remat)
+    return dict(dropout=self.dropout, attention_config=AttentionConfig(self.attention, self.query_chunk_size),
+                dtype=self.dtype, remat=self.remat)
 
   def _level(self, i: int, num_layers: int, res: int, resample: str | None, name: str) -> _Level:
     """Level i (ch·ch_mult[i] channels) working at `res` pixels of the training resolution."""
@@ -158,7 +161,8 @@ class Encoder(_CoderFields):
     in_channels: image channels.
     z_channels: latent channels; `double_z` doubles them for the mean and log-variance of q(z|x).
     dropout: dropout rate inside the ResnetBlocks.
-    query_chunk_size: attention query chunking (see `ldm_jax.nn.dot_product_attention`).
+    attention: attention implementation ('auto', 'xla', 'blocked', …; see `ldm_jax.nn.attention`).
+    query_chunk_size: queries per step of the 'xla' attention (see `dot_product_attention`).
     remat: rematerialize ResnetBlocks and attention in the backward pass (less memory).
   """
   in_channels: int = 3
@@ -455,6 +459,7 @@ def validate_autoencoder_config(model_cfg: Mapping[str, Any], image_size: int | 
     _positive_int(model_cfg, "n_embed", minimum=2)
   if not 0.0 <= model_cfg["dropout"] < 1.0:
     raise ValueError(f"model.dropout: {model_cfg['dropout']!r} must be in [0, 1).")
+  check_implementation(model_cfg.get("attention", "auto"), "model.attention")
 
   ch_mult = tuple(model_cfg["ch_mult"])
   if not ch_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in ch_mult):
@@ -483,7 +488,7 @@ def make_autoencoder(model_cfg: Mapping[str, Any]) -> AutoencoderKL | VQModel:
   """Builds `AutoencoderKL` (model.kind='kl') or `VQModel` ('vq') from the `model` config.
 
   Required keys: see `validate_autoencoder_config` (call it first; this only builds). Optional keys:
-  `query_chunk_size` (None), `dtype` ('float32'; computation dtype, parameters stay float32),
+  `attention` ('auto'), `query_chunk_size` (None), `dtype` ('float32'; computation dtype, parameters stay float32),
   `remat` (False; recompute block activations in the backward pass) and,
   for 'vq', `beta` (0.25) and `legacy_loss` (True); see `VectorQuantizer`.
   """
@@ -495,7 +500,8 @@ def make_autoencoder(model_cfg: Mapping[str, Any]) -> AutoencoderKL | VQModel:
       num_res_blocks=model_cfg["num_res_blocks"],
       attn_resolutions=tuple(model_cfg["attn_resolutions"]), resolution=model_cfg["resolution"],
       in_channels=model_cfg["in_channels"], z_channels=model_cfg["z_channels"],
-      dropout=float(model_cfg["dropout"]), query_chunk_size=model_cfg.get("query_chunk_size"),
+      dropout=float(model_cfg["dropout"]), attention=model_cfg.get("attention", "auto"),
+      query_chunk_size=model_cfg.get("query_chunk_size"),
       dtype=jnp.dtype(model_cfg.get("dtype", "float32")), remat=bool(model_cfg.get("remat", False)))
   if kind == "kl":
     return AutoencoderKL(**fields)

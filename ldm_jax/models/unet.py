@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ldm_jax.nn.attention import dot_product_attention
+from ldm_jax.nn.attention import AttentionConfig, check_implementation, dot_product_attention
 from ldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from ldm_jax.nn.layers import Downsample, ResnetBlock, Upsample, check_group_norm
 
@@ -64,10 +64,10 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> tu
   return channels // num_head_channels, num_head_channels
 
 
-def _multi_head(q, k, v, num_heads, query_chunk_size):
+def _multi_head(q, k, v, num_heads, attention: AttentionConfig):
   """q: [B, Lq, H·D], k, v: [B, Lk, H·D] → [B, Lq, H·D]; head h owns channels h·D … (h+1)·D − 1."""
   split = lambda a: a.reshape(*a.shape[:2], num_heads, a.shape[-1] // num_heads)
-  out = dot_product_attention(split(q), split(k), split(v), query_chunk_size=query_chunk_size)
+  out = dot_product_attention(split(q), split(k), split(v), **dataclasses.asdict(attention))
   return out.reshape(*out.shape[:2], -1)
 
 
@@ -79,7 +79,7 @@ class Attention(nn.Module):
   """
   num_heads: int
   head_dim: int
-  query_chunk_size: int | None = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -89,7 +89,7 @@ class Attention(nn.Module):
     inner = self.num_heads * self.head_dim
     dense = lambda name: nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)
     q, k, v = dense("to_q")(x), dense("to_k")(context), dense("to_v")(context)
-    out = _multi_head(q, k, v, self.num_heads, self.query_chunk_size)
+    out = _multi_head(q, k, v, self.num_heads, self.attention)
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -122,14 +122,14 @@ class BasicTransformerBlock(nn.Module):
   """
   num_heads: int
   head_dim: int
-  query_chunk_size: int | None = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
     """x: [B, L, C], context: [B, Lc, Cc] or None → [B, L, C]."""
     norm = lambda name: nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=self.dtype, name=name)
-    attn = lambda name: Attention(self.num_heads, self.head_dim, self.query_chunk_size, self.dtype, name=name)
+    attn = lambda name: Attention(self.num_heads, self.head_dim, self.attention, self.dtype, name=name)
     x = x + attn("attn1")(norm("norm1")(x))
     x = x + attn("attn2")(norm("norm2")(x), context)
     return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
@@ -146,7 +146,7 @@ class SpatialTransformer(nn.Module):
   depth: int = 1
   use_linear_projection: bool = False
   num_groups: int = 32
-  query_chunk_size: int | None = None
+  attention: AttentionConfig = AttentionConfig()
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
 
@@ -162,7 +162,7 @@ class SpatialTransformer(nn.Module):
       h = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(h).reshape(b, height * width, inner)
     block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for k in range(self.depth):
-      h = block_cls(self.num_heads, self.head_dim, self.query_chunk_size, self.dtype,
+      h = block_cls(self.num_heads, self.head_dim, self.attention, self.dtype,
                     name=f"transformer_blocks_{k}")(h, context)
     if self.use_linear_projection:
       h = nn.Dense(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
@@ -181,7 +181,7 @@ class AttentionBlock(nn.Module):
   """
   num_heads: int
   num_groups: int = 32
-  query_chunk_size: int | None = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -193,7 +193,7 @@ class AttentionBlock(nn.Module):
     h = nn.GroupNorm(self.num_groups, epsilon=_RESNET_EPS, dtype=self.dtype, name="group_norm")(x)
     h = h.reshape(b, height * width, channels)
     q, k, v = (nn.Dense(channels, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))
-    h = _multi_head(q, k, v, self.num_heads, self.query_chunk_size)
+    h = _multi_head(q, k, v, self.num_heads, self.attention)
     h = nn.Dense(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="to_out_0")(h)
     return x + h.reshape(b, height, width, channels)
 
@@ -219,7 +219,7 @@ class _Layers:
   transformer_depth: int
   use_spatial_transformer: bool
   use_linear_projection: bool
-  query_chunk_size: int | None
+  attention_config: AttentionConfig
   remat: bool
   dtype: Any
 
@@ -233,8 +233,8 @@ class _Layers:
     heads, head_dim = attention_heads(channels, self.num_heads, self.num_head_channels)
     if self.use_spatial_transformer:
       return SpatialTransformer(heads, head_dim, self.transformer_depth, self.use_linear_projection,
-                                self.num_groups, self.query_chunk_size, self.remat, self.dtype, name=name)
-    return AttentionBlock(heads, self.num_groups, self.query_chunk_size, self.dtype, name=name)
+                                self.num_groups, self.attention_config, self.remat, self.dtype, name=name)
+    return AttentionBlock(heads, self.num_groups, self.attention_config, self.dtype, name=name)
 
 
 class _DownBlock(nn.Module):
@@ -324,7 +324,9 @@ class UNet(nn.Module):
     dropout: dropout in the ResnetBlocks.
     num_groups: GroupNorm groups.
     flip_sin_to_cos, freq_shift: see `ldm_jax.nn.embeddings.timestep_embedding`.
-    query_chunk_size: see `ldm_jax.nn.attention.dot_product_attention`.
+    attention: attention implementation, one of `ldm_jax.nn.attention.IMPLEMENTATIONS` ('auto':
+      the fastest for the backend and shapes).
+    query_chunk_size: queries per step of the 'xla' attention (see `dot_product_attention`).
     remat: rematerialize ResnetBlocks and transformer blocks in the backward pass (less memory).
   """
   in_channels: int = 4
@@ -346,6 +348,7 @@ class UNet(nn.Module):
   num_groups: int = 32
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
+  attention: str = "auto"
   query_chunk_size: int | None = None
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
@@ -375,7 +378,8 @@ class UNet(nn.Module):
     self._check_inputs(x, context, y)
     layers = _Layers(self.num_groups, self.dropout, self.use_scale_shift_norm, self.num_heads,
                      self.num_head_channels, self.transformer_depth, self.use_spatial_transformer,
-                     self.use_linear_projection, self.query_chunk_size, self.remat, self.dtype)
+                     self.use_linear_projection, AttentionConfig(self.attention, self.query_chunk_size),
+                     self.remat, self.dtype)
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     temb = timestep_embedding(t, self.model_channels, flip_sin_to_cos=self.flip_sin_to_cos,
                               freq_shift=self.freq_shift)
@@ -499,6 +503,7 @@ def _check_static(k: dict[str, Any]) -> None:
     raise ValueError(f"model.dropout: {k['dropout']} is not in [0, 1).")
   if k["query_chunk_size"] is not None and k["query_chunk_size"] < 1:
     raise ValueError(f"model.query_chunk_size: expected a positive integer or None, got {k['query_chunk_size']}.")
+  check_implementation(k["attention"], "model.attention")
 
 
 def validate_unet_config(cfg, latent_shape: Sequence[int], context_dim_of_conditioner: int | None = None,

@@ -1,16 +1,29 @@
-"""The one attention implementation of ldm_jax, shared by the autoencoder, the U-Net and the
-text encoders.
+"""THE attention of ldm_jax: one entry point that picks the fastest correct implementation for
+the backend and the shapes, used by every attention in the project (the U-Net's self- and
+cross-attention, the autoencoder's mid-block, the text encoders).
 
-`dot_product_attention` goes through `jax.nn.dot_product_attention`, so XLA picks fused
-kernels (cuDNN flash attention on GPU, Pallas/Splash on TPU) where they exist; logits and
-softmax are computed in float32 even when the inputs are bfloat16. For long sequences
-(a 64×64 latent is 4096 tokens, and a 256 px autoencoder mid-block attends over 4096 too)
-the query axis can be split into chunks so that only a [chunk, L] block of logits lives at
-once — memory grows linearly instead of quadratically in the sequence length.
+Implementations (`model.attention`, `sample.py --attention`):
+
+  auto     the default: the choice below per call.
+  xla      `jax.nn.dot_product_attention`'s XLA path (logits [B, H, Lq, Lk] in float32), optionally
+           with `query_chunk_size` queries at a time (`lax.map`), bounding the logits to
+           [B, H, chunk, Lk]. Right for short sequences, and the fallback everywhere.
+  blocked  `blocked_attention`: cache-sized blocks with a recomputing backward; memory linear in
+           the tokens. Pure JAX, so it runs on every backend; the fastest on CPU for long sequences.
+  cudnn    cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`); GPU only,
+           float16/bfloat16, head_dim a multiple of 8 and ≤ 128.
+  pallas   the Pallas flash-attention kernel shipped with JAX (`jax.experimental.pallas.ops.tpu`);
+           TPU only, sequence lengths multiples of 128.
+
+`auto` takes `blocked` on CPU once the logits of one call would pass `CPU_BLOCKED_MIN_BYTES`,
+`cudnn` on GPU and `pallas` on TPU where their conditions hold, and `xla` otherwise
+(`select_implementation`, unit-tested per backend). Logits and softmax are float32 in every
+implementation, also for bfloat16 inputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -18,25 +31,107 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.nn.blocked_attention import blocked_attention
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          query_chunk_size: int | None = None,
-                          key_mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas")
+_BACKEND_OF = {"cudnn": "gpu", "pallas": "tpu"}
+
+# Below this many bytes of float32 logits per call the XLA path's few large ops beat the loops of
+# `blocked` on CPU (benchmarks/attention.py: the two meet between 1 and 4 MiB).
+CPU_BLOCKED_MIN_BYTES = 2 * 2**20
+_PALLAS_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """How a module computes attention (hashable: a field of flax modules).
+
+  Attributes:
+    implementation: one of `IMPLEMENTATIONS`.
+    query_chunk_size: for `xla`, queries per `lax.map` step (None = all at once).
+  """
+  implementation: str = "auto"
+  query_chunk_size: int | None = None
+
+
+def check_implementation(implementation: str, key: str = "model.attention", backend: str | None = None) -> None:
+  """Raises ValueError naming `key` if `implementation` is unknown or cannot run on `backend`
+  (default: JAX's default backend)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{key}: {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
+  backend = backend or jax.default_backend()
+  needed = _BACKEND_OF.get(implementation)
+  if needed is not None and backend != needed:
+    raise ValueError(f"{key}: {implementation!r} needs a {needed.upper()}, but JAX runs on {backend}; "
+                     "use 'auto' (picks the fastest available), 'blocked' or 'xla'.")
+
+
+def select_implementation(implementation: str, *, backend: str, batch: int, heads: int, q_len: int,
+                          k_len: int, head_dim: int, dtype: Any, has_mask: bool) -> str:
+  """The implementation `dot_product_attention` runs for this call (resolves 'auto')."""
+  if implementation != "auto":
+    return implementation
+  if backend == "cpu":
+    logits_bytes = 4 * batch * heads * q_len * k_len
+    return "blocked" if logits_bytes >= CPU_BLOCKED_MIN_BYTES else "xla"
+  if backend == "gpu":
+    if (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+        and not has_mask):
+      return "cudnn"
+    return "xla"
+  if backend == "tpu":
+    if q_len % _PALLAS_BLOCK == 0 and k_len % _PALLAS_BLOCK == 0:
+      return "pallas"
+    return "xla"
+  return "xla"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
+                          causal: bool = False, implementation: str = "auto",
+                          query_chunk_size: int | None = None) -> jax.Array:
   """Scaled dot-product attention, softmax(q kᵀ / √d) v.
 
   Args:
     q: [B, Lq, H, D] queries.
     k: [B, Lk, H, D] keys.
     v: [B, Lk, H, D] values.
-    query_chunk_size: if set and smaller than Lq, queries are processed in chunks of this
-      many tokens (`lax.map`), bounding the logits memory to [B, H, chunk, Lk].
     key_mask: optional bool [B, Lk]; False keys (padding tokens) get no attention weight.
       A query whose keys are all masked attends uniformly instead of producing NaNs.
     causal: query i attends only to keys j ≤ i (CLIP's text transformer; Lq = Lk).
+    implementation: one of `IMPLEMENTATIONS`; see the module docstring.
+    query_chunk_size: for the `xla` implementation, queries per `lax.map` step, bounding the
+      logits memory to [B, H, chunk, Lk].
 
   Returns:
     [B, Lq, H, D], in the dtype of `q`.
   """
+  check_implementation(implementation, key="attention implementation")
+  b, q_len, heads, head_dim = q.shape
+  chosen = select_implementation(implementation, backend=jax.default_backend(), batch=b, heads=heads,
+                                 q_len=q_len, k_len=k.shape[1], head_dim=head_dim, dtype=q.dtype,
+                                 has_mask=key_mask is not None)
+  if chosen == "blocked":
+    return blocked_attention(q, k, v, key_mask=key_mask, causal=causal)
+  if chosen == "cudnn":
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+  if chosen == "pallas":
+    return _pallas_attention(q, k, v, key_mask, causal)
+  return _xla_attention(q, k, v, key_mask, causal, query_chunk_size)
+
+
+def _pallas_attention(q, k, v, key_mask, causal):
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # the kernel wants [B, H, L, D]
+  segment_ids = None
+  if key_mask is not None:  # a key in segment 0 is invisible to the queries, all in segment 1
+    segment_ids = pallas_flash.SegmentIds(q=jnp.ones(q.shape[:2], jnp.int32), kv=key_mask.astype(jnp.int32))
+  out = pallas_flash.flash_attention(to_heads_first(q), to_heads_first(k), to_heads_first(v),
+                                     segment_ids=segment_ids, causal=causal, sm_scale=1.0 / math.sqrt(q.shape[-1]))
+  return to_heads_first(out)
+
+
+def _xla_attention(q, k, v, key_mask, causal, query_chunk_size):
   length = q.shape[1]
   key_mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, Lk]
 
@@ -84,11 +179,11 @@ class SpatialSelfAttention(nn.Module):
   Attributes:
     num_groups: GroupNorm groups.
     epsilon: GroupNorm epsilon (1e-6 in the autoencoder).
-    query_chunk_size: see `dot_product_attention`.
+    attention: implementation options of `dot_product_attention`.
   """
   num_groups: int = 32
   epsilon: float = 1e-6
-  query_chunk_size: int | None = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -98,7 +193,7 @@ class SpatialSelfAttention(nn.Module):
     y = nn.GroupNorm(self.num_groups, epsilon=self.epsilon, dtype=self.dtype, name="group_norm")(x)
     y = y.reshape(b, h * w, 1, c)
     q, k, v = (nn.Dense(c, dtype=self.dtype, name=name)(y) for name in ("to_q", "to_k", "to_v"))
-    y = dot_product_attention(q, k, v, query_chunk_size=self.query_chunk_size)
+    y = dot_product_attention(q, k, v, **dataclasses.asdict(self.attention))
     y = nn.Dense(c, dtype=self.dtype, name="to_out_0")(y.reshape(b, h * w, c))
     return x + y.reshape(b, h, w, c)
 
@@ -119,6 +214,7 @@ class MultiHeadSelfAttention(nn.Module):
       (the heads are returned concatenated, [B, L, num_heads·head_dim]).
     qkv_bias: whether the q, k, v projections have biases (the output projection always has one).
     causal: token i attends only to tokens j ≤ i.
+    attention: implementation options of `dot_product_attention`.
   """
   num_heads: int
   head_dim: int | None = None
@@ -126,6 +222,7 @@ class MultiHeadSelfAttention(nn.Module):
   out_name: str | None = "to_out"
   qkv_bias: bool = True
   causal: bool = False
+  attention: AttentionConfig = AttentionConfig()
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -135,7 +232,8 @@ class MultiHeadSelfAttention(nn.Module):
     head_dim = channels // self.num_heads if self.head_dim is None else self.head_dim
     q, k, v = (nn.Dense(self.num_heads * head_dim, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(x)
                .reshape(b, length, self.num_heads, head_dim) for name in self.qkv_names)
-    out = dot_product_attention(q, k, v, key_mask=key_mask, causal=self.causal).reshape(b, length, -1)
+    out = dot_product_attention(q, k, v, key_mask=key_mask, causal=self.causal, **dataclasses.asdict(self.attention))
+    out = out.reshape(b, length, -1)
     if self.out_name is None:
       return out
     return nn.Dense(channels, dtype=self.dtype, name=self.out_name)(out)

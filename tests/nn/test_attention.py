@@ -1,23 +1,141 @@
-"""The shared attention: chunked == unchunked == a naive numpy softmax attention."""
+"""The shared attention: every implementation that runs here == a naive numpy softmax attention,
+outputs and gradients; the automatic choice per backend."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.nn import MultiHeadSelfAttention, SpatialSelfAttention, dot_product_attention
+from ldm_jax.nn import AttentionConfig, MultiHeadSelfAttention, SpatialSelfAttention, dot_product_attention
+from ldm_jax.nn import attention as attention_lib
+from ldm_jax.nn.blocked_attention import blocked_attention, block_sizes
 
 
 def naive_attention(q, k, v, allowed=None):
   """softmax(q kᵀ / √D) v in float64; q [B, Lq, H, D], k/v [B, Lk, H, D]; `allowed` [B, 1, Lq, Lk]
-  bool, False logits dropped."""
+  bool, False logits dropped (a query with none left attends uniformly)."""
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
   if allowed is not None:
     logits = np.where(allowed, logits, -np.inf)
+    logits = np.where(np.isneginf(logits).all(-1, keepdims=True), 0.0, logits)  # no key: uniform
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _qkv(seed, q_len, k_len, heads=4, dim=8, batch=2, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  q = 2.0 * jax.random.normal(kq, (batch, q_len, heads, dim))
+  k = 2.0 * jax.random.normal(kk, (batch, k_len, heads, dim))
+  v = jax.random.normal(kv, (batch, k_len, heads, dim))
+  return tuple(a.astype(dtype) for a in (q, k, v))
+
+
+def _key_mask(batch, k_len, seed=7):
+  mask = np.random.default_rng(seed).uniform(size=(batch, k_len)) > 0.4
+  mask[:, 0] = True
+  mask[-1] = False  # a sequence without keys: attends uniformly
+  return mask
+
+
+def _allowed(mask, causal, q_len, k_len):
+  allowed = np.ones((1, 1, q_len, k_len), bool)
+  if causal:
+    allowed = allowed & np.tril(np.ones((q_len, k_len), bool))[None, None]
+  if mask is not None:
+    allowed = allowed & mask[:, None, None, :]
+  return allowed
+
+
+# Small blocks, so that these short sequences still run over several head groups or query chunks:
+# (heads per block, queries per block); 37 queries = 16 + 16 + 5 (a padded last chunk).
+_TINY_BLOCKS = {"one head, three chunks": (1, 16), "two heads, one chunk": (2, 37)}
+
+
+def _tiny_block_bytes(blocks, batch, k_len):
+  heads, chunk = blocks
+  return heads * chunk * 4 * batch * k_len
+
+
+@pytest.mark.parametrize("blocks", _TINY_BLOCKS.values(), ids=_TINY_BLOCKS.keys())
+@pytest.mark.parametrize("causal,masked", [(False, False), (False, True), (True, False), (True, True)])
+def test_blocked_attention_equals_the_formula_with_gradients(blocks, causal, masked):
+  q_len, k_len = 37, 37 if causal else 29
+  q, k, v = _qkv(11, q_len, k_len)
+  mask = _key_mask(2, k_len) if masked else None
+  block_bytes = _tiny_block_bytes(blocks, 2, k_len)
+  assert block_sizes(2, 4, q_len, k_len, block_bytes) == blocks
+  out = blocked_attention(q, k, v, key_mask=mask, causal=causal, block_bytes=block_bytes)
+  np.testing.assert_allclose(out, naive_attention(q, k, v, _allowed(mask, causal, q_len, k_len)),
+                             atol=2e-5, rtol=1e-5)
+  # Gradients against autodiff of the plain XLA formula.
+  weights = jax.random.normal(jax.random.key(12), out.shape)
+  loss = lambda impl: lambda q, k, v: jnp.sum(weights * impl(q, k, v))
+  blocked = loss(lambda q, k, v: blocked_attention(q, k, v, key_mask=mask, causal=causal, block_bytes=block_bytes))
+  plain = loss(lambda q, k, v: dot_product_attention(q, k, v, key_mask=mask, causal=causal, implementation="xla"))
+  grads = jax.grad(blocked, argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(plain, argnums=(0, 1, 2))(q, k, v)
+  for name, got, want in zip("qkv", grads, expected):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
+
+
+def test_blocked_attention_bfloat16_keeps_dtype_and_float32_softmax():
+  q, k, v = _qkv(13, 37, 21, dtype=jnp.bfloat16)
+  out = blocked_attention(q, k, v, block_bytes=_tiny_block_bytes((1, 16), 2, 21))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), naive_attention(q, k, v), atol=3e-2)
+  grads = jax.grad(lambda q, k, v: jnp.sum(blocked_attention(q, k, v).astype(jnp.float32) ** 2),
+                   argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(lambda q, k, v: jnp.sum(
+      dot_product_attention(q, k, v, implementation="xla").astype(jnp.float32) ** 2), argnums=(0, 1, 2))(
+          *(a.astype(jnp.float32) for a in (q, k, v)))
+  for got, want in zip(grads, expected):
+    assert got.dtype == jnp.bfloat16
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05 * scale)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pallas_flash_attention_in_interpret_mode_equals_the_formula(causal):
+  """The TPU kernel, run by Pallas' TPU interpreter on this CPU (key mask as segment ids)."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  q, k, v = _qkv(14, 128, 128, heads=2, dim=32, batch=2)
+  mask = _key_mask(2, 128)
+  mask[-1] = True  # the kernel has no uniform fallback for queries without keys
+  with pltpu.force_tpu_interpret_mode():
+    out = attention_lib._pallas_attention(q, k, v, mask, causal)  # the entry point refuses it off TPU
+  np.testing.assert_allclose(out, naive_attention(q, k, v, _allowed(mask, causal, 128, 128)), atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,kwargs,expected", [
+    ("cpu", dict(batch=16, heads=8, q_len=1024, k_len=1024, head_dim=8), "blocked"),   # 512 MiB of logits
+    ("cpu", dict(batch=2, heads=8, q_len=1024, k_len=77, head_dim=40), "blocked"),     # cross-attention, 5 MiB
+    ("cpu", dict(batch=2, heads=8, q_len=77, k_len=77, head_dim=64), "xla"),           # a text encoder
+    ("cpu", dict(batch=1, heads=1, q_len=64, k_len=64, head_dim=64), "xla"),
+    ("gpu", dict(batch=2, heads=8, q_len=4096, k_len=4096, head_dim=40, dtype=jnp.bfloat16), "cudnn"),
+    ("gpu", dict(batch=2, heads=8, q_len=4096, k_len=4096, head_dim=40), "xla"),       # float32: no cuDNN flash
+    ("gpu", dict(batch=2, heads=8, q_len=4096, k_len=77, head_dim=36, dtype=jnp.float16), "xla"),  # 36 % 8
+    ("gpu", dict(batch=2, heads=8, q_len=77, k_len=77, head_dim=64, dtype=jnp.bfloat16, has_mask=True), "xla"),
+    ("gpu", dict(batch=2, heads=2, q_len=64, k_len=64, head_dim=256, dtype=jnp.bfloat16), "xla"),
+    ("tpu", dict(batch=2, heads=8, q_len=4096, k_len=4096, head_dim=40), "pallas"),
+    ("tpu", dict(batch=2, heads=8, q_len=4096, k_len=77, head_dim=40), "xla"),         # 77 keys: not a block
+    ("tpu", dict(batch=2, heads=8, q_len=4096, k_len=256, head_dim=64, has_mask=True), "pallas"),
+])
+def test_auto_selects_per_backend_and_shape(backend, kwargs, expected):
+  kwargs = {"dtype": jnp.float32, "has_mask": False, **kwargs}
+  assert attention_lib.select_implementation("auto", backend=backend, **kwargs) == expected
+  assert attention_lib.select_implementation("xla", backend=backend, **kwargs) == "xla"
+
+
+def test_unknown_or_unavailable_implementation_names_the_key():
+  with pytest.raises(ValueError, match=r"model\.attention: 'flash' is not one of auto, xla, blocked"):
+    attention_lib.check_implementation("flash")
+  with pytest.raises(ValueError, match=r"model\.attention: 'cudnn' needs a GPU, but JAX runs on cpu"):
+    attention_lib.check_implementation("cudnn", backend="cpu")
+  with pytest.raises(ValueError, match=r"model\.attention: 'pallas' needs a TPU"):
+    attention_lib.check_implementation("pallas", backend="gpu")
+  attention_lib.check_implementation("blocked", backend="tpu")  # pure JAX: runs everywhere
 
 
 def naive_group_norm(x, scale, bias, groups, eps):
@@ -83,10 +201,10 @@ def test_multi_head_self_attention_names_and_matches_numpy(causal):
   assert set(bare.init(jax.random.key(6), x)["params"]) == {"to_q", "to_k", "to_v"}
 
 
-@pytest.mark.parametrize("query_chunk_size", [None, 5])
-def test_spatial_self_attention_matches_numpy(query_chunk_size):
+@pytest.mark.parametrize("attention", [AttentionConfig("xla"), AttentionConfig("xla", 5), AttentionConfig("blocked")])
+def test_spatial_self_attention_matches_numpy(attention):
   x = jax.random.normal(jax.random.key(2), (2, 4, 3, 32))
-  module = SpatialSelfAttention(num_groups=8, epsilon=1e-6, query_chunk_size=query_chunk_size)
+  module = SpatialSelfAttention(num_groups=8, epsilon=1e-6, attention=attention)
   # Random parameters drawn in numpy (no `init` to compile); the norm's affine parameters away
   # from identity, so that a mix-up of scale and bias would show.
   rng = np.random.default_rng(3)
