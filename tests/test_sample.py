@@ -274,11 +274,14 @@ def test_bad_input_is_reported_before_loading_and_writes_nothing(text_run, class
   cls = ("--workdir", class_run, "--num_samples", "2")
 
   cases = [
-      (ValueError, "--guidance_scale: must be ≥ 0", text + ("--guidance_scale", "-1")),
+      (ValueError, "--guidance_scale: expected a finite number >= 0", text + ("--guidance_scale", "-1")),
+      (ValueError, "--guidance_scale: expected a finite number >= 0, got inf", text + ("--guidance_scale", "inf")),
+      (ValueError, "--guidance_rescale: expected a finite number >= 0 and <= 1, got nan",
+       text + ("--guidance_rescale", "nan")),
       (ValueError, "--steps: 1001 is more than the 1000 timesteps", text + ("--steps", "1001")),
       (ValueError, "--steps: expected a positive integer", text + ("--steps", "0")),
-      (ValueError, r"--strength: must be in \[0, 1\]", text + ("--init_image", path, "--strength", "1.5")),
-      (ValueError, r"--strength: must be in \[0, 1\]", text + ("--init_image", path, "--strength", "-0.1")),
+      (ValueError, r"--strength: expected .* >= 0 and <= 1", text + ("--init_image", path, "--strength", "1.5")),
+      (ValueError, r"--strength: expected .* >= 0 and <= 1", text + ("--init_image", path, "--strength", "-0.1")),
       (ValueError, "--strength: only used with --init_image", text + ("--strength", "0.5")),
       (ValueError, "--mask: .*mask8.png is 8×8 .*init.png is 16×16", text + ("--init_image", path, "--mask",
                                                                               wrong_mask)),

@@ -3,6 +3,8 @@
 `check_number` is the one range check: a value that is not a number, not finite, not an integer
 where one is needed, or outside its range is a ValueError naming the key. `check_finite` sweeps a
 whole config, so that no NaN or infinity reaches a trainer through a key without its own check.
+`run_kind` tells which trainer wrote a run's config.json, so that no command takes one kind of
+run for another.
 """
 
 from __future__ import annotations
@@ -42,3 +44,22 @@ def check_finite(config: Mapping, prefix: str = "") -> None:
           raise ValueError(f"{name}: item {i} is {item}; expected a finite number.")
     elif isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f"{name}: expected a finite number, got {value}.")
+
+
+# What each kind of run is, for messages.
+RUN_KINDS = {"autoencoder": "stage-1 autoencoder run (train_autoencoder.py)",
+             "diffusion": "stage-2 diffusion run (train_diffusion.py)",
+             "classifier": "classifier run (python -m ldm_jax.eval.classifier)"}
+
+
+def run_kind(config: Mapping) -> str | None:
+  """'autoencoder', 'diffusion' or 'classifier': which trainer wrote this (resolved) config; None
+  when none did. A pretrained directory's `autoencoder/` counts as stage 1 (it is a stage-1 workdir)."""
+  model = config.get("model") or {}
+  if "diffusion" in config and "autoencoder" in config:
+    return "diffusion"
+  if "kind" in model:
+    return "autoencoder"
+  if "feature_dim" in model:
+    return "classifier"
+  return None

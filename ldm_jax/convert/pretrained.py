@@ -32,6 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax import config as checks
 from ldm_jax.convert import components
 from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert import naming
@@ -132,6 +133,11 @@ def read_source(src: str, **single_file_options) -> Pretrained:
     raise FileNotFoundError(f"{src}: no such file or directory.")
   if os.path.isfile(os.path.join(src, FORMAT_FILE)):
     return read_pretrained(src)
+  kind = checks.run_kind(dconv.read_json(os.path.join(src, "config.json"))) if os.path.isfile(
+      os.path.join(src, "config.json")) else None
+  if kind is not None:
+    raise ValueError(f"{src}: holds a {checks.RUN_KINDS[kind]}, not a pretrained model; use it as a workdir, "
+                     f"or export it first (python -m ldm_jax.convert export --workdir {src} …).")
   if os.path.isfile(os.path.join(src, "config.json")) and not os.path.isfile(os.path.join(src, "model_index.json")):
     component, model, params, extra = read_diffusers_component(src)
     return Pretrained({component: model, **extra}, {component: params}, None, source=src)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from collections.abc import Mapping
 
 import ml_dtypes
@@ -44,7 +45,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       out.update(read_safetensors(os.path.join(os.path.dirname(path), shard)))
     return out
   header, offset = _header(path)
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if os.path.getsize(path) > offset else None
+  size = os.path.getsize(path) - offset
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if size > 0 else None
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
@@ -54,6 +56,10 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                        f"(known: {', '.join(_DTYPES)}).")
     start, end = info["data_offsets"]
     dtype = np.dtype(_DTYPES[info["dtype"]])
+    expected = int(np.prod(info["shape"])) * dtype.itemsize
+    if not 0 <= start <= end <= size or end - start != expected:
+      raise ValueError(f"{path}: tensor {name} claims bytes [{start}, {end}) of a {size}-byte data section for "
+                       f"{expected} bytes of {info['dtype']} {info['shape']}; the file is truncated or damaged.")
     raw = data[start:end] if end > start else np.zeros((0,), np.uint8)
     out[name] = raw.view(dtype).reshape(info["shape"])
   return out
@@ -118,9 +124,13 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}: reading a torch pickle needs PyTorch (pip install torch); convert it to "
                      ".safetensors elsewhere, or install torch.") from e
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses a file
+      warnings.simplefilter("ignore")
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({e}); ldm_jax does not unpickle "
+    # torch's message goes on to suggest weights_only=False, which is what must not happen here.
+    reason = str(e).partition("WeightsUnpickler error: ")[2].split(". ")[0] or type(e).__name__
+    raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({reason}); ldm_jax does not unpickle "
                      "arbitrary objects. Convert it to .safetensors with a tool you trust.") from e
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]

@@ -65,6 +65,7 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
         if next(folder.iter_images(root), None) is None:
           raise ValueError(f'data.path: {root} is empty (no images found with extensions '
                            f'{folder.IMAGE_EXTENSIONS})')
+        folder.FolderSource(path, split)[0]  # raises naming data.path when no image can be read
 
   else:
     # TFDS is imported only by configs that use it: it is slow to import and optional.

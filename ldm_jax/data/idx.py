@@ -12,6 +12,7 @@ the digit 7" otherwise. Labels are the file's labels (10 classes).
 
 import gzip
 import os
+import zlib
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,12 @@ _IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 
 def read_idx(path: str) -> np.ndarray:
   """Reads one idx file (gzipped when the name ends in .gz) into an array."""
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  try:
+    with opener(path, 'rb') as f:
+      data = f.read()
+  except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz (BadGzipFile is an OSError)
+    raise ValueError(f'{path}: cannot be read, the file is truncated or damaged '
+                     f'({type(e).__name__}: {e}); download it again') from e
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
     raise ValueError(f'{path}: not an idx file (bad magic number {data[:4].hex()})')
   ndim = data[3]

@@ -92,10 +92,9 @@ def _evaluate_samples(extractor, images, labels) -> None:
                    "reference": {k: v for k, v in ref.meta.items() if k != "protocol"}})
 
 
-def _evaluate_autoencoder(extractor) -> None:
+def _evaluate_autoencoder(extractor, model, params, run_config) -> None:
   metrics = evaluate.parse_metrics(_METRICS.value or ",".join(evaluate.RECONSTRUCTION_METRICS),
                                    evaluate.RECONSTRUCTION_METRICS)
-  model, params, run_config = evaluate.load_autoencoder(_AUTOENCODER.value)
   data_cfg = _data_config(_REF.value) if _REF.value else run_config.data
   split = _REF_SPLIT.value or data_cfg.eval_split
   results = evaluate.evaluate_autoencoder(model, params, data_cfg, split, _NUM_REF.value, extractor, metrics,
@@ -129,8 +128,9 @@ def main(argv):
   if _SAMPLES.value and not _REF.value:
     raise ValueError("--ref: --samples needs it: a data config file or a reference stats .npz.")
   extractor_spec = _extractor_spec()
-  # Cheap checks first: a bad samples file fails before any network is loaded.
+  # Cheap checks first: a bad samples file or run fails before any network is loaded.
   samples = evaluate.load_samples(_SAMPLES.value) if _SAMPLES.value else None
+  autoencoder = evaluate.load_autoencoder(_AUTOENCODER.value) if _AUTOENCODER.value else None
   needs_features = _SAMPLES.value or "rfd" in evaluate.parse_metrics(
       _METRICS.value or "rfd", evaluate.RECONSTRUCTION_METRICS)
   extractor = (features_lib.make_extractor(extractor_spec, inception_weights=_INCEPTION_WEIGHTS.value)
@@ -139,7 +139,7 @@ def main(argv):
   if _SAMPLES.value:
     _evaluate_samples(extractor, *samples)
   else:
-    _evaluate_autoencoder(extractor)
+    _evaluate_autoencoder(extractor, *autoencoder)
 
 
 if __name__ == "__main__":

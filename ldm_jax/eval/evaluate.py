@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from ldm_jax import config as checks
 from ldm_jax.eval import distribution
 from ldm_jax.eval import features as features_lib
 from ldm_jax.eval import metrics as metrics_lib
@@ -139,14 +141,18 @@ def evaluate_samples(images, ref: stats_lib.ReferenceStats, extractor: features_
 def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   """(images uint8 [N, H, W, C], labels or None) from a samples.npz; clear errors otherwise."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"samples file {path} not found")
-  with np.load(path, allow_pickle=False) as f:
-    if "images" not in f.files:
-      raise ValueError(f"{path} has no 'images' array (keys: {f.files}); sample.py writes "
-                       f"uint8 images [N, H, W, C] under 'images'")
-    images = features_lib.check_images(f["images"], f"{path}: 'images'")
-    labels = f["labels"] if "labels" in f.files else None
-  return images, labels
+    raise FileNotFoundError(f"{path}: samples file not found")
+  try:  # never unpickled: object arrays and pickles are refused by allow_pickle=False
+    with np.load(path, allow_pickle=False) as f:
+      if not hasattr(f, "files"):
+        raise ValueError("a single .npy array, not an .npz archive")
+      if "images" not in f.files:
+        raise ValueError(f"no 'images' array (keys: {f.files})")
+      images, labels = f["images"], (f["labels"] if "labels" in f.files else None)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: not a readable samples .npz ({e}); sample.py writes uint8 images "
+                     "[N, H, W, C] under 'images'.") from e
+  return features_lib.check_images(images, f"{path}: 'images'"), labels
 
 
 # ---- autoencoders ---------------------------------------------------------------------------
@@ -154,6 +160,10 @@ def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 def load_autoencoder(workdir: str):
   """(model, params) of the stage-1 run in `workdir` (newest checkpoint), params on one device."""
   config = config_lib.load_config(workdir)
+  kind = checks.run_kind(config)
+  if kind != "autoencoder":
+    raise ValueError(f"--autoencoder: {workdir} holds a {checks.RUN_KINDS.get(kind, 'run of no known kind')}, "
+                     "not a stage-1 autoencoder run.")
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   if checkpointer.latest_step() is None:
     raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint of the autoencoder")

@@ -54,6 +54,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(fail(e))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections' errors for a --config.KEY override (unknown key, wrong type), nested and quoted.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").replace("'", "")
+    names = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
+    culprit = next((name for name in names if name.rsplit(".", 1)[-1] in message), "--config")
+    what = "not a key of the config" if isinstance(e, (AttributeError, KeyError)) else "cannot be set"
+    sys.exit(fail(f"{culprit}: {what} ({message})."))
 
 
 def _list_library_flags_in_help() -> None:

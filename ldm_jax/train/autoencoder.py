@@ -397,10 +397,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.check_resume(config, workdir, "autoencoder", RESUME_KEYS)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
-  extractor = make_eval_extractor(config)
-  stage = Stage1(config, mesh, extractor)
   train_iter = iter(data_lib.make_loader(config.data, config.data.train_split,
                                          batch_size=config.train.batch_size, seed=config.train.seed))
+  extractor = make_eval_extractor(config)
+  stage = Stage1(config, mesh, extractor)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.train.max_checkpoints)
   state = checkpointer.restore_or_close(stage.abstract_state, train_iter)

@@ -99,25 +99,6 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-# What each kind of run is, for messages; `run_kind` tells them apart by their config.json.
-RUN_KINDS = {"autoencoder": "stage-1 autoencoder run (train_autoencoder.py)",
-             "diffusion": "stage-2 diffusion run (train_diffusion.py)",
-             "classifier": "classifier run (python -m ldm_jax.eval.classifier)"}
-
-
-def run_kind(config) -> str | None:
-  """'autoencoder', 'diffusion' or 'classifier': which trainer wrote this (resolved) config; None
-  when it is none of them. Pretrained directories' `autoencoder/` folders count as stage 1."""
-  model = config.get("model") or {}
-  if "diffusion" in config and "autoencoder" in config:
-    return "diffusion"
-  if "kind" in model:
-    return "autoencoder"
-  if "feature_dim" in model:
-    return "classifier"
-  return None
-
-
 def check_resume(config: ml_collections.ConfigDict, workdir: str, kind: str, fixed: tuple[str, ...]) -> None:
   """Before anything is built or written: a `workdir` that holds a run must be a run of `kind`
   whose keys under the prefixes `fixed` (those its checkpoints depend on, e.g. 'model.') equal
@@ -131,10 +112,10 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, kind: str, fix
     saved = load_config(workdir)
   except ValueError as e:
     raise ValueError(f"--workdir: {workdir}/config.json is not readable JSON ({e}); is it an ldm_jax run?") from e
-  saved_kind = run_kind(saved)
+  saved_kind = checks.run_kind(saved)
   if saved_kind != kind:
-    what = RUN_KINDS.get(saved_kind, "folder whose config.json no ldm_jax trainer wrote")
-    raise ValueError(f"--workdir: {workdir} holds a {what}, not a {RUN_KINDS[kind]}; give this run its own "
+    what = checks.RUN_KINDS.get(saved_kind, "folder whose config.json no ldm_jax trainer wrote")
+    raise ValueError(f"--workdir: {workdir} holds a {what}, not a {checks.RUN_KINDS[kind]}; give this run its own "
                      "--workdir (a new folder, or a run of this kind to resume).")
   new, old = _flat(_as_saved(config)), _flat(_as_saved(saved))
   differ = [key for key in sorted(set(new) | set(old)) if key.startswith(fixed) and new.get(key) != old.get(key)]

@@ -162,10 +162,10 @@ def _load_autoencoder(config: ml_collections.ConfigDict):
     ae_config = config_lib.load_config(workdir)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"autoencoder.workdir: {e}") from None
-  kind = config_lib.run_kind(ae_config)
+  kind = checks.run_kind(ae_config)
   if kind != "autoencoder":
     own = f" (its autoencoder.workdir is {ae_config.autoencoder.workdir})" if kind == "diffusion" else ""
-    raise ValueError(f"autoencoder.workdir: {workdir} holds a {config_lib.RUN_KINDS.get(kind, 'run of no known kind')}"
+    raise ValueError(f"autoencoder.workdir: {workdir} holds a {checks.RUN_KINDS.get(kind, 'run of no known kind')}"
                      f"{own}; name a stage-1 run (train_autoencoder.py --workdir) or a pretrained directory's "
                      "autoencoder/.")
   return ae_lib.make_autoencoder(ae_config.model), ae_config

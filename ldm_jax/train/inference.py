@@ -47,6 +47,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
+from ldm_jax import config as checks
 from ldm_jax.data.tokenizer import load_tokenizer
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion import schedule as schedule_lib
@@ -132,14 +133,11 @@ def check_request(request: SampleRequest) -> None:
     raise ValueError(f"--steps: expected a positive integer, got {r.steps!r}.")
   if not _is_int(r.seed):
     raise ValueError(f"--seed: expected an integer, got {r.seed!r}.")
-  if not r.guidance_scale >= 0:
-    raise ValueError(f"--guidance_scale: must be ≥ 0 (1 = no guidance), got {r.guidance_scale}.")
-  if not 0 <= r.guidance_rescale <= 1:
-    raise ValueError(f"--guidance_rescale: must be in [0, 1], got {r.guidance_rescale}.")
+  checks.check_number("--guidance_scale", r.guidance_scale, ge=0)  # 1 = no guidance
+  checks.check_number("--guidance_rescale", r.guidance_rescale, ge=0, le=1)
   if r.sampler not in samplers.SAMPLERS:
     raise ValueError(f"--sampler: {r.sampler!r} is not one of {', '.join(samplers.SAMPLERS)}.")
-  if not r.eta >= 0:
-    raise ValueError(f"--eta: must be ≥ 0, got {r.eta}.")
+  checks.check_number("--eta", r.eta, ge=0)
   if r.eta != 0 and r.sampler != "ddim":
     raise ValueError(f"--eta: only DDIM has an η; got --eta {r.eta} with --sampler {r.sampler}.")
   if r.prompts is not None and r.class_labels is not None:
@@ -159,13 +157,15 @@ def check_request(request: SampleRequest) -> None:
   if r.strength is not None:
     if r.init_image is None:
       raise ValueError("--strength: only used with --init_image (image-to-image or inpainting).")
-    if not 0 <= r.strength <= 1:
-      raise ValueError(f"--strength: must be in [0, 1] (0 = the init image, 1 = pure noise), got {r.strength}.")
+    checks.check_number("--strength", r.strength, ge=0, le=1)  # 0 = the init image, 1 = pure noise
   if r.mask is not None and r.init_image is None:
     raise ValueError("--mask: inpainting needs the image to complete; give --init_image too.")
   for flag, path in (("--init_image", r.init_image), ("--mask", r.mask)):
-    if path is not None and not os.path.isfile(path):
+    if path is None:
+      continue
+    if not os.path.isfile(path):
       raise FileNotFoundError(f"{flag}: {path} is not a file.")
+    _read_image(path, flag, "L")  # a damaged file fails here, before the run is read
   steps = list(r.save_intermediates)
   if any(not _is_int(i) or i < 0 for i in steps) or len(set(steps)) != len(steps):
     raise ValueError(f"--save_intermediates: expected distinct step indices ≥ 0, got {tuple(steps)}.")

@@ -35,8 +35,16 @@ def setup_logging() -> None:
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats → uint8 in [0, 255] (round to nearest), any leading shape."""
+  """[-1, 1] floats → uint8 in [0, 255] (round to nearest), any leading shape.
+
+  A NaN or infinity is a ValueError: a diverged model must not pass for a black picture.
+  """
   images = np.asarray(images, dtype=np.float32)
+  finite = np.isfinite(images)
+  if not finite.all():
+    raise ValueError(f"images: {finite.size - np.count_nonzero(finite)} of {finite.size} values are NaN or "
+                     "infinite (a diverged model, or an extreme setting such as the guidance scale); nothing "
+                     "is written as black pixels.")
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 

@@ -79,7 +79,7 @@ def test_cli_end_to_end_with_the_vgg16_extractor(tmp_path):
   base = [sys.executable, "-m", "ldm_jax.eval", "--ref", str(cfg_file), "--num_ref", "24",
           "--extractor", "vgg16:32", "--kid_subset_size", "16", "--kid_subsets", "4", "--batch_size", "16"]
   out = tmp_path / "results.json"
-  run = subprocess.run(base + ["--samples", str(tmp_path / "samples.npz"), "--metrics", "fid,kid,pr",
+  run = subprocess.run(base + ["--samples", str(tmp_path / "samples.npz"), "--metrics", "fd,kid,pr",
                               "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   results = json.loads(out.read_text())
@@ -98,7 +98,7 @@ def test_bad_sample_files_are_refused(tmp_path):
   with pytest.raises(ValueError, match=r"got float32 with values in \[-1, -1\].*to_uint8"):
     evaluate.load_samples(str(tmp_path / "float.npz"))
   np.savez(tmp_path / "other.npz", x=np.zeros((4, 8, 8, 3), np.uint8))
-  with pytest.raises(ValueError, match="has no 'images' array"):
+  with pytest.raises(ValueError, match="no 'images' array"):
     evaluate.load_samples(str(tmp_path / "other.npz"))
   with pytest.raises(FileNotFoundError, match="not found"):
     evaluate.load_samples(str(tmp_path / "missing.npz"))
