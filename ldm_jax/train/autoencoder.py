@@ -245,12 +245,21 @@ class Stage1:
     return self.disc.apply({"params": disc_params}, images)
 
   def _reconstruct(self, ae_params, x, rng):
-    """(x_rec, regulariser, extras): KL of the sampled posterior, or the VQ codebook loss."""
+    """(x_rec, regulariser, extras): KL of the sampled posterior, or the VQ codebook loss.
+
+    The training pass, the only one with dropout (`model.dropout`): `reconstruct` and stage 2's
+    encode and decode are deterministic.
+    """
+    mode = dict(deterministic=True)
+    if self.config.model.dropout > 0:  # split only then: runs without dropout keep their posterior samples
+      rng, dropout_rng = jax.random.split(rng)
+      mode = dict(deterministic=False, rngs={"dropout": dropout_rng})
+    apply = functools.partial(self.model.apply, {"params": ae_params}, **mode)
     if self.is_kl:
-      posterior = self.model.apply({"params": ae_params}, x, method=self.model.encode)
-      x_rec = self.model.apply({"params": ae_params}, posterior.sample(rng), method=self.model.decode)
+      posterior = apply(x, method=self.model.encode)
+      x_rec = apply(posterior.sample(rng), method=self.model.decode)
       return x_rec, jnp.mean(posterior.kl()), {}
-    x_rec, qloss, info = self.model.apply({"params": ae_params}, x)
+    x_rec, qloss, info = apply(x)
     return x_rec, qloss, {"perplexity": info["perplexity"], "codebook_usage": info["usage"]}
 
   def _generator_objectives(self, gen_params, disc_params, x, rng, with_gan):

@@ -9,6 +9,7 @@ import pytest
 
 from ldm_jax.train import autoencoder
 from ldm_jax.train import config as config_lib
+from ldm_jax.train import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,3 +56,29 @@ def test_vq_smoke_run_reports_codebook_usage(tmp_path):
   assert 0.0 < results["eval/codebook_usage"] <= 1.0
   rows = [r for r in read_metrics(str(tmp_path / "vq")) if "train/perplexity" in r]
   assert rows and all(1.0 <= r["train/perplexity"] <= config.model.n_embed for r in rows)
+
+
+def test_dropout_is_active_in_the_train_step_and_not_in_evaluation():
+  """A VQ model draws nothing at random but its dropout: with model.dropout > 0 the train step
+  depends on the step's rng, without it it does not; evaluation is deterministic either way."""
+  def stage(dropout):
+    config = smoke_config("vq_f4.py")
+    config.model.update(ch_mult=(1,), dropout=dropout)
+    return autoencoder.Stage1(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+
+  batch = {"image": np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)}
+  with_dropout, without = stage(0.5), stage(0.0)
+  initial = jax.device_get(with_dropout.init(jax.random.PRNGKey(0)))
+
+  def losses(s):
+    """The step's loss from the same parameters with two step rngs."""
+    return [float(s.train_step[False](jax.device_put(initial.replace(rng=jax.random.PRNGKey(seed)), s.state_sharding),
+                                      sharding.shard_batch(batch, s.mesh))[1]["loss"]) for seed in (1, 2)]
+
+  first, second = losses(with_dropout)
+  assert first != second
+  first, second = losses(without)
+  assert first == second
+  evaluated = [jax.device_get(s.eval_step(initial.params, sharding.shard_batch(batch, s.mesh))[1])
+               for s in (with_dropout, without)]
+  np.testing.assert_array_equal(*evaluated)
