@@ -19,7 +19,7 @@ one stops the run with a message naming it and nothing written. See `ldm_jax.tra
 
 from absl import flags, logging
 
-from ldm_jax.diffusion.samplers import SAMPLERS
+from ldm_jax.diffusion.samplers import SAMPLERS, SPACINGS
 from ldm_jax.runtime import cli
 from ldm_jax.train import distributed, inference
 from ldm_jax.train.logging import setup_logging
@@ -40,6 +40,10 @@ _RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale φ in [
 _STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM η (0 = deterministic).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", SAMPLERS, "Sampler.")
+_SPACING = flags.DEFINE_enum("timestep_spacing", "uniform", SPACINGS, "Timesteps: 'uniform' (CompVis), 'quadratic', "
+                             "or diffusers' 'leading' / 'linspace' / 'trailing', as the sampler's diffusers scheduler.")
+_OFFSET = flags.DEFINE_integer("steps_offset", 0, "diffusers' steps_offset (1 in Stable Diffusion's scheduler "
+                               "configs); moves 'leading' timesteps.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per compiled call, a multiple of the device count.")
 _HEIGHT = flags.DEFINE_integer("height", None, "Image height in pixels (default: the training size).")
@@ -83,6 +87,7 @@ def request_from_flags() -> inference.SampleRequest:
       out=_OUT.value, workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, num_samples=_NUM_SAMPLES.value,
       prompts=prompts, class_labels=label, negative_prompt=_NEGATIVE.value, guidance_scale=_GUIDANCE.value,
       guidance_rescale=_RESCALE.value, steps=_STEPS.value, eta=_ETA.value, sampler=_SAMPLER.value,
+      timestep_spacing=_SPACING.value, steps_offset=_OFFSET.value,
       seed=_SEED.value, batch_size=_BATCH.value, height=_HEIGHT.value, width=_WIDTH.value,
       init_image=_INIT.value, strength=_STRENGTH.value, mask=_MASK.value, use_ema=_EMA.value,
       save_intermediates=tuple(_int("save_intermediates", i) for i in _INTERMEDIATES.value))

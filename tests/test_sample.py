@@ -126,6 +126,25 @@ def test_class_labels_seeds_and_one_compilation_for_all_batches(class_run, tmp_p
 
 
 @pytest.mark.slow
+def test_timestep_spacing_flags_select_diffusers_timesteps(class_run, tmp_path):
+  """--timestep_spacing leading --steps_offset 1 is DDIM's default 'uniform' (the same images);
+  DPM-Solver++ with diffusers' 'linspace' visits other timesteps (other images); timesteps that do
+  not fit are reported before loading."""
+  def images(name, *args):
+    out = str(tmp_path / name)
+    cli("--workdir", class_run, "--out", out, "--class_label", "all", "--num_samples", "8", "--steps", "3", *args)
+    return outputs(out)["images"]
+
+  np.testing.assert_array_equal(images("leading", "--timestep_spacing", "leading", "--steps_offset", "1"),
+                                images("uniform"))
+  assert not np.array_equal(images("dpm_linspace", "--sampler", "dpmpp_2m", "--timestep_spacing", "linspace"),
+                            images("dpm_uniform", "--sampler", "dpmpp_2m"))
+  with pytest.raises(ValueError, match="--timestep_spacing / --steps_offset: .*steps_offset=1 are not distinct"):
+    images("bad", "--steps", "1000", "--timestep_spacing", "leading", "--steps_offset", "1")
+  assert not os.path.exists(tmp_path / "bad")
+
+
+@pytest.mark.slow
 def test_two_processes_sample_the_same_images_as_one(class_run, tmp_path, jax_cache):
   """sample.py on 2 processes × 2 CPU devices (gloo): one mesh over both, process 0 writes."""
   args = ["--workdir", class_run, "--class_label", "all", "--num_samples", "6", "--batch_size", "4",

@@ -11,8 +11,11 @@ sampler. Conditioning is closed over by the caller; `cfg_model_fn` builds a guid
 is float32 whatever the dtype of `x_T` or of the network's output.
 
 Timesteps (`make_timesteps`) are returned in the order they are visited, t_0 > t_1 > … > t_{n−1}.
-'uniform' is CompVis `make_ddim_timesteps('uniform')`: t = i·⌊T/n⌋ + 1, identical to diffusers'
-'leading' spacing with `steps_offset=1` (the Stable Diffusion scheduler configs). A step from
+The default spacing of every sampler, 'uniform', is CompVis `make_ddim_timesteps('uniform')`:
+t = i·⌊T/n⌋ + 1, identical to diffusers' 'leading' spacing with `steps_offset=1` (the Stable
+Diffusion scheduler configs) for DDIM, DDPM and PLMS. `spacing='leading' | 'linspace' | 'trailing'`
+with `steps_offset` gives the timesteps of the diffusers scheduler of the same sampler and
+`timestep_spacing` (DPMSolverMultistepScheduler's differ from DDIMScheduler's). A step from
 the last timestep lands on ᾱ_0 in DDIM and PLMS (CompVis; diffusers with `set_alpha_to_one=False`),
 on ᾱ = 1 in DDPM and DPM-Solver++ (diffusers: the final step returns the data prediction).
 
@@ -28,11 +31,12 @@ Samplers:
              algorithm_type='dpmsolver++', lower_order_final=True, final_sigmas_type='zero')`.
 
 Each step goes from one visited timestep to the next one visited. (diffusers' DDIM and PNDM go
-to t − ⌊T/n⌋ instead, the same thing for 'uniform' spacing and for 'trailing' when n divides T.)
+to t − ⌊T/n⌋ instead, the same thing for 'uniform' and 'leading' spacing and for 'trailing' when
+n divides T; DDPM and DPM-Solver++ visit as here.)
 
 Samplers that draw noise (DDIM with η > 0, DDPM) split `rng` into one key per step, so the same
 key gives the same samples. All samplers accept `timesteps=` (an explicit decreasing sequence
-instead of `num_steps` and `spacing`), `return_x0_at=` (step indices whose predicted x0 is
+instead of `num_steps`, `spacing` and `steps_offset`), `return_x0_at=` (step indices whose predicted x0 is
 returned for the denoising visualisation; the call then returns `(x, x0_preds [K, B, H, W, C])`),
 and the inpainting arguments `known_latent`, `mask` and `known_noise` (front end: `inpaint`).
 
@@ -53,29 +57,43 @@ from ldm_jax.diffusion.schedule import PARAMETERIZATIONS, Schedule, predict_eps,
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 SAMPLERS = ("ddim", "ddpm", "plms", "dpmpp_2m")
-SPACINGS = ("uniform", "quadratic", "linspace", "trailing")
+SPACINGS = ("uniform", "quadratic", "leading", "linspace", "trailing")
+# Samplers whose diffusers scheduler (DPMSolverMultistepScheduler) lays n + 1 'leading' or
+# 'linspace' points and visits the first n, the last step going to ᾱ = 1 instead.
+_N_PLUS_ONE_GRID = ("dpmpp_2m",)
 
 
 # ---------------------------------------------------------------------------------------------
 # Timesteps
 
-def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
-  """The `num_steps` training timesteps a sampler visits, decreasing, int32 [num_steps].
+def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform", *, steps_offset: int = 0,
+                   sampler: str = "ddim") -> np.ndarray:
+  """The `num_steps` training timesteps `sampler` visits, decreasing, int32 [num_steps].
 
-  spacing:
+  spacing ('uniform', CompVis', is every sampler's default):
     'uniform'   i·⌊T/n⌋ + 1 for i < n (CompVis; diffusers 'leading' with steps_offset=1). With
                 n = T the offset would leave the range, so every timestep T−1 … 0 is used.
     'quadratic' ⌊(i·√(0.8T)/(n−1))²⌋ + 1 (CompVis), bumped to be strictly increasing where the
                 rounding repeats a timestep (CompVis repeats it, a wasted step for DDIM and a
                 zero step size for the multistep solvers).
-    'linspace'  round(linspace(0, T−1, n)) (diffusers 'linspace').
-    'trailing'  round(T − i·T/n) − 1 (diffusers 'trailing'; starts at T−1, what zero-terminal-SNR
-                schedules need).
+  and diffusers' `timestep_spacing`, as the sampler's scheduler sets them (DDIMScheduler,
+  DDPMScheduler, PNDMScheduler; DPMSolverMultistepScheduler for 'dpmpp_2m', which lays n + 1
+  points and visits the first n), so that a diffusers run can be reproduced:
+    'leading'   i·⌊T/n⌋ + steps_offset for i < n; dpmpp_2m: i·⌊T/(n+1)⌋ + steps_offset, 1 ≤ i ≤ n.
+    'linspace'  round(linspace(0, T−1, n)); dpmpp_2m: the n largest of round(linspace(0, T−1, n+1)).
+    'trailing'  round(T − i·T/n) − 1 for i < n, all samplers (starts at T−1, what
+                zero-terminal-SNR schedules need).
+  `steps_offset` is diffusers' (0 by default there, 1 in the Stable Diffusion configs) and, as
+  there, moves 'leading' timesteps only. E.g. 20 of T = 1000 steps: 'uniform' 951, 901, … 1;
+  dpmpp_2m 'linspace' 999, 949, … 50, 'leading' with steps_offset=1 941, 894, … 48.
   """
   T, n = num_timesteps, num_steps
   if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= T:
     raise ValueError(f"num_steps: expected an integer in [1, {T}] (the schedule's training timesteps), "
                      f"got {n!r}.")
+  if not isinstance(steps_offset, (int, np.integer)) or isinstance(steps_offset, bool) or steps_offset < 0:
+    raise ValueError(f"steps_offset: expected a non-negative integer, got {steps_offset!r}.")
+  points = n + 1 if sampler in _N_PLUS_ONE_GRID else n
   if spacing == "uniform":
     step = T // n
     offset = 1 if (n - 1) * step + 1 < T else 0
@@ -83,21 +101,25 @@ def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform")
   elif spacing == "quadratic":
     ts = (np.linspace(0, np.sqrt(T * 0.8), n) ** 2).astype(np.int64) + 1
     ts = np.maximum.accumulate(ts - np.arange(n)) + np.arange(n)  # now ts[i] ≥ ts[i−1] + 1
-    if ts[-1] > T - 1:
-      raise ValueError(f"num_steps: {n} quadratic steps do not fit in {T} timesteps; use spacing='uniform'.")
+  elif spacing == "leading":
+    ts = np.arange(points)[points - n:] * (T // points) + steps_offset
   elif spacing == "linspace":
-    ts = np.round(np.linspace(0, T - 1, n)).astype(np.int64)
+    ts = np.round(np.linspace(0, T - 1, points)).astype(np.int64)[points - n:]
   elif spacing == "trailing":
     ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64)[:n][::-1] - 1
   else:
     raise ValueError(f"spacing: {spacing!r} is not one of {', '.join(SPACINGS)}.")
+  if ts[-1] > T - 1 or np.any(np.diff(ts) <= 0):
+    raise ValueError(f"num_steps: {n} steps of spacing {spacing!r}"
+                     f"{f' with steps_offset={steps_offset}' if spacing == 'leading' else ''} are not distinct "
+                     f"timesteps in [0, {T}); use fewer steps or spacing='uniform'.")
   return np.ascontiguousarray(ts[::-1]).astype(np.int32)
 
 
-def _resolve_timesteps(schedule: Schedule, num_steps, spacing, timesteps) -> np.ndarray:
+def _resolve_timesteps(schedule: Schedule, num_steps, spacing, steps_offset, sampler, timesteps) -> np.ndarray:
   T = schedule.num_timesteps
   if timesteps is None:
-    return make_timesteps(T, num_steps, spacing)
+    return make_timesteps(T, num_steps, spacing, steps_offset=steps_offset, sampler=sampler)
   ts = np.asarray(timesteps)
   if (ts.ndim != 1 or ts.size == 0 or not np.issubdtype(ts.dtype, np.integer) or ts.min() < 0
       or ts.max() >= T or np.any(np.diff(ts) >= 0)):
@@ -260,12 +282,12 @@ class _Trajectory:
   float32 (`ab`), the inpainting blend and the x0 buffer. `predict` is the start of every step,
   `scan` runs the steps as one `lax.scan`."""
 
-  def __init__(self, model_fn, schedule, x_T, *, parameterization, num_steps, spacing, timesteps,
-               return_x0_at, known_latent, mask, known_noise, clip_x0=None):
+  def __init__(self, sampler, model_fn, schedule, x_T, *, parameterization, num_steps, spacing, steps_offset,
+               timesteps, return_x0_at, known_latent, mask, known_noise, clip_x0=None):
     _check_parameterization(parameterization)
     self.model_fn, self.schedule, self.parameterization, self.clip_x0 = (
         model_fn, schedule, parameterization, clip_x0)
-    self.ts = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
+    self.ts = _resolve_timesteps(schedule, num_steps, spacing, steps_offset, sampler, timesteps)
     self.n = len(self.ts)
     self.ab = schedule.alphas_cumprod.astype(jnp.float32)
     self.known = _Known(schedule, x_T, known_latent, mask, known_noise)
@@ -316,7 +338,7 @@ def _clip(x0, clip_x0):
 
 def ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array | None = None, *,
          num_steps: int = 50, eta: float = 0.0, parameterization: str = "eps", spacing: str = "uniform",
-         timesteps=None, clip_x0: float | None = None, return_x0_at: Sequence[int] = (),
+         steps_offset: int = 0, timesteps=None, clip_x0: float | None = None, return_x0_at: Sequence[int] = (),
          known_latent=None, mask=None, known_noise=None):
   """DDIM: x_{t'} = √ᾱ_{t'}·x̂0 + √(1 − ᾱ_{t'} − σ²)·ε̂ + σ·z,  σ = η·√((1−ᾱ_{t'})/(1−ᾱ_t)·(1 − ᾱ_t/ᾱ_{t'})).
 
@@ -325,7 +347,9 @@ def ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
     schedule: the training `Schedule`.
     x_T: [B, H, W, C] the starting latent (noise, or a noised latent with `timesteps`).
     rng: PRNG key, needed only when η > 0.
-    num_steps, spacing: the timesteps (`make_timesteps`), unless `timesteps` gives them.
+    num_steps, spacing, steps_offset: the timesteps (`make_timesteps`; spacing 'uniform' by
+      default, diffusers' 'leading', 'linspace' or 'trailing' to reproduce its scheduler), unless
+      `timesteps` gives them.
     eta: η ≥ 0.
     parameterization: what the network predicts, 'eps' | 'x0' | 'v'.
     clip_x0: if set, x̂0 is clipped to [−clip_x0, clip_x0] (pixel-space models).
@@ -336,8 +360,8 @@ def ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
   """
   if not eta >= 0:
     raise ValueError(f"eta: must be ≥ 0, got {eta}.")
-  run = _Trajectory(model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
-                    spacing=spacing, timesteps=timesteps, return_x0_at=return_x0_at,
+  run = _Trajectory("ddim", model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
+                    spacing=spacing, steps_offset=steps_offset, timesteps=timesteps, return_x0_at=return_x0_at,
                     known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0)
   ts, ab = run.ts, run.ab
   ab_t = ab[ts]
@@ -360,7 +384,7 @@ def ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
 
 def ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, *,
          num_steps: int | None = None, parameterization: str = "eps", spacing: str = "uniform",
-         timesteps=None, clip_x0: float | None = None, return_x0_at: Sequence[int] = (),
+         steps_offset: int = 0, timesteps=None, clip_x0: float | None = None, return_x0_at: Sequence[int] = (),
          known_latent=None, mask=None, known_noise=None):
   """Ancestral sampling from the posterior q(x_{t'} | x_t, x̂0) between consecutive visited timesteps.
 
@@ -368,10 +392,10 @@ def ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, 
   β = 1 − ᾱ_t/ᾱ_{t'}, and ᾱ = 1 after the last timestep (so the last step adds no noise and returns
   x̂0). `num_steps=None` visits every training timestep T−1 … 0. Other arguments as `ddim`.
   """
-  run = _Trajectory(model_fn, schedule, x_T, parameterization=parameterization,
+  run = _Trajectory("ddpm", model_fn, schedule, x_T, parameterization=parameterization,
                     num_steps=schedule.num_timesteps if num_steps is None else num_steps, spacing=spacing,
-                    timesteps=timesteps, return_x0_at=return_x0_at, known_latent=known_latent, mask=mask,
-                    known_noise=known_noise, clip_x0=clip_x0)
+                    steps_offset=steps_offset, timesteps=timesteps, return_x0_at=return_x0_at,
+                    known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0)
   ts, ab = run.ts, run.ab
   ab_t = ab[ts]
   ab_prev = jnp.concatenate([ab[ts[1:]], jnp.ones((1,), jnp.float32)])
@@ -389,8 +413,8 @@ def ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, 
 
 
 def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array | None = None, *,
-         num_steps: int = 50, parameterization: str = "eps", spacing: str = "uniform", timesteps=None,
-         return_x0_at: Sequence[int] = (), known_latent=None, mask=None, known_noise=None):
+         num_steps: int = 50, parameterization: str = "eps", spacing: str = "uniform", steps_offset: int = 0,
+         timesteps=None, return_x0_at: Sequence[int] = (), known_latent=None, mask=None, known_noise=None):
   """Pseudo linear multistep (PNDM without Runge–Kutta warm-up), deterministic; `rng` is unused.
 
   Each network output is turned into ε̂ at the sample it was computed on; the step from t to t'
@@ -406,8 +430,8 @@ def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
   PNDM it needs ᾱ > 0 at the first timestep (x0 = (x − √(1−ᾱ)ε′)/√ᾱ): with a zero-terminal-SNR
   schedule, use another sampler or timesteps below T − 1.
   """
-  run = _Trajectory(model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
-                    spacing=spacing, timesteps=timesteps, return_x0_at=return_x0_at,
+  run = _Trajectory("plms", model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
+                    spacing=spacing, steps_offset=steps_offset, timesteps=timesteps, return_x0_at=return_x0_at,
                     known_latent=known_latent, mask=mask, known_noise=known_noise)
   ts, n, step_slots = run.ts, run.n, run.slots
 
@@ -452,9 +476,9 @@ def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
 
 
 def dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array | None = None, *,
-             num_steps: int = 20, parameterization: str = "eps", spacing: str = "uniform", timesteps=None,
-             clip_x0: float | None = None, return_x0_at: Sequence[int] = (), known_latent=None, mask=None,
-             known_noise=None):
+             num_steps: int = 20, parameterization: str = "eps", spacing: str = "uniform", steps_offset: int = 0,
+             timesteps=None, clip_x0: float | None = None, return_x0_at: Sequence[int] = (), known_latent=None,
+             mask=None, known_noise=None):
   """DPM-Solver++(2M): multistep second-order solver of the diffusion ODE in data prediction.
 
   With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ), h = λ_{t'} − λ_t and D = x̂0:
@@ -462,8 +486,8 @@ def dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arr
   first order (no D_prev term) on the first step and on the last, which goes to ᾱ = 1 and so
   returns the last x̂0. Deterministic; `rng` is unused. Other arguments as `ddim`.
   """
-  run = _Trajectory(model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
-                    spacing=spacing, timesteps=timesteps, return_x0_at=return_x0_at,
+  run = _Trajectory("dpmpp_2m", model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
+                    spacing=spacing, steps_offset=steps_offset, timesteps=timesteps, return_x0_at=return_x0_at,
                     known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0)
   ts, n, ab = run.ts, run.n, run.ab
   ab_t = ab[ts]
@@ -501,16 +525,16 @@ def sample(name: str, model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng
 # ---------------------------------------------------------------------------------------------
 # Applications
 
-def _strength_timesteps(schedule, num_steps, spacing, strength):
+def _strength_timesteps(schedule, num_steps, spacing, steps_offset, sampler, strength):
   """The tail of the timesteps that `strength` keeps: the last ⌊num_steps·strength⌋ (diffusers)."""
   if not 0 <= strength <= 1:
     raise ValueError(f"strength: must be in [0, 1], got {strength}.")
-  ts = make_timesteps(schedule.num_timesteps, num_steps, spacing)
+  ts = make_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset=steps_offset, sampler=sampler)
   return ts[num_steps - min(int(num_steps * strength), num_steps):]
 
 
 def img2img(model_fn: ModelFn, schedule: Schedule, x0_latent: jax.Array, rng: jax.Array, *, strength: float,
-            sampler: str = "ddim", num_steps: int = 50, spacing: str = "uniform", **kwargs):
+            sampler: str = "ddim", num_steps: int = 50, spacing: str = "uniform", steps_offset: int = 0, **kwargs):
   """Image-to-image (SDEdit, Meng et al. 2022): noise a clean latent part-way and denoise it.
 
   strength ∈ [0, 1]: of the `num_steps` timesteps, the last ⌊num_steps·strength⌋ are run, starting
@@ -519,7 +543,7 @@ def img2img(model_fn: ModelFn, schedule: Schedule, x0_latent: jax.Array, rng: ja
   `rng` draws the noise, then the sampler's own noise. kwargs go to the sampler.
   Returns [B, H, W, C] float32 (or with `return_x0_at`, as the sampler).
   """
-  ts = _strength_timesteps(schedule, num_steps, spacing, strength)
+  ts = _strength_timesteps(schedule, num_steps, spacing, steps_offset, sampler, strength)
   if len(ts) == 0:
     return x0_latent
   rng_noise, rng_sample = jax.random.split(rng)
@@ -530,8 +554,8 @@ def img2img(model_fn: ModelFn, schedule: Schedule, x0_latent: jax.Array, rng: ja
 
 
 def inpaint(model_fn: ModelFn, schedule: Schedule, known_latent: jax.Array, mask: jax.Array, rng: jax.Array, *,
-            sampler: str = "ddim", num_steps: int = 50, spacing: str = "uniform", strength: float = 1.0,
-            **kwargs):
+            sampler: str = "ddim", num_steps: int = 50, spacing: str = "uniform", steps_offset: int = 0,
+            strength: float = 1.0, **kwargs):
   """Inpainting with any model by latent blending (CompVis DDIM `mask`/`x0`; diffusers' legacy path).
 
   Args:
@@ -545,7 +569,7 @@ def inpaint(model_fn: ModelFn, schedule: Schedule, known_latent: jax.Array, mask
   channels) use `concat_model_fn` and, optionally, this blending as well.
   """
   _check_mask(mask, np.shape(known_latent))
-  ts = _strength_timesteps(schedule, num_steps, spacing, strength)
+  ts = _strength_timesteps(schedule, num_steps, spacing, steps_offset, sampler, strength)
   known_latent = jnp.asarray(known_latent, jnp.float32)
   if len(ts) == 0:
     return known_latent

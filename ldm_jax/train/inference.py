@@ -81,6 +81,9 @@ class SampleRequest:
     negative_prompt: the unconditional branch of guidance for text models (default: "").
     guidance_scale, guidance_rescale: classifier-free guidance (`samplers.cfg_model_fn`).
     steps, eta, sampler: the sampler's settings (`eta` only for DDIM).
+    timestep_spacing, steps_offset: the timesteps (`samplers.make_timesteps`): 'uniform' (CompVis,
+      the default), 'quadratic', or diffusers' 'leading' / 'linspace' / 'trailing' with its
+      `steps_offset`, to visit the timesteps of the sampler's diffusers scheduler.
     seed: PRNG seed; the same request gives the same images on the same mesh.
     batch_size: images per compiled call, a multiple of the number of devices.
     height, width: image size in pixels; None = the training size (or the init image's).
@@ -101,6 +104,8 @@ class SampleRequest:
   steps: int = 50
   eta: float = 0.0
   sampler: str = "ddim"
+  timestep_spacing: str = "uniform"
+  steps_offset: int = 0
   seed: int = 0
   batch_size: int = 8
   height: int | None = None
@@ -137,6 +142,10 @@ def check_request(request: SampleRequest) -> None:
   checks.check_number("--guidance_rescale", r.guidance_rescale, ge=0, le=1)
   if r.sampler not in samplers.SAMPLERS:
     raise ValueError(f"--sampler: {r.sampler!r} is not one of {', '.join(samplers.SAMPLERS)}.")
+  if r.timestep_spacing not in samplers.SPACINGS:
+    raise ValueError(f"--timestep_spacing: {r.timestep_spacing!r} is not one of {', '.join(samplers.SPACINGS)}.")
+  if not _is_int(r.steps_offset) or r.steps_offset < 0:
+    raise ValueError(f"--steps_offset: expected a non-negative integer, got {r.steps_offset!r}.")
   checks.check_number("--eta", r.eta, ge=0)
   if r.eta != 0 and r.sampler != "ddim":
     raise ValueError(f"--eta: only DDIM has an η; got --eta {r.eta} with --sampler {r.sampler}.")
@@ -465,6 +474,10 @@ def make_plan(request: SampleRequest, info: ModelInfo, num_devices: int) -> Plan
   num_timesteps = info.num_timesteps
   if r.steps > num_timesteps:
     raise ValueError(f"--steps: {r.steps} is more than the {num_timesteps} timesteps the model was trained with.")
+  try:
+    samplers.make_timesteps(num_timesteps, r.steps, r.timestep_spacing, steps_offset=r.steps_offset, sampler=r.sampler)
+  except ValueError as err:
+    raise ValueError(f"--steps / --timestep_spacing / --steps_offset: {err}") from None
 
   init_image = keep_mask = None
   channels = info.channels
@@ -536,8 +549,9 @@ def make_sample_fn(ldm: LatentDiffusion, request: SampleRequest, plan: Plan, mes
   [K, B, H, W, C] or None), split over the mesh along B. `len(traces)` counts compilations.
   """
   ldm = dataclasses.replace(ldm, latent_shape=plan.latent_shape)
-  settings = dict(sampler=request.sampler, num_steps=request.steps, eta=request.eta,
-                  guidance_scale=request.guidance_scale, guidance_rescale=request.guidance_rescale)
+  settings = dict(sampler=request.sampler, num_steps=request.steps, spacing=request.timestep_spacing,
+                  steps_offset=request.steps_offset, eta=request.eta, guidance_scale=request.guidance_scale,
+                  guidance_rescale=request.guidance_rescale)
   if request.save_intermediates:
     settings["return_x0_at"] = tuple(request.save_intermediates)
   traces = []

@@ -1,10 +1,14 @@
-"""Sampler trajectories on an imported U-Net equal diffusers' schedulers driving the original U-Net.
+"""Sampler timesteps and trajectories on an imported U-Net equal diffusers' schedulers.
 
-DDIM (η = 0), DDPM (the same noise fed to both: ldm_jax draws one key per step, the test hands
-those draws to diffusers) and DPM-Solver++(2M), each with Stable Diffusion's scheduler settings
-(scaled_linear 0.00085–0.012, 'leading' spacing with steps_offset 1), 10 steps from the same
-x_T. The network outputs agree to ~1e-6; the trajectories must agree to 1e-4. The random U-Net
-is no denoiser, so the trajectories end far from the data (|x| ≈ 10): a strict test of the updates.
+Timesteps: every sampler's `spacing` 'leading' / 'linspace' / 'trailing' with `steps_offset` gives
+the `timesteps` of its diffusers scheduler with that `timestep_spacing`.
+
+Trajectories: DDIM (η = 0), DDPM (the same noise fed to both: ldm_jax draws one key per step, the
+test hands those draws to diffusers), PLMS and DPM-Solver++(2M), each with Stable Diffusion's
+scheduler settings (scaled_linear 0.00085–0.012, 'leading' spacing with steps_offset 1), 10 steps
+from the same x_T, against diffusers' scheduler driving the original U-Net. The network outputs
+agree to ~1e-6; the trajectories must agree to 1e-4. The random U-Net is no denoiser, so the
+trajectories end far from the data (|x| ≈ 10): a strict test of the updates.
 """
 
 import jax
@@ -24,6 +28,26 @@ STEPS = 10
 TOL = 1e-4
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    timestep_spacing="leading", steps_offset=1)
+SCHEDULERS = {  # each sampler's diffusers scheduler
+    "ddim": lambda **kw: diffusers.DDIMScheduler(**kw),
+    "ddpm": lambda **kw: diffusers.DDPMScheduler(**kw),
+    "plms": lambda **kw: diffusers.PNDMScheduler(skip_prk_steps=True, **kw),
+    "dpmpp_2m": lambda **kw: diffusers.DPMSolverMultistepScheduler(**kw),
+}
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_timesteps_equal_the_diffusers_schedulers(sampler, spacing):
+  for num_steps in (1, 2, 7, 20, 50, 250):
+    for steps_offset in (0, 1):
+      scheduler = SCHEDULERS[sampler](num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=steps_offset)
+      scheduler.set_timesteps(num_steps)
+      ours = samplers.make_timesteps(1000, num_steps, spacing, steps_offset=steps_offset, sampler=sampler)
+      if sampler == "plms" and num_steps > 1:  # PNDM lists the timestep of its two first-step calls twice
+        ours = np.concatenate([ours[:2], ours[1:]])
+      np.testing.assert_array_equal(ours, scheduler.timesteps.numpy(), err_msg=f"{num_steps} steps, "
+                                    f"steps_offset={steps_offset}")
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +96,18 @@ def test_dpmpp_2m_trajectory_matches_diffusers(setup):
                                                     lower_order_final=True, final_sigmas_type="zero")
   reference, timesteps = _diffusers_loop(scheduler, torch_model, x_T)
   # diffusers' multistep solvers space 'leading' steps by T // (n + 1) (901, 811, …), unlike its DDIM
-  # and DDPM (T // n, ldm_jax's 'uniform'); the solvers are compared on the same timesteps.
-  np.testing.assert_allclose(_ours("dpmpp_2m", model_fn, x_T, timesteps=timesteps), reference, atol=TOL)
+  # and DDPM (T // n, ldm_jax's 'uniform'): the sampler's spacing arguments say which.
+  sd_spacing = dict(spacing="leading", steps_offset=1)
+  np.testing.assert_array_equal(samplers.make_timesteps(1000, STEPS, **sd_spacing, sampler="dpmpp_2m"), timesteps)
+  np.testing.assert_allclose(_ours("dpmpp_2m", model_fn, x_T, num_steps=STEPS, **sd_spacing), reference, atol=TOL)
+
+
+def test_plms_trajectory_matches_diffusers_pndm(setup):
+  model_fn, torch_model, x_T = setup
+  scheduler = diffusers.PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
+  reference, _ = _diffusers_loop(scheduler, torch_model, x_T)
+  np.testing.assert_allclose(_ours("plms", model_fn, x_T, num_steps=STEPS, spacing="leading", steps_offset=1),
+                             reference, atol=TOL)
 
 
 def test_ddpm_trajectory_matches_diffusers_with_the_same_noise(setup, monkeypatch):

@@ -86,6 +86,23 @@ def test_uniform_timesteps_are_compvis_and_sd_leading_with_offset_one():
   assert quad.dtype == np.int32
 
 
+def test_multistep_solver_spacings_lay_one_more_point_as_diffusers():
+  """Issue 13's example, 20 of 1000 steps: DPM-Solver++ visits what diffusers' DPMSolverMultistep
+  does when asked; by default every sampler keeps CompVis' 'uniform' 951 … 1."""
+  for sampler in smp.SAMPLERS:
+    np.testing.assert_array_equal(smp.make_timesteps(1000, 20, sampler=sampler), 951 - 50 * np.arange(20))
+  linspace = smp.make_timesteps(1000, 20, "linspace", sampler="dpmpp_2m")
+  assert (linspace[0], linspace[1], linspace[-1]) == (999, 949, 50)
+  np.testing.assert_array_equal(smp.make_timesteps(1000, 20, "leading", steps_offset=1, sampler="dpmpp_2m"),
+                                941 - 47 * np.arange(20))
+  np.testing.assert_array_equal(smp.make_timesteps(1000, 20, "leading", steps_offset=1, sampler="ddim"),
+                                smp.make_timesteps(1000, 20))
+  with pytest.raises(ValueError, match="steps_offset=1"):
+    smp.make_timesteps(1000, 1000, "leading", steps_offset=1)  # would reach t = 1000
+  with pytest.raises(ValueError, match="steps_offset"):
+    smp.make_timesteps(1000, 20, "leading", steps_offset=-1)
+
+
 @pytest.mark.parametrize("num_steps", [0, 1001, 2.5])
 def test_bad_num_steps_is_named(num_steps):
   with pytest.raises(ValueError, match="num_steps"):
