@@ -344,6 +344,20 @@ def test_bad_input_is_reported_before_loading_and_writes_nothing(text_run, class
   assert sorted(os.listdir(tmp_path)) == ["busy", "init.png", "mask8.png", "no_ckpt"]
 
 
+def test_non_finite_samples_are_an_error_and_write_nothing(text_run, tmp_path):
+  """Issue 12: a diverged model (here the run exported with a NaN U-Net bias) gives NaN samples;
+  that stops the run with the images named, never black pictures and exit status 0."""
+  from ldm_jax.convert import read_workdir, save_pretrained  # pylint: disable=g-import-not-at-top
+  model = read_workdir(text_run)
+  model.params["unet"]["conv_out"]["bias"] = np.full_like(model.params["unet"]["conv_out"]["bias"], np.nan)
+  diverged = str(tmp_path / "diverged")
+  save_pretrained(diverged, model)
+  out = str(tmp_path / "out")
+  with pytest.raises(ValueError, match=r"images: \d+ of \d+ values are NaN or infinite"):
+    cli("--pretrained", diverged, "--out", out, "--prompt", PROMPT, "--num_samples", "8", "--steps", "2")
+  assert sorted(os.listdir(tmp_path)) == ["diverged"]
+
+
 def test_long_prompts_are_truncated_with_a_warning(text_run, caplog):
   info = inference.read_run(text_run)
   long_prompt = " ".join(["red circle"] * 40)

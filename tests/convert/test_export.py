@@ -7,6 +7,7 @@ only exists in ldm_jax, exported to a UNet2DConditionModel whose attn2 attends t
 """
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -78,7 +79,7 @@ def test_stage2_run_exports_ema_weights_to_diffusers(runs, tmp_path):
   diffusers = pytest.importorskip("diffusers")
   out = str(tmp_path / "diffusers")
   assert cli(["export", "--workdir", runs["stage2"], "--format", "diffusers", "--out", out]) == 0
-  assert sorted(os.listdir(out)) == ["conditioner", "scheduler", "unet", "vae"]
+  assert sorted(os.listdir(out)) == [".ldm_jax_written.json", "conditioner", "scheduler", "unet", "vae"]
 
   unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
   rng = np.random.default_rng(0)
@@ -129,5 +130,36 @@ def test_export_names_what_diffusers_cannot_hold(runs, tmp_path, capsys):
   bad = str(tmp_path / "bad")
   config_lib.save_config(config, bad)
   os.symlink(os.path.join(runs["stage1"], "checkpoints"), os.path.join(bad, "checkpoints"))
-  assert cli(["export", "--workdir", bad, "--format", "diffusers", "--out", str(tmp_path / "out")]) == 1
+  assert cli(["export", "--workdir", bad, "--format", "diffusers", "--out", str(tmp_path / "out")]) == 2
   assert "model.ch_mult: (2, 2) starts with 2" in capsys.readouterr().err
+
+
+def test_export_replaces_only_what_an_earlier_export_wrote(runs, tmp_path, capsys):
+  """Issue 12: nothing that exists is replaced without --overwrite, and --overwrite replaces only
+  entries an earlier export recorded, never a training run or the user's files beside them."""
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "NOTES.txt").write_text("mine")
+  export = ["export", "--workdir", runs["stage2"], "--format", "safetensors", "--out", str(out)]
+  assert cli(export) == 0
+  first = (out / "unet" / "params.safetensors").read_bytes()
+  capsys.readouterr()
+
+  assert cli(export + ["--no_ema"]) == 2  # the raw params would replace the EMA export
+  assert capsys.readouterr().err == f"error: {out}/autoencoder: already exists and would be replaced; choose " \
+      "another --out, or pass --overwrite to replace what an earlier export or import wrote there.\n"
+  assert (out / "unet" / "params.safetensors").read_bytes() == first
+
+  assert cli(export + ["--no_ema", "--overwrite"]) == 0
+  _, params, _ = load_pretrained(str(out))
+  jax.tree.map(np.testing.assert_array_equal, params["unet"], jax.tree.map(np.asarray, runs["params"]))
+  assert (out / "NOTES.txt").read_text() == "mine"
+
+  # A folder of the same name that the export did not write (here a training run) stops it, --overwrite or not.
+  user = tmp_path / "user"
+  shutil.copytree(runs["stage1"], user / "autoencoder")
+  before = sorted(p.relative_to(user) for p in user.rglob("*"))
+  for extra in ([], ["--overwrite"]):
+    assert cli(["export", "--workdir", runs["stage2"], "--format", "safetensors", "--out", str(user), *extra]) == 2
+    assert f"{user}/autoencoder: " in capsys.readouterr().err
+  assert sorted(p.relative_to(user) for p in user.rglob("*")) == before

@@ -79,7 +79,8 @@ def test_import_writes_a_stage1_workdir_and_exports_back(sd_pipeline, tmp_path):
   folder, pipe = sd_pipeline
   imported = str(tmp_path / "pretrained")
   assert cli(["import", "--src", folder, "--out", imported]) == 0
-  assert sorted(os.listdir(imported)) == ["autoencoder", "ldm_jax_pretrained.json", "text_encoder", "tokenizer", "unet"]
+  assert sorted(os.listdir(imported)) == [".ldm_jax_written.json", "autoencoder", "ldm_jax_pretrained.json",
+                                         "text_encoder", "tokenizer", "unet"]
 
   # Stage 2 takes the imported autoencoder folder as its `autoencoder.workdir`.
   from ldm_jax.train import diffusion, sharding

@@ -28,7 +28,7 @@ def test_defaults_have_every_key_and_validate():
 @pytest.mark.parametrize('overrides, message', [
     ({'source': 'foo'}, "data.source: unknown 'foo', expected one of"),
     ({'channels': 2}, 'data.channels must be 1 or 3'),
-    ({'image_size': 0}, 'data.image_size must be a positive integer'),
+    ({'image_size': 0}, 'data.image_size: expected an integer >= 1, got 0'),
     ({'num_workers': -1}, 'data.num_workers'),
     ({'num_examples': 0}, 'data.num_examples'),
     ({'eval_split': 'validation'}, "data.eval_split: .*'validation'"),
