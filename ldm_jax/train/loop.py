@@ -214,7 +214,8 @@ def save_config_once(config, workdir: str, step: int, start_step: int) -> None:
 def entry_point(train_and_evaluate: Callable, results_name: str) -> Callable:
   """Defines `--config`, `--workdir` and the multi-host flags; returns the `main(argv)` for `app.run`
   that sets up logging and `jax.distributed`, then runs `train_and_evaluate(config, workdir)`."""
-  config = config_flags.DEFINE_config_file("config", None, "Path to a config file (`path.py[:arg]`).",
+  config = config_flags.DEFINE_config_file("config", None, "Path to a config file (`path.py[:arg]`); its keys: "
+                                           "python -m ldm_jax.config keys path.py[:arg].",
                                            lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples.")
   flags.mark_flags_as_required(["config", "workdir"])
