@@ -32,11 +32,11 @@ def check_number(key: str, value, *, integer: bool = False, gt=None, ge=None, lt
 
 
 def check_finite(config: Mapping, prefix: str = "") -> None:
-  """ValueError naming the first key of `config` (nested mappings, tuples of numbers included)
-  whose value is a float NaN or infinity."""
+  """ValueError naming the first key of `config` (a dict or ConfigDict; nested sections and
+  tuples of numbers included) whose value is a float NaN or infinity."""
   for key, value in config.items():
     name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
+    if hasattr(value, "items"):
       check_finite(value, f"{name}.")
     elif isinstance(value, (tuple, list)):
       for i, item in enumerate(value):

@@ -136,6 +136,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Every check that can fail before compiling; errors name the offending key."""
+  checks.check_finite(config)
   config_lib.validate_train_config(config.train)
   config_lib.validate_model_overrides(config.model, config.train)
   sharding.validate_mesh_config(config.mesh)
@@ -144,7 +145,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   losses.validate_loss_config(config.loss)
   if config.optim.schedule not in ("constant", "cosine"):
     raise ValueError(f"optim.schedule: {config.optim.schedule!r} is not 'constant' or 'cosine'.")
-  checks.check_finite(config)
   checks.check_number("optim.base_learning_rate", config.optim.base_learning_rate, gt=0)
   for key in ("b1", "b2"):
     checks.check_number(f"optim.{key}", config.optim[key], ge=0, lt=1)

@@ -6,11 +6,12 @@ a command line is the workspace of tests/cli/conftest.py. All cases of one entry
 subprocess (runner.py); each is timed from its call to its exit.
 """
 
+import os
 import re
 
 import pytest
 
-from tests.cli.conftest import run_table
+from tests.cli.conftest import ROOT, run_table
 
 AE = ["--config", "configs/autoencoder/shapes_kl_f4.py:smoke"]
 LDM = ["--config", "configs/ldm/shapes_txt2img.py:smoke", "--config.autoencoder.workdir=W/ae"]
@@ -24,11 +25,13 @@ MAX_SECONDS = 8.0
 TABLES = {
     "train_autoencoder.py": {
         "nan learning rate": (AE + ["--workdir", "W/new", "--config.optim.base_learning_rate=nan"],
-                              r"optim\.base_learning_rate: expected a finite number > 0, got nan"),
+                              r"optim\.base_learning_rate: expected a finite number, got nan"),
         "negative learning rate": (AE + ["--workdir", "W/new", "--config.optim.base_learning_rate=-0.01"],
                                    r"optim\.base_learning_rate: expected a finite number > 0, got -0\.01"),
         "infinite loss weight": (AE + ["--workdir", "W/new", "--config.loss.kl_weight=inf"],
                                  r"loss\.kl_weight: expected a finite number"),
+        "nan dropout (no check of its own)": (AE + ["--workdir", "W/new", "--config.model.dropout=nan"],
+                                              r"model\.dropout: expected a finite number, got nan"),
         "zero steps": (AE + ["--workdir", "W/new", "--config.train.num_steps=0"],
                        r"train\.num_steps: expected an integer >= 1, got 0"),
         "resume with another model": (AE + ["--workdir", "W/ae", "--config.model.ch=64"],
@@ -56,6 +59,8 @@ TABLES = {
         "infinite guidance of the training samples": (LDM + ["--workdir", "W/new",
                                                              "--config.sample.guidance_scale=inf"],
                                                       r"sample\.guidance_scale: expected a finite number"),
+        "infinite cosine offset (no check of its own)": (LDM + ["--workdir", "W/new", "--config.diffusion.cosine_s=inf"],
+                                                         r"diffusion\.cosine_s: expected a finite number, got inf"),
         "negative warm-up": (LDM + ["--workdir", "W/new", "--config.optim.warmup_steps=-1"],
                              r"optim\.warmup_steps: expected an integer >= 0, got -1"),
         "autoencoder.workdir is a stage-2 run": (
@@ -91,6 +96,9 @@ TABLES = {
     "ldm_jax.eval": {
         "fid without the inception extractor": (EVAL + ["--metrics", "fid"],
                                                 r"--metrics: 'fid' .* --extractor inception --inception_weights"),
+        # With its weights given, 'fid' selects the Inception extractor, which then reads them (here: a missing file).
+        "fid with inception weights": (EVAL + ["--metrics", "fid", "--inception_weights", "W/nowhere.pth"],
+                                       r"W/nowhere\.pth.*FID Inception-v3 needs its weight file"),
         "zero-byte samples": (["--samples", "W/files/zero.npz", "--ref", "x.py"],
                               r"W/files/zero\.npz: not a readable samples \.npz"),
         "truncated samples": (["--samples", "W/files/truncated.npz", "--ref", "x.py"],
@@ -141,6 +149,10 @@ TABLES = {
                                                          "--out", "W/new"], r"W/ldm"),
         "no --out": (["import", "--src", "W/ae"], r"--out"),
     },
+    "ldm_jax.config": {
+        "no config file": (["keys", "W/nowhere.py"], r"W/nowhere\.py: config file not found"),
+        "no command": (["configs/ldm/shapes_txt2img.py"], r"usage: python -m ldm_jax\.config keys CONFIG"),
+    },
 }
 
 
@@ -176,6 +188,19 @@ def test_help_lists_the_flags(results, entry):
               "sample.py": ["--guidance_scale", "--workdir", "--verbose"],
               "ldm_jax.eval": ["--samples", "--extractor", "--verbose"],
               "ldm_jax.eval.classifier": ["--num_steps", "--data", "--verbose"],
-              "ldm_jax.convert": ["import", "export"]}[entry]
+              "ldm_jax.convert": ["import", "export"],
+              "ldm_jax.config": ["keys CONFIG"]}[entry]
   for flag in expected:
     assert flag in text, text
+
+
+def test_config_keys_lists_every_key_with_its_value_and_doc(capsys):
+  from ldm_jax.config.__main__ import main  # pylint: disable=g-import-not-at-top
+  assert main(["keys", os.path.join(ROOT, "configs/ldm/shapes_txt2img.py:smoke")]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) > 100 and lines == sorted(lines)
+  assert re.fullmatch(r"data\.image_size = 16 +# output side: shorter side resized to it, then cropped square",
+                      next(line for line in lines if line.startswith("data.image_size ")))
+  # Stage 2's own comment, not the autoencoder trainer's for the same key.
+  assert "# () = no periodic evaluation" in next(line for line in lines if line.startswith("eval.metrics "))
+  assert "optim.learning_rate = 0.001" in lines
