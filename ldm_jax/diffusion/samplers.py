@@ -36,8 +36,9 @@ n divides T; DDPM and DPM-Solver++ visit as here.)
 
 Samplers that draw noise (DDIM with η > 0, DDPM) split `rng` into one key per step, so the same
 key gives the same samples. All samplers accept `timesteps=` (an explicit decreasing sequence
-instead of `num_steps`, `spacing` and `steps_offset`), `return_x0_at=` (step indices whose predicted x0 is
-returned for the denoising visualisation; the call then returns `(x, x0_preds [K, B, H, W, C])`),
+instead of `num_steps`, `spacing` and `steps_offset`), `return_x0_at=` (step indices whose
+predicted x0 is returned for the denoising visualisation; the call then returns
+`(x, x0_preds [K, B, H, W, C])`),
 and the inpainting arguments `known_latent`, `mask` and `known_noise` (front end: `inpaint`).
 
 Applications: `img2img` (strength → how many of the steps are run), `inpaint` (known region
@@ -70,7 +71,7 @@ def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform",
                    sampler: str = "ddim") -> np.ndarray:
   """The `num_steps` training timesteps `sampler` visits, decreasing, int32 [num_steps].
 
-  spacing ('uniform', CompVis', is every sampler's default):
+  spacing (every sampler's default is CompVis' 'uniform'):
     'uniform'   i·⌊T/n⌋ + 1 for i < n (CompVis; diffusers 'leading' with steps_offset=1). With
                 n = T the offset would leave the range, so every timestep T−1 … 0 is used.
     'quadratic' ⌊(i·√(0.8T)/(n−1))²⌋ + 1 (CompVis), bumped to be strictly increasing where the
