@@ -145,18 +145,24 @@ class VGG16Features(nn.Module):
     return jnp.mean(h, axis=(1, 2))
 
 
-def _inception(weights: str | None) -> Extractor:
-  weights = weights or os.environ.get("LDM_JAX_INCEPTION_WEIGHTS")
-  params = inception_lib.load_inception_params(weights)
+def inception_extractor(params, identity: str) -> Extractor:
+  """The FID Inception-v3 with `params` (`inception.load_inception_params`, or random ones for
+  speed measurements) as an extractor; `identity` fingerprints the weights."""
   net = inception_lib.FIDInceptionV3()
 
   def apply(p, x):
     out = net.apply({"params": p}, x)
     return {"features": out["pool3"], "logits": out["logits_unbiased"]}
 
-  return Extractor(spec="inception", kind="inception", tag="", identity=f"fid-inception-v3:{_file_digest(weights)}",
+  return Extractor(spec="inception", kind="inception", tag="", identity=identity,
                    input_size=inception_lib.INPUT_SIZE, channels=3, params=params, apply=apply,
                    has_logits=True)
+
+
+def _inception(weights: str | None) -> Extractor:
+  weights = weights or os.environ.get("LDM_JAX_INCEPTION_WEIGHTS")
+  params = inception_lib.load_inception_params(weights)
+  return inception_extractor(params, f"fid-inception-v3:{_file_digest(weights)}")
 
 
 def _vgg16(size_arg: str) -> Extractor:
@@ -173,9 +179,10 @@ def _vgg16(size_arg: str) -> Extractor:
                    params=params, apply=lambda p, x: {"features": net.apply({"params": p}, x)})
 
 
-def _classifier(workdir: str) -> Extractor:
-  from ldm_jax.eval import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
-  model, params, config, step = classifier_lib.load_classifier(workdir)
+def classifier_extractor(model, params, *, workdir: str, step: int, input_size: int,
+                         channels: int) -> Extractor:
+  """A `classifier.Classifier` with `params` as an extractor at its training size and channels;
+  `workdir` and `step` name (and fingerprint) the run the weights come from."""
 
   def apply(p, x):
     features, logits = model.apply({"params": p}, x / 127.5 - 1.0)
@@ -183,8 +190,14 @@ def _classifier(workdir: str) -> Extractor:
 
   return Extractor(spec=f"classifier:{workdir}", kind="classifier", tag="classifier",
                    identity=f"classifier:{os.path.abspath(workdir)}@{step}",
-                   input_size=config.data.image_size, channels=config.data.channels,
-                   params=params, apply=apply, has_logits=True)
+                   input_size=input_size, channels=channels, params=params, apply=apply, has_logits=True)
+
+
+def _classifier(workdir: str) -> Extractor:
+  from ldm_jax.eval import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
+  model, params, config, step = classifier_lib.load_classifier(workdir)
+  return classifier_extractor(model, params, workdir=workdir, step=step, input_size=config.data.image_size,
+                              channels=config.data.channels)
 
 
 @functools.cache
