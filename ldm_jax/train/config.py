@@ -99,10 +99,16 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+# Model keys a resumed run may change: how the same parameters compute, not what they are.
+RESUMABLE_MODEL_KEYS = ("model.attention", "model.query_chunk_size", "model.dtype", "model.remat", "model.dropout")
+
+
 def check_resume(config: ml_collections.ConfigDict, workdir: str, kind: str, fixed: tuple[str, ...]) -> None:
   """Before anything is built or written: a `workdir` that holds a run must be a run of `kind`
-  whose keys under the prefixes `fixed` (those its checkpoints depend on, e.g. 'model.') equal
-  `config`'s; otherwise ValueError naming the workdir or the keys that differ.
+  whose keys under the prefixes `fixed` (those its checkpoints depend on, e.g. 'model.'; less
+  `RESUMABLE_MODEL_KEYS`) equal `config`'s; otherwise ValueError naming the workdir or the keys
+  that differ. A key only one of the two configs has (added to ldm_jax since the run was saved)
+  is not compared: its default describes the saved run.
 
   `config` must be resolved as the trainer saves it (derived keys filled in).
   """
@@ -118,11 +124,12 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, kind: str, fix
     raise ValueError(f"--workdir: {workdir} holds a {what}, not a {checks.RUN_KINDS[kind]}; give this run its own "
                      "--workdir (a new folder, or a run of this kind to resume).")
   new, old = _flat(_as_saved(config)), _flat(_as_saved(saved))
-  differ = [key for key in sorted(set(new) | set(old)) if key.startswith(fixed) and new.get(key) != old.get(key)]
+  differ = [key for key in sorted(set(new) & set(old))
+            if key.startswith(fixed) and not key.startswith(RESUMABLE_MODEL_KEYS) and new[key] != old[key]]
   if differ:
     key = differ[0]
     also = f" (also differ: {', '.join(differ[1:])})" if len(differ) > 1 else ""
-    raise ValueError(f"{key}: {new.get(key)!r}, but the run in {workdir} was trained with {old.get(key)!r}{also}; "
+    raise ValueError(f"{key}: {new[key]!r}, but the run in {workdir} was trained with {old[key]!r}{also}; "
                      "its checkpoints cannot continue under another model: leave the key as it was, or use a "
                      "new --workdir.")
 

@@ -37,3 +37,19 @@ def test_a_resume_that_trains_no_step_keeps_config_json(workspace, tmp_path):
   with open(os.path.join(workdir, "config.json"), "rb") as f:
     assert f.read() == saved
   assert config_lib.load_config(workdir).train.log_every == 4
+
+
+def test_resume_compares_only_what_the_checkpoints_depend_on(workspace):
+  workdir = os.path.join(workspace, "ae")
+  config = config_lib.load_config(workdir)
+  with config.unlocked():
+    config.model.added_since = 3  # a key newer than the run: its default describes the run
+  config.model.attention = "xla"  # another implementation of the same parameters
+  config.train.num_steps = 100
+  config_lib.check_resume(config, workdir, "autoencoder", autoencoder.RESUME_KEYS)
+  config.model.update(ch=64, z_channels=8)
+  with pytest.raises(ValueError, match=r"^model\.ch: 64, but the run in .* was trained with 32 \(also differ: "
+                                       r"model\.z_channels\);"):
+    config_lib.check_resume(config, workdir, "autoencoder", autoencoder.RESUME_KEYS)
+  with pytest.raises(ValueError, match=r"^--workdir: .*/ae holds a stage-1 autoencoder run"):
+    config_lib.check_resume(config, workdir, "diffusion", ())
