@@ -48,14 +48,15 @@ def _allowed(mask, causal, q_len, k_len):
   return allowed
 
 
-# Small blocks, so that these short sequences still run over several head groups or query chunks:
-# (heads per block, queries per block); 37 queries = 16 + 16 + 5 (a padded last chunk).
-_TINY_BLOCKS = {"one head, three chunks": (1, 16), "two heads, one chunk": (2, 37)}
+# Small blocks, so that these short sequences still run over several blocks: (example·head pairs
+# per block, queries per block) of the 2 × 4 pairs; 37 queries = 16 + 16 + 5 (a padded last
+# chunk); 8 pairs span both examples (their key masks differ).
+_TINY_BLOCKS = {"one pair, three chunks": (1, 16), "two pairs, one chunk": (2, 37), "all pairs": (8, 37)}
 
 
-def _tiny_block_bytes(blocks, batch, k_len):
-  heads, chunk = blocks
-  return heads * chunk * 4 * batch * k_len
+def _tiny_block_bytes(blocks, k_len):
+  pairs, chunk = blocks
+  return pairs * chunk * 4 * k_len
 
 
 @pytest.mark.parametrize("blocks", _TINY_BLOCKS.values(), ids=_TINY_BLOCKS.keys())
@@ -64,8 +65,8 @@ def test_blocked_attention_equals_the_formula_with_gradients(blocks, causal, mas
   q_len, k_len = 37, 37 if causal else 29
   q, k, v = _qkv(11, q_len, k_len)
   mask = _key_mask(2, k_len) if masked else None
-  block_bytes = _tiny_block_bytes(blocks, 2, k_len)
-  assert block_sizes(2, 4, q_len, k_len, block_bytes) == blocks
+  block_bytes = _tiny_block_bytes(blocks, k_len)
+  assert block_sizes(2 * 4, q_len, k_len, block_bytes) == blocks
   out = blocked_attention(q, k, v, key_mask=mask, causal=causal, block_bytes=block_bytes)
   np.testing.assert_allclose(out, naive_attention(q, k, v, _allowed(mask, causal, q_len, k_len)),
                              atol=2e-5, rtol=1e-5)
@@ -82,7 +83,7 @@ def test_blocked_attention_equals_the_formula_with_gradients(blocks, causal, mas
 
 def test_blocked_attention_bfloat16_keeps_dtype_and_float32_softmax():
   q, k, v = _qkv(13, 37, 21, dtype=jnp.bfloat16)
-  out = blocked_attention(q, k, v, block_bytes=_tiny_block_bytes((1, 16), 2, 21))
+  out = blocked_attention(q, k, v, block_bytes=_tiny_block_bytes((1, 16), 21))
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), naive_attention(q, k, v), atol=3e-2)
   grads = jax.grad(lambda q, k, v: jnp.sum(blocked_attention(q, k, v).astype(jnp.float32) ** 2),
