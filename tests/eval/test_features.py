@@ -69,3 +69,11 @@ def test_vgg16_features_use_the_lpips_vgg16_weights():
   out = extract(vgg, images, batch_size=8, progress=False)["features"]
   assert out.shape == (2, 512) and np.all(out >= 0) and np.all(np.isfinite(out))
   assert not np.allclose(out[0], out[1])
+
+
+def test_padded_last_batch_gives_the_features_of_the_unpadded_network():
+  vgg = make_extractor("vgg16:32")
+  images = np.random.default_rng(4).integers(0, 256, (11, 28, 28, 1), dtype=np.uint8)
+  out = extract(vgg, images, batch_size=8, progress=False)["features"]  # the second batch holds 3 + 5 padding
+  plain = jax.jit(vgg.apply)(vgg.params, to_extractor_input(images, 32, 3))["features"]
+  np.testing.assert_allclose(out, plain, rtol=1e-5, atol=1e-6)
