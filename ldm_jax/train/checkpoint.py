@@ -65,7 +65,7 @@ class Checkpointer:
       return self._restore(step, abstract_state, data_iterator)
     failed = []
     for candidate in sorted(self.all_steps(), reverse=True):
-      problem = self._agree(self._check_readable(candidate))
+      problem = self._agree(self._check_readable(candidate) or self._check_params(candidate, abstract_state))
       if problem is None:
         try:
           state = self._restore(candidate, abstract_state, data_iterator)
@@ -114,6 +114,24 @@ class Checkpointer:
         return f"{relative}: {type(e).__name__}: {e}"
     return None
 
+  def _check_params(self, step: int, abstract_state) -> str | None:
+    """The parameter shapes the checkpoint's metadata records against `abstract_state.params`:
+    a config of another model is found here, before orbax starts reading arrays (when one of its
+    concurrent reads fails, the others print thousands of lines of tracebacks)."""
+    params = abstract_state.get("params") if isinstance(abstract_state, dict) else getattr(abstract_state, "params", None)
+    if not isinstance(params, dict):
+      return None
+    try:
+      saved = _metadata(os.path.join(self.directory, str(step), "state"))["params"]
+    except Exception:  # noqa: BLE001 — damage is for the restore to find and report
+      return None
+    want, have = _shapes(params), _shapes(saved)
+    for key in sorted(want.keys() | have.keys()):
+      if want.get(key) != have.get(key):
+        return (f"params{key}: shape {want.get(key)} in this config, {have.get(key)} in the checkpoint (None: "
+                "absent); the config does not describe the model of these checkpoints")
+    return None
+
   def _agree(self, problem: str | None) -> str | None:
     """A problem seen by any process is a problem for all, so that all skip the same steps."""
     if jax.process_count() == 1:
@@ -147,10 +165,8 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore.")
     path = epath.Path(self.directory) / str(step) / "state"
-    # The item's handler reads the item directly; the Checkpointer wrappers would also look for
-    # step metadata inside the item directory and warn that it is missing (it is one level up).
+    tree = _metadata(path)
     handler = ocp.PyTreeCheckpointHandler()
-    tree = handler.metadata(path).tree
     for key in keys:
       tree = tree[key]
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
@@ -175,6 +191,21 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _metadata(path) -> dict:
+  """The tree of array metadata (shape, dtype) of a saved `state` item, read without its arrays."""
+  # The item's handler reads the item directly; the Checkpointer wrappers would also look for
+  # step metadata inside the item directory and warn that it is missing (it is one level up).
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.metadata(epath.Path(path)).tree
+  finally:
+    handler.close()
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def abstract_like(state, shardings):

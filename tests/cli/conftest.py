@@ -50,7 +50,8 @@ def _stage2_config(ae_workdir: str):
 
 @pytest.fixture(scope="session")
 def workspace(smoke_autoencoder, tmp_path_factory) -> str:
-  """W/ae: a stage-1 run (a copy of the session's smoke run); W/ldm: a stage-2 run as far as its
+  """W/ae: a stage-1 run (a copy of the session's smoke run), W/ae_without_config: its checkpoints
+  alone; W/ldm: a stage-2 run as far as its
   kind and keys go (its config.json, empty checkpoints/); W/data: damaged data sets; W/files:
   damaged weight, sample and image files; W/userdir: a user's folder (a training run in
   autoencoder/, notes in unet/)."""
@@ -58,6 +59,8 @@ def workspace(smoke_autoencoder, tmp_path_factory) -> str:
   root = str(tmp_path_factory.mktemp("cli"))
   ae = os.path.join(root, "ae")
   shutil.copytree(smoke_autoencoder, ae)
+  shutil.copytree(ae, os.path.join(root, "ae_without_config"))  # checkpoints only: nothing to compare up front
+  os.remove(os.path.join(root, "ae_without_config", "config.json"))
   config_lib.save_config(_stage2_config(ae), os.path.join(root, "ldm"))
   os.makedirs(os.path.join(root, "ldm", "checkpoints"))
 

@@ -36,6 +36,11 @@ TABLES = {
                        r"train\.num_steps: expected an integer >= 1, got 0"),
         "resume with another model": (AE + ["--workdir", "W/ae", "--config.model.ch=64"],
                                       r"model\.ch: 64, but the run in W/ae was trained with 32"),
+        # Found in the checkpoints' metadata before orbax reads arrays (whose failure printed thousands
+        # of lines of tracebacks); config.json is not written.
+        "checkpoints of another model": (AE + ["--workdir", "W/ae_without_config", "--config.model.ch=64"],
+                                         r"W/ae_without_config/checkpoints: none of the checkpoints \[12, 6\] could "
+                                         r"be restored .*params\['autoencoder'\]\S* shape \(\d+,.*\) in this config"),
         "a stage-2 workdir": (AE + ["--workdir", "W/ldm"], r"--workdir: W/ldm holds a stage-2 diffusion run"),
         "config.json not JSON": (AE + ["--workdir", "W/badjson"],
                                  r"--workdir: W/badjson/config\.json is not readable JSON"),
@@ -175,8 +180,8 @@ def test_bad_input_is_one_line_before_any_compilation_and_changes_nothing(result
   assert len(errors) == 1 and stderr[-1] == errors[0], result["stderr"]
   assert "Traceback" not in result["stderr"], result["stderr"]
   assert re.search(pattern, errors[0]), errors[0]
-  # At most a few tiny eager operations (a noise schedule) are compiled, never a model.
-  assert result["compile_seconds"] < 1.0 and result["seconds"] < MAX_SECONDS, result
+  # At most a few tiny eager operations (a noise schedule, RNG keys) are compiled, never a model.
+  assert result["compile_seconds"] < 2.0 and result["seconds"] < MAX_SECONDS, result
   assert result["changed"] == [], result["changed"]
 
 
