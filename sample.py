@@ -54,6 +54,8 @@ _MASK = flags.DEFINE_string("mask", None, "Inpainting mask, the init image's siz
 _EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA weights (--nouse_ema: the raw ones).")
 _INTERMEDIATES = flags.DEFINE_list("save_intermediates", [], "Step indices whose x0 predictions are drawn "
                                    "in intermediates.png, e.g. 0,10,20.")
+_ATTENTION = flags.DEFINE_string("attention", None, "Attention implementation of the U-Net and autoencoder: "
+                                 "auto | xla | blocked | cudnn | pallas (default: the model's model.attention).")
 flags.mark_flag_as_required("out")
 distributed.define_flags()
 
@@ -90,7 +92,8 @@ def request_from_flags() -> inference.SampleRequest:
       timestep_spacing=_SPACING.value, steps_offset=_OFFSET.value,
       seed=_SEED.value, batch_size=_BATCH.value, height=_HEIGHT.value, width=_WIDTH.value,
       init_image=_INIT.value, strength=_STRENGTH.value, mask=_MASK.value, use_ema=_EMA.value,
-      save_intermediates=tuple(_int("save_intermediates", i) for i in _INTERMEDIATES.value))
+      save_intermediates=tuple(_int("save_intermediates", i) for i in _INTERMEDIATES.value),
+      attention=_ATTENTION.value)
 
 
 def main(argv):

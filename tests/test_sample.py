@@ -279,6 +279,18 @@ def no_loading(monkeypatch):
   monkeypatch.setattr(inference, "load_ldm", fail)
 
 
+@pytest.mark.slow
+def test_attention_flag_forces_an_implementation_with_the_same_images(text_run, tmp_path):
+  images = {}
+  for attention in ("xla", "blocked"):
+    out = str(tmp_path / attention)
+    cli("--workdir", text_run, "--out", out, "--prompt", PROMPT, "--num_samples", "2", "--steps", "3",
+        "--attention", attention)
+    images[attention] = outputs(out)["images"].astype(int)
+    assert json.load(open(os.path.join(out, "sampling.json")))["attention"] == attention
+  assert np.abs(images["xla"] - images["blocked"]).max() <= 1  # uint8 rounding of float32 differences
+
+
 def test_bad_input_is_reported_before_loading_and_writes_nothing(text_run, class_run, tmp_path, no_loading):
   path, _ = init_image(tmp_path)
   wrong_mask = str(tmp_path / "mask8.png")
@@ -293,6 +305,8 @@ def test_bad_input_is_reported_before_loading_and_writes_nothing(text_run, class
   cls = ("--workdir", class_run, "--num_samples", "2")
 
   cases = [
+      (ValueError, "--attention: 'cudnn' needs a GPU, but JAX runs on cpu", text + ("--attention", "cudnn")),
+      (ValueError, "--attention: 'flash' is not one of auto, xla, blocked", text + ("--attention", "flash")),
       (ValueError, "--guidance_scale: expected a finite number >= 0", text + ("--guidance_scale", "-1")),
       (ValueError, "--guidance_scale: expected a finite number >= 0, got inf", text + ("--guidance_scale", "inf")),
       (ValueError, "--guidance_rescale: expected a finite number >= 0 and <= 1, got nan",

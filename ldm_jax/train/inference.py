@@ -54,6 +54,7 @@ from ldm_jax.diffusion import schedule as schedule_lib
 from ldm_jax.diffusion.pipeline import LatentDiffusion, TextEncoderConditioner
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.models import conditioning
+from ldm_jax.nn import attention as attention_lib
 from ldm_jax.train import checkpoint as ckpt_lib
 from ldm_jax.train import config as config_lib
 from ldm_jax.train import diffusion
@@ -91,6 +92,8 @@ class SampleRequest:
     mask: inpainting mask file, the size of the init image; white = repaint, black = keep.
     use_ema: sample with the EMA weights (default) or the raw ones (workdirs only).
     save_intermediates: step indices whose x0 predictions make `intermediates.png`.
+    attention: the attention implementation of the U-Net and the autoencoder
+      (`ldm_jax.nn.attention.IMPLEMENTATIONS`); None = the model's own (`model.attention`).
   """
   out: str
   workdir: str | None = None
@@ -115,6 +118,7 @@ class SampleRequest:
   mask: str | None = None
   use_ema: bool = True
   save_intermediates: tuple[int, ...] = ()
+  attention: str | None = None
 
 
 def _is_int(value) -> bool:
@@ -142,6 +146,8 @@ def check_request(request: SampleRequest) -> None:
   checks.check_number("--guidance_rescale", r.guidance_rescale, ge=0, le=1)
   if r.sampler not in samplers.SAMPLERS:
     raise ValueError(f"--sampler: {r.sampler!r} is not one of {', '.join(samplers.SAMPLERS)}.")
+  if r.attention is not None:
+    attention_lib.check_implementation(r.attention, "--attention")
   if r.timestep_spacing not in samplers.SPACINGS:
     raise ValueError(f"--timestep_spacing: {r.timestep_spacing!r} is not one of {', '.join(samplers.SPACINGS)}.")
   if not _is_int(r.steps_offset) or r.steps_offset < 0:
@@ -693,6 +699,9 @@ def sample_to_dir(request: SampleRequest, mesh: jax.sharding.Mesh | None = None)
                f" ({plan.mode}, strength {plan.strength})" if plan.init_image is not None else "",
                request.guidance_scale, plan.batch_size, sharding.data_parallel_size(mesh))
   ldm, params, ae_params = info.load(mesh, request.use_ema)
+  if request.attention is not None:
+    ldm = dataclasses.replace(ldm, unet=ldm.unet.clone(attention=request.attention),
+                              autoencoder=ldm.autoencoder.clone(attention=request.attention))
   images, x0_images, compilations = run_batches(ldm, params, ae_params, request, plan, mesh)
   settings = dict(dataclasses.asdict(request), checkpoint_step=info.step, scale_factor=ldm.scale_factor,
                   strength=plan.strength, steps_run=plan.steps_run, mode=plan.mode)
