@@ -1,0 +1,69 @@
+"""Stage-2 config: every key of `train_diffusion.py` with its default, `:smoke`, the samplers and
+timestep spacings, and the checks of keys that need nothing but their values (no jax).
+
+Config files (`configs/ldm/*.py`) start from `default_config()`; `ldm_jax.train.diffusion`
+resolves a config against its autoencoder, data and conditioner.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ldm_jax import config as checks
+from ldm_jax.config import common, sections
+
+SAMPLERS = ("ddim", "ddpm", "plms", "dpmpp_2m")
+SPACINGS = ("uniform", "quadratic", "leading", "linspace", "trailing")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All stage-2 keys with defaults (an SD 1.x-shaped U-Net; config files override)."""
+  config = ml_collections.ConfigDict()
+  config.autoencoder = ml_collections.ConfigDict(dict(workdir=""))
+  config.data = sections.default_data_config()
+  config.model = sections.default_unet_config()
+  config.model.in_channels = -1   # -1: the autoencoder's latent channels (+ concat channels)
+  config.model.out_channels = -1  # -1: the autoencoder's latent channels
+  config.cond = sections.default_cond_config()
+  config.diffusion = ml_collections.ConfigDict(dict(
+      beta_schedule="scaled_linear", num_timesteps=1000, linear_start=0.0015, linear_end=0.0195,
+      cosine_s=8e-3, zero_terminal_snr=False, parameterization="eps", loss_type="l2",
+      min_snr_gamma=0.0, offset_noise=0.0))  # min_snr_gamma 0 = no weighting
+  config.latent = ml_collections.ConfigDict(dict(scale_factor=0.0, cache=False))  # 0: 1/std
+  config.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=1_000, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.999,
+      grad_clip=1.0, ema_decay=0.9999))
+  config.sample = ml_collections.ConfigDict(dict(
+      sampler="ddim", num_steps=50, eta=0.0, guidance_scale=3.0, num_images=16, prompts=()))
+  config.eval = ml_collections.ConfigDict(dict(
+      metrics=(),            # () = no periodic evaluation; some of 'fd', 'kid', 'pr', 'is', 'acc'
+      extractor="vgg16:64",  # 'vgg16[:SIZE]' (offline), 'inception' (FID; needs weights), 'classifier:RUN'
+      num_samples=1_000,     # generated per evaluation
+      num_ref=10_000,        # reference: the first num_ref images of data.eval_split (fewer if smaller)
+      batch_size=64,         # samples per compiled sampling call, and images per feature batch
+      kid_subset_size=100, pr_k=3,
+      cache_dir=""))         # reference statistics cache; '' = $LDM_JAX_EVAL_CACHE or ~/.cache/ldm_jax/eval
+  config.init = ml_collections.ConfigDict(dict(pretrained=""))  # a pretrained model to fine-tune
+  config.train = common.train_config()
+  config.mesh = common.mesh_config()
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a stage-2 config to a < 1 minute CPU run (the U-Net and text encoder become tiny).
+
+  The data shrink as the stage-1 `:smoke` configs do (16 px), so that a smoke autoencoder fits.
+  """
+  config.data.update(image_size=16, num_examples=min(config.data.get("num_examples", 256) or 256, 256))
+  config.model.update(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                      num_heads=2, num_head_channels=-1, transformer_depth=1)
+  if config.model.context_dim is not None:
+    config.model.context_dim = 32
+  config.cond.update(dim=32, depth=1, num_heads=2, head_dim=-1, max_length=min(config.cond.max_length, 16),
+                     vocab_size=min(config.cond.vocab_size, 512))
+  config.optim.update(learning_rate=1e-3, warmup_steps=2)
+  config.sample.update(num_steps=4, num_images=4)
+  config.eval.update(extractor="vgg16:32", num_samples=16, num_ref=32, batch_size=8, kid_subset_size=8)
+  config.train.update(num_steps=10, batch_size=8, log_every=5, checkpoint_every=5, eval_every=10,
+                      image_every=10)
+  return config

@@ -1,0 +1,104 @@
+"""Defaults of the config sections that models, losses and data read: `data`, `model` (U-Net),
+`cond` and `loss` (no jax). Each is a function returning a fresh ConfigDict; config files and
+trainers start from them and override."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """All `data.*` keys with their defaults; config files start from this."""
+  return ml_collections.ConfigDict({
+      'source': 'shapes',       # 'shapes', 'idx', 'folder' or 'tfds'
+      'path': '',               # idx / folder: directory
+      'name': '',               # tfds: dataset name, e.g. 'mnist' or 'celeb_a_hq/256'
+      'tfds_data_dir': '',      # tfds: '' → $TFDS_DATA_DIR or ~/tensorflow_datasets
+      'image_size': 32,         # output side: shorter side resized to it, then cropped square
+      'channels': 3,            # 1 (grayscale) or 3 (RGB), converted from whatever is read
+      'train_split': 'train',
+      'eval_split': 'test',
+      'random_crop': False,     # random instead of center crop after the resize
+      'random_flip': False,     # horizontal flips; breaks left/right words in `shapes` captions
+      'num_examples': 50_000,   # shapes: train split size (test: a tenth)
+      'labels_from_dirs': False,  # folder: label = first-level sub-directory
+      'image_key': 'image',     # tfds feature keys ('/' for nested features)
+      'label_key': 'label',
+      'caption_key': '',
+      'num_workers': 0,         # 0: load in-process (threads); > 0: grain worker processes
+  })
+
+
+# The U-Net's keyword arguments and their defaults (`ldm_jax.models.unet.UNet`'s field defaults, which
+# tests/config/test_sections.py compares with these): the SD 1.x U-Net.
+UNET_DEFAULTS = dict(
+    in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+    attention_resolutions=(4, 2, 1), num_heads=8, num_head_channels=-1, transformer_depth=1, context_dim=768,
+    use_spatial_transformer=True, use_linear_projection=False, use_scale_shift_norm=False, resblock_updown=False,
+    num_classes=None, dropout=0.0, num_groups=32, flip_sin_to_cos=True, freq_shift=0.0, attention="auto",
+    query_chunk_size=None, remat=False)
+
+
+def default_unet_config() -> ml_collections.ConfigDict:
+  """The `model.*` keys understood by `make_unet`, with their defaults (the SD 1.x U-Net)."""
+  cfg = ml_collections.ConfigDict(dict(UNET_DEFAULTS, dtype="float32"))
+  for key in ("context_dim", "num_classes", "query_chunk_size"):  # None, yet settable from flags
+    setattr(cfg, key, ml_collections.config_dict.placeholder(int))
+  cfg.context_dim = UNET_DEFAULTS["context_dim"]
+  return cfg
+
+
+def default_cond_config() -> ml_collections.ConfigDict:
+  """All `cond.*` keys with their defaults (text keys: the paper's LAION txt2img BERTEmbedder)."""
+  return ml_collections.ConfigDict({
+      'kind': 'none',             # 'none' | 'class' | 'text' | 'concat' | 'hybrid'
+      'dropout_prob': 0.1,        # P(condition → null condition) per example, for guidance
+      # class
+      'num_classes': 0,           # labels in [0, num_classes), null class num_classes; 0 = from the data
+      'class_mode': 'embedding',  # 'embedding' (U-Net y) | 'crossattn' (context [B, 1, dim])
+      # text (and the class embedder's width in 'crossattn' mode)
+      'text_encoder': 'scratch',  # 'scratch' | 'pretrained' (frozen CLIP/BERT of init.pretrained)
+      'tokenizer_dir': '',        # local HF tokenizer folder; '' = train one on the training captions
+      'vocab_size': 30522,        # token embedding rows (≥ the tokenizer's vocabulary)
+      'max_length': 77,           # tokens per caption, [CLS] and [SEP] included
+      'dim': 1280,                # context channels = the U-Net's model.context_dim
+      'depth': 32,
+      'num_heads': 8,
+      'head_dim': 64,             # channels per head; -1 = dim // num_heads
+      'text_dropout': 0.0,        # dropout inside the text encoder
+      'mask_padding': True,       # padding tokens are not attention keys (CompVis: no mask)
+      # concat
+      'concat_source': 'lowres',  # 'lowres' | 'inpaint' | 'map'
+      'concat_channels': 0,       # lowres: image channels; map: map channels; inpaint: 0 (= 1 + latent)
+      'sr_factor': 4,             # lowres: downsampling factor of the low-resolution input
+  })
+
+
+def default_loss_config():
+  """Defaults for the `loss.*` config keys; model configs override per variant.
+
+  Reference values: KL-f4/f8/f16/f32 autoencoders use disc_start 50001, kl_weight 1e-6,
+  disc_weight 0.5; VQ-f4 uses disc_start 0 (latent-diffusion) with disc_weight 0.75, the
+  taming VQGANs disc_weight 0.8; codebook_weight 1.0 everywhere. The discriminator is the
+  taming PatchGAN (3 layers, 64 filters, BatchNorm) trained with its own Adam at the
+  autoencoder's learning rate (base 4.5e-6 × global batch) and betas (0.5, 0.9).
+
+  The reference's `logvar` is an nn.Parameter of the loss module that neither of its
+  optimizers holds, so in the released KL models it stayed at logvar_init = 0 throughout;
+  `learn_logvar=False` reproduces that, True trains it with the autoencoder (the NLL then
+  balances the reconstruction against its own learned scale).
+  """
+  c = ml_collections.ConfigDict()
+  c.disc_start = 50001  # step from which the GAN terms are on
+  c.disc_weight = 0.5  # scale of the adaptive weight λ
+  c.disc_factor = 1.0  # GAN factor once on
+  c.disc_loss = "hinge"  # 'hinge' | 'vanilla'
+  c.disc_num_layers = 3
+  c.disc_ndf = 64
+  c.disc_norm = "batch"  # 'batch' (reference) | 'group' | 'none'
+  c.kl_weight = 1e-6
+  c.perceptual_weight = 1.0
+  c.codebook_weight = 1.0
+  c.logvar_init = 0.0
+  c.learn_logvar = False
+  return c

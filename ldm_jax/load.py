@@ -1,0 +1,383 @@
+"""The one place that reads weights: a run directory or a pretrained directory → modules and params.
+
+    model, ae_config, params = load_autoencoder('runs/ae', sharding)      # a stage-1 run
+    ldm, params, ae_params = load_diffusion_run('runs/ldm', mesh)          # a stage-2 run (EMA weights)
+    modules, params, configs = load_pretrained('stable-diffusion-v1-5/')   # any pretrained source
+    bundle = read_workdir('runs/ldm')                                      # a run as a `Pretrained` bundle
+
+Runs are read from their orbax checkpoints (`restore`, the only caller of
+`Checkpointer.restore_subtree`); pretrained sources through the format readers of
+`ldm_jax.convert` (diffusers folders, CompVis/Stability single files) or, for ldm_jax's own
+pretrained directories, here (`read_pretrained`: safetensors, or an orbax stage-1 workdir for the
+autoencoder). Trainers, sampling, evaluation and export call these functions; none of them opens
+a checkpoint or a weight file itself. A trainer's resume (`Checkpointer.restore` of its whole
+state) is not weight loading and stays in `ldm_jax.runtime.checkpoint`.
+
+`build_ldm` assembles the `LatentDiffusion` of a stage-2 config once its `scale_factor` is known;
+`pretrained_conditioning` says what conditions a pretrained model (a trained conditioner, a
+frozen text encoder, or none), for both sampling and fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax import config as checks
+from ldm_jax.config import common as config_lib
+from ldm_jax.config import sections
+from ldm_jax.convert import components, compvis, naming
+from ldm_jax.convert import diffusers_format as dconv
+from ldm_jax.convert import pretrained as pretrained_lib
+from ldm_jax.convert.pretrained import FORMAT_FILE, FORMAT_VERSION, PARAMS_FILE, Pretrained
+from ldm_jax.convert.safetensors_io import flatten_params, read_safetensors, unflatten_params
+from ldm_jax.data.tokenizer import load_tokenizer
+from ldm_jax.diffusion import schedule as schedule_lib
+from ldm_jax.diffusion.latent_diffusion import LatentDiffusion, TextEncoderConditioner
+from ldm_jax.models import autoencoder as ae_lib
+from ldm_jax.models import conditioning
+from ldm_jax.models import unet as unet_lib
+from ldm_jax.runtime import sharding
+from ldm_jax.runtime.checkpoint import Checkpointer
+
+# diffusion.* keys that describe a trained model (the rest are training choices).
+MODEL_DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "cosine_s",
+                        "zero_terminal_snr", "parameterization")
+
+
+def _host_sharding():
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of runs
+
+def checkpoint_steps(checkpoint_dir: str) -> list[int]:
+  """Steps of the finished checkpoints in `checkpoint_dir` (orbax's in-progress ones are skipped)."""
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(name) for name in os.listdir(checkpoint_dir)
+                if name.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, name, "state")))
+
+
+def restore(workdir: str, keys: tuple[str, ...], placement=None, *, step: int | None = None,
+            optional: bool = False):
+  """The subtree `state.<keys>` of the run in `workdir` (newest checkpoint unless `step`).
+
+  `placement`: a sharding, or a function of the abstract subtree giving its shardings (default:
+  numpy arrays on the host). With `optional`, a missing subtree gives {} instead of ValueError.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir}: no checkpoints/; is it a ldm_jax workdir?")
+  checkpointer = Checkpointer(directory)
+  try:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"{directory}: no checkpoint.")
+    try:
+      tree = checkpointer.restore_subtree(keys, _host_sharding() if placement is None else placement, step=step)
+    except KeyError:
+      if optional:
+        return {}
+      raise ValueError(f"{workdir}: the checkpoint has no state.{'.'.join(keys)}.") from None
+  finally:
+    checkpointer.close()
+  return jax.tree.map(np.asarray, tree) if placement is None else tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage-1 runs
+
+def autoencoder_run(workdir: str, flag: str = "autoencoder.workdir"):
+  """(module, config) of the stage-1 run in `workdir`, no weights read; errors name `flag`."""
+  if not workdir:
+    raise ValueError(f"{flag}: not set; name the stage-1 run to train on (python train_autoencoder.py … "
+                     "--workdir DIR).")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileNotFoundError(f"{flag}: {workdir} has no checkpoints/; train the autoencoder there first.")
+  try:
+    ae_config = config_lib.load_config(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{flag}: {e}") from None
+  kind = checks.run_kind(ae_config)
+  if kind != "autoencoder":
+    own = f" (its autoencoder.workdir is {ae_config.autoencoder.workdir})" if kind == "diffusion" else ""
+    raise ValueError(f"{flag}: {workdir} holds a {checks.RUN_KINDS.get(kind, 'run of no known kind')}{own}; name a "
+                     "stage-1 run (train_autoencoder.py --workdir) or a pretrained directory's autoencoder/.")
+  return ae_lib.make_autoencoder(ae_config.model), ae_config
+
+
+def load_autoencoder(workdir: str, placement=None, *, flag: str = "autoencoder.workdir", dtype: str | None = None):
+  """(module, config, params) of the stage-1 run in `workdir` (newest checkpoint).
+
+  `placement` as `restore` (e.g. replicated on a mesh, or `sharding.tree_sharding` by the
+  partition rules, matched as `autoencoder/…`); `dtype` overrides the module's compute dtype.
+  """
+  model, ae_config = autoencoder_run(workdir, flag)
+  if dtype is not None:
+    model = model.clone(dtype=jnp.dtype(dtype))
+  return model, ae_config, restore(workdir, ("params", "autoencoder"), placement)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage-2 runs
+
+def read_diffusion_run(workdir: str):
+  """(config, ae_config, newest step, tokenizer) of a stage-2 run, no weights read; errors name the
+  missing path (workdir, config.json, checkpoints, the autoencoder run, the tokenizer folder)."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"--workdir: {workdir} does not exist.")
+  config = config_lib.load_config(workdir)
+  if "diffusion" not in config or "autoencoder" not in config:
+    raise ValueError(f"--workdir: {os.path.join(workdir, 'config.json')} is not a stage-2 run's config "
+                     "(no diffusion/autoencoder sections); sample from a train_diffusion.py workdir.")
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  steps = checkpoint_steps(checkpoint_dir)
+  if not steps:
+    raise FileNotFoundError(f"--workdir: {checkpoint_dir} holds no checkpoint; train the model there first "
+                            f"(python train_diffusion.py --config … --workdir {workdir}).")
+  ae_workdir = config.autoencoder.workdir
+  if not checkpoint_steps(os.path.join(ae_workdir, "checkpoints")):
+    raise FileNotFoundError(f"autoencoder.workdir: the run's autoencoder {ae_workdir} (named in "
+                            f"{os.path.join(workdir, 'config.json')}) has no checkpoint.")
+  ae_config = config_lib.load_config(ae_workdir)
+  tokenizer = None
+  if conditioning.uses_text(config.cond):
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    if not os.path.isdir(tokenizer_dir):
+      raise FileNotFoundError(f"--workdir: {tokenizer_dir} is missing; a text-conditional run saves its "
+                              "tokenizer there and sampling must use the same token ids.")
+    tokenizer = load_tokenizer(tokenizer_dir, max_length=config.cond.max_length)
+  return config, ae_config, steps[-1], tokenizer
+
+
+def make_conditioner(config, tokenizer, dtype=jnp.float32):
+  """τ_θ of a stage-2 config: the trainable `Conditioner` of `cond.*`, or, with
+  `cond.text_encoder='pretrained'`, the frozen text encoder of `init.pretrained`."""
+  if conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained":
+    with open(os.path.join(config.init.pretrained, "text_encoder", "config.json")) as f:
+      return TextEncoderConditioner(components.build("text_encoder", json.load(f)["model"]))
+  return conditioning.make_conditioner(config.cond, tokenizer, dtype)
+
+
+def build_ldm(config, model, ae_config, tokenizer, scale_factor: float, *, for_training=False) -> LatentDiffusion:
+  """The LatentDiffusion of a (resolved) stage-2 config on the autoencoder `model`; `for_training`
+  builds U-Net and conditioner with `train.dtype` and `train.remat`."""
+  latent = ae_lib.latent_shape(ae_config.model, config.data.image_size)
+  unet_cfg = config_lib.with_train_overrides(config.model, config.train) if for_training else config.model
+  dtype = jnp.dtype(config.train.dtype) if for_training else jnp.float32
+  return LatentDiffusion(
+      unet=unet_lib.make_unet(unet_cfg), conditioner=make_conditioner(config, tokenizer, dtype),
+      autoencoder=model, schedule=schedule_lib.schedule_from_config(config.diffusion),
+      scale_factor=float(scale_factor), parameterization=config.diffusion.parameterization,
+      cond_cfg=config.cond, tokenizer=tokenizer, latent_shape=tuple(latent))
+
+
+def load_diffusion_run(workdir: str, mesh: jax.sharding.Mesh, *, use_ema: bool = True):
+  """(ldm, params {'unet', 'cond'}, ae_params) of a stage-2 run's newest checkpoint, replicated on `mesh`.
+
+  `use_ema` picks the EMA weights (what the trainer's sample grids show) or the raw ones; the
+  latent `scale_factor` is the one the run estimated.
+  """
+  config, _, step, tokenizer = read_diffusion_run(workdir)
+  rep = sharding.replicated(mesh)
+  model, ae_config, ae_params = load_autoencoder(config.autoencoder.workdir, rep)
+  params = restore(workdir, ("ema_params" if use_ema else "params",), rep, step=step)
+  scale_factor = restore(workdir, ("scale_factor",), rep, step=step)
+  ldm = build_ldm(config, model, ae_config, tokenizer, float(jax.device_get(scale_factor)))
+  return ldm, params, ae_params
+
+
+def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> Pretrained:
+  """The exportable model of a stage-1 or stage-2 workdir (newest checkpoint unless `step`), in host memory.
+
+  A stage-1 run gives its autoencoder (stage 1 keeps no EMA: its trained params). A stage-2 run
+  gives the U-Net (`ema_params` by default), the conditioner τ_θ it trained, the frozen
+  autoencoder of its stage-1 run, the noise schedule, `scale_factor` and the tokenizer.
+  """
+  config = config_lib.load_config(workdir)
+  if "autoencoder" not in config or "workdir" not in config.autoencoder:
+    if "kind" not in config.get("model", {}):
+      raise ValueError(f"{workdir}/config.json: neither a stage-1 run (model.kind) nor a stage-2 run "
+                       "(autoencoder.workdir).")
+    params = restore(workdir, ("params", "autoencoder"), step=step)
+    return Pretrained({"autoencoder": config.model.to_dict()}, {"autoencoder": params}, source=workdir)
+
+  tree = "ema_params" if ema else "params"
+  ae_workdir = config.autoencoder.workdir
+  if not os.path.isdir(ae_workdir):
+    raise FileNotFoundError(f"{workdir}/config.json: autoencoder.workdir={ae_workdir} does not exist (relative "
+                            "paths are read from the current directory).")
+  stage1 = read_workdir(ae_workdir)
+  configs: dict[str, Any] = {
+      "unet": config.model.to_dict(), "autoencoder": stage1.configs["autoencoder"],
+      "diffusion": {k: config.diffusion[k] for k in MODEL_DIFFUSION_KEYS if k in config.diffusion},
+      "latent": {"scale_factor": float(restore(workdir, ("scale_factor",), step=step))},
+      "cond": config.cond.to_dict(),
+  }
+  params = {"unet": restore(workdir, (tree, "unet"), step=step), "autoencoder": stage1.params["autoencoder"]}
+  if config.cond.kind != "none":
+    params["conditioner"] = restore(workdir, (tree, "cond"), step=step, optional=True)
+  tokenizer = os.path.join(workdir, "tokenizer")
+  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained models
+
+def _tuples(value):
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def read_pretrained(directory: str) -> Pretrained:
+  """Reads an ldm_jax pretrained directory (`ldm_jax.convert.pretrained`'s layout), checking every tensor."""
+  meta = dconv.read_json(os.path.join(directory, FORMAT_FILE))
+  if meta.get("format") != FORMAT_VERSION:
+    raise ValueError(f"{directory}/{FORMAT_FILE}: format {meta.get('format')!r}; this ldm_jax reads "
+                     f"format {FORMAT_VERSION}.")
+  configs = {key: dict(meta[key]) for key in ("diffusion", "latent", "cond") if meta.get(key)}
+  params = {}
+  for component in meta["components"]:
+    path = os.path.join(directory, component)
+    cfg = dconv.read_json(os.path.join(path, "config.json"))
+    if component == "conditioner":
+      configs["cond"] = cfg["cond"]
+      params[component] = unflatten_params(read_safetensors(os.path.join(path, PARAMS_FILE)))
+      continue
+    configs[component] = _tuples(cfg["model"])
+    expected = components.abstract_params(component, configs[component])
+    if os.path.isfile(os.path.join(path, PARAMS_FILE)):
+      flat = read_safetensors(os.path.join(path, PARAMS_FILE))
+    elif component == "autoencoder" and os.path.isdir(os.path.join(path, "checkpoints")):
+      flat = flatten_params(restore(path, ("params", "autoencoder")))
+    else:
+      raise FileNotFoundError(f"{path}: neither {PARAMS_FILE} nor (for an autoencoder) checkpoints/.")
+    params[component] = naming.check_params(unflatten_params(flat), expected, what=path)
+  tokenizer = os.path.join(directory, "tokenizer")
+  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None,
+                    source=meta.get("source", directory))
+
+
+def read_source(src: str, **single_file_options) -> Pretrained:
+  """Any supported source: a pretrained directory, a diffusers pipeline or component folder, or a
+  single-file checkpoint (`ldm_jax.convert.compvis.read_single_file`, with `single_file_options`)."""
+  if os.path.isfile(src):
+    return compvis.read_single_file(src, **single_file_options)
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"{src}: no such file or directory.")
+  if os.path.isfile(os.path.join(src, FORMAT_FILE)):
+    return read_pretrained(src)
+  kind = checks.run_kind(dconv.read_json(os.path.join(src, "config.json"))) if os.path.isfile(
+      os.path.join(src, "config.json")) else None
+  if kind is not None:
+    raise ValueError(f"{src}: holds a {checks.RUN_KINDS[kind]}, not a pretrained model; use it as a workdir, "
+                     f"or export it first (python -m ldm_jax.convert export --workdir {src} …).")
+  if os.path.isfile(os.path.join(src, "config.json")) and not os.path.isfile(os.path.join(src, "model_index.json")):
+    component, model, params, extra = pretrained_lib.read_diffusers_component(src)
+    return Pretrained({component: model, **extra}, {component: params}, None, source=src)
+  return pretrained_lib.read_diffusers_pipeline(src)
+
+
+def load_pretrained(directory: str, **single_file_options):
+  """Loads a pretrained model for sampling or fine-tuning: `(modules, params, configs)`.
+
+  Args:
+    directory: a pretrained directory (`ldm_jax.convert.pretrained`), a diffusers pipeline folder
+      (SD 1.x / 2.x: unet/, vae/, text_encoder/, tokenizer/, scheduler/), one diffusers or
+      transformers component folder, or a single-file checkpoint (CompVis/Stability
+      `.safetensors`, or `.ckpt` through torch with weights_only).
+    single_file_options: passed to `ldm_jax.convert.compvis.read_single_file` for single files.
+
+  Returns:
+    modules: component → linen module: 'unet' (`UNet`), 'autoencoder' (`AutoencoderKL` |
+      `VQModel`), 'text_encoder' (`CLIPTextEncoder` | `BertTextEncoder`), 'conditioner' (a trained
+      `Conditioner`, from ldm_jax exports), and 'tokenizer' (`ldm_jax.data.tokenizer.Tokenizer`,
+      not a module) — each only when present.
+    params: component → parameter tree (numpy; `jax.device_put` them onto a mesh as needed), for
+      `modules[c].apply({'params': params[c]}, …)`.
+    configs: component → `ml_collections.ConfigDict` of its config, plus 'diffusion' (diffusion.*:
+      beta_schedule, num_timesteps, linear_start, linear_end, zero_terminal_snr, parameterization),
+      'latent' (scale_factor) and 'cond' when known.
+  """
+  pretrained = read_source(directory, **single_file_options)
+  modules: dict[str, Any] = {}
+  for component in pretrained.components:
+    if component != "conditioner":
+      modules[component] = components.build(component, pretrained.configs[component])
+  tokenizer = None
+  if pretrained.tokenizer_dir:
+    max_length = pretrained.configs.get("cond", {}).get("max_length")
+    tokenizer = load_tokenizer(pretrained.tokenizer_dir, max_length=max_length)
+    modules["tokenizer"] = tokenizer
+  if "conditioner" in pretrained.params:
+    modules["conditioner"] = conditioning.make_conditioner(ml_collections.ConfigDict(pretrained.configs["cond"]),
+                                                           tokenizer)
+  configs = {key: ml_collections.ConfigDict(value) for key, value in pretrained.configs.items()}
+  return modules, dict(pretrained.params), configs
+
+
+def pretrained_conditioning(directory: str, modules: dict, params: dict, configs: dict, flag: str):
+  """What conditions the pretrained model of `load_pretrained(directory)`: `(cond, conditioner, cond_params)`.
+
+  cond: the `cond.*` keys that differ from `default_cond_config()`; conditioner: τ_θ (a module);
+  cond_params: its parameters. From what the source holds: a trained `conditioner` (ldm_jax
+  exports, with its `cond` config; its text tokenizer is the directory's tokenizer/), else a
+  pretrained `text_encoder` + tokenizer (Stable Diffusion: the encoder's last hidden states are
+  the context, frozen), else none (an unconditional U-Net). Errors name `flag`.
+  """
+  tokenizer_dir = os.path.join(directory, "tokenizer")
+  if "conditioner" in params:
+    cond = {k: v for k, v in configs["cond"].to_dict().items() if k != "dropout_prob"}
+    if conditioning.uses_text(configs["cond"]):
+      cond["tokenizer_dir"] = tokenizer_dir
+    return cond, modules["conditioner"], params["conditioner"]
+  if "text_encoder" in params:
+    tokenizer = modules.get("tokenizer")
+    if tokenizer is None:
+      raise ValueError(f"{flag}: {directory} has a text encoder but no tokenizer/ folder.")
+    cond = dict(kind="text", text_encoder="pretrained", tokenizer_dir=tokenizer_dir, max_length=tokenizer.max_length,
+                vocab_size=tokenizer.vocab_size, dim=int(configs["text_encoder"].dim))
+    return cond, TextEncoderConditioner(modules["text_encoder"]), {"text_encoder": params["text_encoder"]}
+  unet_cfg = configs["unet"]
+  if unet_cfg.get("context_dim") is not None or unet_cfg.get("num_classes") is not None:
+    raise ValueError(f"{flag}: the U-Net in {directory} is conditional (context_dim / num_classes) but the "
+                     "directory has neither a text encoder nor a conditioner.")
+  cond = dict(kind="none")
+  return cond, conditioning.make_conditioner(_cond_config(cond)), {}
+
+
+def _cond_config(cond: dict) -> ml_collections.ConfigDict:
+  cfg = sections.default_cond_config()
+  cfg.update(cond)
+  return cfg
+
+
+def load_pretrained_ldm(directory: str, flag: str = "--pretrained"):
+  """A pretrained model as `(ldm, host params {'unet', 'cond'}, host ae_params, configs)`; weights in
+  host memory (the readers give configs and weights together), for `jax.device_put` onto a mesh."""
+  if not os.path.exists(directory):
+    raise FileNotFoundError(f"{flag}: {directory} does not exist.")
+  modules, params, configs = load_pretrained(directory)
+  for component in ("unet", "autoencoder"):
+    if component not in modules:
+      raise ValueError(f"{flag}: {directory} has no {component}; sampling needs a U-Net and an autoencoder.")
+  cond, conditioner, cond_params = pretrained_conditioning(directory, modules, params, configs, flag)
+  ae_cfg = configs["autoencoder"]
+  diffusion_cfg = configs.get("diffusion", ml_collections.ConfigDict())
+  ldm = LatentDiffusion(
+      unet=modules["unet"], conditioner=conditioner, autoencoder=modules["autoencoder"],
+      schedule=schedule_lib.schedule_from_config(diffusion_cfg),
+      scale_factor=float(configs.get("latent", {}).get("scale_factor", 1.0)),
+      parameterization=diffusion_cfg.get("parameterization", "eps"), cond_cfg=_cond_config(cond),
+      tokenizer=modules.get("tokenizer"), latent_shape=ae_lib.latent_shape(ae_cfg, int(ae_cfg.resolution)))
+  return ldm, {"unet": params["unet"], "cond": cond_params}, params["autoencoder"], configs

@@ -1,0 +1,179 @@
+"""The request against the model: every input prepared on the host, no weights needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from absl import logging
+
+from ldm_jax.diffusion import samplers
+from ldm_jax.models import conditioning
+from ldm_jax.sampling.model import ModelInfo
+from ldm_jax.sampling.request import SampleRequest, read_image
+
+_SUPPORTED_KINDS = ("none", "class", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything a request resolves to, on the host, before loading weights.
+
+  Attributes:
+    num_samples, batch_size: N images, made B at a time (B a multiple of the device count;
+      the last batch is padded and the padding dropped).
+    image_size: (H, W); latent_shape: (h, w, c).
+    cond: prepared conditions of all N samples ({'label': [N]} / {'tokens': [N, L]} / {}).
+    null: the unconditional branch, leading axis 1 (null class, "" or the negative prompt).
+    labels: int32 [N] (class models); prompts: N strings (text models).
+    init_image: [1, H, W, C] in [-1, 1] or None; keep_mask: [1, h, w, 1], 1 = keep, or None.
+    strength: for init_image; steps_run: how many sampler steps run; grid_cols: grid columns.
+  """
+  num_samples: int
+  batch_size: int
+  image_size: tuple[int, int]
+  latent_shape: tuple[int, int, int]
+  cond: dict
+  null: dict
+  labels: np.ndarray | None
+  prompts: list[str] | None
+  init_image: np.ndarray | None
+  keep_mask: np.ndarray | None
+  strength: float | None
+  steps_run: int
+  grid_cols: int | None
+
+  @property
+  def num_batches(self) -> int:
+    return math.ceil(self.num_samples / self.batch_size)
+
+  @property
+  def mode(self) -> str:
+    if self.init_image is None:
+      return "sample"
+    return "img2img" if self.keep_mask is None else "inpaint"
+
+
+def _conditioning(request: SampleRequest, info: ModelInfo):
+  """(num_samples, labels, prompts, grid columns) of the request for the model's conditioning kind."""
+  kind, r = info.kind, request
+  if kind not in _SUPPORTED_KINDS:
+    raise ValueError(f"{'--workdir' if info.step is not None else '--pretrained'}: the model in {info.source} has "
+                     f"cond.kind={kind!r} (concat conditioning: super-resolution, inpainting models, maps), which "
+                     f"sample.py does not sample yet; it samples {', '.join(_SUPPORTED_KINDS)} models.")
+  if kind != "text" and r.prompts is not None:
+    raise ValueError(f"--prompt / --prompts_file: the model in {info.source} is not text-conditional "
+                     f"(cond.kind={kind!r}){'; use --class_label' if kind == 'class' else ''}.")
+  if kind != "text" and r.negative_prompt is not None:
+    raise ValueError(f"--negative_prompt: the model in {info.source} is not text-conditional (cond.kind={kind!r}).")
+  if kind != "class" and r.class_labels is not None:
+    raise ValueError(f"--class_label: the model in {info.source} is not class-conditional "
+                     f"(cond.kind={kind!r}){'; use --prompt or --prompts_file' if kind == 'text' else ''}.")
+  labels = prompts = cols = None
+  n = r.num_samples
+  if kind == "class":
+    num_classes = info.cond_cfg.num_classes
+    if r.class_labels is None:
+      raise ValueError(f"--class_label: the model in {info.source} is class-conditional; give a class in "
+                       f"[0, {num_classes}) or 'all'.")
+    if r.class_labels == "all":
+      n = num_classes if n is None else n
+      labels = np.arange(n, dtype=np.int32) % num_classes
+      cols = num_classes if num_classes <= 16 else None
+    else:
+      if not 0 <= r.class_labels < num_classes:
+        raise ValueError(f"--class_label: {r.class_labels} is outside the model's classes [0, {num_classes}).")
+      if n is None:
+        raise ValueError("--num_samples: required with a single --class_label.")
+      labels = np.full((n,), r.class_labels, np.int32)
+  elif kind == "text":
+    if r.prompts is None:
+      raise ValueError(f"--prompt / --prompts_file: the model in {info.source} is text-conditional; give a "
+                       "prompt (--prompt '' samples unconditionally).")
+    n = len(r.prompts) if n is None else n
+    prompts = [r.prompts[i % len(r.prompts)] for i in range(n)]
+    cols = len(r.prompts) if 2 <= len(r.prompts) <= 16 else None
+  elif n is None:
+    raise ValueError("--num_samples: required for an unconditional model.")
+  if kind == "none" and r.guidance_scale != 1:
+    logging.info("The model in %s is unconditional; --guidance_scale %s has no effect.", info.source,
+                 r.guidance_scale)
+  return n, labels, prompts, cols
+
+
+def make_plan(request: SampleRequest, info: ModelInfo, num_devices: int) -> Plan:
+  """Checks the request against the model and prepares every input on the host; no weights needed.
+
+  Raises ValueError naming the flag (and the model's limit) for: conditioning that does not fit the
+  model, a class out of range, more steps than the training timesteps, sizes not divisible by
+  f × the U-Net's factor, an init image of the wrong size, a mask not matching it, intermediate
+  steps that do not run, a batch size not divisible by the devices.
+  """
+  r = request
+  n, labels, prompts, cols = _conditioning(r, info)
+  num_timesteps = info.num_timesteps
+  if r.steps > num_timesteps:
+    raise ValueError(f"--steps: {r.steps} is more than the {num_timesteps} timesteps the model was trained with.")
+  try:
+    samplers.make_timesteps(num_timesteps, r.steps, r.timestep_spacing, steps_offset=r.steps_offset, sampler=r.sampler)
+  except ValueError as err:
+    raise ValueError(f"--steps / --timestep_spacing / --steps_offset: {err}") from None
+
+  init_image = keep_mask = None
+  channels = info.channels
+  if r.init_image is not None:
+    pixels = read_image(r.init_image, "--init_image", "L" if channels == 1 else "RGB")
+    height, width = pixels.shape[:2]
+    for name, want, got in (("height", r.height, height), ("width", r.width, width)):
+      if want is not None and want != got:
+        raise ValueError(f"--{name}: {want}, but --init_image {r.init_image} is {width}×{height} (W×H); "
+                         f"omit --{name} or resize the image.")
+    init_image = (pixels.reshape(1, height, width, channels).astype(np.float32) / 127.5 - 1.0)
+  else:
+    height = info.image_size[0] if r.height is None else r.height
+    width = info.image_size[1] if r.width is None else r.width
+  m = info.size_multiple
+  for name, value in (("height", height), ("width", width)):
+    if value % m:
+      what = f"--init_image: {r.init_image} has {name} {value}" if r.init_image else f"--{name}: {value}"
+      raise ValueError(f"{what} is not a multiple of {m} (the autoencoder's f = {info.f} × the U-Net's "
+                       f"downsampling {m // info.f}).")
+  f = info.f
+  latent_shape = (height // f, width // f, info.latent_channels)
+
+  if r.mask is not None:
+    mask = read_image(r.mask, "--mask", "L")
+    if mask.shape != (height, width):
+      raise ValueError(f"--mask: {r.mask} is {mask.shape[1]}×{mask.shape[0]} (W×H), but --init_image "
+                       f"{r.init_image} is {width}×{height}; they must match.")
+    keep = (mask < 128).astype(np.float32).reshape(1, height, width, 1)  # white (≥ 128) = repaint
+    # A latent pixel is kept only where its whole f×f block is kept, so no repainted pixel is pinned.
+    keep_mask = (np.asarray(samplers.mask_to_latent(keep, f)) == 1.0).astype(np.float32)
+  strength = None
+  steps_run = r.steps
+  if init_image is not None:
+    strength = r.strength if r.strength is not None else (1.0 if keep_mask is not None else 0.6)
+    steps_run = min(int(r.steps * strength), r.steps)
+  for i in r.save_intermediates:
+    if i >= steps_run:
+      raise ValueError(f"--save_intermediates: step {i} does not run; this request runs {steps_run} steps "
+                       f"(--steps {r.steps}{f' × --strength {strength}' if strength is not None else ''}).")
+
+  if r.batch_size % num_devices:
+    raise ValueError(f"--batch_size: {r.batch_size} is not divisible by the {num_devices} devices the batch is "
+                     f"split over; use a multiple of {num_devices}.")
+  batch_size = min(r.batch_size, math.ceil(n / num_devices) * num_devices)
+
+  cfg = info.cond_cfg
+  cond, null = {}, {}
+  if info.kind == "class":
+    cond = conditioning.prepare_condition(cfg, {"label": labels})
+    null = conditioning.null_condition(cfg, 1)
+  elif info.kind == "text":
+    cond = conditioning.prepare_condition(cfg, {"caption": prompts}, info.tokenizer)  # warns on truncation
+    null = (conditioning.null_condition(cfg, 1, info.tokenizer) if r.negative_prompt is None else
+            conditioning.prepare_condition(cfg, {"caption": [r.negative_prompt]}, info.tokenizer))
+  return Plan(num_samples=n, batch_size=batch_size, image_size=(height, width), latent_shape=latent_shape,
+              cond=cond, null=null, labels=labels, prompts=prompts, init_image=init_image, keep_mask=keep_mask,
+              strength=strength, steps_run=steps_run, grid_cols=cols)
