@@ -14,19 +14,19 @@ the devices of all hosts and process 0 writes the outputs.
 Writes DIR/grid.png, DIR/images/00000.png …, DIR/samples.npz (`images` uint8 N×H×W×C, `labels`
 or `prompts`) and DIR/sampling.json (the settings), all at once at the end. Every flag is checked
 against the model before anything is compiled (for --workdir, before any weight is read); a bad
-one stops the run with a message naming it and nothing written. See `ldm_jax.train.inference`.
+one stops the run with a message naming it and nothing written. See `ldm_jax.sampling`.
 """
 
 from absl import flags, logging
 
-from ldm_jax.diffusion.samplers import SAMPLERS, SPACINGS
-from ldm_jax.runtime import cli
-from ldm_jax.train import distributed, inference
-from ldm_jax.train.logging import setup_logging
+from ldm_jax import sampling
+from ldm_jax.config.diffusion import SAMPLERS, SPACINGS
+from ldm_jax.runtime import cli, distributed
+from ldm_jax.runtime.logging import setup_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Stage-2 run directory (train_diffusion.py --workdir).")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "Instead of --workdir: a pretrained directory, diffusers "
-                                   "pipeline folder or single-file checkpoint (ldm_jax.convert.load_pretrained).")
+                                   "pipeline folder or single-file checkpoint (ldm_jax.load.load_pretrained).")
 _OUT = flags.DEFINE_string("out", None, "Output directory; must not exist or be empty.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Images to make (default: one per prompt of "
                                     "--prompts_file, or one per class with --class_label all).")
@@ -67,7 +67,7 @@ def _int(flag: str, value: str) -> int:
     raise ValueError(f"--{flag}: expected an integer, got {value!r}.") from None
 
 
-def request_from_flags() -> inference.SampleRequest:
+def request_from_flags() -> sampling.SampleRequest:
   """The parsed flags as a request; reads --prompts_file."""
   if _PROMPT.value is not None and _PROMPTS_FILE.value is not None:
     raise ValueError("--prompt / --prompts_file: give one of them.")
@@ -85,7 +85,7 @@ def request_from_flags() -> inference.SampleRequest:
   label = _CLASS_LABEL.value
   if label is not None and label != "all":
     label = _int("class_label", label)
-  return inference.SampleRequest(
+  return sampling.SampleRequest(
       out=_OUT.value, workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, num_samples=_NUM_SAMPLES.value,
       prompts=prompts, class_labels=label, negative_prompt=_NEGATIVE.value, guidance_scale=_GUIDANCE.value,
       guidance_rescale=_RESCALE.value, steps=_STEPS.value, eta=_ETA.value, sampler=_SAMPLER.value,
@@ -100,7 +100,7 @@ def main(argv):
   del argv
   setup_logging()
   distributed.initialize_from_flags()
-  summary = inference.sample_to_dir(request_from_flags())
+  summary = sampling.sample_to_dir(request_from_flags())
   logging.info("Done: %s", summary)
 
 

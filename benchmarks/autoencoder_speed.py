@@ -17,8 +17,9 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ldm_jax.train import autoencoder, sharding  # noqa: E402
-from ldm_jax.train import config as config_lib  # noqa: E402
+from ldm_jax.config import common as config_lib  # noqa: E402
+from ldm_jax.runtime import sharding  # noqa: E402
+from ldm_jax.train import autoencoder  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", "configs/autoencoder/kl_f8.py", "Autoencoder config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Global batch size.")

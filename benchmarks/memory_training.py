@@ -75,38 +75,45 @@ def unet_step():
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from ldm_jax import load
+  from ldm_jax.config import autoencoder as ae_defaults
+  from ldm_jax.config import diffusion as ldm_defaults
   from ldm_jax.models import autoencoder as ae_lib
-  from ldm_jax.train import autoencoder, diffusion, sharding
+  from ldm_jax.runtime import sharding
+  from ldm_jax.train.diffusion import setup, state as state_lib, step as step_lib
 
-  ae_config = autoencoder.default_config()
+  ae_config = ae_defaults.default_config()
   ae_config.data.image_size = 512
-  config = diffusion.default_config()
+  config = ldm_defaults.default_config()
   config.data.image_size = 512
   config.latent.cache = True
   config.cond.update(kind="text", dim=768, depth=1, num_heads=12, head_dim=64, vocab_size=1000, max_length=77)
   config.model.query_chunk_size = _CHUNK.value or None
   config.train.batch_size = _BATCH.value or 256
   _mesh_config(config)
-  diffusion.resolve_config(config, ae_config)
+  setup.resolve_config(config, ae_config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
-  ldm = diffusion.build_ldm(config, ae_lib.make_autoencoder(ae_config.model), ae_config, _Tokenizer(),
-                            for_training=True)
-  stage = diffusion.Stage2(config, mesh, ldm, {})
-  stage.setup({"tokens": np.zeros((1, 77), np.int32)})
+  ldm = load.build_ldm(config, ae_lib.make_autoencoder(ae_config.model), ae_config, _Tokenizer(), 1.0,
+                       for_training=True)
+  optimizer = state_lib.make_optimizer(config)
+  builder = state_lib.StateBuilder(config, mesh, ldm.unet, ldm.conditioner, ldm.latent_shape,
+                                   {"tokens": np.zeros((1, 77), np.int32)}, optimizer)
+  train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, {})
   batch_sh = sharding.batch_sharding(mesh)
   b = config.train.batch_size
   batch = {"latent_moments": jax.ShapeDtypeStruct((b, 64, 64, 8), jnp.float32, sharding=batch_sh),
            "cond/tokens": jax.ShapeDtypeStruct((b, 77), jnp.int32, sharding=batch_sh)}
-  return stage.train_step.lower(stage.abstract_state, batch, {}).compile(), stage.abstract_state.params
+  return train_step.lower(builder.abstract_state, batch, {}).compile(), builder.abstract_state.params
 
 
 def autoencoder_step():
   """(compiled step, abstract params) of KL-f8 training at 256 px with LPIPS and the GAN."""
   import jax
   import jax.numpy as jnp
-  from ldm_jax.train import autoencoder, sharding
-  from ldm_jax.train import config as config_lib
+  from ldm_jax.config import common as config_lib
+  from ldm_jax.runtime import sharding
+  from ldm_jax.train import autoencoder
 
   config = config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "autoencoder", "kl_f8.py"))
   config.data.update(source="shapes", random_crop=False)  # no files are read; the shapes are what count

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ldm_jax.diffusion import samplers, schedule as schedule_lib  # noqa: E402
 from ldm_jax.models import autoencoder as ae_lib  # noqa: E402
 from ldm_jax.models import unet as unet_lib  # noqa: E402
-from ldm_jax.train import config as config_lib  # noqa: E402
+from ldm_jax.config import common as config_lib  # noqa: E402
 
 _NUM = flags.DEFINE_integer("num_images", 8, "Images per call.")
 _SIZE = flags.DEFINE_integer("image_size", 256, "Image side in pixels (latents are side/8).")

@@ -27,10 +27,13 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ldm_jax import load  # noqa: E402
+from ldm_jax.config import autoencoder as ae_defaults  # noqa: E402
+from ldm_jax.config import common as config_lib  # noqa: E402
 from ldm_jax.models import autoencoder as ae_lib  # noqa: E402
 from ldm_jax.models import conditioning  # noqa: E402
-from ldm_jax.train import autoencoder, diffusion, sharding  # noqa: E402
-from ldm_jax.train import config as config_lib  # noqa: E402
+from ldm_jax.runtime import sharding  # noqa: E402
+from ldm_jax.train.diffusion import setup, state as state_lib, step as step_lib  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", "configs/ldm/sd_v1.py", "Stage-2 config file (path[:arg]).")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Global batch size.")
@@ -56,9 +59,9 @@ class _Tokenizer:
 
 
 def build(config):
-  """(stage, state, batch) for the config with the flags applied; nothing is read from disk."""
+  """(jitted train step, state, batch) for the config with the flags applied; nothing is read from disk."""
   # A stand-in stage-1 config whose latents have the requested shape (only shapes are used).
-  ae_config = autoencoder.default_config()
+  ae_config = ae_defaults.default_config()
   ae_config.model.update(embed_dim=_CHANNELS.value, z_channels=_CHANNELS.value)
   image_size = _LATENT.value * ae_lib.downsampling_factor(ae_config.model)
   ae_config.data.image_size = image_size
@@ -76,37 +79,39 @@ def build(config):
     config.model.model_channels = _WIDTH.value
   if _CHUNK.value:
     config.model.query_chunk_size = _CHUNK.value
-  diffusion.resolve_config(config, ae_config)
+  setup.resolve_config(config, ae_config)
 
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh)
   tokenizer = _Tokenizer(config.cond.vocab_size, config.cond.max_length) \
       if config.cond.kind == "text" else None
-  ldm = diffusion.build_ldm(config, ae_lib.make_autoencoder(ae_config.model), ae_config, tokenizer,
-                            for_training=True)
+  ldm = load.build_ldm(config, ae_lib.make_autoencoder(ae_config.model), ae_config, tokenizer, 1.0,
+                       for_training=True)
   b = config.train.batch_size
   cond = conditioning.prepare_condition(config.cond, {"label": np.arange(b) % max(config.cond.num_classes, 1),
                                                       "caption": np.array(["a photograph"] * b)}, tokenizer)
-  stage = diffusion.Stage2(config, mesh, ldm, {})
-  stage.setup({k: v[:1] for k, v in cond.items()})
-  state = stage.init(jax.random.PRNGKey(0), jnp.float32(1.0))
+  optimizer = state_lib.make_optimizer(config)
+  builder = state_lib.StateBuilder(config, mesh, ldm.unet, ldm.conditioner, ldm.latent_shape,
+                                   {k: v[:1] for k, v in cond.items()}, optimizer)
+  state = builder.init(jax.random.PRNGKey(0), jnp.float32(1.0))
+  train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, {})
   rng = np.random.default_rng(0)
   h = _LATENT.value
   moments = np.concatenate([rng.standard_normal((b, h, h, _CHANNELS.value)),
                             np.full((b, h, h, _CHANNELS.value), -4.0)], axis=-1).astype(np.float32)
   batch = sharding.shard_batch({"latent_moments": moments, **{f"cond/{k}": v for k, v in cond.items()}}, mesh)
-  return stage, state, batch
+  return train_step, state, batch
 
 
 def main(argv):
   del argv
   config = config_lib.from_file(_CONFIG.value)
-  stage, state, batch = build(config)
+  train_step, state, batch = build(config)
   n_unet = sum(x.size for x in jax.tree.leaves(state.params["unet"]))
   n_cond = sum(x.size for x in jax.tree.leaves(state.params["cond"]))
 
   t0 = time.perf_counter()
-  compiled = stage.train_step.lower(state, batch, {}).compile()
+  compiled = train_step.lower(state, batch, {}).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program

@@ -215,7 +215,7 @@ def _jax_part(part, inputs):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ldm_jax.convert import load_pretrained  # pylint: disable=g-import-not-at-top
+  from ldm_jax.load import load_pretrained  # pylint: disable=g-import-not-at-top
   from ldm_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
   from ldm_jax.diffusion.schedule import q_sample  # pylint: disable=g-import-not-at-top
 

@@ -12,9 +12,9 @@ import os
 
 from absl import app, flags
 
+from ldm_jax.config import common as config_lib
+from ldm_jax.runtime.logging import setup_logging
 from ldm_jax.train import autoencoder, diffusion
-from ldm_jax.train import config as config_lib
-from ldm_jax.train.logging import setup_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs are written.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Use the `:smoke` configs (a quick check, not a demo).")

@@ -166,14 +166,21 @@ def make_conditioner(config, tokenizer, dtype=jnp.float32):
   return conditioning.make_conditioner(config.cond, tokenizer, dtype)
 
 
-def build_ldm(config, model, ae_config, tokenizer, scale_factor: float, *, for_training=False) -> LatentDiffusion:
+def make_unet(config, *, for_training=False):
+  """ε_θ of a stage-2 config; `for_training` builds it with `train.dtype` and `train.remat`."""
+  return unet_lib.make_unet(config_lib.with_train_overrides(config.model, config.train) if for_training
+                            else config.model)
+
+
+def build_ldm(config, model, ae_config, tokenizer, scale_factor: float, *, for_training=False, unet=None,
+              conditioner=None) -> LatentDiffusion:
   """The LatentDiffusion of a (resolved) stage-2 config on the autoencoder `model`; `for_training`
-  builds U-Net and conditioner with `train.dtype` and `train.remat`."""
+  builds U-Net and conditioner with `train.dtype` and `train.remat` (unless given built)."""
   latent = ae_lib.latent_shape(ae_config.model, config.data.image_size)
-  unet_cfg = config_lib.with_train_overrides(config.model, config.train) if for_training else config.model
   dtype = jnp.dtype(config.train.dtype) if for_training else jnp.float32
   return LatentDiffusion(
-      unet=unet_lib.make_unet(unet_cfg), conditioner=make_conditioner(config, tokenizer, dtype),
+      unet=make_unet(config, for_training=for_training) if unet is None else unet,
+      conditioner=make_conditioner(config, tokenizer, dtype) if conditioner is None else conditioner,
       autoencoder=model, schedule=schedule_lib.schedule_from_config(config.diffusion),
       scale_factor=float(scale_factor), parameterization=config.diffusion.parameterization,
       cond_cfg=config.cond, tokenizer=tokenizer, latent_shape=tuple(latent))

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(relative_path: str):
   """A config file of the repository, `path[:arg]` relative to the repository root."""
-  from ldm_jax.train import config as config_lib
+  from ldm_jax.config import common as config_lib
   return config_lib.from_file(os.path.join(ROOT, relative_path))
 
 

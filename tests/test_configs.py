@@ -6,7 +6,7 @@ import os
 import pytest
 
 from ldm_jax.train import autoencoder
-from ldm_jax.train import config as config_lib
+from ldm_jax.config import common as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "autoencoder", "*.py")))

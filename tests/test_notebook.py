@@ -123,7 +123,8 @@ def test_notebook_trains_samples_and_evaluates_headless(trained):
 @pytest.mark.extended
 def test_notebook_samples_a_pretrained_directory_without_training(trained, tmp_path):
   """PRETRAINED_DIR = the trained run exported (EMA weights): no training, the same samples and metrics."""
-  from ldm_jax.convert import read_workdir, save_pretrained
+  from ldm_jax.convert import save_pretrained
+  from ldm_jax.load import read_workdir
   _, trained_workdir = trained
   pretrained = str(tmp_path / "pretrained")
   save_pretrained(pretrained, read_workdir(str(trained_workdir / "ldm")))

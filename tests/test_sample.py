@@ -18,7 +18,8 @@ from absl import flags
 from PIL import Image
 
 import sample
-from ldm_jax.train import diffusion, inference
+from ldm_jax import load, sampling
+from ldm_jax.train import diffusion
 from tests.conftest import load_config
 from tests.train.runs import Run, cpu_env, free_port, jax_cache, wait_all  # noqa: F401
 
@@ -53,7 +54,7 @@ def class_run(smoke_autoencoder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_ldm(text_run):
-  return inference.load_ldm(text_run, inference.sampling_mesh())
+  return load.load_diffusion_run(text_run, sampling.sampling_mesh())
 
 
 def cli(*args):
@@ -106,9 +107,9 @@ def test_text_samples_have_the_documented_outputs(text_run, tmp_path, sampler):
 @pytest.mark.slow
 def test_class_labels_seeds_and_one_compilation_for_all_batches(class_run, tmp_path):
   def run(name, seed):
-    request = inference.SampleRequest(out=str(tmp_path / name), workdir=class_run, class_labels="all",
+    request = sampling.SampleRequest(out=str(tmp_path / name), workdir=class_run, class_labels="all",
                                       num_samples=9, steps=2, seed=seed)
-    summary = inference.sample_to_dir(request)
+    summary = sampling.sample_to_dir(request)
     return summary, outputs(request.out)
 
   summary, first = run("a", seed=0)
@@ -158,9 +159,9 @@ def test_two_processes_sample_the_same_images_as_one(class_run, tmp_path, jax_ca
   assert "2 local / 4 global devices" in runs[1].output()
   assert not os.path.exists(tmp_path / "out1")  # only process 0 writes
   two = outputs(str(tmp_path / "out0"))
-  one_request = inference.SampleRequest(out=str(tmp_path / "one"), workdir=class_run, class_labels="all",
+  one_request = sampling.SampleRequest(out=str(tmp_path / "one"), workdir=class_run, class_labels="all",
                                         num_samples=6, batch_size=4, steps=2, seed=3)
-  inference.sample_to_dir(one_request, mesh=inference.sampling_mesh(jax.devices()[:4]))
+  sampling.sample_to_dir(one_request, mesh=sampling.sampling_mesh(jax.devices()[:4]))
   one = outputs(one_request.out)
   np.testing.assert_array_equal(two["labels"], [0, 1, 2, 3, 4, 5])
   # The same request on a mesh of the same shape gives the same images, however many hosts.
@@ -217,9 +218,9 @@ def test_mask_white_means_repaint(text_run, tmp_path):
   mask[:, :5] = 255  # repaint columns 0-4: latent columns 0-1 fully, 2 partly (f = 2)
   mask_path = str(tmp_path / "mask.png")
   Image.fromarray(mask).save(mask_path)
-  request = inference.SampleRequest(out=str(tmp_path / "o"), workdir=text_run, prompts=(PROMPT,), num_samples=1,
+  request = sampling.SampleRequest(out=str(tmp_path / "o"), workdir=text_run, prompts=(PROMPT,), num_samples=1,
                                     init_image=path, mask=mask_path)
-  plan = inference.make_plan(request, inference.read_run(text_run), num_devices=8)
+  plan = sampling.make_plan(request, sampling.read_run(text_run), num_devices=8)
   keep = plan.keep_mask[0, :, :, 0]
   assert keep.shape == (8, 8)
   np.testing.assert_array_equal(keep[:, :3], 0.0)  # a partly repainted block is repainted
@@ -232,7 +233,8 @@ def test_mask_white_means_repaint(text_run, tmp_path):
 
 @pytest.mark.slow
 def test_an_exported_run_samples_as_its_workdir(text_run, tmp_path):
-  from ldm_jax.convert import read_workdir, save_pretrained
+  from ldm_jax.convert import save_pretrained
+  from ldm_jax.load import read_workdir
   exported = str(tmp_path / "exported")
   save_pretrained(exported, read_workdir(text_run))
   common = ("--prompt", PROMPT, "--num_samples", "8", "--steps", "2", "--seed", "3")
@@ -249,7 +251,8 @@ def test_an_exported_run_samples_as_its_workdir(text_run, tmp_path):
 def test_a_pretrained_text_encoder_gives_the_context(text_run, tmp_path):
   """A source with a CLIP text encoder and a tokenizer (the Stable Diffusion layout) conditions
   the U-Net on the encoder's last hidden states of the tokenized prompt."""
-  from ldm_jax.convert import read_workdir, save_pretrained
+  from ldm_jax.convert import save_pretrained
+  from ldm_jax.load import read_workdir
   from ldm_jax.models.clip import clip_config, make_clip_text_encoder
   pretrained = read_workdir(text_run)
   clip = clip_config(vocab_size=512, max_length=16, dim=32, depth=1, num_heads=2, mlp_dim=64)
@@ -261,9 +264,9 @@ def test_a_pretrained_text_encoder_gives_the_context(text_run, tmp_path):
   pretrained.configs["text_encoder"] = clip
   save_pretrained(str(tmp_path / "sd_like"), pretrained)
 
-  info = inference.read_pretrained(str(tmp_path / "sd_like"))
+  info = sampling.read_pretrained(str(tmp_path / "sd_like"))
   assert (info.kind, info.num_timesteps, info.f, info.image_size, info.step) == ("text", 1000, 2, (16, 16), None)
-  ldm, params, _ = info.load(inference.sampling_mesh(), True)
+  ldm, params, _ = info.load(sampling.sampling_mesh(), True)
   tokens = ldm.prepare({"caption": [PROMPT, ""]})["tokens"]
   context = ldm.condition(params["cond"], {"tokens": tokens})["context"]
   np.testing.assert_allclose(context, encoder.apply({"params": encoder_params}, tokens), atol=1e-5)
@@ -276,7 +279,7 @@ def test_a_pretrained_text_encoder_gives_the_context(text_run, tmp_path):
 def no_loading(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("weights were loaded before the request was checked")
-  monkeypatch.setattr(inference, "load_ldm", fail)
+  monkeypatch.setattr(load, "load_diffusion_run", fail)
 
 
 @pytest.mark.slow
@@ -361,7 +364,8 @@ def test_bad_input_is_reported_before_loading_and_writes_nothing(text_run, class
 def test_non_finite_samples_are_an_error_and_write_nothing(text_run, tmp_path):
   """Issue 12: a diverged model (here the run exported with a NaN U-Net bias) gives NaN samples;
   that stops the run with the images named, never black pictures and exit status 0."""
-  from ldm_jax.convert import read_workdir, save_pretrained  # pylint: disable=g-import-not-at-top
+  from ldm_jax.convert import save_pretrained  # pylint: disable=g-import-not-at-top
+  from ldm_jax.load import read_workdir  # pylint: disable=g-import-not-at-top
   model = read_workdir(text_run)
   model.params["unet"]["conv_out"]["bias"] = np.full_like(model.params["unet"]["conv_out"]["bias"], np.nan)
   diverged = str(tmp_path / "diverged")
@@ -373,11 +377,11 @@ def test_non_finite_samples_are_an_error_and_write_nothing(text_run, tmp_path):
 
 
 def test_long_prompts_are_truncated_with_a_warning(text_run, caplog):
-  info = inference.read_run(text_run)
+  info = sampling.read_run(text_run)
   long_prompt = " ".join(["red circle"] * 40)
-  request = inference.SampleRequest(out="unused", workdir=text_run, prompts=(long_prompt,), num_samples=1)
+  request = sampling.SampleRequest(out="unused", workdir=text_run, prompts=(long_prompt,), num_samples=1)
   with caplog.at_level("WARNING"):
-    plan = inference.make_plan(request, info, num_devices=8)
+    plan = sampling.make_plan(request, info, num_devices=8)
   assert "truncated to max_length=16" in caplog.text
   tokens = plan.cond["tokens"]
   assert tokens.shape == (1, 16) and (tokens != info.tokenizer.pad_id).all()

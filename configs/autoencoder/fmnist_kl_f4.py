@@ -5,8 +5,8 @@ Reads the idx files of Debian's `dataset-fashion-mnist` (or any MNIST-format dir
 The stage-2 config `configs/ldm/fmnist_class_cond.py` trains on its latents.
 """
 
-from ldm_jax.train import autoencoder
-from ldm_jax.train import config as config_lib
+from ldm_jax.config import autoencoder
+from ldm_jax.config import common as config_lib
 
 
 def get_config(arg=None):

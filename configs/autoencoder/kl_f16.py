@@ -2,10 +2,10 @@
 
   python train_autoencoder.py --config configs/autoencoder/kl_f16.py --workdir runs/kl_f16 \
       --config.data.path=/data/openimages
-Shared settings and `:smoke`: `ldm_jax.train.autoencoder.paper_config`.
+Shared settings and `:smoke`: `ldm_jax.config.autoencoder.paper_config`.
 """
 
-from ldm_jax.train import autoencoder
+from ldm_jax.config import autoencoder
 
 
 def get_config(arg=None):

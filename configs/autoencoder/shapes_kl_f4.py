@@ -4,8 +4,8 @@ Runs on a laptop CPU in minutes (it is the first half of `make demo`); no files 
   python train_autoencoder.py --config configs/autoencoder/shapes_kl_f4.py --workdir runs/shapes_ae
 """
 
-from ldm_jax.train import autoencoder
-from ldm_jax.train import config as config_lib
+from ldm_jax.config import autoencoder
+from ldm_jax.config import common as config_lib
 
 
 def get_config(arg=None):

@@ -17,8 +17,8 @@ constant, AdamW (torch defaults: weight decay 0.01, no clipping), EMA 0.9999, sc
 against `configs/autoencoder/vq_f4.py:smoke` trained in runs/vq_f4_smoke.
 """
 
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion
+from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion
 
 
 def get_config(arg=None):

@@ -21,8 +21,8 @@ decay 0.01, no clipping), EMA 0.9999, scale_factor 1, batch 1200, 178k steps. `:
 the shapes data against `configs/autoencoder/vq_f4.py:smoke` trained in runs/vq_f4_smoke.
 """
 
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion
+from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion
 
 
 def get_config(arg=None):

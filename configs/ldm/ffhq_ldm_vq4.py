@@ -19,7 +19,7 @@ constant, AdamW (torch defaults: weight decay 0.01, no clipping), EMA 0.9999, sc
 
 import os
 
-from ldm_jax.train import config as config_lib
+from ldm_jax.config import common as config_lib
 
 
 def get_config(arg=None):

@@ -6,8 +6,8 @@ Labels enter through a class embedding added to the time embedding; 10% are drop
 class so that samples can use classifier-free guidance. Latents are cached (encoded once).
 """
 
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion
+from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion
 
 
 def get_config(arg=None):

@@ -19,8 +19,8 @@ always the effective rate), linear warm-up over 10k steps, AdamW (torch defaults
 `configs/autoencoder/kl_f8.py:smoke` trained in runs/kl_f8_smoke.
 """
 
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion
+from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion
 
 
 def get_config(arg=None):

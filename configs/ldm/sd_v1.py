@@ -30,8 +30,8 @@ The autoencoder is SD's VAE imported as a stage-1 workdir (recorded at 512 px):
 runs/kl_f8_smoke.
 """
 
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion
+from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion
 
 PROMPTS = ("a photograph of an astronaut riding a horse",
            "a painting of a fox in the style of starry night",

@@ -7,8 +7,8 @@ As the paper's text-to-image LDM: a transformer text encoder trained from scratc
 cross-attention at both latent resolutions. 10% of captions are dropped to "" for guidance.
 """
 
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion
+from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion
 
 PROMPTS = ("a large red circle on a white background",
            "a small blue square on a black background",

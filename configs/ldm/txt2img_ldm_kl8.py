@@ -23,8 +23,8 @@ clipping), EMA 0.9999, batch 680, 390k steps. `:smoke` runs on the shapes captio
 `configs/autoencoder/kl_f8.py:smoke` trained in runs/kl_f8_smoke.
 """
 
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion
+from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion
 
 PROMPTS = ("a painting of a squirrel eating a burger",
            "a photograph of an astronaut riding a horse",

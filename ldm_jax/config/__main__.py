@@ -16,8 +16,8 @@ import re
 import sys
 
 from ldm_jax import config as checks
+from ldm_jax.config import common as config_lib
 from ldm_jax.runtime import cli
-from ldm_jax.train import config as config_lib
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where a section's defaults start: `config.optim = ml_collections.ConfigDict(…` or `def train_config(`,
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     raise ValueError(f"{' '.join(argv) or '(nothing)'}: usage: python -m ldm_jax.config keys CONFIG[:ARG]")
   config = config_lib.from_file(argv[1])
   trainer = {"autoencoder": "autoencoder.py", "diffusion": "diffusion.py"}.get(checks.run_kind(config), "")
-  docs = key_docs(os.path.join("train", trainer))
+  docs = key_docs(os.path.join("config", trainer))
   rows = [(key, repr(value)) for key, value in _flat(config)]
   width = min(max(len(key) + len(value) for key, value in rows) + 3, 56)
   for key, value in rows:

@@ -1,4 +1,5 @@
-"""Config pieces shared by both trainers: the `train.*` and `mesh.*` keys, `:smoke`, validation.
+"""Config pieces shared by both trainers: the `train.*` and `mesh.*` keys, `:smoke`, validation,
+reading and writing a run's `config.json`, and resume checks (no jax).
 
 Config files are Python (`configs/<stage>/<name>.py` with `get_config(arg)`), as in big_vision.
 The argument after the colon is a comma-separated list of options; `smoke` shrinks any config
@@ -7,13 +8,14 @@ so that it runs on a 2-core CPU in under a minute.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
 import ml_collections
 
 from ldm_jax import config as checks
-from ldm_jax.train import sharding
+from ldm_jax.config import mesh as mesh_lib
 
 
 def parse_arg(arg: str | None) -> set[str]:
@@ -51,9 +53,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 
 def mesh_config() -> ml_collections.ConfigDict:
   """`mesh.data` × `mesh.fsdp` × `mesh.tensor` devices (−1 = all remaining devices) and the
-  partition rules of the parameters; see `ldm_jax.train.sharding`."""
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES,
-                                        fsdp_min_size=sharding.DEFAULT_FSDP_MIN_SIZE))
+  partition rules of the parameters; see `ldm_jax.runtime.sharding`."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=mesh_lib.DEFAULT_RULES,
+                                        fsdp_min_size=mesh_lib.DEFAULT_FSDP_MIN_SIZE))
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -169,8 +171,6 @@ def _lists_to_tuples(value):
 
 def from_file(spec: str) -> ml_collections.ConfigDict:
   """Loads `path.py[:arg]` as `--config` does: imports the file and calls `get_config(arg)`."""
-  import importlib.util
-
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: config file not found.")

@@ -67,3 +67,26 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.train.update(num_steps=10, batch_size=8, log_every=5, checkpoint_every=5, eval_every=10,
                       image_every=10)
   return config
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """The `sample.*`, `optim.*`, `latent.scale_factor` and `diffusion.*` number keys on their own;
+  ValueError names the key."""
+  if config.sample.sampler not in SAMPLERS:
+    raise ValueError(f"sample.sampler: {config.sample.sampler!r} is not one of {SAMPLERS}.")
+  if config.optim.schedule not in ("constant", "cosine"):
+    raise ValueError(f"optim.schedule: {config.optim.schedule!r} is not 'constant' or 'cosine'.")
+  o = config.optim
+  checks.check_number("optim.learning_rate", o.learning_rate, gt=0)
+  checks.check_number("optim.warmup_steps", o.warmup_steps, integer=True, ge=0)
+  for key in ("weight_decay", "grad_clip"):
+    checks.check_number(f"optim.{key}", o[key], ge=0)
+  for key in ("b1", "b2", "ema_decay"):
+    checks.check_number(f"optim.{key}", o[key], ge=0, lt=1)
+  checks.check_number("latent.scale_factor", config.latent.scale_factor, ge=0)
+  for key in ("min_snr_gamma", "offset_noise"):
+    checks.check_number(f"diffusion.{key}", config.diffusion[key], ge=0)
+  checks.check_number("sample.num_steps", config.sample.num_steps, integer=True, ge=1)
+  checks.check_number("sample.num_images", config.sample.num_images, integer=True, ge=1)
+  checks.check_number("sample.eta", config.sample.eta, ge=0)
+  checks.check_number("sample.guidance_scale", config.sample.guidance_scale, ge=0)

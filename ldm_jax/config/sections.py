@@ -30,7 +30,7 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 # The U-Net's keyword arguments and their defaults (`ldm_jax.models.unet.UNet`'s field defaults, which
-# tests/config/test_sections.py compares with these): the SD 1.x U-Net.
+# tests/models/test_unet.py compares with these): the SD 1.x U-Net.
 UNET_DEFAULTS = dict(
     in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
     attention_resolutions=(4, 2, 1), num_heads=8, num_head_channels=-1, transformer_depth=1, context_dim=768,

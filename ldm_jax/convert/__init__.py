@@ -1,20 +1,22 @@
-"""Weight import and export: diffusers folders, CompVis/Stability single files, transformers text encoders.
+"""File formats ↔ in-memory `Pretrained` bundles: diffusers folders, CompVis/Stability single files,
+transformers text encoders, and ldm_jax's own pretrained directories.
 
-    from ldm_jax.convert import load_pretrained
-    modules, params, configs = load_pretrained('stable-diffusion-v1-5/')   # a local diffusers folder
-    eps = modules['unet'].apply({'params': params['unet']}, z_t, t, context)
+    from ldm_jax.load import load_pretrained, read_workdir     # reading models: ldm_jax.load
+    from ldm_jax.convert import save_pretrained, write_diffusers
+    write_diffusers('exported/', read_workdir('runs/ldm'))
 
 Command line (`python -m ldm_jax.convert --help`):
 
     python -m ldm_jax.convert import --src SD_FOLDER_OR_FILE --out PRETRAINED_DIR
     python -m ldm_jax.convert export --workdir RUN --format diffusers|safetensors --out DIR
 
-Modules: `naming` (the torch ↔ flax renaming rule and its mismatch report), `diffusers` (diffusers
-configs and folders), `transformers_text` (CLIP/BERT configs), `compvis` (single-file key maps),
-`pretrained` (ldm_jax's pretrained directories, `load_pretrained`), `export` (workdirs → files),
+Modules: `naming` (the torch ↔ flax renaming rule and its mismatch report), `diffusers_format`
+(diffusers configs and folders), `transformers_text` (CLIP/BERT configs), `compvis` (single-file key
+maps), `pretrained` (the `Pretrained` bundle, ldm_jax's pretrained directories, reading diffusers
+folders), `export` (bundles → diffusers folders), `components` (building each component),
 `safetensors_io` (file reading and writing).
 """
 
-from ldm_jax.convert.export import read_workdir, write_diffusers
+from ldm_jax.convert.export import write_diffusers
 from ldm_jax.convert.naming import WeightMismatchError
-from ldm_jax.convert.pretrained import Pretrained, load_pretrained, read_source, save_pretrained
+from ldm_jax.convert.pretrained import Pretrained, save_pretrained

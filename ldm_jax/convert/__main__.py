@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 
+from ldm_jax import load
 from ldm_jax.convert import export as export_lib
 from ldm_jax.convert import pretrained as pretrained_lib
 from ldm_jax.runtime import cli
@@ -90,16 +91,16 @@ def _run(args) -> int:
     if options and not os.path.isfile(args.src):
       raise ValueError(f"{', '.join('--' + k for k in options)}: apply to single-file checkpoints; {args.src} "
                        "is a folder whose config files say all that.")
-    pretrained = pretrained_lib.read_source(args.src, **options)
+    pretrained = load.read_source(args.src, **options)
     pretrained_lib.save_pretrained(args.out, pretrained, image_size=args.image_size,
                                    autoencoder_workdir=args.autoencoder_format == "workdir",
                                    overwrite=args.overwrite)
     print(f"wrote {', '.join(pretrained.components)} to {args.out}")
     return 0
   if args.workdir:
-    pretrained = export_lib.read_workdir(args.workdir, ema=not args.no_ema, step=args.step)
+    pretrained = load.read_workdir(args.workdir, ema=not args.no_ema, step=args.step)
   else:
-    pretrained = pretrained_lib.read_source(args.src)
+    pretrained = load.read_source(args.src)
   if args.format == "diffusers":
     written = export_lib.write_diffusers(args.out, pretrained, overwrite=args.overwrite)
     print("wrote " + ", ".join(written))

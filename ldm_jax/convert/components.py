@@ -53,7 +53,7 @@ def example_inputs(component: str, cfg: Mapping[str, Any]) -> tuple[tuple, dict]
     side = 2 * ae_lib.downsampling_factor(cfg)
     return (jnp.zeros((1, side, side, cfg["in_channels"])),), {"method": "init_all"}
   if component == "unet":
-    side = 2 ** (len(cfg["channel_mult"]) - 1)
+    side = unet_lib.downsampling_factor(cfg["channel_mult"])
     context = None if cfg.get("context_dim") is None else jnp.zeros((1, 1, cfg["context_dim"]))
     y = None if cfg.get("num_classes") is None else jnp.zeros((1,), jnp.int32)
     return (jnp.zeros((1, side, side, cfg["in_channels"])), jnp.zeros((1,), jnp.int32), context, y), {}

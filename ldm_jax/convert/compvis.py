@@ -30,13 +30,19 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
+from ldm_jax.config.sections import default_cond_config
 from ldm_jax.convert import components, naming
 from ldm_jax.convert.pretrained import Pretrained
 from ldm_jax.convert.safetensors_io import read_weights
 from ldm_jax.diffusion.schedule import beta_schedule
+from ldm_jax.models import conditioning
+from ldm_jax.models.unet import attention_heads
 
 UNET_PREFIX = "model.diffusion_model."
 AE_PREFIX = "first_stage_model."
@@ -247,7 +253,6 @@ def _split_legacy_qkv(state: dict[str, np.ndarray], cfg: Mapping[str, Any]) -> d
 
 
 def _legacy_heads(channels: int, cfg: Mapping[str, Any]) -> tuple[int, int]:
-  from ldm_jax.models.unet import attention_heads  # pylint: disable=g-import-not-at-top
   return attention_heads(channels, cfg["num_heads"], cfg["num_head_channels"])
 
 
@@ -312,7 +317,6 @@ def bert_embedder_from_state(state: Mapping[str, np.ndarray]) -> tuple[dict, dic
   `TransformerTextEncoder` (see its docstring for the names); CompVis runs it without a padding
   mask, so `cond.mask_padding` is False. The tokenizer (BERT's uncased WordPiece) is not in the file.
   """
-  from ldm_jax.models.conditioning import default_cond_config  # pylint: disable=g-import-not-at-top
   params: dict[str, Any] = {}
   depth = len(_ints(state, r"attn_layers\.layers\.(\d+)\.")) // 2
 
@@ -476,11 +480,6 @@ def read_single_file(path: str, *, config: str | None = None, num_heads: int | N
 
 def check_conditioner(cond_cfg: Mapping[str, Any], params, where: str) -> None:
   """WeightMismatchError unless `params` fill exactly the Conditioner that `cond_cfg` builds."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from ldm_jax.models import conditioning  # pylint: disable=g-import-not-at-top
-
   cfg = ml_collections.ConfigDict(dict(cond_cfg))
   module = conditioning.Conditioner(kind="text", vocab_size=cfg.vocab_size, max_length=cfg.max_length, dim=cfg.dim,
                                     depth=cfg.depth, num_heads=cfg.num_heads, head_dim=cfg.head_dim, pad_id=None)

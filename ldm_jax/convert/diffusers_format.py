@@ -39,6 +39,7 @@ from typing import Any
 
 from ldm_jax.convert import naming
 from ldm_jax.convert.safetensors_io import read_weights, write_safetensors
+from ldm_jax.models import autoencoder as ae_lib
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
                 "diffusion_pytorch_model.fp16.safetensors", "model.safetensors", "model.safetensors.index.json",
@@ -144,7 +145,7 @@ def autoencoder_config_from_diffusers(cfg: Mapping[str, Any], where: str = "vae"
       raise ValueError(f"{where}: down_block_types[{i}]={d} and up_block_types[{len(up) - 1 - i}]={u} differ in "
                        "attention; ldm_jax's decoder mirrors the encoder.")
     attn.append(d.startswith("Attn"))
-  f = 2 ** (len(ch_mult) - 1)
+  f = ae_lib.downsampling_factor({"ch_mult": ch_mult})
   resolution = _side(cfg.get("sample_size", 32))
   if resolution % f:
     resolution = f * max(1, round(resolution / f))

@@ -1,13 +1,8 @@
-"""Export: a training run (workdir) → a diffusers-format folder or a pretrained directory of safetensors.
+"""Export: a `Pretrained` bundle → a diffusers-format folder (a pretrained directory: `save_pretrained`).
 
-    pretrained = read_workdir('runs/ldm')              # EMA weights of the newest checkpoint
+    pretrained = ldm_jax.load.read_workdir('runs/ldm')   # EMA weights of the newest checkpoint
     write_diffusers('exported/', pretrained)           # unet/, vae/, scheduler/, …
     save_pretrained('exported_st/', pretrained)        # ldm_jax naming, plain safetensors
-
-A stage-1 run (its config has `model.kind`) exports its autoencoder — stage 1 keeps no EMA, so
-its trained params. A stage-2 run (its config names `autoencoder.workdir`) exports the U-Net
-(`ema_params` by default), the conditioner τ_θ it trained, the frozen autoencoder of its
-stage-1 run, the noise schedule and `scale_factor`, and the tokenizer.
 
 diffusers layout: one component → the folder itself (`AutoencoderKL.from_pretrained(out)`); several
 → diffusers' pipeline subfolders (`unet/`, `vae/` or `vqvae/` for VQ, `text_encoder/`, `tokenizer/`,
@@ -20,71 +15,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
 
-import jax
-import numpy as np
-
-from ldm_jax.convert import diffusers as dconv
+from ldm_jax.convert import diffusers_format as dconv
 from ldm_jax.convert import transformers_text as tconv
 from ldm_jax.convert.pretrained import PARAMS_FILE, Pretrained
 from ldm_jax.convert.safetensors_io import flatten_params, write_safetensors
+from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.runtime import outputs
-
-_DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "cosine_s",
-                   "zero_terminal_snr", "parameterization")
-
-
-def _restore(workdir: str, keys: tuple[str, ...], step: int | None, optional: bool = False):
-  from ldm_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir}: no checkpoints/; is it a ldm_jax workdir?")
-  checkpointer = Checkpointer(directory)
-  try:
-    if checkpointer.latest_step() is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint.")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    try:
-      tree = checkpointer.restore_subtree(keys, sharding, step=step)
-    except KeyError:
-      if optional:
-        return {}
-      raise ValueError(f"{workdir}: the checkpoint has no state.{'.'.join(keys)}.") from None
-  finally:
-    checkpointer.close()
-  return jax.tree.map(np.asarray, tree)
-
-
-def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> Pretrained:
-  """The exportable model of a stage-1 or stage-2 workdir (newest checkpoint unless `step`)."""
-  from ldm_jax.train.config import load_config  # pylint: disable=g-import-not-at-top
-  config = load_config(workdir)
-  if "autoencoder" not in config or "workdir" not in config.autoencoder:
-    if "kind" not in config.get("model", {}):
-      raise ValueError(f"{workdir}/config.json: neither a stage-1 run (model.kind) nor a stage-2 run "
-                       "(autoencoder.workdir).")
-    params = _restore(workdir, ("params", "autoencoder"), step)
-    return Pretrained({"autoencoder": config.model.to_dict()}, {"autoencoder": params}, source=workdir)
-
-  tree = "ema_params" if ema else "params"
-  ae_workdir = config.autoencoder.workdir
-  if not os.path.isdir(ae_workdir):
-    raise FileNotFoundError(f"{workdir}/config.json: autoencoder.workdir={ae_workdir} does not exist (relative "
-                            "paths are read from the current directory).")
-  stage1 = read_workdir(ae_workdir)
-  configs: dict[str, Any] = {
-      "unet": config.model.to_dict(), "autoencoder": stage1.configs["autoencoder"],
-      "diffusion": {k: config.diffusion[k] for k in _DIFFUSION_KEYS if k in config.diffusion},
-      "latent": {"scale_factor": float(_restore(workdir, ("scale_factor",), step))},
-      "cond": config.cond.to_dict(),
-  }
-  params = {"unet": _restore(workdir, (tree, "unet"), step), "autoencoder": stage1.params["autoencoder"]}
-  if config.cond.kind != "none":
-    params["conditioner"] = _restore(workdir, (tree, "cond"), step, optional=True)
-  tokenizer = os.path.join(workdir, "tokenizer")
-  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=workdir)
-
 
 def _diffusers_entries(pretrained: Pretrained, single: bool) -> list[str]:
   """The entries `write_diffusers` puts directly into its directory."""
@@ -127,7 +64,7 @@ def write_diffusers(directory: str, pretrained: Pretrained, *, overwrite: bool =
   if "unet" in pretrained.configs:
     sample_size = None
     if ae is not None:
-      sample_size = ae["resolution"] // 2 ** (len(ae["ch_mult"]) - 1)
+      sample_size = ae["resolution"] // ae_lib.downsampling_factor(ae)
     cfg = dconv.unet_config_to_diffusers(pretrained.configs["unet"], sample_size)
     dconv.write_component(folder("unet"), cfg, dconv.unet_state(pretrained.params["unet"]), dconv.WEIGHTS_NAME)
   text = pretrained.configs.get("text_encoder")

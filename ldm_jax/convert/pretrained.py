@@ -15,9 +15,9 @@ A pretrained directory holds whole models in ldm_jax naming, one folder per comp
     DIR/conditioner/config.json      {"cond": {cond.* keys}}  + params.safetensors (a trained τ_θ)
     DIR/tokenizer/                   a tokenizer folder (`ldm_jax.data.tokenizer.load_tokenizer`)
 
-`load_pretrained(dir)` reads such a directory — and, directly, a diffusers pipeline folder, a
-single diffusers/transformers component folder, or a CompVis/Stability single-file checkpoint —
-and returns `(modules, params, configs)`; see its docstring.
+`save_pretrained` writes one; `read_diffusers_pipeline` / `read_diffusers_component` read diffusers
+folders into a `Pretrained` bundle. Reading a pretrained directory (and any other source) into
+modules and params is `ldm_jax.load.load_pretrained`.
 """
 
 from __future__ import annotations
@@ -29,16 +29,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from ldm_jax import config as checks
 from ldm_jax.convert import components
-from ldm_jax.convert import diffusers as dconv
-from ldm_jax.convert import naming
+from ldm_jax.convert import diffusers_format as dconv
 from ldm_jax.convert import transformers_text as tconv
-from ldm_jax.convert.safetensors_io import flatten_params, read_safetensors, unflatten_params, write_safetensors
+from ldm_jax.convert.safetensors_io import flatten_params, write_safetensors
 from ldm_jax.runtime import outputs
+from ldm_jax.runtime.checkpoint import Checkpointer
 
 FORMAT_FILE = "ldm_jax_pretrained.json"
 PARAMS_FILE = "params.safetensors"
@@ -123,77 +121,8 @@ def read_diffusers_pipeline(directory: str) -> Pretrained:
   return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=directory)
 
 
-def read_source(src: str, **single_file_options) -> Pretrained:
-  """Any supported source: a pretrained directory, a diffusers pipeline or component folder, or a
-  single-file checkpoint (`ldm_jax.convert.compvis.read_single_file`, with `single_file_options`)."""
-  if os.path.isfile(src):
-    from ldm_jax.convert import compvis  # pylint: disable=g-import-not-at-top
-    return compvis.read_single_file(src, **single_file_options)
-  if not os.path.isdir(src):
-    raise FileNotFoundError(f"{src}: no such file or directory.")
-  if os.path.isfile(os.path.join(src, FORMAT_FILE)):
-    return read_pretrained(src)
-  kind = checks.run_kind(dconv.read_json(os.path.join(src, "config.json"))) if os.path.isfile(
-      os.path.join(src, "config.json")) else None
-  if kind is not None:
-    raise ValueError(f"{src}: holds a {checks.RUN_KINDS[kind]}, not a pretrained model; use it as a workdir, "
-                     f"or export it first (python -m ldm_jax.convert export --workdir {src} …).")
-  if os.path.isfile(os.path.join(src, "config.json")) and not os.path.isfile(os.path.join(src, "model_index.json")):
-    component, model, params, extra = read_diffusers_component(src)
-    return Pretrained({component: model, **extra}, {component: params}, None, source=src)
-  return read_diffusers_pipeline(src)
-
-
 # ---------------------------------------------------------------------------------------------
 # The ldm_jax pretrained format
-
-def _restore_autoencoder_workdir(directory: str) -> dict:
-  from ldm_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"))
-  try:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = checkpointer.restore_subtree(("params", "autoencoder"), sharding)
-  finally:
-    checkpointer.close()
-  return jax.tree.map(np.asarray, params)
-
-
-def read_pretrained(directory: str) -> Pretrained:
-  """Reads a pretrained directory (the layout in the module docstring), checking every tensor."""
-  meta = dconv.read_json(os.path.join(directory, FORMAT_FILE))
-  if meta.get("format") != FORMAT_VERSION:
-    raise ValueError(f"{directory}/{FORMAT_FILE}: format {meta.get('format')!r}; this ldm_jax reads "
-                     f"format {FORMAT_VERSION}.")
-  configs = {key: dict(meta[key]) for key in ("diffusion", "latent", "cond") if meta.get(key)}
-  params = {}
-  for component in meta["components"]:
-    path = os.path.join(directory, component)
-    cfg = dconv.read_json(os.path.join(path, "config.json"))
-    if component == "conditioner":
-      configs["cond"] = cfg["cond"]
-      params[component] = unflatten_params(read_safetensors(os.path.join(path, PARAMS_FILE)))
-      continue
-    configs[component] = _tuples(cfg["model"])
-    expected = components.abstract_params(component, configs[component])
-    if os.path.isfile(os.path.join(path, PARAMS_FILE)):
-      flat = read_safetensors(os.path.join(path, PARAMS_FILE))
-    elif component == "autoencoder" and os.path.isdir(os.path.join(path, "checkpoints")):
-      flat = flatten_params(_restore_autoencoder_workdir(path))
-    else:
-      raise FileNotFoundError(f"{path}: neither {PARAMS_FILE} nor (for an autoencoder) checkpoints/.")
-    params[component] = naming.check_params(unflatten_params(flat), expected, what=path)
-  tokenizer = os.path.join(directory, "tokenizer")
-  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None,
-                    source=meta.get("source", directory))
-
-
-def _tuples(value):
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
 
 def save_pretrained(directory: str, pretrained: Pretrained, *, autoencoder_workdir: bool = False,
                     image_size: int | None = None, overwrite: bool = False) -> None:
@@ -244,51 +173,7 @@ def save_pretrained(directory: str, pretrained: Pretrained, *, autoencoder_workd
 
 def _save_autoencoder_workdir(directory: str, params) -> None:
   """An orbax checkpoint laid out as a stage-1 run's (state.params.autoencoder), step 0."""
-  from ldm_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), async_save=False)
   state = {"step": np.zeros((), np.int32), "params": {"autoencoder": jax.tree.map(np.asarray, params)}}
   checkpointer.save(0, state, force=True)
   checkpointer.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Building modules
-
-def load_pretrained(directory: str, **single_file_options):
-  """Loads a pretrained model for sampling or fine-tuning: `(modules, params, configs)`.
-
-  Args:
-    directory: a pretrained directory (see the module docstring), a diffusers pipeline folder
-      (SD 1.x / 2.x: unet/, vae/, text_encoder/, tokenizer/, scheduler/), one diffusers or
-      transformers component folder, or a single-file checkpoint (CompVis/Stability
-      `.safetensors`, or `.ckpt` through torch with weights_only).
-    single_file_options: passed to `ldm_jax.convert.compvis.read_single_file` for single files.
-
-  Returns:
-    modules: component → linen module: 'unet' (`UNet`), 'autoencoder' (`AutoencoderKL` |
-      `VQModel`), 'text_encoder' (`CLIPTextEncoder` | `BertTextEncoder`), 'conditioner' (a trained
-      `Conditioner`, from ldm_jax exports), and 'tokenizer' (`ldm_jax.data.tokenizer.Tokenizer`,
-      not a module) — each only when present.
-    params: component → parameter tree (numpy; `jax.device_put` them onto a mesh as needed), for
-      `modules[c].apply({'params': params[c]}, …)`.
-    configs: component → `ml_collections.ConfigDict` of its config, plus 'diffusion' (diffusion.*:
-      beta_schedule, num_timesteps, linear_start, linear_end, zero_terminal_snr, parameterization),
-      'latent' (scale_factor) and 'cond' when known.
-  """
-  pretrained = read_source(directory, **single_file_options)
-  modules: dict[str, Any] = {}
-  for component in pretrained.components:
-    if component != "conditioner":
-      modules[component] = components.build(component, pretrained.configs[component])
-  tokenizer = None
-  if pretrained.tokenizer_dir:
-    from ldm_jax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-    max_length = pretrained.configs.get("cond", {}).get("max_length")
-    tokenizer = load_tokenizer(pretrained.tokenizer_dir, max_length=max_length)
-    modules["tokenizer"] = tokenizer
-  if "conditioner" in pretrained.params:
-    from ldm_jax.models import conditioning  # pylint: disable=g-import-not-at-top
-    modules["conditioner"] = conditioning.make_conditioner(ml_collections.ConfigDict(pretrained.configs["cond"]),
-                                                           tokenizer)
-  configs = {key: ml_collections.ConfigDict(value) for key, value in pretrained.configs.items()}
-  return modules, dict(pretrained.params), configs

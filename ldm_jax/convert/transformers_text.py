@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ldm_jax.convert import naming
-from ldm_jax.convert.diffusers import read_component
+from ldm_jax.convert.diffusers_format import read_component
 
 WEIGHTS_NAME = "model.safetensors"
 _CLIP_ARCHS = ("CLIPTextModel", "CLIPTextModelWithProjection")

@@ -5,30 +5,8 @@ import os
 import ml_collections
 
 from ldm_jax import config as checks
-from ldm_jax.data import folder, idx, shapes
+from ldm_jax.data import folder, idx, shapes, tfds_source
 from ldm_jax.data.sources import SOURCES
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """All `data.*` keys with their defaults; config files start from this."""
-  return ml_collections.ConfigDict({
-      'source': 'shapes',       # 'shapes', 'idx', 'folder' or 'tfds'
-      'path': '',               # idx / folder: directory
-      'name': '',               # tfds: dataset name, e.g. 'mnist' or 'celeb_a_hq/256'
-      'tfds_data_dir': '',      # tfds: '' → $TFDS_DATA_DIR or ~/tensorflow_datasets
-      'image_size': 32,         # output side: shorter side resized to it, then cropped square
-      'channels': 3,            # 1 (grayscale) or 3 (RGB), converted from whatever is read
-      'train_split': 'train',
-      'eval_split': 'test',
-      'random_crop': False,     # random instead of center crop after the resize
-      'random_flip': False,     # horizontal flips; breaks left/right words in `shapes` captions
-      'num_examples': 50_000,   # shapes: train split size (test: a tenth)
-      'labels_from_dirs': False,  # folder: label = first-level sub-directory
-      'image_key': 'image',     # tfds feature keys ('/' for nested features)
-      'label_key': 'label',
-      'caption_key': '',
-      'num_workers': 0,         # 0: load in-process (threads); > 0: grain worker processes
-  })
 
 
 def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
@@ -68,6 +46,4 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
         folder.FolderSource(path, split)[0]  # raises naming data.path when no image can be read
 
   else:
-    # TFDS is imported only by configs that use it: it is slow to import and optional.
-    from ldm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     tfds_source.check_keys(tfds_source.prepared_builder(data_cfg), data_cfg)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import ml_collections
 
-from ldm_jax.data import folder, idx, shapes
+from ldm_jax.data import folder, idx, shapes, tfds_source
 
 SOURCES = ('shapes', 'idx', 'folder', 'tfds')
 
@@ -26,8 +26,6 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str):
     return folder.FolderSource(data_cfg.path, split, labels_from_dirs=data_cfg.labels_from_dirs,
                                min_size=data_cfg.image_size)
   if data_cfg.source == 'tfds':
-    # Imported only when used: TFDS is optional and slow to import.
-    from ldm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.TfdsSource(data_cfg, split)
   raise ValueError(f'data.source: unknown {data_cfg.source!r}, expected one of {SOURCES}')
 
@@ -43,7 +41,6 @@ def num_classes(data_cfg: ml_collections.ConfigDict) -> int:
       raise ValueError('data.labels_from_dirs is False, so the folder source has no labels')
     return len(folder.class_names(folder.split_dir(data_cfg.path, data_cfg.train_split)))
   if data_cfg.source == 'tfds':
-    from ldm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.num_classes(data_cfg)
   raise ValueError(f'data.source: unknown {data_cfg.source!r}, expected one of {SOURCES}')
 

@@ -25,7 +25,11 @@ import re
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
+
+
+def _tfds():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (optional, seconds to import)
+  return tfds
 
 
 def _base_name(name: str) -> str:
@@ -33,7 +37,7 @@ def _base_name(name: str) -> str:
 
 
 def _data_dir(data_cfg) -> str:
-  return data_cfg.tfds_data_dir or tfds.core.constants.DATA_DIR
+  return data_cfg.tfds_data_dir or _tfds().core.constants.DATA_DIR
 
 
 def check_name(data_cfg) -> None:
@@ -48,17 +52,17 @@ def check_name(data_cfg) -> None:
     raise ValueError("data.name: empty; the tfds source needs a TFDS dataset name, e.g. 'mnist'")
   base = _base_name(name)
   # Community datasets are skipped: listing them needs network access and TensorFlow.
-  if (base not in tfds.list_builders(with_community_datasets=False)
+  if (base not in _tfds().list_builders(with_community_datasets=False)
       and not os.path.isdir(os.path.join(_data_dir(data_cfg), base))):
     raise ValueError(f'data.name: unknown TFDS dataset {name!r} (not a registered TFDS builder '
                      f'and not found in data.tfds_data_dir={_data_dir(data_cfg)!r})')
 
 
-def prepared_builder(data_cfg) -> tfds.core.DatasetBuilder:
+def prepared_builder(data_cfg) -> "tfds.core.DatasetBuilder":
   """The dataset's builder; ValueError naming data.name when it cannot be read offline."""
   check_name(data_cfg)
   name, data_dir = data_cfg.name, _data_dir(data_cfg)
-  builder = tfds.builder(name, data_dir=data_dir)
+  builder = _tfds().builder(name, data_dir=data_dir)
   how = (f'prepare it once with TensorFlow installed: `tfds build {_base_name(name)} '
          f'--data_dir={data_dir} --file_format=array_record`')
   if not builder.is_prepared():
@@ -111,7 +115,7 @@ def _caption(example: dict[str, Any], caption_key: str) -> str:
 
 def _skip_decoding(key: str):
   """A TFDS `decoders` tree that leaves the (possibly nested) feature `key` encoded."""
-  tree = tfds.decode.SkipDecoding()
+  tree = _tfds().decode.SkipDecoding()
   for part in reversed(key.split('/')):
     tree = {part: tree}
   return tree
@@ -130,7 +134,7 @@ class TfdsSource:
 
   def _data_source(self, decoders=None):
     try:
-      return tfds.data_source(self._name, split=self._split, data_dir=self._data_dir,
+      return _tfds().data_source(self._name, split=self._split, data_dir=self._data_dir,
                               download=False, decoders=decoders)
     except ValueError as e:
       raise ValueError(f'data.train_split / data.eval_split: TFDS dataset {self._name!r} '

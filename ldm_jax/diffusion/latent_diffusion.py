@@ -11,8 +11,8 @@ one jit-compiled `lax.scan` of the samplers in `ldm_jax.diffusion.samplers`.
     images = ldm.generate(params, ae_params, cond, rng, guidance_scale=3.0)   # [B, H, W, C] in [-1, 1]
 
 `img2img_latents` and `inpaint_latents` start from encoded images instead of noise; all three
-take the same guidance arguments through `guided_model_fn`. `ldm_jax.train.inference` loads a
-trained run into this object and drives it for `sample.py`.
+take the same guidance arguments through `guided_model_fn`. `ldm_jax.load` builds this object for
+a trained run, `ldm_jax.sampling` drives it for `sample.py`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,17 @@ class TextEncoderConditioner(nn.Module):
     return {"context": self.text_encoder(batch_cond["tokens"]), "y": None, "concat": None}
 
 
+def first_stage_latent(autoencoder, ae_params, images, rng=None):
+  """Images [B, H, W, C] in [-1, 1] → unscaled latents [B, h, w, c] of the stage-1 `autoencoder`.
+
+  KL: a posterior sample (the mean when `rng` is None); VQ: the pre-quantization latent.
+  """
+  out = autoencoder.apply({"params": ae_params}, images, method=autoencoder.encode)
+  if hasattr(out, "sample"):
+    out = out.mode() if rng is None else out.sample(rng)
+  return out
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class LatentDiffusion:
   """Modules and constants of one latent diffusion model (see the module docstring).
@@ -55,7 +66,8 @@ class LatentDiffusion:
     conditioner: τ_θ, prepared conditions → {'context', 'y', 'concat'}.
     autoencoder: the frozen stage-1 model (`encode` → posterior or pre-quant latent, `decode`).
     schedule: the training noise schedule.
-    scale_factor: latents seen by the U-Net are `encode(x) · scale_factor`.
+    scale_factor: latents seen by the U-Net are `encode(x) · scale_factor` (the run's one value: a
+      trainer builds this object once the value is estimated or restored).
     parameterization: 'eps' | 'x0' | 'v'.
     cond_cfg: the `cond` config section; tokenizer: for text conditioning, else None.
     latent_shape: (h, w, c) of one latent.
@@ -71,15 +83,9 @@ class LatentDiffusion:
   latent_shape: tuple[int, int, int]
 
   # ---- latents --------------------------------------------------------------------------------
-  def encode(self, ae_params, images, rng=None, scale_factor=None):
-    """Images [B, H, W, C] in [-1, 1] → latents [B, h, w, c] × scale_factor.
-
-    KL: a posterior sample (the mean when `rng` is None); VQ: the pre-quantization latent.
-    """
-    out = self.autoencoder.apply({"params": ae_params}, images, method=self.autoencoder.encode)
-    if hasattr(out, "sample"):
-      out = out.mode() if rng is None else out.sample(rng)
-    return out * (self.scale_factor if scale_factor is None else scale_factor)
+  def encode(self, ae_params, images, rng=None):
+    """Images [B, H, W, C] in [-1, 1] → latents [B, h, w, c] × scale_factor (see `first_stage_latent`)."""
+    return first_stage_latent(self.autoencoder, ae_params, images, rng) * self.scale_factor
 
   def decode(self, ae_params, z):
     """Latents (scaled) → images [B, H, W, C], clipped to [-1, 1]."""

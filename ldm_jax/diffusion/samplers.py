@@ -54,11 +54,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.config.diffusion import SAMPLERS, SPACINGS
 from ldm_jax.diffusion.schedule import PARAMETERIZATIONS, Schedule, predict_eps, predict_x0, q_sample
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-SAMPLERS = ("ddim", "ddpm", "plms", "dpmpp_2m")
-SPACINGS = ("uniform", "quadratic", "leading", "linspace", "trailing")
 # Samplers whose diffusers scheduler (DPMSolverMultistepScheduler) lays n + 1 'leading' or
 # 'linspace' points and visits the first n, the last step going to ᾱ = 1 instead.
 _N_PLUS_ONE_GRID = ("dpmpp_2m",)

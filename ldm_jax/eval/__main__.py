@@ -27,13 +27,14 @@ import os
 import jax
 from absl import flags, logging
 
+from ldm_jax import load
+from ldm_jax.config import common as config_lib
 from ldm_jax.data import make_source
 from ldm_jax.eval import evaluate
 from ldm_jax.eval import features as features_lib
 from ldm_jax.eval import stats as stats_lib
 from ldm_jax.runtime import cli
-from ldm_jax.train import config as config_lib
-from ldm_jax.train.logging import setup_logging
+from ldm_jax.runtime.logging import setup_logging
 
 _SAMPLES = flags.DEFINE_string("samples", None, "samples.npz with uint8 `images` [N, H, W, C].")
 _AUTOENCODER = flags.DEFINE_string("autoencoder", None, "Stage-1 workdir: evaluate its reconstructions.")
@@ -130,7 +131,7 @@ def main(argv):
   extractor_spec = _extractor_spec()
   # Cheap checks first: a bad samples file or run fails before any network is loaded.
   samples = evaluate.load_samples(_SAMPLES.value) if _SAMPLES.value else None
-  autoencoder = evaluate.load_autoencoder(_AUTOENCODER.value) if _AUTOENCODER.value else None
+  autoencoder = load.load_autoencoder(_AUTOENCODER.value, flag="--autoencoder") if _AUTOENCODER.value else None
   needs_features = _SAMPLES.value or "rfd" in evaluate.parse_metrics(
       _METRICS.value or "rfd", evaluate.RECONSTRUCTION_METRICS)
   extractor = (features_lib.make_extractor(extractor_spec, inception_weights=_INCEPTION_WEIGHTS.value)
@@ -139,7 +140,8 @@ def main(argv):
   if _SAMPLES.value:
     _evaluate_samples(extractor, *samples)
   else:
-    _evaluate_autoencoder(extractor, *autoencoder)
+    model, run_config, params = autoencoder
+    _evaluate_autoencoder(extractor, model, params, run_config)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from ldm_jax import config as checks
 from ldm_jax import data as data_lib
+from ldm_jax.config import common as config_lib
 from ldm_jax.runtime import cli
-from ldm_jax.train import checkpoint as ckpt_lib
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import sharding
-from ldm_jax.train.logging import MetricWriter, setup_logging
+from ldm_jax.runtime import checkpoint as ckpt_lib
+from ldm_jax.runtime import sharding
+from ldm_jax.runtime.logging import MetricWriter, setup_logging
 
 
 class Classifier(nn.Module):

@@ -25,16 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from ldm_jax import config as checks
 from ldm_jax.eval import distribution
 from ldm_jax.eval import features as features_lib
 from ldm_jax.eval import metrics as metrics_lib
 from ldm_jax.eval import stats as stats_lib
 from ldm_jax.losses import lpips as lpips_lib
 from ldm_jax.models import autoencoder as ae_lib
-from ldm_jax.train import checkpoint as ckpt_lib
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import sharding
+from ldm_jax.runtime import sharding
 
 SAMPLE_METRICS = ("fd", "kid", "pr", "is", "acc")
 RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "rfd")
@@ -156,22 +153,6 @@ def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 # ---- autoencoders ---------------------------------------------------------------------------
-
-def load_autoencoder(workdir: str):
-  """(model, params) of the stage-1 run in `workdir` (newest checkpoint), params on one device."""
-  config = config_lib.load_config(workdir)
-  kind = checks.run_kind(config)
-  if kind != "autoencoder":
-    raise ValueError(f"--autoencoder: {workdir} holds a {checks.RUN_KINDS.get(kind, 'run of no known kind')}, "
-                     "not a stage-1 autoencoder run.")
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  if checkpointer.latest_step() is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint of the autoencoder")
-  params = checkpointer.restore_subtree(("params", "autoencoder"),
-                                        jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-  checkpointer.close()
-  return ae_lib.make_autoencoder(config.model), params, config
-
 
 def _reconstruct(model, params, x):
   """Deterministic reconstruction, as the stage-1 evaluation: posterior mode (KL) or the

@@ -43,10 +43,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ldm_jax.config import common as config_lib
+from ldm_jax.eval import classifier as classifier_lib
 from ldm_jax.eval import inception as inception_lib
 from ldm_jax.losses import lpips as lpips_lib
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import sharding
+from ldm_jax.runtime import sharding
 
 PROTOCOL_VERSION = 1
 RESIZE = "PIL bicubic per channel in float32, clipped to [0, 255], unrounded (clean-fid)"
@@ -62,7 +63,7 @@ def check_images(images, what: str = "images") -> np.ndarray:
     if images.dtype.kind == "f" and images.size:
       lo, hi = float(np.min(images)), float(np.max(images))
       hint = (f" with values in [{lo:.3g}, {hi:.3g}]; if these are model outputs in [-1, 1], "
-              f"convert with ldm_jax.train.logging.to_uint8")
+              f"convert with ldm_jax.runtime.images.to_uint8")
     raise ValueError(f"{what}: expected uint8 pixels in [0, 255], got {images.dtype}{hint}")
   if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] < 1:
     raise ValueError(f"{what}: expected shape [N, H, W, C] with C = 1 or 3 and N >= 1, got "
@@ -194,7 +195,6 @@ def classifier_extractor(model, params, *, workdir: str, step: int, input_size: 
 
 
 def _classifier(workdir: str) -> Extractor:
-  from ldm_jax.eval import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
   model, params, config, step = classifier_lib.load_classifier(workdir)
   return classifier_extractor(model, params, workdir=workdir, step=step, input_size=config.data.image_size,
                               channels=config.data.channels)

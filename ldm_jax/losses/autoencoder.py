@@ -12,47 +12,16 @@ x the input, x̃ the reconstruction, D the discriminator and E the last decoder 
       g_loss = generator_loss(D(x̃)),  λ = adaptive_weight(∇_E nll, ∇_E g_loss, disc_weight)
     discriminator step:  disc_factor · discriminator_loss(D(x), D(x̃))
 
-disc_factor is `adopt_weight(disc_factor, step, disc_start)`: the GAN is off before disc_start.
+The GAN terms are off until step `loss.disc_start`: the trainer compiles a step without them.
 The trainer computes nll and g_loss separately so that it can take both gradients w.r.t. the
 decoder's last layer (jax.vjp) for λ; everything here is a pure function of arrays.
 """
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from ldm_jax import config as checks
 from ldm_jax.models.discriminator import NORMS
-
-
-def default_loss_config():
-  """Defaults for the `loss.*` config keys; model configs override per variant.
-
-  Reference values: KL-f4/f8/f16/f32 autoencoders use disc_start 50001, kl_weight 1e-6,
-  disc_weight 0.5; VQ-f4 uses disc_start 0 (latent-diffusion) with disc_weight 0.75, the
-  taming VQGANs disc_weight 0.8; codebook_weight 1.0 everywhere. The discriminator is the
-  taming PatchGAN (3 layers, 64 filters, BatchNorm) trained with its own Adam at the
-  autoencoder's learning rate (base 4.5e-6 × global batch) and betas (0.5, 0.9).
-
-  The reference's `logvar` is an nn.Parameter of the loss module that neither of its
-  optimizers holds, so in the released KL models it stayed at logvar_init = 0 throughout;
-  `learn_logvar=False` reproduces that, True trains it with the autoencoder (the NLL then
-  balances the reconstruction against its own learned scale).
-  """
-  c = ml_collections.ConfigDict()
-  c.disc_start = 50001  # step from which the GAN terms are on
-  c.disc_weight = 0.5  # scale of the adaptive weight λ
-  c.disc_factor = 1.0  # GAN factor once on
-  c.disc_loss = "hinge"  # 'hinge' | 'vanilla'
-  c.disc_num_layers = 3
-  c.disc_ndf = 64
-  c.disc_norm = "batch"  # 'batch' (reference) | 'group' | 'none'
-  c.kl_weight = 1e-6
-  c.perceptual_weight = 1.0
-  c.codebook_weight = 1.0
-  c.logvar_init = 0.0
-  c.learn_logvar = False
-  return c
 
 
 def validate_loss_config(cfg):
@@ -125,11 +94,6 @@ def adaptive_weight(nll_grads, g_grads, disc_weight):
   """
   ratio = _global_norm(nll_grads) / (_global_norm(g_grads) + 1e-4)
   return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4)) * disc_weight
-
-
-def adopt_weight(weight, step, threshold, value=0.0):
-  """`value` before step `threshold` (disc_start), `weight` from then on; step may be traced."""
-  return jnp.where(step < threshold, value, weight)
 
 
 def _reconstruction_loss(x, x_rec, p_loss, perceptual_weight):

@@ -22,7 +22,7 @@ follow diffusers (`AutoencoderKL`, `VQModel`) so that weight converters are rena
 diffusers orders `up_blocks` from the deepest level (`up_blocks_0` works at the lowest resolution),
 CompVis `decoder.up` from the shallowest; converters map `up.{n-1-i}` ↔ `up_blocks_{i}`. The last
 layer of the decoder, whose gradients set the adaptive GAN weight of the stage-1 loss, is
-`decoder/conv_out/kernel` (`LAST_LAYER_PATH`).
+`decoder/conv_out/kernel`.
 
 `attn_resolutions` keeps the CompVis meaning: the side length, in pixels, of the feature maps
 after which self-attention is added inside a level, counted from `resolution` (the training image
@@ -45,7 +45,6 @@ from ldm_jax.nn import (AttentionConfig, Downsample, ResnetBlock, SpatialSelfAtt
 
 NUM_GROUPS = 32
 EPSILON = 1e-6
-LAST_LAYER_PATH = ("decoder", "conv_out", "kernel")
 KINDS = ("kl", "vq")
 
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax.config.sections import default_cond_config
 from ldm_jax.models.text import TransformerTextEncoder
 
 KINDS = ('none', 'class', 'text', 'concat', 'hybrid')
@@ -80,32 +81,6 @@ class Tokenizer(Protocol):
 def uses_text(cond_cfg: ml_collections.ConfigDict) -> bool:
   """Whether the conditioning tokenizes captions (kinds 'text' and 'hybrid')."""
   return cond_cfg.kind in _TEXT_KINDS
-
-
-def default_cond_config() -> ml_collections.ConfigDict:
-  """All `cond.*` keys with their defaults (text keys: the paper's LAION txt2img BERTEmbedder)."""
-  return ml_collections.ConfigDict({
-      'kind': 'none',             # 'none' | 'class' | 'text' | 'concat' | 'hybrid'
-      'dropout_prob': 0.1,        # P(condition → null condition) per example, for guidance
-      # class
-      'num_classes': 0,           # labels in [0, num_classes), null class num_classes; 0 = from the data
-      'class_mode': 'embedding',  # 'embedding' (U-Net y) | 'crossattn' (context [B, 1, dim])
-      # text (and the class embedder's width in 'crossattn' mode)
-      'text_encoder': 'scratch',  # 'scratch' | 'pretrained' (frozen CLIP/BERT of init.pretrained)
-      'tokenizer_dir': '',        # local HF tokenizer folder; '' = train one on the training captions
-      'vocab_size': 30522,        # token embedding rows (≥ the tokenizer's vocabulary)
-      'max_length': 77,           # tokens per caption, [CLS] and [SEP] included
-      'dim': 1280,                # context channels = the U-Net's model.context_dim
-      'depth': 32,
-      'num_heads': 8,
-      'head_dim': 64,             # channels per head; -1 = dim // num_heads
-      'text_dropout': 0.0,        # dropout inside the text encoder
-      'mask_padding': True,       # padding tokens are not attention keys (CompVis: no mask)
-      # concat
-      'concat_source': 'lowres',  # 'lowres' | 'inpaint' | 'map'
-      'concat_channels': 0,       # lowres: image channels; map: map channels; inpaint: 0 (= 1 + latent)
-      'sr_factor': 4,             # lowres: downsampling factor of the low-resolution input
-  })
 
 
 def _check_int(cfg, key: str, minimum: int) -> None:
@@ -270,7 +245,7 @@ def make_conditioner(cond_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer |
   if cond_cfg.kind in _TEXT_KINDS:
     if cond_cfg.text_encoder == 'pretrained':
       raise ValueError("cond.text_encoder: 'pretrained' encoders come with their weights; wrap one in "
-                       'ldm_jax.diffusion.pipeline.TextEncoderConditioner (ldm_jax.train.diffusion.make_conditioner).')
+                       'ldm_jax.diffusion.latent_diffusion.TextEncoderConditioner (ldm_jax.load.make_conditioner).')
     if tokenizer is None:
       raise ValueError(f'cond.kind={cond_cfg.kind!r} needs a tokenizer (ldm_jax.data.tokenizer.build_tokenizer).')
     check_tokenizer(cond_cfg, tokenizer)

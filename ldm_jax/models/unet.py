@@ -411,7 +411,7 @@ class UNet(nn.Module):
   def _check_inputs(self, x, context, y):
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f"U-Net input: expected [B, H, W, {self.in_channels}] (model.in_channels), got {x.shape}.")
-    factor = 2 ** (len(self.channel_mult) - 1)
+    factor = downsampling_factor(self.channel_mult)
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f"U-Net input: {x.shape[1]}×{x.shape[2]} is not divisible by {factor}, the "
                        f"downsampling factor of model.channel_mult={tuple(self.channel_mult)}.")
@@ -431,17 +431,13 @@ class UNet(nn.Module):
 
 # --- configuration -----------------------------------------------------------------------------
 
+def downsampling_factor(channel_mult) -> int:
+  """2^(len(channel_mult) − 1): one Downsample between consecutive levels; latent sides must be multiples."""
+  return 2 ** (len(channel_mult) - 1)
+
+
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(UNet)
              if f.name not in ("parent", "name") and f.default is not dataclasses.MISSING}
-
-
-def default_unet_config() -> ml_collections.ConfigDict:
-  """The `model.*` keys understood by `make_unet`, with their defaults (the SD 1.x U-Net)."""
-  cfg = ml_collections.ConfigDict(dict(_DEFAULTS, dtype="float32"))
-  for key in ("context_dim", "num_classes", "query_chunk_size"):  # None, yet settable from flags
-    setattr(cfg, key, ml_collections.config_dict.placeholder(int))
-  cfg.context_dim = _DEFAULTS["context_dim"]
-  return cfg
 
 
 def _unet_kwargs(cfg) -> dict[str, Any]:
@@ -511,7 +507,7 @@ def validate_unet_config(cfg, latent_shape: Sequence[int], context_dim_of_condit
   """Checks `model.*` against itself, the latent shape and the conditioner, before anything compiles.
 
   Args:
-    cfg: the `model` ConfigDict (keys of `default_unet_config`).
+    cfg: the `model` ConfigDict (keys of `ldm_jax.config.sections.default_unet_config`).
     latent_shape: (H, W, C) of the autoencoder's latents.
     context_dim_of_conditioner: channels of the cross-attention context the conditioner produces,
       or None when it produces none (unconditional, class-only, concat-only).
@@ -524,7 +520,7 @@ def validate_unet_config(cfg, latent_shape: Sequence[int], context_dim_of_condit
   if len(latent_shape) != 3:
     raise ValueError(f"latent shape: expected (H, W, C), got {tuple(latent_shape)}.")
   height, width, channels = latent_shape
-  factor = 2 ** (len(k["channel_mult"]) - 1)
+  factor = downsampling_factor(k["channel_mult"])
   if height % factor or width % factor:
     raise ValueError(f"model.channel_mult: {len(k['channel_mult'])} levels downsample by {factor}, which "
                      f"does not divide the {height}×{width} latents; change the levels or the image size.")
@@ -544,5 +540,5 @@ def validate_unet_config(cfg, latent_shape: Sequence[int], context_dim_of_condit
 
 
 def make_unet(cfg) -> UNet:
-  """Builds the U-Net from the `model` ConfigDict (see `default_unet_config`)."""
+  """Builds the U-Net from the `model` ConfigDict (see `ldm_jax.config.sections.default_unet_config`)."""
   return UNet(**_unet_kwargs(cfg))

@@ -1,4 +1,4 @@
-"""Run outputs: TensorBoard scalars and images, `metrics.jsonl`, PNG grids. Process 0 writes.
+"""Run logs: absl logging setup, TensorBoard scalars and images, `metrics.jsonl`. Process 0 writes.
 
 Every scalar logged goes to both TensorBoard (`workdir/events/`) and one JSON line per step in
 `workdir/metrics.jsonl` (`{"step": 100, "train/loss": 0.12, ...}`), so that runs can be read
@@ -9,7 +9,6 @@ TensorBoard.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import logging as py_logging
@@ -17,7 +16,8 @@ import logging as py_logging
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image
+
+from ldm_jax.runtime.images import save_png
 
 
 class _DropLibraryInfo(py_logging.Filter):
@@ -32,42 +32,6 @@ def setup_logging() -> None:
   """INFO for ldm_jax; orbax's per-save chatter (dozens of lines per checkpoint) is dropped."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
-
-
-def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats → uint8 in [0, 255] (round to nearest), any leading shape.
-
-  A NaN or infinity is a ValueError: a diverged model must not pass for a black picture.
-  """
-  images = np.asarray(images, dtype=np.float32)
-  finite = np.isfinite(images)
-  if not finite.all():
-    raise ValueError(f"images: {finite.size - np.count_nonzero(finite)} of {finite.size} values are NaN or "
-                     "infinite (a diverged model, or an extreme setting such as the guidance scale); nothing "
-                     "is written as black pixels.")
-  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def image_grid(images, num_cols: int | None = None, pad: int = 2) -> np.ndarray:
-  """Tiles [N, H, W, C] images (uint8, or floats in [-1, 1]) into one [H', W', C] uint8 grid."""
-  images = np.asarray(images)
-  if images.dtype != np.uint8:
-    images = to_uint8(images)
-  n, h, w, c = images.shape
-  num_cols = num_cols or math.ceil(math.sqrt(n))
-  num_rows = math.ceil(n / num_cols)
-  grid = np.full((num_rows * (h + pad) + pad, num_cols * (w + pad) + pad, c), 255, np.uint8)
-  for i, image in enumerate(images):
-    r, col = divmod(i, num_cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-  return grid
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-  """Writes a [H, W, C] uint8 image (C = 1 or 3) as PNG, creating the directory."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  image = np.asarray(image)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
 class MetricWriter:

@@ -25,9 +25,6 @@ simulated devices and on a multi-host mesh, because every array is placed throug
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
-from typing import Any
 
 import jax
 import ml_collections
@@ -35,10 +32,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from ldm_jax.config.mesh import DEFAULT_FSDP_MIN_SIZE, DEFAULT_RULES, MESH_AXES, parse_rules
+
 BATCH_AXES = ("data", "fsdp")
-DEFAULT_RULES = ((".*", "fsdp"),)
-DEFAULT_FSDP_MIN_SIZE = 2**12  # elements; biases and norm scales stay replicated
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -102,50 +98,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def put(x, sharding: NamedSharding) -> jax.Array:
+  """A host array (the same on every process) → a global array placed with `sharding`."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 # ---- partition rules ----------------------------------------------------------------------------
-
-def validate_mesh_config(mesh_cfg: ml_collections.ConfigDict) -> None:
-  """Checks `mesh.rules` and `mesh.fsdp_min_size` on their own; ValueError names the key."""
-  for axis in MESH_AXES:
-    size = mesh_cfg.get(axis, 1)
-    if isinstance(size, bool) or not isinstance(size, int) or size == 0 or size < -1:
-      raise ValueError(f"mesh.{axis}: {size!r} is not a valid axis size (a positive int or -1).")
-  min_size = mesh_cfg.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)
-  if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-    raise ValueError(f"mesh.fsdp_min_size: expected an integer >= 0 (elements), got {min_size!r}.")
-  _parse_rules(mesh_cfg.get("rules", DEFAULT_RULES))
-
-
-def _parse_rules(rules) -> list[tuple[re.Pattern, Any]]:
-  """[(compiled regex, spec)]; spec is 'fsdp', or a tuple of per-dimension axis entries."""
-  if isinstance(rules, str) or not isinstance(rules, Sequence):
-    raise ValueError(f"mesh.rules: expected a sequence of (regex, spec) pairs, got {rules!r}.")
-  parsed = []
-  for i, rule in enumerate(rules):
-    key = f"mesh.rules[{i}]"
-    if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2 or not isinstance(rule[0], str):
-      raise ValueError(f"{key}: expected a (regex, spec) pair, got {rule!r}.")
-    pattern, spec = rule
-    try:
-      regex = re.compile(pattern)
-    except re.error as e:
-      raise ValueError(f"{key}: {pattern!r} is not a valid regex ({e}).") from e
-    if spec in ("replicate", None):
-      spec = ()
-    elif spec == "fsdp":
-      pass
-    elif isinstance(spec, str) or not isinstance(spec, Sequence):
-      raise ValueError(f"{key}: spec {spec!r} is not 'fsdp', 'replicate' or a tuple of per-dimension "
-                       f"mesh axes such as (None, 'tensor').")
-    else:
-      spec = tuple(tuple(e) if isinstance(e, (list, tuple)) else e for e in spec)
-      for entry in spec:
-        for axis in (entry if isinstance(entry, tuple) else (entry,)):
-          if axis is not None and axis not in MESH_AXES:
-            raise ValueError(f"{key}: axis {axis!r} is not a mesh axis; the mesh has {MESH_AXES}.")
-    parsed.append((regex, spec))
-  return parsed
-
 
 def path_str(path) -> str:
   """A pytree key path as 'a/b/0/c' (dict keys, attribute names and sequence indices)."""
@@ -190,7 +149,7 @@ def partition_specs(mesh: Mesh, tree, rules=DEFAULT_RULES, *, fsdp_min_size: int
   Paths are matched as `prefix/path` when `prefix` is given (the frozen autoencoder of stage 2 is
   matched as `autoencoder/…`, as it was in its own run). Errors name the rule and the parameter.
   """
-  parsed = _parse_rules(rules)
+  parsed = parse_rules(rules)
 
   def spec_of(path, leaf):
     name = "/".join(p for p in (prefix, path_str(path)) if p)

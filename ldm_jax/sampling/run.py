@@ -65,38 +65,27 @@ def make_sample_fn(ldm: LatentDiffusion, request: SampleRequest, plan: Plan, mes
   return jax.jit(fn, out_shardings=(batch, x0_sharding if request.save_intermediates else None)), traces
 
 
-def _put(x, sharding_):
-  """A host array (the same on every process) → a global array placed with `sharding_`."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-  """Pads the leading axis to `size` by repeating the last row (padding is dropped afterwards)."""
-  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
-
-
 def run_batches(ldm: LatentDiffusion, params, ae_params, request: SampleRequest, plan: Plan,
                 mesh: jax.sharding.Mesh):
   """Makes the plan's N images: (uint8 [N, H, W, C], uint8 [K, N, H, W, C] or None, compilations)."""
   fn, traces = make_sample_fn(ldm, request, plan, mesh)
   batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   key = jax.random.PRNGKey(request.seed)
-  null = jax.tree.map(lambda x: _put(x, rep), plan.null)
+  null = jax.tree.map(lambda x: sharding.put(x, rep), plan.null)
   init_latent = keep = None
   if plan.init_image is not None:
     encode = jax.jit(ldm.encode, out_shardings=rep)  # the posterior mean: deterministic
-    init_latent = encode(ae_params, _put(plan.init_image, rep))
+    init_latent = encode(ae_params, sharding.put(plan.init_image, rep))
   if plan.keep_mask is not None:
-    keep = _put(plan.keep_mask, rep)
+    keep = sharding.put(plan.keep_mask, rep)
   B, n = plan.batch_size, plan.num_samples
   images, x0_images = [], []
   t0 = time.perf_counter()
   for b in tqdm(range(plan.num_batches), desc="sampling", unit="batch", disable=jax.process_index() != 0):
     index = np.arange(b * B, (b + 1) * B, dtype=np.int32)
     rows = np.minimum(index, n - 1)  # the padding repeats the last sample's condition
-    cond = jax.tree.map(lambda x: _put(np.asarray(x)[rows], batch_sh), plan.cond)
-    out, x0 = fn(params, ae_params, cond, null, _put(index, batch_sh), np.int32(b), key, init_latent, keep)
+    cond = jax.tree.map(lambda x: sharding.put(np.asarray(x)[rows], batch_sh), plan.cond)
+    out, x0 = fn(params, ae_params, cond, null, sharding.put(index, batch_sh), np.int32(b), key, init_latent, keep)
     keep_rows = min(B, n - b * B)
     images.append(to_uint8(multihost_utils.process_allgather(out, tiled=True))[:keep_rows])
     if x0 is not None:

@@ -28,11 +28,11 @@ from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import distributed
-from ldm_jax.train import sharding as sharding_lib
-from ldm_jax.train.logging import setup_logging
-from ldm_jax.train.preemption import PreemptionGuard
+from ldm_jax.config import common as config_lib
+from ldm_jax.runtime import distributed
+from ldm_jax.runtime import sharding as sharding_lib
+from ldm_jax.runtime.logging import setup_logging
+from ldm_jax.runtime.preemption import PreemptionGuard
 
 NONFINITE = "nonfinite"  # the metric key of the skip flag (1.0 when the update was skipped)
 

@@ -40,7 +40,7 @@ def _write_safetensors_header(path: str, header: dict, data: bytes) -> None:
 
 def _stage2_config(ae_workdir: str):
   """The resolved config a `shapes_txt2img:smoke` stage-2 run on `ae_workdir` saves."""
-  from ldm_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ldm_jax.config import common as config_lib  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
   config = config_lib.from_file(os.path.join(ROOT, "configs/ldm/shapes_txt2img.py:smoke"))
   config.autoencoder.workdir = ae_workdir
@@ -55,7 +55,7 @@ def workspace(smoke_autoencoder, tmp_path_factory) -> str:
   kind and keys go (its config.json, empty checkpoints/); W/data: damaged data sets; W/files:
   damaged weight, sample and image files; W/userdir: a user's folder (a training run in
   autoencoder/, notes in unet/)."""
-  from ldm_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ldm_jax.config import common as config_lib  # pylint: disable=g-import-not-at-top
   root = str(tmp_path_factory.mktemp("cli"))
   ae = os.path.join(root, "ae")
   shutil.copytree(smoke_autoencoder, ae)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ldm_jax.train import autoencoder
-from ldm_jax.train import config as config_lib
-from ldm_jax.train.logging import image_grid, to_uint8
+from ldm_jax.config import common as config_lib
+from ldm_jax.runtime.images import image_grid, to_uint8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -15,7 +15,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers.loaders import single_file_utils  # noqa: E402
 
-from ldm_jax.convert import WeightMismatchError, load_pretrained, read_source  # noqa: E402
+from ldm_jax.convert import WeightMismatchError  # noqa: E402
+from ldm_jax.load import load_pretrained, read_source  # noqa: E402
 from ldm_jax.convert.safetensors_io import write_safetensors  # noqa: E402
 from ldm_jax.diffusion.schedule import beta_schedule  # noqa: E402
 from tests.convert.reference import CLIP, clip_to_openclip, perturb, state_numpy, unet_to_ldm, vae_to_ldm  # noqa: E402

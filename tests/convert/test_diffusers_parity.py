@@ -12,7 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from ldm_jax.convert import WeightMismatchError, load_pretrained, read_source, write_diffusers  # noqa: E402
+from ldm_jax.convert import WeightMismatchError, write_diffusers  # noqa: E402
+from ldm_jax.load import load_pretrained, read_source  # noqa: E402
 from ldm_jax.convert.__main__ import main as cli  # noqa: E402
 from tests.convert.reference import nchw, nhwc, state_numpy  # noqa: E402
 

@@ -13,14 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax.convert import load_pretrained
+from ldm_jax.load import load_pretrained
 from ldm_jax.convert.components import abstract_params
 from ldm_jax.convert.__main__ import main as cli
 from ldm_jax.models.unet import make_unet
-from ldm_jax.train import autoencoder as ae_train
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion as ldm_train
-from ldm_jax.train.checkpoint import Checkpointer
+from ldm_jax.config import autoencoder as ae_defaults
+from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion as ldm_defaults
+from ldm_jax.runtime.checkpoint import Checkpointer
 
 AE_MODEL = dict(kind="kl", embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                 attn_resolutions=(8,), resolution=16, in_channels=3, dropout=0.0)
@@ -52,7 +52,7 @@ def _save(workdir, config, state):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
-  ae_config = ae_train.default_config()
+  ae_config = ae_defaults.default_config()
   ae_config.model.update(AE_MODEL)
   ae_config.data.update(image_size=16, channels=3)
   ae_params = _random("autoencoder", AE_MODEL, 1)
@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
   _save(stage1, ae_config, {"step": np.int32(5), "params": {"autoencoder": ae_params, "logvar": np.float32(0.0)},
                             "rng": np.zeros((2,), np.uint32)})
 
-  config = ldm_train.default_config()
+  config = ldm_defaults.default_config()
   config.autoencoder.workdir = stage1
   config.data.update(image_size=16, channels=3)
   config.model.update(UNET_MODEL)

@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from ldm_jax.convert import load_pretrained  # noqa: E402
+from ldm_jax.load import load_pretrained  # noqa: E402
 from ldm_jax.convert.__main__ import main as cli  # noqa: E402
-from ldm_jax.convert.diffusers import diffusion_config_from_scheduler  # noqa: E402
+from ldm_jax.convert.diffusers_format import diffusion_config_from_scheduler  # noqa: E402
 from ldm_jax.diffusion import samplers  # noqa: E402
 from ldm_jax.diffusion.schedule import schedule_from_config  # noqa: E402
 from tests.convert.reference import nchw, nhwc, state_numpy  # noqa: E402
@@ -83,10 +83,10 @@ def test_import_writes_a_stage1_workdir_and_exports_back(sd_pipeline, tmp_path):
                                          "text_encoder", "tokenizer", "unet"]
 
   # Stage 2 takes the imported autoencoder folder as its `autoencoder.workdir`.
-  from ldm_jax.train import diffusion, sharding
-  config = ml_collections.ConfigDict({"autoencoder": {"workdir": os.path.join(imported, "autoencoder")}})
-  _, ae_config, ae_params = diffusion.load_frozen_autoencoder(config, sharding.make_mesh(
-      ml_collections.ConfigDict(dict(data=-1, fsdp=1))))
+  from ldm_jax import load
+  from ldm_jax.runtime import sharding
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+  _, ae_config, ae_params = load.load_autoencoder(os.path.join(imported, "autoencoder"), sharding.replicated(mesh))
   assert (ae_config.data.image_size, ae_config.model.kind) == (16, "kl")
   _, params, _ = load_pretrained(folder)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, ae_params), params["autoencoder"])

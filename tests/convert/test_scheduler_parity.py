@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from ldm_jax.convert import load_pretrained  # noqa: E402
+from ldm_jax.load import load_pretrained  # noqa: E402
 from ldm_jax.diffusion import samplers  # noqa: E402
 from ldm_jax.diffusion.schedule import make_schedule  # noqa: E402
 from tests.convert.reference import nchw, nhwc  # noqa: E402

@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ldm_jax.convert import load_pretrained, read_source, write_diffusers  # noqa: E402
+from ldm_jax.convert import write_diffusers  # noqa: E402
+from ldm_jax.load import load_pretrained, read_source  # noqa: E402
 from ldm_jax.models.clip import CLIPTextEncoder  # noqa: E402
 from tests.convert.reference import state_numpy  # noqa: E402
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax.data import default_data_config, num_classes, validate_data_config
+from ldm_jax.config.sections import default_data_config
+from ldm_jax.data import num_classes, validate_data_config
 
 KEYS = {'source', 'path', 'name', 'tfds_data_dir', 'image_size', 'channels', 'train_split',
         'eval_split', 'random_crop', 'random_flip', 'num_examples', 'labels_from_dirs',

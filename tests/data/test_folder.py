@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ldm_jax.data import folder, sources
-from ldm_jax.data.config import default_data_config
+from ldm_jax.config.sections import default_data_config
 
 
 def _save(path, array, **kwargs):

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax.data import default_data_config, host_batch_size, make_loader, make_source
+from ldm_jax.config.sections import default_data_config
+from ldm_jax.data import host_batch_size, make_loader, make_source
 from ldm_jax.data.pipeline import preprocess
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'

@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ldm_jax.data import make_loader, num_classes, tfds_source, validate_data_config
-from ldm_jax.data.config import default_data_config
+from ldm_jax.config.sections import default_data_config
 from ldm_jax.data.sources import make_source
 
 SPLIT_SIZES = {'train': 6, 'test': 2}

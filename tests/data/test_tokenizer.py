@@ -6,9 +6,9 @@ import logging
 import numpy as np
 import pytest
 
-from ldm_jax.data import captions, default_data_config
+from ldm_jax.config.sections import default_cond_config, default_data_config
+from ldm_jax.data import captions
 from ldm_jax.data.tokenizer import SPECIAL_TOKENS, Tokenizer, build_tokenizer, load_tokenizer, train_tokenizer
-from ldm_jax.models.conditioning import default_cond_config
 
 MAX_LENGTH = 12
 

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax.data import default_data_config
+from ldm_jax import load
+from ldm_jax.config.sections import default_data_config
 from ldm_jax.eval import evaluate, features, stats
 from ldm_jax.eval.evaluate import evaluate_samples
 
@@ -70,7 +71,7 @@ def test_inception_score_needs_logits(toy_ref, toy_extractor):
 def test_cli_end_to_end_with_the_vgg16_extractor(tmp_path):
   cfg_file = tmp_path / "data.py"
   cfg_file.write_text(
-      "import ml_collections\nfrom ldm_jax.data import default_data_config\n"
+      "import ml_collections\nfrom ldm_jax.config.sections import default_data_config\n"
       "def get_config(arg=None):\n  c = ml_collections.ConfigDict()\n  c.data = default_data_config()\n"
       "  c.data.update(source='shapes', image_size=32, num_examples=200)\n  return c\n")
   samples = stats.reference_images(shapes_config(200, 32), "test", 20)
@@ -107,8 +108,8 @@ def test_bad_sample_files_are_refused(tmp_path):
 def test_autoencoder_reconstruction_metrics(tmp_path, toy_extractor):
   from ldm_jax.models.autoencoder import make_autoencoder  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import autoencoder as stage1  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train.config import save_config  # pylint: disable=g-import-not-at-top
+  from ldm_jax.runtime.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from ldm_jax.config.common import save_config  # pylint: disable=g-import-not-at-top
   config = stage1.default_config()
   config.data.update(source="shapes", image_size=16, num_examples=100)
   config.model.update(kind="kl", embed_dim=2, z_channels=2, ch=32, ch_mult=(1, 2), num_res_blocks=1,
@@ -124,7 +125,7 @@ def test_autoencoder_reconstruction_metrics(tmp_path, toy_extractor):
   checkpointer.save(1, {"params": {"autoencoder": params}})
   checkpointer.close()
 
-  model, restored, _ = evaluate.load_autoencoder(str(tmp_path / "ae"))
+  model, _, restored = load.load_autoencoder(str(tmp_path / "ae"))
   # LPIPS (VGG16) is left out only to keep this test fast; it is tested in tests/losses.
   results = evaluate.evaluate_autoencoder(model, restored, config.data, "test", 10, toy_extractor,
                                           ("psnr", "ssim", "rfid"), batch_size=8,

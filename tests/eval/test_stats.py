@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from ldm_jax.data import default_data_config
+from ldm_jax.config.sections import default_data_config
 from ldm_jax.eval import features, stats
 
 

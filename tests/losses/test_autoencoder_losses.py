@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.config.sections import default_loss_config
 from ldm_jax.losses.autoencoder import (
     adaptive_weight,
-    adopt_weight,
-    default_loss_config,
     discriminator_loss,
     generator_loss,
     hinge_d_loss,
@@ -82,14 +81,6 @@ def test_adaptive_weight_is_clipped_and_carries_no_gradient():
   assert adaptive_weight(zero, big, 0.5) == 0.0
   grad = jax.grad(lambda g: adaptive_weight(big, g, 1.0))(jnp.ones((4,)))
   assert np.all(grad == 0)
-
-
-def test_adopt_weight_switches_on_at_the_threshold_under_jit():
-  factor = jax.jit(lambda step: adopt_weight(1.0, step, 100))
-  assert factor(jnp.int32(0)) == 0.0
-  assert factor(jnp.int32(99)) == 0.0
-  assert factor(jnp.int32(100)) == 1.0
-  assert factor(jnp.int32(5000)) == 1.0
 
 
 def _images(seed=0, shape=(2, 4, 5, 3)):

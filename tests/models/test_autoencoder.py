@@ -76,7 +76,6 @@ def test_shapes_and_tree_for_every_downsampling_factor(kind, levels):
     assert {k.split("/")[1] for k in keys if k.startswith(f"{coder}/{blocks}_")} == {
         f"{blocks}_{i}" for i in range(levels)}
     assert sum(k.endswith(f"{resampler}/conv/kernel") for k in keys) == levels - 1
-  assert ae.LAST_LAYER_PATH == ("decoder", "conv_out", "kernel")
   assert params["decoder"]["conv_out"]["kernel"].shape == (3, 3, 32, 3)
   assert ("quantize/embedding" in keys) == (kind == "vq")
 

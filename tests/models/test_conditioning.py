@@ -7,10 +7,10 @@ import pytest
 
 from ldm_jax.data.tokenizer import train_tokenizer
 from ldm_jax.models import conditioning as cond_lib
-from ldm_jax.models.conditioning import (concat_channels, context_dim, default_cond_config,
-                                         drop_condition, inpaint_concat, make_conditioner, null_condition,
+from ldm_jax.config.sections import default_cond_config, default_unet_config
+from ldm_jax.models.conditioning import (concat_channels, context_dim, drop_condition, inpaint_concat, make_conditioner, null_condition,
                                          prepare_condition, validate_cond_config)
-from ldm_jax.models.unet import default_unet_config, validate_unet_config
+from ldm_jax.models.unet import validate_unet_config
 
 CAPTIONS = ['a red circle', 'a blue square left of a red circle', 'a green star on a white background',
             'a small red star', 'a large blue circle']

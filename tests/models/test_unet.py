@@ -5,6 +5,7 @@ Models are tiny (32–64 channels, 8×8 inputs). Parameters are drawn in numpy f
 convolutions and attention projections (zero at init, as in CompVis) let every path show in the output.
 """
 
+import dataclasses
 import math
 
 import flax
@@ -16,8 +17,8 @@ import pytest
 from jax.scipy.special import erf
 
 from ldm_jax.models import unet as unet_lib
-from ldm_jax.models.unet import (Attention, FeedForward, SpatialTransformer, UNet, default_unet_config,
-                                 make_unet, validate_unet_config)
+from ldm_jax.config.sections import default_unet_config
+from ldm_jax.models.unet import Attention, FeedForward, SpatialTransformer, UNet, make_unet, validate_unet_config
 
 SD1_TINY = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
                 attention_resolutions=(1,), num_heads=2, context_dim=16)
@@ -350,7 +351,8 @@ def test_make_unet_reads_the_config():
   assert isinstance(model, UNet)
   assert model.channel_mult == (1, 2) and model.attention_resolutions == (1,)
   assert model.num_classes == 10 and model.context_dim is None and model.dtype == jnp.bfloat16
-  assert make_unet(default_unet_config()) == UNet()
+  assert make_unet(default_unet_config()) == UNet()  # the config's defaults are the module's
+  assert set(default_unet_config()) == {f.name for f in dataclasses.fields(UNet)} - {"parent", "name"}
   with pytest.raises(ValueError, match="model.num_head_channel: not a U-Net setting"):
     make_unet(ml_collections.ConfigDict({"num_head_channel": 64}))
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ldm_jax.train import distributed
+from ldm_jax.runtime import distributed
 
 
 def test_one_process_without_flags_or_launcher(monkeypatch):

@@ -14,12 +14,14 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from ldm_jax.config import mesh as mesh_config
 from ldm_jax.models import autoencoder as ae_lib
+from ldm_jax.runtime import checkpoint as ckpt_lib
+from ldm_jax.runtime import sharding
 from ldm_jax.train import autoencoder
-from ldm_jax.train import checkpoint as ckpt_lib
-from ldm_jax.train import diffusion
-from ldm_jax.train import sharding
+from ldm_jax.train.diffusion import setup
 from tests.conftest import load_config
+from tests.train.stage2 import Stage2, prepare
 
 FSDP = dict(data=2, fsdp=4, fsdp_min_size=0)
 SINGLE = dict(data=1, fsdp=1)
@@ -116,7 +118,7 @@ def test_first_matching_rule_wins_and_explicit_specs_apply():
 ])
 def test_bad_rules_name_the_rule(rules, match):
   with pytest.raises(ValueError, match=match):
-    sharding.validate_mesh_config(cfg(data=-1, fsdp=1, rules=rules))
+    mesh_config.validate_mesh_config(cfg(data=-1, fsdp=1, rules=rules))
 
 
 def test_rule_that_does_not_fit_a_parameter_names_rule_and_path():
@@ -248,23 +250,18 @@ def stage2():
   rng = np.random.default_rng(0)
   raw = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32),
          "label": rng.integers(0, 6, 8).astype(np.int32), "caption": np.array([""] * 8)}
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(diffusion, "make_optimizer", sgd)
-    for name, m in (("single", SINGLE), ("fsdp", FSDP)):
-      config = load_config("configs/ldm/fmnist_class_cond.py:smoke")
-      config.data.update(source="shapes", path="", channels=3, num_examples=80)
-      config.cond.num_classes = 0
-      config.latent.cache = False
-      config.mesh.update(m)
-      diffusion.resolve_config(config, ae_cfg)
-      mesh = sharding.make_mesh(cfg(**m), jax.devices()[:1] if name == "single" else None)
-      ae_params = jax.device_put(ae_init, sharding.tree_sharding(mesh, ae_init, prefix="autoencoder",
-                                                                 **sharding.rules_of(config.mesh)))
-      ldm = diffusion.build_ldm(config, ae_model, ae_cfg, None, for_training=True)
-      stage = diffusion.Stage2(config, mesh, ldm, ae_params)
-      batch = diffusion.prepare_batch(config, ldm, raw, 1)
-      stage.setup({k[len("cond/"):]: v for k, v in batch.items() if k.startswith("cond/")})
-      stages[name] = stage
+  for name, m in (("single", SINGLE), ("fsdp", FSDP)):
+    config = load_config("configs/ldm/fmnist_class_cond.py:smoke")
+    config.data.update(source="shapes", path="", channels=3, num_examples=80)
+    config.cond.num_classes = 0
+    config.latent.cache = False
+    config.mesh.update(m)
+    setup.resolve_config(config, ae_cfg)
+    mesh = sharding.make_mesh(cfg(**m), jax.devices()[:1] if name == "single" else None)
+    ae_params = jax.device_put(ae_init, sharding.tree_sharding(mesh, ae_init, prefix="autoencoder",
+                                                               **sharding.rules_of(config.mesh)))
+    batch = prepare(config, ae_cfg, raw)
+    stages[name] = Stage2(config, mesh, ae_model, ae_cfg, ae_params, batch, optimizer=sgd(config))
   return stages["single"], stages["fsdp"], batch
 
 

@@ -100,7 +100,7 @@ def free_port() -> int:
 
 def read_state(workdir: str, keys: tuple[str, ...], step: int | None = None):
   """A subtree of a checkpoint of `workdir`, as numpy arrays."""
-  from ldm_jax.train import checkpoint as ckpt_lib
+  from ldm_jax.runtime import checkpoint as ckpt_lib
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     value = ckpt.restore_subtree(keys, jax.sharding.SingleDeviceSharding(jax.devices()[0]), step=step)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ldm_jax.train import autoencoder
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import sharding
+from ldm_jax.config import common as config_lib
+from ldm_jax.runtime import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -10,9 +10,11 @@ import pytest
 
 from ldm_jax import data as data_lib
 from ldm_jax.models import autoencoder as ae_lib
-from ldm_jax.train import checkpoint as ckpt_lib
+from ldm_jax.runtime import checkpoint as ckpt_lib
+from ldm_jax.runtime import sharding
 from ldm_jax.train import diffusion
-from ldm_jax.train import sharding
+from ldm_jax.train.diffusion import data, setup, state as state_lib
+from tests.train.stage2 import Stage2, prepare
 from tests.conftest import load_config
 
 
@@ -29,7 +31,7 @@ def restore(workdir, keys):
 
 
 def tiny_run(kind="kl", *, cache=False):
-  """(config, mesh, ldm, ae_params) of a class-conditional `:smoke` LDM on the 16 px shapes (80
+  """(config, mesh, (autoencoder, its config), ae_params) of a class-conditional `:smoke` LDM on the 16 px shapes (80
   images) over a random one-level autoencoder of `kind` ('kl' | 'vq'), on one device."""
   ae_config = load_config("configs/autoencoder/shapes_kl_f4.py:smoke" if kind == "kl"
                           else "configs/autoencoder/vq_f4.py:smoke")
@@ -40,33 +42,31 @@ def tiny_run(kind="kl", *, cache=False):
   config.data.update(source="shapes", path="", channels=3, num_examples=80)
   config.cond.num_classes = 0
   config.latent.cache = cache
-  diffusion.resolve_config(config, ae_config)
+  setup.resolve_config(config, ae_config)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  return config, mesh, diffusion.build_ldm(config, model, ae_config, None, for_training=True), ae_params
+  return config, mesh, (model, ae_config), ae_params
 
 
-def make_stage(config, mesh, ldm, ae_params, batch):
-  """A set-up `Stage2` for prepared batches like `batch`."""
-  stage = diffusion.Stage2(config, mesh, ldm, ae_params)
-  stage.setup({k[len("cond/"):]: v for k, v in batch.items() if k.startswith("cond/")})
-  return stage
+def make_stage(config, mesh, ae, ae_params, batch):
+  """A `Stage2` for prepared batches like `batch`, with scale_factor 0.5."""
+  return Stage2(config, mesh, *ae, ae_params, batch, scale_factor=0.5)
 
 
 def test_ema_decay_warms_up_as_litema():
   n = np.array([1, 2, 10, 1000, 10**6])
-  decay = np.asarray(diffusion.ema_decay(jax.numpy.asarray(n), 0.999))
+  decay = np.asarray(state_lib.ema_decay(jax.numpy.asarray(n), 0.999))
   np.testing.assert_allclose(decay, np.minimum(0.999, (1 + n) / (10 + n)), rtol=1e-6)
 
 
 def test_ema_updates_use_litema_decays_from_the_first_step():
   """LitEma's first update uses n = 1 (its counter is incremented first): decays 2/11, 3/12, 4/13."""
-  config, mesh, ldm, ae_params = tiny_run()
+  config, mesh, ae, ae_params = tiny_run()
   rng = np.random.default_rng(0)
   raw = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 6,
          "caption": np.array([""] * 8)}
-  batch = diffusion.prepare_batch(config, ldm, raw, 1)
-  stage = make_stage(config, mesh, ldm, ae_params, batch)
-  state = stage.init(jax.random.PRNGKey(0), jnp.float32(0.5))
+  batch = prepare(config, ae[1], raw)
+  stage = make_stage(config, mesh, ae, ae_params, batch)
+  state = stage.init(jax.random.PRNGKey(0), jnp.float32(stage.ldm.scale_factor))
   expected = jax.device_get(state.params)
   for decay in (2 / 11, 3 / 12, 4 / 13):
     state, metrics = stage.train_step(state, sharding.shard_batch(batch, mesh), ae_params)
@@ -81,17 +81,17 @@ def test_ema_updates_use_litema_decays_from_the_first_step():
 def test_a_step_on_cached_latents_equals_a_step_on_their_images(kind):
   """The cache keeps what the step would encode: KL moments (the step draws the same posterior
   sample from them as from the images), VQ's pre-quantization latent."""
-  config, mesh, ldm, ae_params = tiny_run(kind, cache=True)
-  cache = diffusion.cache_latents(config, ldm, ae_params)
+  config, mesh, ae, ae_params = tiny_run(kind, cache=True)
+  cache = data.cache_latents(config, ae[0], ae_params)
   assert len(cache) == 80
   images = next(data_lib.make_loader(config.data, config.data.train_split, batch_size=8, seed=0, shuffle=False,
                                      num_epochs=1))
   cached = {k: np.stack([cache[i][k] for i in range(8)]) for k in cache[0]}
   np.testing.assert_array_equal(cached["label"], images["label"])
-  batches = [diffusion.prepare_batch(config, ldm, b, 1) for b in (images, cached)]
+  batches = [prepare(config, ae[1], b) for b in (images, cached)]
   assert {"latent_moments" if kind == "kl" else "latent"} == set(batches[1]) - {"cond/label"}
-  stage = make_stage(config, mesh, ldm, ae_params, batches[0])
-  initial = jax.device_get(stage.init(jax.random.PRNGKey(0), jnp.float32(0.5)))
+  stage = make_stage(config, mesh, ae, ae_params, batches[0])
+  initial = jax.device_get(stage.init(jax.random.PRNGKey(0), jnp.float32(stage.ldm.scale_factor)))
   losses = []
   for batch in batches:
     _, metrics = stage.train_step(jax.device_put(initial, stage.state_sharding), sharding.shard_batch(batch, mesh),
@@ -103,15 +103,15 @@ def test_a_step_on_cached_latents_equals_a_step_on_their_images(kind):
 def test_each_host_trains_on_exactly_its_share_of_the_cached_latents(monkeypatch):
   """Two simulated hosts: each caches the images `make_loader` gives it, and one epoch of its train
   iterator visits each of its cached latents once (the cache is not split by host again)."""
-  config, _, ldm, ae_params = tiny_run(cache=True)
+  config, _, ae, ae_params = tiny_run(cache=True)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   shares = []
   for host in range(2):
     monkeypatch.setattr(jax, "process_index", lambda host=host: host)
-    cache = diffusion.cache_latents(config, ldm, ae_params)
+    cache = data.cache_latents(config, ae[0], ae_params)
     rows = lambda moments: sorted(m.tobytes() for m in moments)
     cached = rows(cache[i]["latent_moments"] for i in range(len(cache)))
-    batches = diffusion.make_train_iterator(config, cache)
+    batches = data.make_train_iterator(config, cache)
     epoch = np.concatenate([next(batches)["latent_moments"] for _ in range(len(cache) // 4)])  # 4 per host
     assert rows(epoch) == cached, f"host {host}: one epoch does not visit each of its cached latents once"
     shares.append(set(cached))

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax.train import config as config_lib
-from ldm_jax.train import diffusion, inference
+from ldm_jax.config import common as config_lib
+from ldm_jax import sampling
+from ldm_jax.train import diffusion
 from tests.conftest import load_config
 from tests.convert.conftest import diffusers_models, sd_pipeline, transformers_models  # noqa: F401
 from tests.train.runs import read_state
@@ -25,7 +26,7 @@ def finetune_config(pretrained, **train):
 
 @pytest.mark.slow
 def test_finetunes_an_imported_sd_folder_and_samples_from_the_run(sd_pipeline, tmp_path):  # noqa: F811
-  from ldm_jax.convert import load_pretrained
+  from ldm_jax.load import load_pretrained
   from ldm_jax.convert.__main__ import main as convert_cli
   pretrained = str(tmp_path / "sd")
   assert convert_cli(["import", "--src", sd_pipeline[0], "--out", pretrained]) == 0
@@ -56,7 +57,7 @@ def test_finetunes_an_imported_sd_folder_and_samples_from_the_run(sd_pipeline, t
 
   # sample.py --workdir RUN: the run's tokenizer is the pretrained one, its weights the fine-tuned EMA.
   out = str(tmp_path / "samples")
-  summary = inference.sample_to_dir(inference.SampleRequest(
+  summary = sampling.sample_to_dir(sampling.SampleRequest(
       out=out, workdir=workdir, prompts=("a red circle", "a blue square"), num_samples=8, steps=2, batch_size=8))
   assert summary["checkpoint_step"] == 3
   with np.load(os.path.join(out, "samples.npz")) as data:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.train import loop
-from ldm_jax.train import sharding
+from ldm_jax.runtime import sharding
 
 
 def linear_grads(params, batch, rng):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.train import autoencoder
-from ldm_jax.train import checkpoint as ckpt_lib
+from ldm_jax.runtime import checkpoint as ckpt_lib
 from tests.conftest import load_config
 from tests.train.runs import TINY_AE, Run, cpu_env, finalized_steps, jax_cache, read_state, wait_until  # noqa: F401
 
@@ -60,7 +60,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, jax_cache):
   message naming the key, and the checkpoint of step 10 is the newest and intact."""
   workdir = tmp_path / "nan"
   poison = ("import runpy, sys, numpy as np\n"
-            "from ldm_jax.train import sharding\n"
+            "from ldm_jax.runtime import sharding\n"
             "shard, calls = sharding.shard_batch, [0]\n"
             "def poisoned(batch, mesh):\n"
             "  calls[0] += 1\n"

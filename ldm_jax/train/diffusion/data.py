@@ -1,0 +1,107 @@
+"""The data of a stage-2 run: training batches (images, or cached latents), conditions, `scale_factor`.
+
+Batches come from the one grain pipeline (`ldm_jax.data.make_loader`); with `latent.cache` the
+training split is encoded once into a latent cache (`ldm_jax.data.latent_cache`) and batches are
+drawn from that. `prepare_batch` turns a batch into the step's input on the host: the image or
+cached latents, and the conditioner's inputs under 'cond/…'.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from ldm_jax import data as data_lib
+from ldm_jax.data.latent_cache import CACHED_LATENT_KEYS, ArraySource, cached_batches
+from ldm_jax.diffusion.latent_diffusion import first_stage_latent
+from ldm_jax.models import autoencoder as ae_lib
+from ldm_jax.models import conditioning
+from ldm_jax.runtime import sharding
+
+
+def _encode_for_cache(autoencoder, ae_params, images) -> dict[str, jax.Array]:
+  """What the cache keeps of a batch of images, unscaled, float32 (see `cache_latents`)."""
+  out = autoencoder.apply({"params": ae_params}, images, method=autoencoder.encode)
+  if isinstance(out, ae_lib.DiagonalGaussian):
+    return {"latent_moments": jnp.concatenate([out.mean, out.logvar], axis=-1)}
+  return {"latent": out.astype(jnp.float32)}
+
+
+def cache_latents(config, autoencoder, ae_params) -> ArraySource:
+  """Encodes this host's share of the training split once (the records `data.make_loader` gives
+  this host), without augmentation, with each record's label and caption.
+
+  A KL autoencoder's latents are kept as the posterior's moments ('latent_moments', mean ⊕ logvar),
+  so that every step still draws a fresh posterior sample as uncached training does; a VQ
+  autoencoder's as the pre-quantization latent ('latent'), which is what LDM trains on (the
+  decoder quantizes).
+  """
+  loader = data_lib.make_loader(config.data, config.data.train_split, batch_size=config.train.batch_size,
+                                seed=0, shuffle=False, num_epochs=1, drop_remainder=False)
+  encode = jax.jit(functools.partial(_encode_for_cache, autoencoder))
+  columns = []
+  for batch in tqdm(loader, desc="caching latents", disable=jax.process_index() != 0):
+    latents = jax.device_get(encode(ae_params, batch["image"]))
+    columns.append({**latents, "label": batch["label"], "caption": batch["caption"]})
+  return ArraySource({name: np.concatenate([c[name] for c in columns]) for name in columns[0]})
+
+
+def make_train_iterator(config, source=None):
+  """Batches of images (or cached latents), per host, deterministic given train.seed.
+
+  Each host reads its share of the training split: the images `data.make_loader` gives it, or a
+  cache of those same images (`cache_latents`), which is not split again.
+  """
+  if source is None:
+    return iter(data_lib.make_loader(config.data, config.data.train_split,
+                                     batch_size=config.train.batch_size, seed=config.train.seed))
+  return cached_batches(source, config.train.batch_size, config.train.seed)
+
+
+def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int) -> dict:
+  """Host side: the conditioner's inputs under 'cond/…' next to the image or cached latents
+  (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists)."""
+  rng = np.random.default_rng((config.train.seed, step))  # random inpainting masks, reproducible
+  cond = conditioning.prepare_condition(config.cond, batch, tokenizer, latent_size=tuple(latent_shape[:2]), rng=rng)
+  cached = [k for k in CACHED_LATENT_KEYS if k in batch]
+  out = {k: batch[k] for k in cached or ["image"]}
+  out.update({f"cond/{k}": v for k, v in cond.items()})
+  return out
+
+
+def sample_conditions(config, ldm) -> dict:
+  """The fixed conditions of the periodic sample grids: prompts, class labels or held-out images."""
+  n = config.sample.num_images
+  kind = config.cond.kind
+  batch = next(iter(data_lib.make_loader(config.data, config.data.eval_split, batch_size=n, seed=0,
+                                         shuffle=False, num_epochs=1))) if kind != "none" else {}
+  if kind in ("text", "hybrid") and config.sample.prompts:
+    prompts = list(config.sample.prompts)
+    batch["caption"] = np.array((prompts * n)[:n])
+  if kind == "class":
+    batch["label"] = np.arange(n, dtype=np.int32) % config.cond.num_classes
+  return ldm.prepare(batch, rng=np.random.default_rng(0)) if kind != "none" else {}
+
+
+def estimate_scale_factor(config, autoencoder, ae_params, batch, mesh) -> float:
+  """1 / std of the first global batch's latents (LDM `scale_by_std`), unless the config fixes it.
+
+  `batch` is this process's share (images or cached latents); every process gets the same value.
+  """
+  if config.latent.scale_factor > 0:
+    return float(config.latent.scale_factor)
+  if "latent_moments" in batch:
+    mean, logvar = np.split(np.asarray(batch["latent_moments"]), 2, axis=-1)
+    z = mean + np.exp(0.5 * logvar) * np.random.default_rng(0).standard_normal(mean.shape)
+  elif "latent" in batch:
+    z = np.asarray(batch["latent"])
+  else:
+    images = sharding.shard_batch({"image": batch["image"]}, mesh)["image"]
+    z = jax.jit(functools.partial(first_stage_latent, autoencoder))(ae_params, images, jax.random.PRNGKey(0))
+  z = multihost_utils.process_allgather(z, tiled=True) if jax.process_count() > 1 else jax.device_get(z)
+  return float(1.0 / np.std(np.asarray(z, np.float32)))

@@ -1,0 +1,98 @@
+"""Fine-tuning (`init.pretrained`): the config pointed at a pretrained model, and its weights.
+
+`init.pretrained` names a pretrained directory written by `python -m ldm_jax.convert import` (or
+anything that command reads — a diffusers pipeline folder, a single-file checkpoint — which is
+then imported into `workdir/pretrained` first). The run takes from it, overriding the config
+(differences are logged): the U-Net architecture (`model.*`), the noise schedule and prediction
+type (`diffusion.beta_schedule`, `num_timesteps`, `linear_start`, `linear_end`,
+`zero_terminal_snr`, `parameterization`), `latent.scale_factor`, the frozen autoencoder
+(`autoencoder.workdir` = its `autoencoder/` folder) and the conditioning: a pretrained text encoder
+stays frozen (`cond.kind='text'`, `cond.text_encoder='pretrained'`, its tokenizer, `cond.dim` and
+`cond.max_length`), an exported ldm_jax conditioner is fine-tuned with the U-Net (its `cond.*`),
+none means unconditional. U-Net and conditioner start from the pretrained weights (EMA too); the
+training keys (`data.*`, `optim.*`, `train.*`, `cond.dropout_prob`, `diffusion.loss_type`, …) stay
+the config's. `data.image_size` may differ from the size the model was trained at.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from ldm_jax import load
+from ldm_jax.config import sections
+from ldm_jax.convert import pretrained as pretrained_lib
+
+# diffusion.* keys a pretrained model decides (the rest are training choices).
+PRETRAINED_DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "zero_terminal_snr",
+                             "parameterization")
+
+
+def _pretrained_directory(src: str, workdir: str) -> str:
+  """A pretrained directory whose autoencoder is a stage-1 workdir: `src` itself, or `src`
+  imported into `workdir/pretrained` (once) as `python -m ldm_jax.convert import` would."""
+  src = os.path.abspath(src)
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"init.pretrained: {src} does not exist.")
+  if (os.path.isfile(os.path.join(src, pretrained_lib.FORMAT_FILE))
+      and os.path.isdir(os.path.join(src, "autoencoder", "checkpoints"))):
+    return src
+  target = os.path.join(os.path.abspath(workdir), "pretrained")
+  if not os.path.isfile(os.path.join(target, pretrained_lib.FORMAT_FILE)):
+    logging.info("init.pretrained: importing %s into %s", src, target)
+    if jax.process_index() == 0:
+      try:
+        pretrained_lib.save_pretrained(target, load.read_source(src), autoencoder_workdir=True)
+      except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"init.pretrained: {err}") from None
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("ldm_jax:import_pretrained")
+  return target
+
+
+def _replace_section(config, section: str, values: dict, source: str, base: dict | None = None) -> None:
+  """Sets `section.*` keys to `values` (on top of `base`, default the section itself), logging the
+  keys that change."""
+  old = config[section].to_dict()
+  new = {**(old if base is None else base), **values}
+  changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+  if changed:
+    logging.info("init.pretrained=%s sets %s", source,
+                 ", ".join(f"{section}.{k}={v!r} (was {was!r})" for k, (was, v) in changed.items()))
+  with config.unlocked():
+    config[section] = ml_collections.ConfigDict(new)
+
+
+def apply_pretrained(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """With `init.pretrained`, points the config at the pretrained model (see the module docstring)
+  and returns its parameters {'unet', 'cond'} (host arrays, float32); else None."""
+  if not config.init.pretrained:
+    return None
+  directory = _pretrained_directory(config.init.pretrained, workdir)
+  modules, params, configs = load.load_pretrained(directory)
+  for component in ("unet", "autoencoder"):
+    if component not in modules:
+      raise ValueError(f"init.pretrained: {directory} has no {component}; fine-tuning needs a U-Net and an "
+                       "autoencoder.")
+  # An exported ldm_jax run's trained τ_θ is fine-tuned too; a pretrained text encoder stays frozen.
+  cond, _, cond_params = load.pretrained_conditioning(directory, modules, params, configs, "init.pretrained")
+  diffusion_cfg = configs.get("diffusion", {})
+  replaced = {
+      "init": dict(pretrained=directory),
+      "autoencoder": dict(workdir=os.path.join(directory, "autoencoder")),
+      "model": {k: v for k, v in configs["unet"].to_dict().items() if k not in ("dtype", "remat")},
+      "diffusion": {k: diffusion_cfg[k] for k in PRETRAINED_DIFFUSION_KEYS if k in diffusion_cfg},
+      "latent": ({"scale_factor": float(configs["latent"].scale_factor)}
+                 if "scale_factor" in configs.get("latent", {}) else {}),
+      "cond": cond,
+  }
+  for section, values in replaced.items():
+    # The U-Net is the pretrained one: keys its config leaves out take the U-Net defaults, not the config's.
+    base = sections.default_unet_config().to_dict() if section == "model" else None
+    _replace_section(config, section, values, directory, base)
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), {"unet": params["unet"], "cond": cond_params})

@@ -1,0 +1,92 @@
+"""The stage-2 train step: sample t and ε, noise the latents, drop conditions, update, EMA.
+
+One jitted step: encodes the images (or draws from cached KL moments), scales them by the run's
+`LatentDiffusion.scale_factor`, samples t and ε, noises the latents, drops conditions to the null
+condition with probability `cond.dropout_prob` (for classifier-free guidance), and updates U-Net and
+conditioner with AdamW (micro-batches accumulated, non-finite steps skipped), followed by the EMA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ldm_jax.diffusion import schedule as schedule_lib
+from ldm_jax.diffusion.latent_diffusion import LatentDiffusion, TextEncoderConditioner
+from ldm_jax.models import conditioning
+from ldm_jax.runtime import sharding
+from ldm_jax.train import loop
+from ldm_jax.train.diffusion.state import DiffusionState, ema_decay
+
+
+def is_frozen(conditioner) -> bool:
+  """A pretrained text encoder (init.pretrained) stays as it is: no gradients, no optimizer state."""
+  return isinstance(conditioner, TextEncoderConditioner)
+
+
+def loss_fn(config, ldm: LatentDiffusion, params, batch, rng, ae_params):
+  """Mean diffusion loss of a prepared batch ('image' or cached latents, 'cond/…')."""
+  d = config.diffusion
+  rng_enc, rng_drop, rng_t, rng_noise, rng_dropout = jax.random.split(rng, 5)
+  if "latent_moments" in batch:  # cached KL: the posterior's mean and log-variance
+    mean, logvar = jnp.split(batch["latent_moments"], 2, axis=-1)
+    z = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng_enc, mean.shape)) * ldm.scale_factor
+  elif "latent" in batch:  # cached VQ: the pre-quantization latent
+    z = batch["latent"] * ldm.scale_factor
+  else:
+    z = ldm.encode(ae_params, batch["image"], rng_enc)
+  batch_cond = {k[len("cond/"):]: v for k, v in batch.items() if k.startswith("cond/")}
+  batch_cond = conditioning.drop_condition(rng_drop, batch_cond, ldm.null(1), config.cond.dropout_prob)
+  if "masked_image" in batch_cond:
+    batch_cond = conditioning.inpaint_concat(batch_cond, functools.partial(ldm.encode, ae_params))
+  cond = ldm.conditioner.apply({"params": params["cond"]}, batch_cond, deterministic=False,
+                               rngs={"dropout": rng_dropout})
+  if is_frozen(ldm.conditioner):
+    cond = jax.lax.stop_gradient(cond)
+  t = schedule_lib.sample_timesteps(rng_t, z.shape[0], ldm.schedule.num_timesteps)
+  eps = schedule_lib.offset_noise(rng_noise, z.shape, d.offset_noise) if d.offset_noise else \
+      jax.random.normal(rng_noise, z.shape)
+  z_t = schedule_lib.q_sample(ldm.schedule, z, t, eps)
+  out = ldm.denoise(params["unet"], z_t, t, cond, deterministic=False, rngs={"dropout": rng_dropout})
+  loss = schedule_lib.diffusion_loss(out, z, eps, t, ldm.schedule, d.parameterization, d.loss_type,
+                                     d.min_snr_gamma or None)
+  return jnp.mean(loss)
+
+
+def train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, state: DiffusionState, batch,
+               ae_params):
+  """One update of `state` on a prepared, sharded global batch; (new state, metrics)."""
+  rng, step_rng = jax.random.split(state.rng)
+
+  def grads_fn(params, micro_batch, micro_rng):
+    loss, grads = jax.value_and_grad(functools.partial(loss_fn, config, ldm))(params, micro_batch, micro_rng,
+                                                                              ae_params)
+    return grads, {"loss": loss}
+
+  grads, metrics = loop.accumulate_gradients(grads_fn, state.params, batch, step_rng,
+                                             config.train.grad_accum_steps, mesh=mesh,
+                                             grad_sharding=state_sharding.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay(state.step + 1, config.optim.ema_decay)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  if is_frozen(ldm.conditioner):
+    ema = {**ema, "cond": params["cond"]}  # exactly the pretrained weights, not a rounded average
+  ok = loop.all_finite(metrics["loss"], grads, updates)
+  params, ema, opt_state = loop.keep_if(ok, (params, ema, opt_state),
+                                        (state.params, state.ema_params, state.opt_state))
+  metrics.update(grad_norm=optax.tree.norm(grads), ema_decay=decay,
+                 **{loop.NONFINITE: 1.0 - ok.astype(jnp.float32)})
+  return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                       rng=rng), metrics
+
+
+def make_train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, ae_params):
+  """`step(state, batch, ae_params) -> (state, metrics)`, jitted with the mesh's shardings; the state is donated."""
+  ae_sharding = jax.tree.map(lambda x: x.sharding, ae_params)
+  return jax.jit(functools.partial(train_step, config, mesh, ldm, optimizer, state_sharding),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh), ae_sharding),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
