@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ldm_jax.config.sections import default_unet_config  # noqa: E402
 from ldm_jax.models import unet as unet_lib  # noqa: E402
 
 _LATENTS = flags.DEFINE_list("latents", ["32", "64", "96"], "Latent sizes (side, in latent pixels).")
@@ -32,7 +33,7 @@ def main(argv):
   del argv
   print(f"SD 1.x U-Net forward, batch {_BATCH.value}, float32, {jax.devices()[0].platform} compiler")
   print(f"{'latent':>8s}{'tokens':>8s}{'implementation':>16s}{'temp MiB':>11s}{'peak MiB':>11s}{'compile s':>11s}")
-  cfg = unet_lib.default_unet_config()
+  cfg = default_unet_config()
   for side in map(int, _LATENTS.value):
     b = _BATCH.value
     x = jax.ShapeDtypeStruct((b, side, side, cfg.in_channels), jnp.float32)
