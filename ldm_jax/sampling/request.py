@@ -19,7 +19,7 @@ class SampleRequest:
 
   Attributes:
     out: output directory (must not exist, or be empty).
-    workdir: a stage-2 run directory. `pretrained`: anything `ldm_jax.convert.load_pretrained`
+    workdir: a stage-2 run directory. `pretrained`: anything `ldm_jax.load.load_pretrained`
       reads (an ldm_jax pretrained directory, a diffusers pipeline folder, a single-file
       checkpoint). Exactly one of the two.
     num_samples: images to make; None = one per prompt of `prompts` (a prompts file), or one per
