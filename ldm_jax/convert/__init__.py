@@ -12,7 +12,8 @@ Command line (`python -m ldm_jax.convert --help`):
 Modules: `naming` (the torch ↔ flax renaming rule and its mismatch report), `diffusers` (diffusers
 configs and folders), `transformers_text` (CLIP/BERT configs), `compvis` (single-file key maps),
 `pretrained` (ldm_jax's pretrained directories, `load_pretrained`), `export` (workdirs → files),
-`safetensors_io` (file reading and writing).
+`safetensors_io` (file reading and writing), `lora` (diffusers/PEFT and kohya LoRA files),
+`textual_inversion` (placeholder tokens and `learned_embeds.safetensors`).
 """
 
 from ldm_jax.convert.export import read_workdir, write_diffusers

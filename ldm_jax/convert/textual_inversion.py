@@ -59,7 +59,7 @@ def set_rows(params, ids, rows: jax.Array):
   path = _embedding_path(params)
   flat = dict(flax.traverse_util.flatten_dict(params, sep="/"))
   table = flat[path]
-  flat[path] = table.at[jnp.asarray(ids)].set(rows.astype(table.dtype))
+  flat[path] = jnp.asarray(table).at[jnp.asarray(ids)].set(jnp.asarray(rows).astype(table.dtype))
   return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -104,26 +104,6 @@ def lora_delta(down: jax.Array, up: jax.Array) -> jax.Array:
   return jnp.tensordot(down.astype(jnp.float32), up.astype(jnp.float32), axes=1)
 
 
-def check_lora(params, adapter: Adapter, *, what: str) -> None:
-  """ValueError naming `what` and the module unless every adapted module has a kernel of matching shape."""
-  flat = _flat(params)
-  pieces = _flat(adapter)
-  for module in adapted_modules(adapter):
-    down, up = pieces.get(f"{module}/down"), pieces.get(f"{module}/up")
-    kernel = flat.get(f"{module}/kernel")
-    if down is None or up is None or len([p for p in pieces if p.rpartition("/")[0] == module]) != 2:
-      raise ValueError(f"{what}: {module} needs exactly 'down' and 'up', has "
-                       f"{sorted(p.rpartition('/')[2] for p in pieces if p.rpartition('/')[0] == module)}.")
-    if kernel is None:
-      raise ValueError(f"{what}: {module} is not a module with a kernel in the model.")
-    rank = np.shape(down)[-1]
-    expected_down = (*np.shape(kernel)[:-1], rank)
-    if np.shape(down) != expected_down or np.shape(up) != (rank, np.shape(kernel)[-1]):
-      raise ValueError(f"{what}: {module} has down {list(np.shape(down))}, up {list(np.shape(up))}; its kernel "
-                       f"{list(np.shape(kernel))} needs down {list(expected_down)}, up "
-                       f"{[rank, np.shape(kernel)[-1]]}.")
-
-
 def apply_lora(params, adapters: Sequence[Adapter], scales: Sequence[float] | jax.Array | None = None):
   """W + Σᵢ sᵢ·Aᵢ·Bᵢ for every adapted kernel; every other leaf of `params` is returned as is.
 

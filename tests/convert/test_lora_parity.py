@@ -107,11 +107,16 @@ def test_kohya_layout_of_the_same_weights_gives_the_same_outputs(peft_unet_lora,
   _check_unet_with_file(folder, str(tmp_path / "kohya.safetensors"), reference)
   # Without α, kohya's scale is 1: half the PEFT update.
   write_safetensors(str(tmp_path / "no_alpha.safetensors"), {k: v for k, v in kohya.items() if not k.endswith("alpha")})
-  modules, params = _ours(folder)
+  _, params = _ours(folder)
   with_alpha = read_lora(str(tmp_path / "kohya.safetensors"), {"unet": params["unet"]})["unet"]
   without = read_lora(str(tmp_path / "no_alpha.safetensors"), {"unet": params["unet"]})["unet"]
-  np.testing.assert_allclose(jax.tree.map(lambda a: 2 * a, without["mid_block"])["resnets_0"]["conv1"]["up"],
+  np.testing.assert_allclose(2 * without["mid_block"]["resnets_0"]["conv1"]["up"],
                              with_alpha["mid_block"]["resnets_0"]["conv1"]["up"], rtol=1e-6)
+  # Ours in the kohya layout (α = r, the scale in B) reads back as the same adapters.
+  save_lora(str(tmp_path / "ours_kohya.safetensors"), {"unet": with_alpha}, layout="kohya")
+  again = read_lora(str(tmp_path / "ours_kohya.safetensors"), {"unet": params["unet"]})["unet"]
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(with_alpha)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_our_lora_loads_in_diffusers_load_lora_weights(sd_pipeline, tmp_path):
