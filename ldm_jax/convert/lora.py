@@ -213,8 +213,11 @@ def read_lora(path: str, expected: Mapping[str, object]) -> dict[str, dict]:
                        f"kernel {list(kernel)} needs A {_torch_down_shape(kernel, rank)}, B [{kernel[-1]}, {rank}]")
       continue
     if layout == "kohya":
-      alpha = pieces.get("alpha")
-      scale = float(alpha[1]) / rank if alpha is not None else 1.0
+      alpha_key, alpha = pieces.get("alpha", (None, np.ones(1, np.float32) * rank))
+      if np.size(alpha) != 1:
+        misshaped.append(f"{alpha_key} {list(np.shape(alpha))}: α is one number")
+        continue
+      scale = float(np.ravel(alpha)[0]) / rank
     else:
       rule = scales[component]
       scale = rule(naming.flax_module_to_torch(flax_path)) if rule else 1.0
