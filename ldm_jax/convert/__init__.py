@@ -14,7 +14,8 @@ Modules: `naming` (the torch ↔ flax renaming rule and its mismatch report), `d
 (diffusers configs and folders), `transformers_text` (CLIP/BERT configs), `compvis` (single-file key
 maps), `pretrained` (the `Pretrained` bundle, ldm_jax's pretrained directories, reading diffusers
 folders), `export` (bundles → diffusers folders), `components` (building each component),
-`safetensors_io` (file reading and writing).
+`safetensors_io` (file reading and writing), `lora` (diffusers/PEFT and kohya LoRA
+files), `textual_inversion` (placeholder tokens and `learned_embeds.safetensors`).
 """
 
 from ldm_jax.convert.export import write_diffusers

@@ -94,7 +94,8 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
   entries, offset = {}, 0
   arrays = {}
   for name in sorted(tensors):
-    array = np.ascontiguousarray(np.asarray(tensors[name]))
+    array = np.asarray(tensors[name])
+    array = np.ascontiguousarray(array).reshape(array.shape)  # ascontiguousarray makes a 0-d array [1]
     if array.dtype not in _NAMES:
       raise ValueError(f"{path}: tensor {name} has dtype {array.dtype}, which safetensors cannot store.")
     arrays[name] = array

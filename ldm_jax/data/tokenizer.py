@@ -38,6 +38,10 @@ class Tokenizer:
   Wraps an HF `tokenizers.Tokenizer` (whose special-token template, e.g. `[CLS] $A [SEP]`, is
   applied). Captions are truncated to `max_length` tokens, special tokens included, and padded
   with `pad_id` after the last token.
+
+  Placeholder tokens of textual inversion (`add_tokens`) follow diffusers: a token of n vectors is
+  the added tokens `tok`, `tok_1`, …, `tok_{n-1}`, and a caption that contains `tok` has it
+  replaced by `tok tok_1 … tok_{n-1}` before encoding (`StableDiffusionPipeline.maybe_convert_prompt`).
   """
 
   def __init__(self, backend: tokenizers.Tokenizer, *, max_length: int, pad_id: int,
@@ -53,6 +57,14 @@ class Tokenizer:
     self._max_length = max_length
     self._pad_id = pad_id
     self._warned_truncation = False
+    added = {t.content for t in self._backend.get_added_tokens_decoder().values() if not t.special}
+    self._expansions = {}
+    for token in added:
+      n = 1
+      while f'{token}_{n}' in added:
+        n += 1
+      if n > 1:
+        self._expansions[token] = ' '.join([token] + [f'{token}_{i}' for i in range(1, n)])
 
   @property
   def vocab_size(self) -> int:
@@ -74,7 +86,7 @@ class Tokenizer:
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     """texts: B captions → int32 [B, max_length] token ids, padded with `pad_id`."""
-    texts = [str(t) for t in texts]
+    texts = [self._expand(str(t)) for t in texts]
     ids = np.full((len(texts), self._max_length), self._pad_id, np.int32)
     for i, encoding in enumerate(self._backend.encode_batch(texts)):
       ids[i, :len(encoding.ids)] = encoding.ids
@@ -84,6 +96,36 @@ class Tokenizer:
         logging.warning('Caption truncated to max_length=%d tokens (further truncations are not '
                         'reported): %r', self._max_length, texts[i])
     return ids
+
+  def _expand(self, text: str) -> str:
+    """Multi-vector placeholder tokens → all their vectors' tokens (diffusers' rule, on the raw text)."""
+    if not self._expansions:
+      return text
+    for token in set(self._backend.encode(text, add_special_tokens=False).tokens):
+      if token in self._expansions:
+        text = text.replace(token, self._expansions[token])
+    return text
+
+  def add_tokens(self, tokens: Sequence[str]) -> 'Tokenizer':
+    """A new tokenizer with `tokens` added (ids vocab_size, vocab_size + 1, … in order), as
+    transformers' `add_tokens` adds them: matched in the normalised text, never split.
+
+    Raises:
+      ValueError naming a token that is empty, repeated or already in the vocabulary.
+    """
+    for i, token in enumerate(tokens):
+      if not isinstance(token, str) or not token.strip():
+        raise ValueError(f'add_tokens: token {i} is {token!r}; expected a non-empty string.')
+      if self._backend.token_to_id(token) is not None or token in tokens[:i]:
+        raise ValueError(f'add_tokens: {token!r} is already in the vocabulary; choose another placeholder '
+                         '(e.g. <my-concept>).')
+    backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+    backend.add_tokens([tokenizers.AddedToken(t, normalized=True, special=False) for t in tokens])
+    return Tokenizer(backend, max_length=self._max_length, pad_id=self._pad_id)
+
+  def token_id(self, token: str) -> int | None:
+    """The id of a token of the vocabulary (None if it has none)."""
+    return self._backend.token_to_id(token)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Token ids → text, special tokens and padding skipped."""
