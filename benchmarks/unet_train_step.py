@@ -6,7 +6,7 @@
   .venv/bin/python benchmarks/unet_train_step.py --config configs/ldm/cin256_ldm_vq4.py \
       --latent_size 64 --latent_channels 3 --batch_size 8 --dtype bfloat16 --remat
 
-The step is the trainer's own (`diffusion.Stage2.train_step`) on cached latents — random posterior
+The step is the trainer's own (`ldm_jax.train.diffusion.step.make_train_step`) on cached latents — random posterior
 moments of `--latent_size`² × `--latent_channels` (no autoencoder runs) — with the config's
 conditioner, on all current devices (`mesh.*` of the config). A text conditioner trains with the
 U-Net; `--text_depth` (default 1) shrinks it so that the U-Net dominates the step, as in

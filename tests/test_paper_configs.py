@@ -1,6 +1,6 @@
 """The paper's stage-2 configs (configs/ldm/*) against the reference models they reproduce.
 
-Full configs are resolved and validated against their stage-1 config (`diffusion.resolve_config`
+Full configs are resolved and validated against their stage-1 config (`ldm_jax.train.diffusion.setup.resolve_config`
 runs every stage-2 check: data, conditioning, U-Net against the latents), and their models are
 counted with `jax.eval_shape` (nothing is allocated). The reference counts were obtained by
 instantiating CompVis `openaimodel.UNetModel`, x-transformers `TransformerWrapper(Encoder)` and
@@ -23,7 +23,7 @@ from ldm_jax.data.tokenizer import build_tokenizer
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.models import conditioning
 from ldm_jax.models import unet as unet_lib
-from ldm_jax.train import diffusion
+from ldm_jax.train.diffusion import setup
 from tests.conftest import load_config
 
 # config → (stage-1 config, reference YAML, U-Net parameters of the reference, latent shape)
@@ -64,7 +64,7 @@ def _resolved(name, image_folder, arg=""):
   if not arg:
     config.data.path = image_folder
     ae_config.data.image_size = config.data.image_size  # SD's VAE is recorded at 512 px
-  diffusion.resolve_config(config, ae_config)
+  setup.resolve_config(config, ae_config)
   return config, ae_config
 
 
@@ -146,7 +146,7 @@ def test_reference_hyperparameters():
 def test_paper_configs_need_a_data_path():
   config = load_config("configs/ldm/celebahq_ldm_vq4.py")
   with pytest.raises(ValueError, match="data.path"):
-    diffusion.resolve_config(config, load_config("configs/autoencoder/vq_f4.py"))
+    setup.resolve_config(config, load_config("configs/autoencoder/vq_f4.py"))
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ldm_jax import config as checks
 from ldm_jax import data as data_lib
 from ldm_jax.config import common as config_lib
+from ldm_jax.config import sections
 from ldm_jax.runtime import cli
 from ldm_jax.runtime import checkpoint as ckpt_lib
 from ldm_jax.runtime import sharding
@@ -60,7 +61,7 @@ class Classifier(nn.Module):
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      data=data_lib.default_data_config(),
+      data=sections.default_data_config(),
       model=dict(num_classes=-1, widths=(32, 64, 128), feature_dim=128),
       train=dict(num_steps=2_000, batch_size=128, learning_rate=1e-3, seed=0, log_every=100,
                  checkpoint_every=1_000),

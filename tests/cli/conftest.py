@@ -41,10 +41,10 @@ def _write_safetensors_header(path: str, header: dict, data: bytes) -> None:
 def _stage2_config(ae_workdir: str):
   """The resolved config a `shapes_txt2img:smoke` stage-2 run on `ae_workdir` saves."""
   from ldm_jax.config import common as config_lib  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  from ldm_jax.train.diffusion import setup  # pylint: disable=g-import-not-at-top
   config = config_lib.from_file(os.path.join(ROOT, "configs/ldm/shapes_txt2img.py:smoke"))
   config.autoencoder.workdir = ae_workdir
-  diffusion.resolve_config(config, config_lib.load_config(ae_workdir))
+  setup.resolve_config(config, config_lib.load_config(ae_workdir))
   return config
 
 

@@ -107,7 +107,7 @@ def test_bad_sample_files_are_refused(tmp_path):
 
 def test_autoencoder_reconstruction_metrics(tmp_path, toy_extractor):
   from ldm_jax.models.autoencoder import make_autoencoder  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train import autoencoder as stage1  # pylint: disable=g-import-not-at-top
+  from ldm_jax.config import autoencoder as stage1  # pylint: disable=g-import-not-at-top
   from ldm_jax.runtime.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   from ldm_jax.config.common import save_config  # pylint: disable=g-import-not-at-top
   config = stage1.default_config()
