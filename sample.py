@@ -6,6 +6,8 @@
   python sample.py --workdir runs/shapes_ldm --out samples/edit --prompt "a blue square" \
       --init_image in.png --strength 0.6            # image-to-image; add --mask m.png (white = repaint) to inpaint
   python sample.py --pretrained exported_or_diffusers_dir --out samples/sd --prompt "…" --height 512 --width 512
+  python sample.py --pretrained sdxl-base-1.0/ --out samples/xl --prompt "…" --height 768 --width 1344 \
+      --guidance_scale 5 --timestep_spacing leading --steps_offset 1 --original_size 1024,1024   # SDXL
 
 Multi-host: the same command on every host with --coordinator_address=HOST0:PORT --num_processes=N
 --process_id=I (nothing to add on TPU pods or under SLURM/Open MPI); the batches are spread over
@@ -56,6 +58,14 @@ _INTERMEDIATES = flags.DEFINE_list("save_intermediates", [], "Step indices whose
                                    "in intermediates.png, e.g. 0,10,20.")
 _ATTENTION = flags.DEFINE_string("attention", None, "Attention implementation of the U-Net and autoencoder: "
                                  "auto | xla | blocked | cudnn | pallas (default: the model's model.attention).")
+_LATENTS = flags.DEFINE_string("latents", None, "A .npy file of initial latents, float32 [N, h, w, c] (NHWC, unit "
+                                "variance), instead of noise drawn from --seed (reproduces another framework's run).")
+_ORIGINAL_SIZE = flags.DEFINE_list("original_size", None, "SDXL: original image size H,W (default: --height,--width).")
+_CROPS = flags.DEFINE_list("crops_coords_top_left", ["0", "0"], "SDXL: crop offsets top,left.")
+_TARGET_SIZE = flags.DEFINE_list("target_size", None, "SDXL base: target size H,W (default: --height,--width).")
+_AESTHETIC = flags.DEFINE_float("aesthetic_score", 6.0, "SDXL refiner: aesthetic score of the conditional branch.")
+_NEG_AESTHETIC = flags.DEFINE_float("negative_aesthetic_score", 2.5, "SDXL refiner: aesthetic score of the "
+                                    "unconditional branch.")
 flags.mark_flag_as_required("out")
 distributed.define_flags()
 
@@ -65,6 +75,14 @@ def _int(flag: str, value: str) -> int:
     return int(value)
   except ValueError:
     raise ValueError(f"--{flag}: expected an integer, got {value!r}.") from None
+
+
+def _pair(flag: str, values) -> tuple[int, int] | None:
+  if values is None:
+    return None
+  if len(values) != 2:
+    raise ValueError(f"--{flag}: expected two comma-separated integers, got {','.join(values)!r}.")
+  return tuple(_int(flag, v) for v in values)
 
 
 def request_from_flags() -> sampling.SampleRequest:
@@ -93,7 +111,10 @@ def request_from_flags() -> sampling.SampleRequest:
       seed=_SEED.value, batch_size=_BATCH.value, height=_HEIGHT.value, width=_WIDTH.value,
       init_image=_INIT.value, strength=_STRENGTH.value, mask=_MASK.value, use_ema=_EMA.value,
       save_intermediates=tuple(_int("save_intermediates", i) for i in _INTERMEDIATES.value),
-      attention=_ATTENTION.value)
+      attention=_ATTENTION.value, latents=_LATENTS.value,
+      original_size=_pair("original_size", _ORIGINAL_SIZE.value),
+      crops_coords_top_left=_pair("crops_coords_top_left", _CROPS.value), target_size=_pair("target_size", _TARGET_SIZE.value),
+      aesthetic_score=_AESTHETIC.value, negative_aesthetic_score=_NEG_AESTHETIC.value)
 
 
 def main(argv):

@@ -270,9 +270,10 @@ def read_pretrained(directory: str) -> Pretrained:
     else:
       raise FileNotFoundError(f"{path}: neither {PARAMS_FILE} nor (for an autoencoder) checkpoints/.")
     params[component] = naming.check_params(unflatten_params(flat), expected, what=path)
-  tokenizer = os.path.join(directory, "tokenizer")
+  tokenizer, tokenizer_2 = (os.path.join(directory, name) for name in ("tokenizer", "tokenizer_2"))
   return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None,
-                    source=meta.get("source", directory))
+                    source=meta.get("source", directory),
+                    tokenizer_2_dir=tokenizer_2 if os.path.isdir(tokenizer_2) else None)
 
 
 def read_source(src: str, **single_file_options) -> Pretrained:
@@ -300,16 +301,18 @@ def load_pretrained(directory: str, **single_file_options):
 
   Args:
     directory: a pretrained directory (`ldm_jax.convert.pretrained`), a diffusers pipeline folder
-      (SD 1.x / 2.x: unet/, vae/, text_encoder/, tokenizer/, scheduler/), one diffusers or
+      (SD 1.x / 2.x: unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/
+      and tokenizer_2/), one diffusers or
       transformers component folder, or a single-file checkpoint (CompVis/Stability
       `.safetensors`, or `.ckpt` through torch with weights_only).
     single_file_options: passed to `ldm_jax.convert.compvis.read_single_file` for single files.
 
   Returns:
     modules: component → linen module: 'unet' (`UNet`), 'autoencoder' (`AutoencoderKL` |
-      `VQModel`), 'text_encoder' (`CLIPTextEncoder` | `BertTextEncoder`), 'conditioner' (a trained
-      `Conditioner`, from ldm_jax exports), and 'tokenizer' (`ldm_jax.data.tokenizer.Tokenizer`,
-      not a module) — each only when present.
+      `VQModel`), 'text_encoder' (`CLIPTextEncoder` | `BertTextEncoder`), 'text_encoder_2' (SDXL's
+      `CLIPTextEncoder` with projection), 'conditioner' (a trained `Conditioner`, from ldm_jax
+      exports), and 'tokenizer', 'tokenizer_2' (`ldm_jax.data.tokenizer.Tokenizer`, not modules)
+      — each only when present.
     params: component → parameter tree (numpy; `jax.device_put` them onto a mesh as needed), for
       `modules[c].apply({'params': params[c]}, …)`.
     configs: component → `ml_collections.ConfigDict` of its config, plus 'diffusion' (diffusion.*:
@@ -322,10 +325,12 @@ def load_pretrained(directory: str, **single_file_options):
     if component != "conditioner":
       modules[component] = components.build(component, pretrained.configs[component])
   tokenizer = None
+  max_length = pretrained.configs.get("cond", {}).get("max_length")
   if pretrained.tokenizer_dir:
-    max_length = pretrained.configs.get("cond", {}).get("max_length")
     tokenizer = load_tokenizer(pretrained.tokenizer_dir, max_length=max_length)
     modules["tokenizer"] = tokenizer
+  if pretrained.tokenizer_2_dir:
+    modules["tokenizer_2"] = load_tokenizer(pretrained.tokenizer_2_dir, max_length=max_length)
   if "conditioner" in pretrained.params:
     modules["conditioner"] = conditioning.make_conditioner(ml_collections.ConfigDict(pretrained.configs["cond"]),
                                                            tokenizer)
@@ -340,9 +345,13 @@ def pretrained_conditioning(directory: str, modules: dict, params: dict, configs
   cond_params: its parameters. From what the source holds: a trained `conditioner` (ldm_jax
   exports, with its `cond` config; its text tokenizer is the directory's tokenizer/), else a
   pretrained `text_encoder` + tokenizer (Stable Diffusion: the encoder's last hidden states are
-  the context, frozen), else none (an unconditional U-Net). Errors name `flag`.
+  the context, frozen; SDXL: also `text_encoder_2` + tokenizer_2, with the null condition and
+  micro-conditioning the import recorded in configs['cond']), else none (an unconditional U-Net).
+  Errors name `flag`.
   """
   tokenizer_dir = os.path.join(directory, "tokenizer")
+  if "text_encoder_2" in params:
+    return _sdxl_conditioning(directory, modules, params, configs, flag)
   if "conditioner" in params:
     cond = {k: v for k, v in configs["cond"].to_dict().items() if k != "dropout_prob"}
     if conditioning.uses_text(configs["cond"]):
@@ -361,6 +370,24 @@ def pretrained_conditioning(directory: str, modules: dict, params: dict, configs
                      "directory has neither a text encoder nor a conditioner.")
   cond = dict(kind="none")
   return cond, conditioning.make_conditioner(_cond_config(cond)), {}
+
+
+def _sdxl_conditioning(directory: str, modules: dict, params: dict, configs: dict, flag: str):
+  """`pretrained_conditioning` of an SDXL base (two encoders) or refiner (text_encoder_2 only)."""
+  encoders = [c for c in ("text_encoder", "text_encoder_2") if c in params]
+  for encoder in encoders:
+    tokenizer = "tokenizer" if encoder == "text_encoder" else "tokenizer_2"
+    if tokenizer not in modules:
+      raise ValueError(f"{flag}: {directory} has a {encoder} but no {tokenizer}/ folder.")
+  hints = configs.get("cond", ml_collections.ConfigDict()).to_dict()
+  first = modules.get("tokenizer") or modules["tokenizer_2"]
+  cond = dict(kind="text", text_encoder="pretrained",
+              tokenizer_dir=os.path.join(directory, "tokenizer" if "tokenizer" in modules else "tokenizer_2"),
+              max_length=first.max_length, vocab_size=first.vocab_size,
+              dim=sum(int(configs[e].dim) for e in encoders),
+              null_text=hints.get("null_text", "empty_prompt"), micro_conditioning=hints.get("micro_conditioning", "none"))
+  conditioner = TextEncoderConditioner(modules.get("text_encoder"), modules["text_encoder_2"])
+  return cond, conditioner, {e: params[e] for e in encoders}
 
 
 def _cond_config(cond: dict) -> ml_collections.ConfigDict:
@@ -386,5 +413,6 @@ def load_pretrained_ldm(directory: str, flag: str = "--pretrained"):
       schedule=schedule_lib.schedule_from_config(diffusion_cfg),
       scale_factor=float(configs.get("latent", {}).get("scale_factor", 1.0)),
       parameterization=diffusion_cfg.get("parameterization", "eps"), cond_cfg=_cond_config(cond),
-      tokenizer=modules.get("tokenizer"), latent_shape=ae_lib.latent_shape(ae_cfg, int(ae_cfg.resolution)))
+      tokenizer=modules.get("tokenizer"), latent_shape=ae_lib.latent_shape(ae_cfg, int(ae_cfg.resolution)),
+      tokenizer_2=modules.get("tokenizer_2"))
   return ldm, {"unet": params["unet"], "cond": cond_params}, params["autoencoder"], configs

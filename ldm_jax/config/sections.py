@@ -35,16 +35,20 @@ UNET_DEFAULTS = dict(
     in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
     attention_resolutions=(4, 2, 1), num_heads=8, num_head_channels=-1, transformer_depth=1, context_dim=768,
     use_spatial_transformer=True, use_linear_projection=False, use_scale_shift_norm=False, resblock_updown=False,
-    num_classes=None, dropout=0.0, num_groups=32, flip_sin_to_cos=True, freq_shift=0.0, attention="auto",
+    num_classes=None, addition_embed_type=None, addition_time_embed_dim=256, addition_embed_dim=None, dropout=0.0, num_groups=32, flip_sin_to_cos=True, freq_shift=0.0, attention="auto",
     query_chunk_size=None, remat=False)
 
 
 def default_unet_config() -> ml_collections.ConfigDict:
   """The `model.*` keys understood by `make_unet`, with their defaults (the SD 1.x U-Net)."""
   cfg = ml_collections.ConfigDict(dict(UNET_DEFAULTS, dtype="float32"))
-  for key in ("context_dim", "num_classes", "query_chunk_size"):  # None, yet settable from flags
+  for key in ("context_dim", "num_classes", "query_chunk_size", "addition_embed_dim"):  # None, yet settable
     setattr(cfg, key, ml_collections.config_dict.placeholder(int))
+  cfg.addition_embed_type = ml_collections.config_dict.placeholder(str)
   cfg.context_dim = UNET_DEFAULTS["context_dim"]
+  # One depth for every level, or a tuple of one per level (SDXL: (1, 2, 10)).
+  cfg.transformer_depth = ml_collections.config_dict.FieldReference(UNET_DEFAULTS["transformer_depth"],
+                                                                    field_type=object)
   return cfg
 
 
@@ -67,6 +71,10 @@ def default_cond_config() -> ml_collections.ConfigDict:
       'head_dim': 64,             # channels per head; -1 = dim // num_heads
       'text_dropout': 0.0,        # dropout inside the text encoder
       'mask_padding': True,       # padding tokens are not attention keys (CompVis: no mask)
+      'null_text': 'empty_prompt',  # the null condition: 'empty_prompt' (tokens of "") | 'zeros' (SDXL base)
+      # SDXL micro-conditioning: the U-Net's time_ids, (original H, W, crop top, left) + target (H, W) |
+      # + aesthetic score (refiner) | none
+      'micro_conditioning': 'none',  # 'none' | 'target_size' | 'aesthetic_score'
       # concat
       'concat_source': 'lowres',  # 'lowres' | 'inpaint' | 'map'
       'concat_channels': 0,       # lowres: image channels; map: map channels; inpaint: 0 (= 1 + latent)

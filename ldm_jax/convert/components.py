@@ -3,6 +3,7 @@
     'autoencoder'   `model.*` of a stage-1 config          → AutoencoderKL | VQModel
     'unet'          `model.*` of a stage-2 config          → UNet
     'text_encoder'  {'kind': 'clip' | 'bert', fields…}     → CLIPTextEncoder | BertTextEncoder
+    'text_encoder_2'  SDXL's second text encoder (CLIP with projection), configured as 'text_encoder'
 
 `abstract_params` traces `init` (no compilation, no memory) to get the parameter tree that
 weights must fill; the converters check files against it.
@@ -22,7 +23,8 @@ from ldm_jax.models import unet as unet_lib
 from ldm_jax.models.bert import make_bert_text_encoder
 from ldm_jax.models.clip import make_clip_text_encoder
 
-COMPONENTS = ("autoencoder", "unet", "text_encoder")
+COMPONENTS = ("autoencoder", "unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def _plain(cfg) -> dict[str, Any]:
@@ -36,7 +38,7 @@ def build(component: str, cfg: Mapping[str, Any]):
     return ae_lib.make_autoencoder(cfg)
   if component == "unet":
     return unet_lib.make_unet(cfg)
-  if component == "text_encoder":
+  if component in TEXT_ENCODERS:
     kind = cfg.get("kind")
     if kind == "clip":
       return make_clip_text_encoder(cfg)
@@ -56,8 +58,12 @@ def example_inputs(component: str, cfg: Mapping[str, Any]) -> tuple[tuple, dict]
     side = unet_lib.downsampling_factor(cfg["channel_mult"])
     context = None if cfg.get("context_dim") is None else jnp.zeros((1, 1, cfg["context_dim"]))
     y = None if cfg.get("num_classes") is None else jnp.zeros((1,), jnp.int32)
-    return (jnp.zeros((1, side, side, cfg["in_channels"])), jnp.zeros((1,), jnp.int32), context, y), {}
-  if component == "text_encoder":
+    kwargs = {}
+    if cfg.get("addition_embed_type") == "text_time":  # any split of the width gives the same parameters
+      time_dim = cfg.get("addition_time_embed_dim", 256)
+      kwargs = dict(text_embeds=jnp.zeros((1, cfg["addition_embed_dim"] - time_dim)), time_ids=jnp.zeros((1, 1)))
+    return (jnp.zeros((1, side, side, cfg["in_channels"])), jnp.zeros((1,), jnp.int32), context, y), kwargs
+  if component in TEXT_ENCODERS:
     return (jnp.zeros((1, 2), jnp.int32),), {}
   raise ValueError(f"component {component!r} is not one of {COMPONENTS}.")
 

@@ -10,6 +10,7 @@ convert with the generic rule of `ldm_jax.convert.naming`; this module translate
       latent_channels                z_channels (= embed_dim for KL; VQ: embed_dim = vq_embed_dim)
       Attn{Down,Up}…Block2D          attn_resolutions (the side at that level, from sample_size)
       num_vq_embeddings              n_embed
+      norm_num_groups                num_groups (written only when not 32)
       scaling_factor                 the latent scale_factor (returned beside the config)
     UNet2DConditionModel           model.* of `ldm_jax.models.unet.make_unet`
       block_out_channels             model_channels, channel_mult
@@ -18,14 +19,18 @@ convert with the generic rule of `ldm_jax.convert.naming`; this module translate
                                      num_heads; equal widths (SD 2.x: 64) → num_head_channels
       cross_attention_dim            context_dim (a per-level list equal to the widths: None,
                                      the layout of a U-Net whose attn2 attends to itself)
-      transformer_layers_per_block   transformer_depth;  use_linear_projection (SD 2.x)
+      transformer_layers_per_block   transformer_depth (one, or one per level: SDXL);
+                                     use_linear_projection (SD 2.x, SDXL)
       resnet_time_scale_shift        use_scale_shift_norm ('scale_shift')
       num_class_embeds               num_classes + 1 (ldm_jax's last row is the null class)
+      addition_embed_type 'text_time'   addition_embed_type (SDXL micro-conditioning), with
+      addition_time_embed_dim           addition_time_embed_dim and
+      projection_class_embeddings_input_dim   addition_embed_dim
     DDIMScheduler, PNDMScheduler…  diffusion.* (beta_schedule, num_timesteps, linear_start/end,
                                    zero_terminal_snr, parameterization)
 
 Settings with no ldm_jax equivalent (other block types, act_fn ≠ silu, SpatialNorm VQ decoders,
-addition embeddings, …) raise a ValueError naming the key, rather than loading a model that
+addition embeddings other than SDXL's 'text_time', …) raise a ValueError naming the key, rather than loading a model that
 computes something else.
 """
 
@@ -123,7 +128,6 @@ def autoencoder_config_from_diffusers(cfg: Mapping[str, Any], where: str = "vae"
   cls = cfg.get("_class_name")
   _require(cfg, "_class_name", _AE_CLASSES, where)
   _require(cfg, "act_fn", ("silu",), where, "silu")
-  _require(cfg, "norm_num_groups", (32,), where, 32)
   _require(cfg, "mid_block_add_attention", (True,), where, True)
   if cls == "AutoencoderKL":
     for key in ("use_quant_conv", "use_post_quant_conv"):
@@ -158,6 +162,8 @@ def autoencoder_config_from_diffusers(cfg: Mapping[str, Any], where: str = "vae"
                ch_mult=ch_mult, num_res_blocks=int(cfg.get("layers_per_block", 1)),
                attn_resolutions=tuple(resolution // 2**i for i, a in enumerate(attn) if a),
                dropout=0.0, in_channels=in_channels, resolution=resolution)
+  if int(cfg.get("norm_num_groups", 32)) != 32:
+    model["num_groups"] = int(cfg["norm_num_groups"])
   if cls == "VQModel":
     model.update(n_embed=int(cfg.get("num_vq_embeddings", 256)),
                  embed_dim=int(cfg.get("vq_embed_dim") or latent))
@@ -181,7 +187,7 @@ def autoencoder_config_to_diffusers(model: Mapping[str, Any], scale_factor: floa
       "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
       "up_block_types": ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)],
       "block_out_channels": [model["ch"] * m for m in ch_mult], "layers_per_block": model["num_res_blocks"],
-      "act_fn": "silu", "latent_channels": model["z_channels"], "norm_num_groups": 32,
+      "act_fn": "silu", "latent_channels": model["z_channels"], "norm_num_groups": int(model.get("num_groups", 32)),
       "sample_size": model["resolution"], "scaling_factor": float(scale_factor),
       "mid_block_add_attention": True,
   }
@@ -207,12 +213,12 @@ _UNET_FIXED = {  # key: (supported values, diffusers default)
     "mid_block_scale_factor": ((1, 1.0), 1), "act_fn": (("silu",), "silu"), "norm_eps": ((1e-5,), 1e-5),
     "encoder_hid_dim": ((None,), None), "encoder_hid_dim_type": ((None,), None),
     "dual_cross_attention": ((False,), False), "class_embed_type": ((None,), None),
-    "addition_embed_type": ((None,), None), "resnet_skip_time_act": ((False,), False),
+    "addition_embed_type": ((None, "text_time"), None), "resnet_skip_time_act": ((False,), False),
     "resnet_out_scale_factor": ((1, 1.0), 1.0), "time_embedding_type": (("positional",), "positional"),
     "time_embedding_dim": ((None,), None), "time_embedding_act_fn": ((None,), None),
     "timestep_post_act": ((None,), None), "time_cond_proj_dim": ((None,), None),
     "conv_in_kernel": ((3,), 3), "conv_out_kernel": ((3,), 3),
-    "projection_class_embeddings_input_dim": ((None,), None), "attention_type": (("default",), "default"),
+    "attention_type": (("default",), "default"),
     "class_embeddings_concat": ((False,), False), "mid_block_only_cross_attention": ((None, False), None),
     "cross_attention_norm": ((None,), None), "num_attention_heads": ((None,), None),
     "reverse_transformer_layers_per_block": ((None,), None),
@@ -252,10 +258,21 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], where: str = "unet") -> d
   if len(set(layers)) != 1:
     raise ValueError(f"{where}: layers_per_block={layers} differs per level; ldm_jax has one num_res_blocks.")
   depth = _per_level(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block", where)
-  depth = sorted({d for d, a in zip(depth, attended) if a} | {depth[-1]})
-  if len(depth) != 1 or not isinstance(depth[0], int):
-    raise ValueError(f"{where}: transformer_layers_per_block={cfg.get('transformer_layers_per_block')} differs "
-                     "per level; ldm_jax has one transformer_depth.")
+  if not all(isinstance(d, int) for d in depth):
+    raise ValueError(f"{where}: transformer_layers_per_block={cfg.get('transformer_layers_per_block')}; ldm_jax "
+                     "takes one depth per level, the same on the way down and up (not per block).")
+  transformer_depth = depth[0] if len(set(depth)) == 1 else tuple(depth)
+  addition: dict[str, Any] = {}
+  if cfg.get("addition_embed_type") == "text_time":
+    if cfg.get("projection_class_embeddings_input_dim") is None:
+      raise ValueError(f"{where}: addition_embed_type='text_time' needs projection_class_embeddings_input_dim.")
+    addition = dict(addition_embed_type="text_time",
+                    addition_time_embed_dim=int(cfg.get("addition_time_embed_dim") or 256),
+                    addition_embed_dim=int(cfg["projection_class_embeddings_input_dim"]))
+  elif cfg.get("projection_class_embeddings_input_dim") is not None:
+    raise ValueError(f"{where}: config.json projection_class_embeddings_input_dim="
+                     f"{cfg['projection_class_embeddings_input_dim']} without addition_embed_type='text_time' "
+                     "(a projected class embedding) has no ldm_jax equivalent.")
 
   heads = _per_level(cfg.get("attention_head_dim", 8), n, "attention_head_dim", where)
   used = sorted({level for level, a in enumerate(attended) if a} | {n - 1})  # the mid block uses the last
@@ -284,13 +301,14 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], where: str = "unet") -> d
       in_channels=int(cfg.get("in_channels", 4)), out_channels=int(cfg.get("out_channels", 4)),
       model_channels=model_channels, channel_mult=channel_mult, num_res_blocks=int(layers[0]),
       attention_resolutions=tuple(2**level for level, a in enumerate(attended) if a),
-      num_heads=num_heads, num_head_channels=num_head_channels, transformer_depth=depth[0],
+      num_heads=num_heads, num_head_channels=num_head_channels, transformer_depth=transformer_depth,
       context_dim=context_dim, use_spatial_transformer=True,
       use_linear_projection=bool(cfg.get("use_linear_projection", False)),
       use_scale_shift_norm=cfg.get("resnet_time_scale_shift", "default") == "scale_shift",
       resblock_updown=False, num_classes=None if num_class_embeds is None else int(num_class_embeds) - 1,
       dropout=float(cfg.get("dropout", 0.0)), num_groups=int(cfg.get("norm_num_groups", 32)),
-      flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)), freq_shift=float(cfg.get("freq_shift", 0)))
+      flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)), freq_shift=float(cfg.get("freq_shift", 0)),
+      **addition)
 
 
 def unet_config_to_diffusers(model: Mapping[str, Any], sample_size: int | None = None) -> dict:
@@ -314,6 +332,8 @@ def unet_config_to_diffusers(model: Mapping[str, Any], sample_size: int | None =
     heads = [max(1, w // model["num_head_channels"]) for w in widths]
   context_dim = model.get("context_dim")
   num_classes = model.get("num_classes")
+  depth = model.get("transformer_depth", 1)
+  text_time = model.get("addition_embed_type") == "text_time"
   return {
       "_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers_version(),
       "sample_size": sample_size, "in_channels": model["in_channels"], "out_channels": model["out_channels"],
@@ -326,11 +346,14 @@ def unet_config_to_diffusers(model: Mapping[str, Any], sample_size: int | None =
       "downsample_padding": 1, "mid_block_scale_factor": 1, "dropout": float(model.get("dropout", 0.0)),
       "act_fn": "silu", "norm_num_groups": int(model.get("num_groups", 32)), "norm_eps": 1e-5,
       "cross_attention_dim": widths if context_dim is None else int(context_dim),
-      "transformer_layers_per_block": int(model.get("transformer_depth", 1)),
+      "transformer_layers_per_block": int(depth) if isinstance(depth, int) else [int(d) for d in depth],
       "attention_head_dim": heads, "use_linear_projection": bool(model.get("use_linear_projection", False)),
       "num_class_embeds": None if num_classes is None else int(num_classes) + 1,
       "upcast_attention": False,
       "resnet_time_scale_shift": "scale_shift" if model.get("use_scale_shift_norm", False) else "default",
+      "addition_embed_type": "text_time" if text_time else None,
+      "addition_time_embed_dim": int(model.get("addition_time_embed_dim", 256)) if text_time else None,
+      "projection_class_embeddings_input_dim": int(model["addition_embed_dim"]) if text_time else None,
   }
 
 

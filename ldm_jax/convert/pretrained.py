@@ -12,8 +12,10 @@ A pretrained directory holds whole models in ldm_jax naming, one folder per comp
                                             `autoencoder.workdir` (what `import` writes)
     DIR/unet/config.json             {"model": {model.* of a stage-2 config}}    + params.safetensors
     DIR/text_encoder/config.json     {"model": {"kind": "clip" | "bert", …}}     + params.safetensors
+    DIR/text_encoder_2/              SDXL's second text encoder, as text_encoder/
     DIR/conditioner/config.json      {"cond": {cond.* keys}}  + params.safetensors (a trained τ_θ)
     DIR/tokenizer/                   a tokenizer folder (`ldm_jax.data.tokenizer.load_tokenizer`)
+    DIR/tokenizer_2/                 SDXL's second tokenizer
 
 `save_pretrained` writes one; `read_diffusers_pipeline` / `read_diffusers_component` read diffusers
 folders into a `Pretrained` bundle. Reading a pretrained directory (and any other source) into
@@ -42,7 +44,10 @@ FORMAT_FILE = "ldm_jax_pretrained.json"
 PARAMS_FILE = "params.safetensors"
 FORMAT_VERSION = 1
 # diffusers pipeline subfolder → ldm_jax component.
-PIPELINE_FOLDERS = {"unet": "unet", "vae": "autoencoder", "vqvae": "autoencoder", "text_encoder": "text_encoder"}
+PIPELINE_FOLDERS = {"unet": "unet", "vae": "autoencoder", "vqvae": "autoencoder", "text_encoder": "text_encoder",
+                    "text_encoder_2": "text_encoder_2"}
+# diffusers' default of `force_zeros_for_empty_prompt` per pipeline class (when model_index.json lacks it).
+_FORCE_ZEROS_DEFAULT = {"StableDiffusionXLPipeline": True}
 
 
 @dataclasses.dataclass
@@ -56,11 +61,13 @@ class Pretrained:
     params: component → nested dict of numpy arrays.
     tokenizer_dir: a tokenizer folder to copy and load, or None.
     source: where the weights came from (recorded in ldm_jax_pretrained.json).
+    tokenizer_2_dir: SDXL's second tokenizer folder, or None.
   """
   configs: dict[str, dict]
   params: dict[str, Any]
   tokenizer_dir: str | None = None
   source: str = ""
+  tokenizer_2_dir: str | None = None
 
   @property
   def components(self) -> list[str]:
@@ -77,6 +84,29 @@ def _component_params(component: str, cfg: Mapping[str, Any], directory: str) ->
   if component == "unet":
     return dconv.load_unet(directory, expected)
   return tconv.load_text_encoder(directory, expected)
+
+
+def sdxl_conditioning(configs: dict[str, dict], model_index: Mapping[str, Any]) -> None:
+  """For a pipeline with `text_encoder_2` (SDXL): both encoders give their penultimate hidden states
+  without the final norm (diffusers' `hidden_states[-2]`), and configs['cond'] records the null
+  condition (model_index.json's `force_zeros_for_empty_prompt`) and the micro-conditioning the
+  U-Net's `add_embedding` width implies (6 time ids: base, 5: refiner with aesthetic score)."""
+  for component in components.TEXT_ENCODERS:
+    if component in configs:
+      configs[component] = dict(configs[component], skip_last_layers=1, norm_output=False)
+  force_zeros = model_index.get("force_zeros_for_empty_prompt",
+                                _FORCE_ZEROS_DEFAULT.get(model_index.get("_class_name"), False))
+  cond = {"null_text": "zeros" if force_zeros else "empty_prompt", "micro_conditioning": "none"}
+  unet = configs.get("unet", {})
+  if unet.get("addition_embed_type") == "text_time":
+    pooled = configs["text_encoder_2"].get("projection_dim") or 0
+    ids, rest = divmod(unet["addition_embed_dim"] - pooled, unet["addition_time_embed_dim"])
+    if rest or ids not in (5, 6):
+      raise ValueError(f"unet: add_embedding takes {unet['addition_embed_dim']} features, which is not the "
+                       f"{pooled} of text_encoder_2's projection + 6 (base) or 5 (refiner) time ids × "
+                       f"{unet['addition_time_embed_dim']}.")
+    cond["micro_conditioning"] = "target_size" if ids == 6 else "aesthetic_score"
+  configs["cond"] = cond
 
 
 def read_diffusers_component(directory: str) -> tuple[str, dict, dict, dict]:
@@ -107,7 +137,7 @@ def read_diffusers_pipeline(directory: str) -> Pretrained:
     if not os.path.isfile(os.path.join(path, "config.json")):
       continue
     found, model, component_params, extra = read_diffusers_component(path)
-    if found != component:
+    if found != component and not (component == "text_encoder_2" and found == "text_encoder"):
       raise ValueError(f"{path}: holds a {found}, expected the pipeline's {component}.")
     configs[component], params[component] = model, component_params
     configs.update(extra)
@@ -117,8 +147,12 @@ def read_diffusers_pipeline(directory: str) -> Pretrained:
   scheduler = os.path.join(directory, "scheduler", "scheduler_config.json")
   if os.path.isfile(scheduler):
     configs["diffusion"] = dconv.diffusion_config_from_scheduler(dconv.read_json(scheduler), where=scheduler)
-  tokenizer = os.path.join(directory, "tokenizer")
-  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=directory)
+  if "text_encoder_2" in configs:
+    index = os.path.join(directory, "model_index.json")
+    sdxl_conditioning(configs, dconv.read_json(index) if os.path.isfile(index) else {})
+  tokenizer, tokenizer_2 = (os.path.join(directory, name) for name in ("tokenizer", "tokenizer_2"))
+  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=directory,
+                    tokenizer_2_dir=tokenizer_2 if os.path.isdir(tokenizer_2) else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,10 +173,11 @@ def save_pretrained(directory: str, pretrained: Pretrained, *, autoencoder_workd
     overwrite: replace those entries when an earlier export or import wrote them
       (`ldm_jax.runtime.outputs`); entries of any other origin are never replaced.
   """
-  target_tokenizer = os.path.join(directory, "tokenizer")
-  copy_tokenizer = bool(pretrained.tokenizer_dir) and (
-      os.path.abspath(pretrained.tokenizer_dir) != os.path.abspath(target_tokenizer))
-  names = pretrained.components + (["tokenizer"] if copy_tokenizer else []) + [FORMAT_FILE]
+  tokenizers = {}  # folder name → source folder to copy
+  for name, source in (("tokenizer", pretrained.tokenizer_dir), ("tokenizer_2", pretrained.tokenizer_2_dir)):
+    if source and os.path.abspath(source) != os.path.abspath(os.path.join(directory, name)):
+      tokenizers[name] = source
+  names = pretrained.components + list(tokenizers) + [FORMAT_FILE]
   os.makedirs(directory, exist_ok=True)
   outputs.claim(directory, names, overwrite)
   for component in pretrained.components:
@@ -163,8 +198,8 @@ def save_pretrained(directory: str, pretrained: Pretrained, *, autoencoder_workd
       _save_autoencoder_workdir(path, params)
     else:
       write_safetensors(os.path.join(path, PARAMS_FILE), flatten_params(params))
-  if copy_tokenizer:
-    shutil.copytree(pretrained.tokenizer_dir, target_tokenizer)
+  for name, source in tokenizers.items():
+    shutil.copytree(source, os.path.join(directory, name))
   meta = {"format": FORMAT_VERSION, "source": pretrained.source, "components": pretrained.components}
   meta.update({key: pretrained.configs[key] for key in ("diffusion", "latent", "cond") if key in pretrained.configs})
   dconv.write_json(os.path.join(directory, FORMAT_FILE), meta)

@@ -33,17 +33,40 @@ from ldm_jax.models import conditioning
 
 
 class TextEncoderConditioner(nn.Module):
-  """τ_θ of a pretrained text-to-image model: a frozen text encoder (CLIP, BERT) whose last hidden
-  states are the cross-attention context, behind the `Conditioner` interface.
+  """τ_θ of a pretrained text-to-image model: frozen text encoders behind the `Conditioner` interface.
 
-  Params: {'text_encoder': the encoder's}. Input {'tokens': int [B, L]} (from `prepare` with the
-  model's tokenizer); output {'context': [B, L, dim], 'y': None, 'concat': None}.
+  SD 1.x / 2.x: one encoder (CLIP, BERT) whose hidden states are the cross-attention context.
+  Params {'text_encoder'}; input {'tokens': int [B, L]}; output {'context': [B, L, dim], 'y': None,
+  'concat': None}.
+
+  SDXL: `text_encoder_2` (OpenCLIP bigG with projection) adds its hidden states after the first
+  encoder's along the channels (768 + 1280 = 2048) and gives the pooled `text_embeds` [B, P]; the
+  refiner has only `text_encoder_2`. Params {'text_encoder', 'text_encoder_2'}; input 'tokens',
+  'tokens_2', and optionally 'text_scale' [B] (0 zeroes both embeddings: `cond.null_text='zeros'`)
+  and 'time_ids' [B, n] (passed to the U-Net with `text_embeds`).
   """
-  text_encoder: nn.Module
+  text_encoder: nn.Module | None
+  text_encoder_2: nn.Module | None = None
 
   def __call__(self, batch_cond, *, deterministic: bool = True):
     del deterministic  # a frozen encoder has no dropout at sampling time
-    return {"context": self.text_encoder(batch_cond["tokens"]), "y": None, "concat": None}
+    contexts, pooled = [], None
+    if self.text_encoder is not None:
+      contexts.append(self.text_encoder(batch_cond["tokens"]))
+    if self.text_encoder_2 is not None:
+      context_2, pooled = self.text_encoder_2(batch_cond["tokens_2"], return_pooled=True)
+      contexts.append(context_2)
+    context = contexts[0] if len(contexts) == 1 else jnp.concatenate(contexts, axis=-1)
+    if "text_scale" in batch_cond:
+      scale = jnp.asarray(batch_cond["text_scale"], context.dtype)
+      context = context * scale[:, None, None]
+      pooled = None if pooled is None else pooled * scale[:, None].astype(pooled.dtype)
+    out = {"context": context, "y": None, "concat": None}
+    if pooled is not None:
+      out["text_embeds"] = pooled
+    if "time_ids" in batch_cond:
+      out["time_ids"] = jnp.asarray(batch_cond["time_ids"], jnp.float32)
+    return out
 
 
 def first_stage_latent(autoencoder, ae_params, images, rng=None):
@@ -71,6 +94,7 @@ class LatentDiffusion:
     parameterization: 'eps' | 'x0' | 'v'.
     cond_cfg: the `cond` config section; tokenizer: for text conditioning, else None.
     latent_shape: (h, w, c) of one latent.
+    tokenizer_2: SDXL's second tokenizer, else None.
   """
   unet: Any
   conditioner: Any
@@ -81,6 +105,7 @@ class LatentDiffusion:
   cond_cfg: ml_collections.ConfigDict
   tokenizer: Any
   latent_shape: tuple[int, int, int]
+  tokenizer_2: Any = None
 
   # ---- latents --------------------------------------------------------------------------------
   def encode(self, ae_params, images, rng=None):
@@ -97,11 +122,11 @@ class LatentDiffusion:
   def prepare(self, batch: dict, rng: np.random.Generator | None = None) -> dict:
     """Host side: a batch with 'caption' / 'label' / 'image' … → conditioner inputs (numpy)."""
     return conditioning.prepare_condition(self.cond_cfg, batch, self.tokenizer,
-                                          latent_size=self.latent_shape[:2], rng=rng)
+                                          latent_size=self.latent_shape[:2], rng=rng, tokenizer_2=self.tokenizer_2)
 
   def null(self, batch_size: int) -> dict:
     """Conditioner inputs of the unconditional branch (null class, empty caption)."""
-    return conditioning.null_condition(self.cond_cfg, batch_size, self.tokenizer)
+    return conditioning.null_condition(self.cond_cfg, batch_size, self.tokenizer, self.tokenizer_2)
 
   def condition(self, cond_params, batch_cond, ae_params=None):
     """Conditioner inputs → {'context', 'y', 'concat'} for the U-Net (inpainting encodes here)."""
@@ -114,6 +139,7 @@ class LatentDiffusion:
     """U-Net on the noisy latents with the conditioner's outputs (concat channels appended)."""
     x = z_t if cond.get("concat") is None else jnp.concatenate([z_t, cond["concat"].astype(z_t.dtype)], -1)
     return self.unet.apply({"params": unet_params}, x, t, context=cond.get("context"), y=cond.get("y"),
+                           text_embeds=cond.get("text_embeds"), time_ids=cond.get("time_ids"),
                            deterministic=deterministic, rngs=rngs)
 
   def guided_model_fn(self, params, batch_cond, *, null_cond=None, guidance_scale=1.0, guidance_rescale=0.0,

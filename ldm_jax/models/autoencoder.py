@@ -67,15 +67,16 @@ class _Blocks(nn.Module):
   attention_config: AttentionConfig
   dtype: Any
   remat: bool
+  num_groups: int
 
   def resnet(self, name: str, features: int | None = None) -> nn.Module:
     block = nn.remat(_ResnetBlock, static_argnums=(2,)) if self.remat else _ResnetBlock
-    return block(features, num_groups=NUM_GROUPS, epsilon=EPSILON, dropout=self.dropout, dtype=self.dtype,
+    return block(features, num_groups=self.num_groups, epsilon=EPSILON, dropout=self.dropout, dtype=self.dtype,
                  name=name)
 
   def attention(self, name: str) -> nn.Module:
     attention = nn.remat(SpatialSelfAttention) if self.remat else SpatialSelfAttention
-    return attention(NUM_GROUPS, EPSILON, self.attention_config, dtype=self.dtype, name=name)
+    return attention(self.num_groups, EPSILON, self.attention_config, dtype=self.dtype, name=name)
 
 
 class _Level(_Blocks):
@@ -109,8 +110,8 @@ class _MidBlock(_Blocks):
     return self.resnet("resnets_1")(x, deterministic)
 
 
-def _out(x: jax.Array, features: int, dtype) -> jax.Array:
-  x = nn.GroupNorm(NUM_GROUPS, epsilon=EPSILON, dtype=dtype, name="conv_norm_out")(x)
+def _out(x: jax.Array, features: int, dtype, num_groups: int) -> jax.Array:
+  x = nn.GroupNorm(num_groups, epsilon=EPSILON, dtype=dtype, name="conv_norm_out")(x)
   return _conv(features, 3, dtype, "conv_out")(nn.silu(x))
 
 
@@ -126,16 +127,17 @@ class _CoderFields(nn.Module):
   query_chunk_size: int | None = None
   dtype: Any = jnp.float32
   remat: bool = False
+  num_groups: int = NUM_GROUPS
 
   def _coder_fields(self) -> dict[str, Any]:
     return dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                 attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
                 dropout=self.dropout, attention=self.attention, query_chunk_size=self.query_chunk_size,
-                dtype=self.dtype, remat=self.remat)
+                dtype=self.dtype, remat=self.remat, num_groups=self.num_groups)
 
   def _block_fields(self) -> dict[str, Any]:
     return dict(dropout=self.dropout, attention_config=AttentionConfig(self.attention, self.query_chunk_size),
-                dtype=self.dtype, remat=self.remat)
+                dtype=self.dtype, remat=self.remat, num_groups=self.num_groups)
 
   def _level(self, i: int, num_layers: int, res: int, resample: str | None, name: str) -> _Level:
     """Level i (ch·ch_mult[i] channels) working at `res` pixels of the training resolution."""
@@ -178,7 +180,7 @@ class Encoder(_CoderFields):
       if not last:
         res //= 2
     h = self._mid_block()(h, deterministic)
-    return _out(h, 2 * self.z_channels if self.double_z else self.z_channels, self.dtype)
+    return _out(h, 2 * self.z_channels if self.double_z else self.z_channels, self.dtype, self.num_groups)
 
 
 class Decoder(_CoderFields):
@@ -197,7 +199,7 @@ class Decoder(_CoderFields):
       h = self._level(i, self.num_res_blocks + 1, res, "up" if i else None, f"up_blocks_{k}")(h, deterministic)
       if i:
         res *= 2
-    return _out(h, self.out_ch, self.dtype)
+    return _out(h, self.out_ch, self.dtype, self.num_groups)
 
 
 @struct.dataclass
@@ -466,9 +468,10 @@ def validate_autoencoder_config(model_cfg: Mapping[str, Any], image_size: int | 
                      f"per resolution level; f = 2^(len − 1).")
   ch = model_cfg["ch"]
   # conv_in feeds `ch` channels to the first GroupNorm, level i runs at ch·ch_mult[i].
+  num_groups = _positive_int(model_cfg, "num_groups") if "num_groups" in model_cfg else NUM_GROUPS
   for i, mult in ((None, 1),) + tuple(enumerate(ch_mult)):
     where = "model.ch" if i is None else f"model.ch={ch} × model.ch_mult[{i}]={mult}"
-    check_group_norm(ch * mult, NUM_GROUPS, where)
+    check_group_norm(ch * mult, num_groups, where)
 
   _check_image_size(model_cfg, image_size)
   f = downsampling_factor(model_cfg)
@@ -488,7 +491,7 @@ def make_autoencoder(model_cfg: Mapping[str, Any]) -> AutoencoderKL | VQModel:
 
   Required keys: see `validate_autoencoder_config` (call it first; this only builds). Optional keys:
   `attention` ('auto'), `query_chunk_size` (None), `dtype` ('float32'; computation dtype, parameters stay float32),
-  `remat` (False; recompute block activations in the backward pass) and,
+  `remat` (False; recompute block activations in the backward pass), `num_groups` (32, GroupNorm groups) and,
   for 'vq', `beta` (0.25) and `legacy_loss` (True); see `VectorQuantizer`.
   """
   kind = model_cfg["kind"]
@@ -501,7 +504,8 @@ def make_autoencoder(model_cfg: Mapping[str, Any]) -> AutoencoderKL | VQModel:
       in_channels=model_cfg["in_channels"], z_channels=model_cfg["z_channels"],
       dropout=float(model_cfg["dropout"]), attention=model_cfg.get("attention", "auto"),
       query_chunk_size=model_cfg.get("query_chunk_size"),
-      dtype=jnp.dtype(model_cfg.get("dtype", "float32")), remat=bool(model_cfg.get("remat", False)))
+      dtype=jnp.dtype(model_cfg.get("dtype", "float32")), remat=bool(model_cfg.get("remat", False)),
+      num_groups=int(model_cfg.get("num_groups", NUM_GROUPS)))
   if kind == "kl":
     return AutoencoderKL(**fields)
   return VQModel(n_embed=model_cfg["n_embed"], beta=float(model_cfg.get("beta", 0.25)),

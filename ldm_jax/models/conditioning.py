@@ -31,7 +31,16 @@ Data flow of one training step:
 
 Classifier-free guidance drops labels and captions, per example with probability `dropout_prob`,
 to the null condition: class index `num_classes` (both class modes keep a row for it) or the empty
-caption "" ([CLS] [SEP] [PAD] …). Concat maps are never dropped — in LDM practice (SR, inpainting,
+caption "" ([CLS] [SEP] [PAD] …); with `null_text='zeros'` (SDXL base, diffusers'
+`force_zeros_for_empty_prompt`, sgm's dropped embeddings) the text embeddings themselves are zeroed:
+the conditions carry 'text_scale' (1, the null condition 0) that the conditioner multiplies them by.
+
+SDXL's pretrained conditioning (`ldm_jax.diffusion.latent_diffusion.TextEncoderConditioner`) reads
+'tokens' (first tokenizer), 'tokens_2' (the second, `tokenizer_2`) and, with `micro_conditioning`,
+'time_ids' float32 [B, 6] = (original H, W, crop top, left, target H, W) ('target_size', the base
+model) or [B, 5] = (original H, W, crop top, left, aesthetic score) ('aesthetic_score', the
+refiner), from the batch's 'original_size', 'crop_coords_top_left', 'target_size' /
+'aesthetic_score'. Concat maps are never dropped — in LDM practice (SR, inpainting,
 SD's upscaler and inpainting models) the unconditional branch of guidance sees the same concat
 input — so `null_condition` has no 'concat' entry and the sampler reuses the conditional one.
 """
@@ -55,6 +64,10 @@ KINDS = ('none', 'class', 'text', 'concat', 'hybrid')
 CLASS_MODES = ('embedding', 'crossattn')
 TEXT_ENCODERS = ('scratch', 'pretrained')
 CONCAT_SOURCES = ('lowres', 'inpaint', 'map')
+NULL_TEXTS = ('empty_prompt', 'zeros')
+MICRO_CONDITIONING = ('none', 'target_size', 'aesthetic_score')
+_TIME_ID_FIELDS = {'target_size': ('original_size', 'crop_coords_top_left', 'target_size'),
+                   'aesthetic_score': ('original_size', 'crop_coords_top_left', 'aesthetic_score')}
 _TEXT_KINDS = ('text', 'hybrid')
 _CONCAT_KINDS = ('concat', 'hybrid')
 
@@ -126,9 +139,18 @@ def validate_cond_config(cond_cfg: ml_collections.ConfigDict) -> None:
       _check_int(cond_cfg, 'head_dim', 1)
     if not 0.0 <= cond_cfg.text_dropout < 1.0:
       raise ValueError(f'cond.text_dropout: {cond_cfg.text_dropout!r} is not in [0, 1).')
+    if cond_cfg.null_text not in NULL_TEXTS:
+      raise ValueError(f'cond.null_text: unknown {cond_cfg.null_text!r}, expected one of {NULL_TEXTS}.')
     if cond_cfg.tokenizer_dir and not os.path.isdir(cond_cfg.tokenizer_dir):
       raise ValueError(f'cond.tokenizer_dir: directory {cond_cfg.tokenizer_dir} does not exist '
                        "('' trains a tokenizer on the training captions).")
+
+  if cond_cfg.micro_conditioning not in MICRO_CONDITIONING:
+    raise ValueError(f'cond.micro_conditioning: unknown {cond_cfg.micro_conditioning!r}, expected one of '
+                     f'{MICRO_CONDITIONING}.')
+  if cond_cfg.micro_conditioning != 'none' and (kind != 'text' or cond_cfg.text_encoder != 'pretrained'):
+    raise ValueError(f"cond.micro_conditioning: {cond_cfg.micro_conditioning!r} is SDXL's, for cond.kind='text' "
+                     f"with cond.text_encoder='pretrained'; got kind={kind!r}, text_encoder={cond_cfg.text_encoder!r}.")
 
   if kind in _CONCAT_KINDS:
     source = cond_cfg.concat_source
@@ -259,9 +281,35 @@ def make_conditioner(cond_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer |
       text_dropout=cond_cfg.text_dropout, pad_id=pad_id, dtype=dtype)
 
 
+def num_time_ids(cond_cfg: ml_collections.ConfigDict) -> int:
+  """Numbers in each example's SDXL `time_ids` (6 base, 5 refiner, 0 without micro-conditioning)."""
+  fields = _TIME_ID_FIELDS.get(cond_cfg.micro_conditioning, ())
+  return sum(1 if f == 'aesthetic_score' else 2 for f in fields)
+
+
+def time_ids(cond_cfg: ml_collections.ConfigDict, batch: Mapping[str, Any], batch_size: int) -> np.ndarray:
+  """SDXL's `time_ids` float32 [B, 6 | 5] from the batch's sizes, crop offsets and target size or
+  aesthetic score (each given per example, [B, 2] / [B], or once, [2] / scalar)."""
+  columns = []
+  for field in _TIME_ID_FIELDS[cond_cfg.micro_conditioning]:
+    width = 1 if field == 'aesthetic_score' else 2
+    value = np.asarray(_field(batch, field, f'{cond_cfg.kind}, micro_conditioning={cond_cfg.micro_conditioning}'),
+                       np.float32)
+    if value.ndim == (0 if width == 1 else 1):  # one value for the whole batch
+      value = np.broadcast_to(value.reshape(1, width), (batch_size, width))
+    elif value.ndim == 1:
+      value = value[:, None]
+    if value.shape != (batch_size, width):
+      raise ValueError(f"cond.micro_conditioning: batch[{field!r}] has shape {value.shape}; expected "
+                       f"{'[B] or a scalar' if width == 1 else '[B, 2] or [2]'} (B = {batch_size}).")
+    columns.append(value.reshape(batch_size, width))
+  return np.concatenate(columns, axis=1)
+
+
 def prepare_condition(cond_cfg: ml_collections.ConfigDict, batch: Mapping[str, Any],
                       tokenizer: Tokenizer | None = None, *, latent_size: tuple[int, int] | None = None,
-                      rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+                      rng: np.random.Generator | None = None,
+                      tokenizer_2: Tokenizer | None = None) -> dict[str, np.ndarray]:
   """Host-side (numpy) conditions of a data batch, the input of `Conditioner`.
 
   Args:
@@ -270,12 +318,15 @@ def prepare_condition(cond_cfg: ml_collections.ConfigDict, batch: Mapping[str, A
       'image' [B, H, W, C] in [-1, 1] (lowres, inpaint), 'mask' [B, H, W(, 1)] (inpaint,
       optional), 'map' [B, H, W, concat_channels] (map). For sampling, {'caption': prompts}
       or {'label': labels} is enough.
-    tokenizer: for text kinds.
+    tokenizer: for text kinds (SDXL: the first of two; the refiner has only `tokenizer_2`).
     latent_size: (h, w) of the latents, for 'lowres' and 'map'.
     rng: draws random inpainting rectangles when the batch has no 'mask'.
+    tokenizer_2: SDXL's second tokenizer (its OpenCLIP bigG encoder), or None.
 
   Returns:
-    'label' int32 [B] (class), 'tokens' int32 [B, max_length] (text, hybrid), 'concat' float32
+    'label' int32 [B] (class), 'tokens' int32 [B, max_length] (text, hybrid), 'tokens_2' (with
+    tokenizer_2), 'text_scale' float32 [B] of ones (null_text='zeros'), 'time_ids' float32 [B, n]
+    (micro_conditioning), 'concat' float32
     [B, h, w, Cc] (lowres, map) or 'mask' float32 [B, H, W, 1] and 'masked_image' float32
     [B, H, W, C] (inpaint: `inpaint_concat` turns them into 'concat' with the autoencoder).
   """
@@ -290,9 +341,14 @@ def prepare_condition(cond_cfg: ml_collections.ConfigDict, batch: Mapping[str, A
                        '(unlabelled data gives -1).')
     out['label'] = label
   if kind in _TEXT_KINDS:
-    if tokenizer is None:
+    if tokenizer is None and tokenizer_2 is None:
       raise ValueError(f'cond.kind={kind!r}: prepare_condition needs the tokenizer.')
-    out['tokens'] = tokenizer.tokenize(list(_field(batch, 'caption', kind)))
+    captions = list(_field(batch, 'caption', kind))
+    out.update(_tokens(captions, tokenizer, tokenizer_2))
+    if cond_cfg.null_text == 'zeros':
+      out['text_scale'] = np.ones((len(captions),), np.float32)
+  if cond_cfg.micro_conditioning != 'none':
+    out['time_ids'] = time_ids(cond_cfg, batch, len(_field(batch, 'caption', kind)))
   if kind in _CONCAT_KINDS:
     source = cond_cfg.concat_source
     if source == 'inpaint':
@@ -312,16 +368,28 @@ def prepare_condition(cond_cfg: ml_collections.ConfigDict, batch: Mapping[str, A
   return out
 
 
-def null_condition(cond_cfg: ml_collections.ConfigDict, batch_size: int,
-                   tokenizer: Tokenizer | None = None) -> dict[str, np.ndarray]:
-  """The unconditional input of guidance: label `num_classes`, tokens of "" (no concat entry)."""
+def _tokens(captions, tokenizer, tokenizer_2) -> dict[str, np.ndarray]:
+  out = {}
+  if tokenizer is not None:
+    out['tokens'] = tokenizer.tokenize(captions)
+  if tokenizer_2 is not None:
+    out['tokens_2'] = tokenizer_2.tokenize(captions)
+  return out
+
+
+def null_condition(cond_cfg: ml_collections.ConfigDict, batch_size: int, tokenizer: Tokenizer | None = None,
+                   tokenizer_2: Tokenizer | None = None) -> dict[str, np.ndarray]:
+  """The unconditional input of guidance: label `num_classes`, tokens of "" (with null_text='zeros',
+  'text_scale' 0: zeroed embeddings). No concat entry, no time_ids: the conditional ones are used."""
   out = {}
   if cond_cfg.kind == 'class':
     out['label'] = np.full((batch_size,), _num_classes(cond_cfg), np.int32)
   if cond_cfg.kind in _TEXT_KINDS:
-    if tokenizer is None:
+    if tokenizer is None and tokenizer_2 is None:
       raise ValueError(f'cond.kind={cond_cfg.kind!r}: null_condition needs the tokenizer.')
-    out['tokens'] = tokenizer.tokenize([''] * batch_size)
+    out.update(_tokens([''] * batch_size, tokenizer, tokenizer_2))
+    if cond_cfg.null_text == 'zeros':
+      out['text_scale'] = np.zeros((batch_size,), np.float32)
   return out
 
 

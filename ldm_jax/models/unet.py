@@ -5,6 +5,7 @@ diffusers `UNet2DConditionModel`; parameter paths follow diffusers so that weigh
 renaming tables:
 
     time_embedding/{linear_1, linear_2}       class_embedding (num_classes + 1 rows)
+    add_embedding/{linear_1, linear_2}        (addition_embed_type='text_time', SDXL)
     conv_in
     down_blocks_{i}/{resnets_{j}, attentions_{j}, downsamplers_0}      i = level, shallowest first
     mid_block/{resnets_0, attentions_0, resnets_1}
@@ -22,6 +23,16 @@ are ordered per head (q, k, v of head 0, then head 1, …); a converter must de-
 Level l has `model_channels · channel_mult[l]` channels and downsampling factor ds = 2^l.
 `attention_resolutions` lists the factors ds that get attention (CompVis semantics: SD 1.x uses
 (4, 2, 1) with four levels, so the deepest level, ds 8, has none). The middle block always has one.
+`transformer_depth` is one depth for every SpatialTransformer, or one per level (SDXL base: 1, 2,
+10 — level 0 has no attention there, so its entry is unused); the middle block takes the deepest
+level's, as diffusers' `transformer_layers_per_block[-1]`.
+
+SDXL's micro-conditioning (`addition_embed_type='text_time'`, diffusers' name): the `time_ids`
+[B, n] (original size, crop offsets, then target size or aesthetic score) get the sinusoidal
+features of `addition_time_embed_dim` channels each, are concatenated after the pooled text
+embedding `text_embeds` [B, D], and `add_embedding` (linear_1 → SiLU → linear_2) lifts the
+`addition_embed_dim` = D + n · addition_time_embed_dim features to the time embedding's width,
+to which they are added (sgm's `label_emb` on its `vector` condition).
 
 Numerics that loaded weights depend on: GroupNorm eps 1e-5 in ResnetBlocks, the attention block's
 norm and `conv_norm_out`, but 1e-6 in the SpatialTransformer's `norm`; LayerNorm eps 1e-5; GEGLU
@@ -216,7 +227,6 @@ class _Layers:
   use_scale_shift_norm: bool
   num_heads: int
   num_head_channels: int
-  transformer_depth: int
   use_spatial_transformer: bool
   use_linear_projection: bool
   attention_config: AttentionConfig
@@ -229,10 +239,10 @@ class _Layers:
                time_embedding_norm="scale_shift" if self.use_scale_shift_norm else "default",
                resample=resample, dtype=self.dtype, name=name)
 
-  def attention(self, channels: int, name: str) -> nn.Module:
+  def attention(self, channels: int, depth: int, name: str) -> nn.Module:
     heads, head_dim = attention_heads(channels, self.num_heads, self.num_head_channels)
     if self.use_spatial_transformer:
-      return SpatialTransformer(heads, head_dim, self.transformer_depth, self.use_linear_projection,
+      return SpatialTransformer(heads, head_dim, depth, self.use_linear_projection,
                                 self.num_groups, self.attention_config, self.remat, self.dtype, name=name)
     return AttentionBlock(heads, self.num_groups, self.attention_config, self.dtype, name=name)
 
@@ -243,6 +253,7 @@ class _DownBlock(nn.Module):
   out_channels: int
   num_layers: int
   attention: bool
+  depth: int
   downsample: bool
   resblock_updown: bool
 
@@ -252,7 +263,7 @@ class _DownBlock(nn.Module):
     for j in range(self.num_layers):
       h = self.layers.resnet(self.out_channels, f"resnets_{j}")(h, temb, deterministic)
       if self.attention:
-        h = self.layers.attention(self.out_channels, f"attentions_{j}")(h, context)
+        h = self.layers.attention(self.out_channels, self.depth, f"attentions_{j}")(h, context)
       skips.append(h)
     if self.downsample:
       if self.resblock_updown:
@@ -265,12 +276,13 @@ class _DownBlock(nn.Module):
 
 class _MidBlock(nn.Module):
   layers: _Layers
+  depth: int
 
   @nn.compact
   def __call__(self, h, temb, context, deterministic):
     channels = h.shape[-1]
     h = self.layers.resnet(channels, "resnets_0")(h, temb, deterministic)
-    h = self.layers.attention(channels, "attentions_0")(h, context)
+    h = self.layers.attention(channels, self.depth, "attentions_0")(h, context)
     return self.layers.resnet(channels, "resnets_1")(h, temb, deterministic)
 
 
@@ -280,6 +292,7 @@ class _UpBlock(nn.Module):
   out_channels: int
   num_layers: int
   attention: bool
+  depth: int
   upsample: bool
   resblock_updown: bool
 
@@ -290,7 +303,7 @@ class _UpBlock(nn.Module):
       h = jnp.concatenate([h, skips.pop()], axis=-1)
       h = self.layers.resnet(self.out_channels, f"resnets_{j}")(h, temb, deterministic)
       if self.attention:
-        h = self.layers.attention(self.out_channels, f"attentions_{j}")(h, context)
+        h = self.layers.attention(self.out_channels, self.depth, f"attentions_{j}")(h, context)
     if self.upsample:
       if self.resblock_updown:
         h = self.layers.resnet(self.out_channels, "upsamplers_0", resample="up")(h, temb, deterministic)
@@ -311,7 +324,7 @@ class UNet(nn.Module):
     attention_resolutions: downsampling factors ds ∈ {1, 2, 4, …} whose levels get attention.
     num_heads: attention heads, used when `num_head_channels` is −1.
     num_head_channels: channels per head (−1: use `num_heads`).
-    transformer_depth: BasicTransformerBlocks per SpatialTransformer.
+    transformer_depth: BasicTransformerBlocks per SpatialTransformer: one number, or one per level.
     context_dim: channels of the cross-attention context; None = no cross-attention
       (the transformers' `attn2` then attends to the image tokens).
     use_spatial_transformer: SpatialTransformer attention (True) or openaimodel's AttentionBlock.
@@ -321,6 +334,11 @@ class UNet(nn.Module):
     num_classes: number of classes for a class embedding added to the time embedding, or None.
       The table has `num_classes + 1` rows: label `num_classes` is the null class that
       classifier-free guidance trains with and samples from.
+    addition_embed_type: None, or 'text_time' (SDXL: pooled text embedding + size/crop conditions
+      → `add_embedding`, added to the time embedding).
+    addition_time_embed_dim: sinusoidal features per time id ('text_time').
+    addition_embed_dim: input width of `add_embedding`: pooled text width + number of time ids ×
+      addition_time_embed_dim (SDXL base 1280 + 6·256 = 2816, refiner 1280 + 5·256 = 2560).
     dropout: dropout in the ResnetBlocks.
     num_groups: GroupNorm groups.
     flip_sin_to_cos, freq_shift: see `ldm_jax.nn.embeddings.timestep_embedding`.
@@ -337,13 +355,16 @@ class UNet(nn.Module):
   attention_resolutions: Sequence[int] = (4, 2, 1)
   num_heads: int = 8
   num_head_channels: int = -1
-  transformer_depth: int = 1
+  transformer_depth: int | Sequence[int] = 1
   context_dim: int | None = 768
   use_spatial_transformer: bool = True
   use_linear_projection: bool = False
   use_scale_shift_norm: bool = False
   resblock_updown: bool = False
   num_classes: int | None = None
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int = 256
+  addition_embed_dim: int | None = None
   dropout: float = 0.0
   num_groups: int = 32
   flip_sin_to_cos: bool = True
@@ -360,9 +381,14 @@ class UNet(nn.Module):
       raise ValueError("model.num_classes: the U-Net is not class-conditional, it has no null class.")
     return self.num_classes
 
+  def depths(self) -> tuple[int, ...]:
+    """Transformer blocks per SpatialTransformer of each level (the middle block takes the last)."""
+    return level_depths(self.transformer_depth, len(self.channel_mult))
+
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array | None = None,
-               y: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+               y: jax.Array | None = None, *, text_embeds: jax.Array | None = None,
+               time_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     """Predicts eps, x0 or v (per the training parameterization) for a noisy latent.
 
     Args:
@@ -370,14 +396,17 @@ class UNet(nn.Module):
       t: [B] timesteps, integer or float (a scalar is broadcast).
       context: [B, L, context_dim] cross-attention context, required iff `context_dim` is set.
       y: [B] integer labels in [0, num_classes] (num_classes = null), required iff `num_classes` is set.
+      text_embeds: [B, D] pooled text embedding, time_ids: [B, n] size/crop conditions; both
+        required iff `addition_embed_type='text_time'`.
       deterministic: disables dropout; training passes False and a 'dropout' rng.
 
     Returns:
       [B, H, W, out_channels].
     """
-    self._check_inputs(x, context, y)
+    self._check_inputs(x, context, y, text_embeds, time_ids)
+    depths = self.depths()
     layers = _Layers(self.num_groups, self.dropout, self.use_scale_shift_norm, self.num_heads,
-                     self.num_head_channels, self.transformer_depth, self.use_spatial_transformer,
+                     self.num_head_channels, self.use_spatial_transformer,
                      self.use_linear_projection, AttentionConfig(self.attention, self.query_chunk_size),
                      self.remat, self.dtype)
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
@@ -387,20 +416,27 @@ class UNet(nn.Module):
     if self.num_classes is not None:
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.model_channels, dtype=self.dtype,
                              name="class_embedding")(y)
+    if self.addition_embed_type == "text_time":
+      b, n = time_ids.shape
+      time_features = timestep_embedding(time_ids.reshape(-1), self.addition_time_embed_dim,
+                                         flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+      add = jnp.concatenate([text_embeds.astype(jnp.float32), time_features.reshape(b, n * self.addition_time_embed_dim)],
+                            axis=-1)
+      temb = temb + TimestepEmbedding(4 * self.model_channels, dtype=self.dtype, name="add_embedding")(add)
 
     h = nn.Conv(self.model_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x)
     skips = [h]
     levels = len(self.channel_mult)
     for level, mult in enumerate(self.channel_mult):
       h, level_skips = _DownBlock(layers, self.model_channels * mult, self.num_res_blocks,
-                                  2**level in self.attention_resolutions, level < levels - 1,
+                                  2**level in self.attention_resolutions, depths[level], level < levels - 1,
                                   self.resblock_updown, name=f"down_blocks_{level}")(h, temb, context, deterministic)
       skips += level_skips
-    h = _MidBlock(layers, name="mid_block")(h, temb, context, deterministic)
+    h = _MidBlock(layers, depths[-1], name="mid_block")(h, temb, context, deterministic)
     for i, level in enumerate(reversed(range(levels))):
       n = self.num_res_blocks + 1
       h = _UpBlock(layers, self.model_channels * self.channel_mult[level], n,
-                   2**level in self.attention_resolutions, level > 0, self.resblock_updown,
+                   2**level in self.attention_resolutions, depths[level], level > 0, self.resblock_updown,
                    name=f"up_blocks_{i}")(h, skips[-n:], temb, context, deterministic)
       skips = skips[:-n]
 
@@ -408,7 +444,7 @@ class UNet(nn.Module):
     return nn.Conv(self.out_channels, (3, 3), padding=1, kernel_init=nn.initializers.zeros,
                    dtype=self.dtype, name="conv_out")(nn.silu(h))
 
-  def _check_inputs(self, x, context, y):
+  def _check_inputs(self, x, context, y, text_embeds, time_ids):
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f"U-Net input: expected [B, H, W, {self.in_channels}] (model.in_channels), got {x.shape}.")
     factor = downsampling_factor(self.channel_mult)
@@ -427,9 +463,30 @@ class UNet(nn.Module):
     if (y is None) != (self.num_classes is None):
       raise ValueError("U-Net input: labels y are required if and only if model.num_classes is set "
                        f"(num_classes={self.num_classes}).")
+    text_time = self.addition_embed_type == "text_time"
+    if (text_embeds is None or time_ids is None) == text_time:
+      raise ValueError("U-Net input: text_embeds and time_ids are required if and only if "
+                       f"model.addition_embed_type='text_time' (it is {self.addition_embed_type!r}).")
+    if text_time:
+      width = text_embeds.shape[-1] + time_ids.shape[-1] * self.addition_time_embed_dim
+      if text_embeds.ndim != 2 or time_ids.ndim != 2 or width != self.addition_embed_dim:
+        raise ValueError(f"U-Net input: text_embeds {text_embeds.shape} and time_ids {time_ids.shape} give "
+                         f"{width} features for add_embedding; model.addition_embed_dim is {self.addition_embed_dim} "
+                         f"(pooled width + time ids × model.addition_time_embed_dim={self.addition_time_embed_dim}).")
 
 
 # --- configuration -----------------------------------------------------------------------------
+
+def level_depths(transformer_depth, levels: int) -> tuple[int, ...]:
+  """`model.transformer_depth` (one number, or one per level) as one depth per level."""
+  if isinstance(transformer_depth, int):
+    return (transformer_depth,) * levels
+  depths = tuple(transformer_depth)
+  if len(depths) != levels:
+    raise ValueError(f"model.transformer_depth: {len(depths)} depths {depths} for {levels} levels "
+                     "(model.channel_mult); give one number or one per level.")
+  return depths
+
 
 def downsampling_factor(channel_mult) -> int:
   """2^(len(channel_mult) − 1): one Downsample between consecutive levels; latent sides must be multiples."""
@@ -452,6 +509,8 @@ def _unet_kwargs(cfg) -> dict[str, Any]:
     if isinstance(value, int) or not all(isinstance(v, int) for v in value):
       raise ValueError(f"model.{key}: expected a sequence of integers, got {value!r}.")
     kwargs[key] = tuple(value)
+  if not isinstance(kwargs["transformer_depth"], int):
+    kwargs["transformer_depth"] = tuple(kwargs["transformer_depth"])
   try:
     kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
   except TypeError as e:
@@ -463,9 +522,19 @@ def _unet_kwargs(cfg) -> dict[str, Any]:
 def _check_static(k: dict[str, Any]) -> None:
   """Checks the U-Net settings on their own (no data or conditioner needed)."""
   mult, mc = k["channel_mult"], k["model_channels"]
-  for key in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth"):
+  for key in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "addition_time_embed_dim"):
     if not isinstance(k[key], int) or k[key] < 1:
       raise ValueError(f"model.{key}: expected a positive integer, got {k[key]!r}.")
+  depths = level_depths(k["transformer_depth"], len(mult))
+  if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
+    raise ValueError(f"model.transformer_depth: expected positive integers, got {k['transformer_depth']!r}.")
+  if k["addition_embed_type"] not in (None, "text_time"):
+    raise ValueError(f"model.addition_embed_type: {k['addition_embed_type']!r} is not None or 'text_time'.")
+  if k["addition_embed_type"] == "text_time":
+    dim = k["addition_embed_dim"]
+    if not isinstance(dim, int) or dim <= k["addition_time_embed_dim"]:
+      raise ValueError(f"model.addition_embed_dim: {dim!r}; 'text_time' needs the width of the pooled text "
+                       "embedding + time ids × model.addition_time_embed_dim (SDXL base: 1280 + 6·256 = 2816).")
   if not mult or any(m < 1 for m in mult):
     raise ValueError(f"model.channel_mult: expected positive multipliers, got {mult}.")
   check_group_norm(mc, k["num_groups"], "model.model_channels")

@@ -23,7 +23,8 @@ class ModelInfo:
 
   Attributes:
     source: the workdir or pretrained directory (named in messages).
-    cond_cfg: the `cond` section (kind, num_classes, max_length); tokenizer: for text models.
+    cond_cfg: the `cond` section (kind, num_classes, max_length); tokenizer: for text models;
+      tokenizer_2: SDXL's second tokenizer, else None.
     num_timesteps: the training timesteps; image_size: the training size (H, W); channels: image
       channels; latent_channels, f: the autoencoder's; unet_factor: the U-Net's downsampling.
     step: the checkpoint step (workdirs), else None.
@@ -40,6 +41,7 @@ class ModelInfo:
   unet_factor: int
   step: int | None
   load: Callable[[jax.sharding.Mesh, bool], tuple[LatentDiffusion, dict, dict]]
+  tokenizer_2: Any = None
 
   @property
   def kind(self) -> str:
@@ -88,7 +90,7 @@ def read_pretrained(directory: str) -> ModelInfo:
       num_timesteps=int(diffusion_cfg.get("num_timesteps", 1000)), image_size=(resolution, resolution),
       channels=int(ae_cfg.in_channels), latent_channels=int(ae_cfg.embed_dim),
       f=ae_lib.downsampling_factor(ae_cfg), unet_factor=unet_lib.downsampling_factor(configs["unet"].channel_mult),
-      step=None, load=place)
+      step=None, load=place, tokenizer_2=ldm.tokenizer_2)
 
 
 def is_pretrained_dir(directory: str) -> bool:

@@ -29,6 +29,7 @@ class Plan:
     labels: int32 [N] (class models); prompts: N strings (text models).
     init_image: [1, H, W, C] in [-1, 1] or None; keep_mask: [1, h, w, 1], 1 = keep, or None.
     strength: for init_image; steps_run: how many sampler steps run; grid_cols: grid columns.
+    x_T: float32 [N, h, w, c] initial latents from `--latents`, or None (drawn from the seed).
   """
   num_samples: int
   batch_size: int
@@ -43,6 +44,7 @@ class Plan:
   strength: float | None
   steps_run: int
   grid_cols: int | None
+  x_T: np.ndarray | None = None
 
   @property
   def num_batches(self) -> int:
@@ -167,13 +169,57 @@ def make_plan(request: SampleRequest, info: ModelInfo, num_devices: int) -> Plan
 
   cfg = info.cond_cfg
   cond, null = {}, {}
+  positive, negative = _micro_conditioning(r, info, height, width)
+  tokenizers = dict(tokenizer=info.tokenizer, tokenizer_2=info.tokenizer_2)
   if info.kind == "class":
     cond = conditioning.prepare_condition(cfg, {"label": labels})
     null = conditioning.null_condition(cfg, 1)
   elif info.kind == "text":
-    cond = conditioning.prepare_condition(cfg, {"caption": prompts}, info.tokenizer)  # warns on truncation
-    null = (conditioning.null_condition(cfg, 1, info.tokenizer) if r.negative_prompt is None else
-            conditioning.prepare_condition(cfg, {"caption": [r.negative_prompt]}, info.tokenizer))
+    cond = conditioning.prepare_condition(cfg, {"caption": prompts, **positive}, **tokenizers)  # warns on truncation
+    if r.negative_prompt is None:
+      null = conditioning.null_condition(cfg, 1, **tokenizers)
+      if negative:
+        null["time_ids"] = conditioning.time_ids(cfg, negative, 1)
+    else:
+      null = conditioning.prepare_condition(cfg, {"caption": [r.negative_prompt], **negative}, **tokenizers)
   return Plan(num_samples=n, batch_size=batch_size, image_size=(height, width), latent_shape=latent_shape,
               cond=cond, null=null, labels=labels, prompts=prompts, init_image=init_image, keep_mask=keep_mask,
-              strength=strength, steps_run=steps_run, grid_cols=cols)
+              strength=strength, steps_run=steps_run, grid_cols=cols, x_T=_read_latents(r, n, latent_shape))
+
+
+def _micro_conditioning(request: SampleRequest, info: ModelInfo, height: int, width: int) -> tuple[dict, dict]:
+  """SDXL's size/crop (and aesthetic) conditions of the positive and the negative branch, as batch fields."""
+  r, mode = request, info.cond_cfg.get("micro_conditioning", "none")
+  if mode == "none":
+    defaults = dict(original_size=None, target_size=None, crops_coords_top_left=(0, 0), aesthetic_score=6.0,
+                    negative_aesthetic_score=2.5)
+    for key, default in defaults.items():
+      if getattr(r, key) != default:
+        raise ValueError(f"--{key}: SDXL micro-conditioning, but the model in {info.source} has none.")
+    return {}, {}
+  size = (height, width)
+  common = {"original_size": r.original_size or size, "crop_coords_top_left": r.crops_coords_top_left}
+  if mode == "target_size":
+    if r.aesthetic_score != 6.0 or r.negative_aesthetic_score != 2.5:
+      raise ValueError(f"--aesthetic_score / --negative_aesthetic_score: the refiner's; the model in {info.source} "
+                       "is conditioned on the target size (--target_size).")
+    positive = dict(common, target_size=r.target_size or size)
+    return positive, positive
+  if r.target_size is not None:
+    raise ValueError(f"--target_size: the model in {info.source} (an SDXL refiner) is conditioned on an aesthetic "
+                     "score instead (--aesthetic_score).")
+  return dict(common, aesthetic_score=r.aesthetic_score), dict(common, aesthetic_score=r.negative_aesthetic_score)
+
+
+def _read_latents(request: SampleRequest, num_samples: int, latent_shape) -> np.ndarray | None:
+  if request.latents is None:
+    return None
+  try:
+    latents = np.load(request.latents, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--latents: cannot read {request.latents} as a .npy array ({e}).") from None
+  want = (num_samples,) + tuple(latent_shape)
+  if latents.shape != want:
+    raise ValueError(f"--latents: {request.latents} holds {latents.shape}; this request needs {want} "
+                     "(samples, latent height, width, channels: NHWC).")
+  return latents.astype(np.float32)

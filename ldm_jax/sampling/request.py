@@ -41,6 +41,13 @@ class SampleRequest:
     save_intermediates: step indices whose x0 predictions make `intermediates.png`.
     attention: the attention implementation of the U-Net and the autoencoder
       (`ldm_jax.nn.attention.IMPLEMENTATIONS`); None = the model's own (`model.attention`).
+    latents: a `.npy` file of the initial latents x_T, float32 [N, h, w, c] (NHWC, as the U-Net sees
+      them: unit variance), one per sample, instead of drawing them from the seed — to reproduce a
+      run of another framework (diffusers' `latents=`, transposed from NCHW).
+    original_size, crops_coords_top_left, target_size: SDXL's micro-conditioning (H, W), (top, left),
+      (H, W); defaults as diffusers: original = target = (height, width), crops (0, 0).
+    aesthetic_score, negative_aesthetic_score: the SDXL refiner's (its conditional and unconditional
+      branches; diffusers' defaults 6 and 2.5).
   """
   out: str
   workdir: str | None = None
@@ -66,6 +73,12 @@ class SampleRequest:
   use_ema: bool = True
   save_intermediates: tuple[int, ...] = ()
   attention: str | None = None
+  latents: str | None = None
+  original_size: tuple[int, int] | None = None
+  crops_coords_top_left: tuple[int, int] = (0, 0)
+  target_size: tuple[int, int] | None = None
+  aesthetic_score: float = 6.0
+  negative_aesthetic_score: float = 2.5
 
 
 def is_int(value) -> bool:
@@ -128,6 +141,18 @@ def check_request(request: SampleRequest) -> None:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{flag}: {path} is not a file.")
     read_image(path, flag, "L")  # a damaged file fails here, before the run is read
+  if r.latents is not None:
+    if r.init_image is not None:
+      raise ValueError("--latents: the initial noise of text/class-to-image sampling; --init_image starts from "
+                       "an image instead. Give one of them.")
+    if not os.path.isfile(r.latents):
+      raise FileNotFoundError(f"--latents: {r.latents} is not a file.")
+  for flag, value, low in (("--original_size", r.original_size, 1), ("--target_size", r.target_size, 1),
+                           ("--crops_coords_top_left", r.crops_coords_top_left, 0)):
+    if value is not None and (len(value) != 2 or not all(is_int(v) and v >= low for v in value)):
+      raise ValueError(f"{flag}: expected two integers ≥ {low} (H,W or top,left), got {value!r}.")
+  checks.check_number("--aesthetic_score", r.aesthetic_score)
+  checks.check_number("--negative_aesthetic_score", r.negative_aesthetic_score)
   steps = list(r.save_intermediates)
   if any(not is_int(i) or i < 0 for i in steps) or len(set(steps)) != len(steps):
     raise ValueError(f"--save_intermediates: expected distinct step indices ≥ 0, got {tuple(steps)}.")

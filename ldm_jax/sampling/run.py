@@ -23,10 +23,10 @@ from ldm_jax.sampling.request import SampleRequest, check_request
 
 
 def make_sample_fn(ldm: LatentDiffusion, request: SampleRequest, plan: Plan, mesh: jax.sharding.Mesh):
-  """(jitted fn, traces): `fn(params, ae_params, cond, null, index, batch_number, key, init_latent, keep_mask)`.
+  """(jitted fn, traces): `fn(params, ae_params, cond, null, index, batch_number, key, init_latent, keep_mask, x_T)`.
 
   index: int32 [B] sample indices (their noise), batch_number: the batch's position (its sampler
-  noise), key: the seed's PRNG key. Returns (images [B, H, W, C] in [-1, 1], x0 images
+  noise), key: the seed's PRNG key, x_T: the batch's given initial latents [B, h, w, c] or None. Returns (images [B, H, W, C] in [-1, 1], x0 images
   [K, B, H, W, C] or None), split over the mesh along B. `len(traces)` counts compilations.
   """
   ldm = dataclasses.replace(ldm, latent_shape=plan.latent_shape)
@@ -37,14 +37,15 @@ def make_sample_fn(ldm: LatentDiffusion, request: SampleRequest, plan: Plan, mes
     settings["return_x0_at"] = tuple(request.save_intermediates)
   traces = []
 
-  def fn(params, ae_params, cond, null, index, batch_number, key, init_latent, keep_mask):
+  def fn(params, ae_params, cond, null, index, batch_number, key, init_latent, keep_mask, x_T):
     traces.append(1)  # runs once per compilation
     batch_size = index.shape[0]
     noise_key, sampler_key = jax.random.split(key)
     rng = jax.random.fold_in(sampler_key, batch_number)
     kwargs = dict(settings, null_cond=null, ae_params=ae_params)
     if plan.mode == "sample":
-      x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), plan.latent_shape))(index)
+      if x_T is None:
+        x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), plan.latent_shape))(index)
       out = ldm.sample_latents(params, cond, rng, x_T=x_T, batch_size=batch_size, **kwargs)
     else:
       init = jnp.broadcast_to(init_latent, (batch_size,) + plan.latent_shape)
@@ -85,7 +86,9 @@ def run_batches(ldm: LatentDiffusion, params, ae_params, request: SampleRequest,
     index = np.arange(b * B, (b + 1) * B, dtype=np.int32)
     rows = np.minimum(index, n - 1)  # the padding repeats the last sample's condition
     cond = jax.tree.map(lambda x: sharding.put(np.asarray(x)[rows], batch_sh), plan.cond)
-    out, x0 = fn(params, ae_params, cond, null, sharding.put(index, batch_sh), np.int32(b), key, init_latent, keep)
+    x_T = None if plan.x_T is None else sharding.put(plan.x_T[rows], batch_sh)
+    out, x0 = fn(params, ae_params, cond, null, sharding.put(index, batch_sh), np.int32(b), key, init_latent, keep,
+                 x_T)
     keep_rows = min(B, n - b * B)
     images.append(to_uint8(multihost_utils.process_allgather(out, tiled=True))[:keep_rows])
     if x0 is not None:

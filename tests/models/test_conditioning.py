@@ -121,6 +121,29 @@ def test_prepare_and_null_condition_text(tokenizer):
     prepare_condition(cfg, {'caption': CAPTIONS[:2]})
 
 
+def test_sdxl_time_ids_tokens_2_and_zeroed_null(tokenizer):
+  cfg = _cfg('text', text_encoder='pretrained', null_text='zeros', micro_conditioning='target_size')
+  validate_cond_config(cfg)
+  batch = {'caption': CAPTIONS[:2], 'original_size': [[1024, 768], [512, 512]], 'crop_coords_top_left': (0, 8),
+           'target_size': (1024, 1024)}
+  prepared = prepare_condition(cfg, batch, tokenizer, tokenizer_2=tokenizer)
+  np.testing.assert_array_equal(prepared['time_ids'], [[1024, 768, 0, 8, 1024, 1024], [512, 512, 0, 8, 1024, 1024]])
+  np.testing.assert_array_equal(prepared['tokens_2'], prepared['tokens'])
+  np.testing.assert_array_equal(prepared['text_scale'], [1, 1])
+  null = null_condition(cfg, 2, tokenizer, tokenizer)
+  assert sorted(null) == ['text_scale', 'tokens', 'tokens_2'] and not null['text_scale'].any()
+  refiner = _cfg('text', text_encoder='pretrained', micro_conditioning='aesthetic_score')
+  prepared = prepare_condition(refiner, {'caption': CAPTIONS[:2], 'original_size': (64, 48),
+                                         'crop_coords_top_left': (0, 0), 'aesthetic_score': 6.0}, tokenizer_2=tokenizer)
+  assert sorted(prepared) == ['time_ids', 'tokens_2']
+  np.testing.assert_array_equal(prepared['time_ids'], [[64, 48, 0, 0, 6]] * 2)
+  with pytest.raises(ValueError, match=r"needs batch\['aesthetic_score'\]"):
+    prepare_condition(refiner, {'caption': CAPTIONS[:2], 'original_size': (64, 48), 'crop_coords_top_left': (0, 0)},
+                      tokenizer_2=tokenizer)
+  with pytest.raises(ValueError, match="cond.micro_conditioning: 'target_size' is SDXL's"):
+    validate_cond_config(_cfg('text', micro_conditioning='target_size'))
+
+
 @pytest.mark.parametrize('prob', [0.0, 0.1, 0.5, 1.0])
 def test_drop_condition_rate(prob):
   """Each example becomes null with probability prob (binomial 5σ), all its fields together."""

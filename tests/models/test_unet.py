@@ -48,9 +48,9 @@ def _inputs(cfg, batch=2, size=8, context_len=3, seed=0):
   return x, t, context, y
 
 
-def _random_params(model, *args, seed=0):
+def _random_params(model, *args, seed=0, **kwargs):
   """Random variables with init's tree: kernels ~ N(0, 1/fan_in), norms' scales near 1."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), *args)
+  shapes = jax.eval_shape(lambda key: model.init(key, *args, **kwargs), jax.random.key(0))
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -190,6 +190,32 @@ def test_class_labels_and_null_class():
   out = apply(params, x, t, None, y)
   out_null = apply(params, x, t, None, jnp.full_like(y, model.null_class))
   assert float(jnp.abs(out - out_null).max()) > 1e-3
+
+
+def test_per_level_depth_and_text_time_embedding():
+  """transformer_depth per level (the middle block takes the last level's); text_time adds
+  add_embedding(concat(text_embeds, sinusoids of each time id)) to the time embedding."""
+  cfg = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+             attention_resolutions=(2, 4), num_head_channels=8, num_groups=8, transformer_depth=(1, 1, 3),
+             use_linear_projection=True, context_dim=8, addition_embed_type="text_time", addition_time_embed_dim=4,
+             addition_embed_dim=6 + 3 * 4)
+  model = make_unet(cfg)
+  x, t, context, _ = _inputs(cfg, size=8)
+  text_embeds, time_ids = jnp.ones((2, 6)), jnp.array([[8.0, 8, 0], [16, 12, 2]])
+  params = _random_params(model, x, t, context, text_embeds=text_embeds, time_ids=time_ids)["params"]
+  blocks = lambda tree: sorted(k for k in tree if k.startswith("transformer_blocks"))
+  assert "attentions_0" not in params["down_blocks_0"]
+  assert len(blocks(params["down_blocks_1"]["attentions_0"])) == 1
+  assert len(blocks(params["down_blocks_2"]["attentions_0"])) == 3
+  assert len(blocks(params["mid_block"]["attentions_0"])) == 3
+  assert len(blocks(params["up_blocks_0"]["attentions_1"])) == 3
+  assert params["add_embedding"]["linear_1"]["kernel"].shape == (18, 64)
+  apply = lambda ids: model.apply({"params": params}, x, t, context, text_embeds=text_embeds, time_ids=ids)
+  assert not np.allclose(apply(time_ids), apply(time_ids.at[1, 0].add(1.0)))
+  with pytest.raises(ValueError, match="text_embeds and time_ids are required"):
+    model.apply({"params": params}, x, t, context)
+  with pytest.raises(ValueError, match="give 22 features for add_embedding; model.addition_embed_dim is 18"):
+    model.apply({"params": params}, x, t, context, text_embeds=text_embeds, time_ids=jnp.ones((2, 4)))
 
 
 def test_inputs_are_checked():
@@ -374,6 +400,11 @@ def test_make_unet_reads_the_config():
     (dict(in_channels=4), (32, 32, 4), 768, 1, "model.in_channels: 4 does not match the 4 latent channels \\+ 1 concat"),
     (dict(context_dim=512, use_spatial_transformer=False), (32, 32, 4), 512, 0,
      "model.context_dim: cross-attention needs model.use_spatial_transformer=True"),
+    (dict(transformer_depth=(1, 2, 10)), (32, 32, 4), 768, 0,
+     r"model.transformer_depth: 3 depths \(1, 2, 10\) for 4 levels"),
+    (dict(transformer_depth=(1, 0, 1, 1)), (32, 32, 4), 768, 0, "model.transformer_depth: expected positive"),
+    (dict(addition_embed_type="text_time"), (32, 32, 4), 768, 0, "model.addition_embed_dim: None; 'text_time' needs"),
+    (dict(addition_embed_type="text"), (32, 32, 4), 768, 0, "model.addition_embed_type: 'text' is not None"),
 ])
 def test_validate_unet_config_names_the_key(overrides, latent, conditioner, concat, message):
   with pytest.raises(ValueError, match=message):
@@ -387,6 +418,9 @@ def test_validate_unet_config_names_the_key(overrides, latent, conditioner, conc
           context_dim=None, use_spatial_transformer=False, in_channels=3, out_channels=3), (64, 64, 3), None),
     (dict(model_channels=192, channel_mult=(1, 2, 3, 5), num_head_channels=32, attention_resolutions=(8, 4, 2),
           context_dim=512, in_channels=3, out_channels=3, num_classes=1000), (64, 64, 3), 512),
+    (dict(channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_head_channels=64, use_linear_projection=True,
+          transformer_depth=(1, 2, 10), context_dim=2048, addition_embed_type="text_time",
+          addition_embed_dim=2816), (128, 128, 4), 2048),  # SDXL base
 ])
 def test_validate_unet_config_accepts_the_reference_models(overrides, latent, conditioner):
   validate_unet_config(_cfg(**overrides), latent, conditioner)

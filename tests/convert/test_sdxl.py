@@ -1,0 +1,229 @@
+"""SDXL: the U-Net's size against diffusers' published models, and a tiny random SDXL pipeline
+(text_time U-Net, CLIPTextModel + CLIPTextModelWithProjection, a VAE with 8 GroupNorm groups)
+imported, sampled with `sample.py`'s code path and exported, against `StableDiffusionXLPipeline`."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from ldm_jax.convert import components, write_diffusers  # noqa: E402
+from ldm_jax.convert.diffusers_format import unet_config_from_diffusers  # noqa: E402
+from ldm_jax.load import load_pretrained, read_source  # noqa: E402
+from ldm_jax.runtime import sharding  # noqa: E402
+from ldm_jax.sampling import SampleRequest, sample_to_dir  # noqa: E402
+from ldm_jax.sampling.model import read_model  # noqa: E402
+from ldm_jax.sampling.plan import make_plan  # noqa: E402
+from ldm_jax.sampling.run import make_sample_fn, sampling_mesh  # noqa: E402
+from tests.convert.reference import clip_tokenizer_vocab, nchw, nhwc, perturb, state_numpy  # noqa: E402
+
+# The published U-Net configs (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, unet/config.json),
+# keys at diffusers' defaults left out.
+SDXL_BASE_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[5, 10, 20],
+    transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+SDXL_REFINER_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[384, 768, 1536, 1536],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[6, 12, 24, 24], transformer_layers_per_block=4, cross_attention_dim=1280,
+    use_linear_projection=True, addition_embed_type="text_time", addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560, norm_num_groups=32,
+    flip_sin_to_cos=True, freq_shift=0)
+# diffusers' parameter counts of these configs (its modules built on the meta device). The base's is
+# the published 2,567,463,684; the refiner's is 2,259,526,660 (the 2,318,337,084 sometimes quoted
+# for it is not what its config builds).
+PUBLISHED_COUNTS = {"base": 2_567_463_684, "refiner": 2_259_526_660}
+
+# Tiny SDXL: three levels (16, 32, 64 channels, 8 GroupNorm groups), no attention on level 0, one
+# transformer block on level 1 and two on level 2 and the middle, linear projections, heads of 8
+# channels (4, then 8 heads); a 64-wide context (32 + 32 from the two encoders) and a 24-wide
+# pooled embedding.
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+                 block_out_channels=(16, 32, 64),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+                 cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=24 + 6 * 8)
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
+                layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.13025)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 max_position_embeddings=16)
+PROMPTS = ["a cat", "a dog and a cat"]
+HEIGHT, WIDTH = 16, 24  # pixels; latents 8×12 (the VAE's f = 2)
+DEVICES = 2  # the batch of two prompts over two of the tests' 8 CPU devices
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name, config", [("base", SDXL_BASE_UNET), ("refiner", SDXL_REFINER_UNET)])
+def test_unet_parameter_count_equals_diffusers(name, config):
+  with torch.device("meta"):
+    reference = diffusers.UNet2DConditionModel(**config)
+  theirs = sum(p.numel() for p in reference.parameters())
+  assert theirs == PUBLISHED_COUNTS[name]
+  ours = components.abstract_params("unet", unet_config_from_diffusers(dict(config, _class_name="UNet2DConditionModel")))
+  assert _count(ours) == theirs
+  assert ours["add_embedding"]["linear_1"]["kernel"].shape == (config["projection_class_embeddings_input_dim"],
+                                                              4 * config["block_out_channels"][0])
+
+
+def test_sdxl_unet_matches_diffusers(tmp_path):
+  torch.manual_seed(0)
+  unet = perturb(diffusers.UNet2DConditionModel(**TINY_UNET), seed=20)
+  unet.save_pretrained(str(tmp_path / "unet"))
+  modules, params, configs = load_pretrained(str(tmp_path / "unet"))
+  cfg = configs["unet"]
+  assert (tuple(cfg.transformer_depth), tuple(cfg.attention_resolutions), cfg.num_head_channels,
+          cfg.addition_embed_type, cfg.addition_embed_dim) == ((1, 1, 2), (2, 4), 8, "text_time", 72)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 8, 12, 4)).astype(np.float32)
+  t = np.array([3, 817], np.int32)
+  context = rng.normal(size=(2, 5, 64)).astype(np.float32)
+  text_embeds = rng.normal(size=(2, 24)).astype(np.float32)
+  time_ids = np.array([[16, 24, 0, 0, 16, 24], [1024, 768, 3, 5, 16, 24]], np.float32)
+  model = modules["unet"]
+  out = jax.jit(lambda p: model.apply({"params": p}, x, t, context, text_embeds=text_embeds, time_ids=time_ids))(
+      params["unet"])
+  with torch.no_grad():
+    reference = unet(nchw(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(context),
+                     added_cond_kwargs=dict(text_embeds=torch.from_numpy(text_embeds),
+                                            time_ids=torch.from_numpy(time_ids))).sample
+  np.testing.assert_allclose(out, nhwc(reference), atol=1e-4, rtol=0)
+  assert np.abs(nhwc(reference)).max() > 0.1
+  exported = str(tmp_path / "exported")
+  write_diffusers(exported, read_source(str(tmp_path / "unet")))
+  reloaded = diffusers.UNet2DConditionModel.from_pretrained(exported)
+  for key, value in state_numpy(unet).items():
+    np.testing.assert_array_equal(state_numpy(reloaded)[key], value, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipeline(tmp_path_factory):
+  """(folder, StableDiffusionXLPipeline) of a tiny random SDXL base pipeline with a DDIM scheduler."""
+  torch.manual_seed(0)
+  vocab, merges = clip_tokenizer_vocab()
+  length = TINY_CLIP["max_position_embeddings"]
+  tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=length)
+  tokenizer_2 = transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=length, pad_token="!")
+  special = dict(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+  text_encoder = perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      eos_token_id=vocab["<|endoftext|>"], hidden_act="quick_gelu", **special, **TINY_CLIP)), seed=21)
+  # OpenCLIP bigG as SDXL ships it: exact GELU, a projection, transformers' legacy eos_token_id 2.
+  text_encoder_2 = perturb(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+      eos_token_id=2, hidden_act="gelu", projection_dim=24, **special, **TINY_CLIP)), seed=22)
+  pipe = diffusers.StableDiffusionXLPipeline(
+      vae=perturb(diffusers.AutoencoderKL(**TINY_VAE), seed=23), text_encoder=text_encoder,
+      text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+      unet=perturb(diffusers.UNet2DConditionModel(**TINY_UNET), seed=24),
+      scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                        timestep_spacing="leading"),
+      add_watermarker=False)
+  folder = str(tmp_path_factory.mktemp("sdxl_pipeline"))
+  pipe.save_pretrained(folder)
+  return folder, pipe
+
+
+def test_sdxl_folder_imports_every_component(sdxl_pipeline):
+  folder, pipe = sdxl_pipeline
+  modules, params, configs = load_pretrained(folder)
+  assert set(modules) == {"unet", "autoencoder", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
+  assert configs["latent"].scale_factor == 0.13025
+  assert configs["autoencoder"].num_groups == 8
+  assert configs["cond"].to_dict() == {"null_text": "zeros", "micro_conditioning": "target_size"}
+  assert (configs["text_encoder_2"].projection_dim, configs["text_encoder_2"].skip_last_layers,
+          configs["text_encoder_2"].norm_output) == (24, 1, False)
+  for ours, theirs in (("tokenizer", pipe.tokenizer), ("tokenizer_2", pipe.tokenizer_2)):
+    reference = theirs(PROMPTS + [""], padding="max_length", max_length=theirs.model_max_length,
+                       truncation=True).input_ids
+    np.testing.assert_array_equal(modules[ours].tokenize(PROMPTS + [""]), reference)
+
+  tokens = modules["tokenizer_2"].tokenize(PROMPTS)
+  context, pooled = modules["text_encoder_2"].apply({"params": params["text_encoder_2"]}, tokens, return_pooled=True)
+  with torch.no_grad():
+    reference = pipe.text_encoder_2(torch.from_numpy(np.asarray(tokens, np.int64)), output_hidden_states=True)
+  np.testing.assert_allclose(context, reference.hidden_states[-2].numpy(), atol=1e-5)
+  np.testing.assert_allclose(pooled, reference.text_embeds.numpy(), atol=1e-5)
+
+
+def _diffusers_images(pipe, x_T, guidance_scale, **kwargs):
+  with torch.no_grad():
+    return pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=3, guidance_scale=guidance_scale,
+                latents=nchw(x_T), output_type="np", **kwargs).images
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_text_to_image_matches_the_sdxl_pipeline(sdxl_pipeline, tmp_path, guidance_scale):
+  """sample.py's compiled function from the same initial latents (--latents) against
+  StableDiffusionXLPipeline with DDIM: two encoders, zeroed negative conditioning (with guidance),
+  micro-conditioning, non-square images; float images within 1e-4 in [0, 1]."""
+  folder, pipe = sdxl_pipeline
+  x_T = np.random.default_rng(1).normal(size=(2, HEIGHT // 2, WIDTH // 2, 4)).astype(np.float32)
+  latents = str(tmp_path / "latents.npy")
+  np.save(latents, x_T)
+  request = SampleRequest(out=str(tmp_path / "out"), pretrained=folder, prompts=tuple(PROMPTS),
+                          guidance_scale=guidance_scale, steps=3, timestep_spacing="leading", steps_offset=1,
+                          height=HEIGHT, width=WIDTH, latents=latents, original_size=(40, 32),
+                          crops_coords_top_left=(2, 3), batch_size=2)
+  info = read_model(request)
+  mesh = sampling_mesh(jax.devices()[:DEVICES])
+  plan = make_plan(request, info, sharding.data_parallel_size(mesh))
+  assert plan.cond["time_ids"].tolist() == [[40, 32, 2, 3, HEIGHT, WIDTH]] * 2
+  ldm, params, ae_params = info.load(mesh, True)
+  fn, _ = make_sample_fn(ldm, request, plan, mesh)
+  images, _ = fn(params, ae_params, plan.cond, plan.null, np.arange(2, dtype=np.int32), np.int32(0),
+                 jax.random.PRNGKey(0), None, None, plan.x_T)
+  ours = np.asarray(images) / 2 + 0.5
+  reference = _diffusers_images(pipe, x_T, guidance_scale, original_size=(40, 32), crops_coords_top_left=(2, 3))
+  assert reference.std() > 0.05
+  np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_sample_py_writes_the_sdxl_pipeline_images(sdxl_pipeline, tmp_path):
+  """The whole request (sample_to_dir, what sample.py runs) with default micro-conditioning: the
+  written uint8 images are diffusers' images rounded."""
+  folder, pipe = sdxl_pipeline
+  x_T = np.random.default_rng(2).normal(size=(2, HEIGHT // 2, WIDTH // 2, 4)).astype(np.float32)
+  np.save(tmp_path / "latents.npy", x_T)
+  out = str(tmp_path / "out")
+  sample_to_dir(SampleRequest(out=out, pretrained=folder, prompts=tuple(PROMPTS), guidance_scale=5.0, steps=3,
+                              timestep_spacing="leading", steps_offset=1, height=HEIGHT, width=WIDTH,
+                              latents=str(tmp_path / "latents.npy"), batch_size=2),
+                mesh=sampling_mesh(jax.devices()[:DEVICES]))
+  ours = np.load(os.path.join(out, "samples.npz"))["images"]
+  expected = np.round(_diffusers_images(pipe, x_T, 5.0) * 255)
+  assert ours.shape == (2, HEIGHT, WIDTH, 3)
+  assert np.abs(ours.astype(np.float64) - expected).max() <= 1
+
+
+def test_sdxl_export_loads_in_diffusers(sdxl_pipeline, tmp_path):
+  folder, pipe = sdxl_pipeline
+  exported = str(tmp_path / "exported")
+  write_diffusers(exported, read_source(folder))
+  with open(os.path.join(exported, "model_index.json")) as f:
+    index = json.load(f)
+  assert (index["_class_name"], index["force_zeros_for_empty_prompt"]) == ("StableDiffusionXLPipeline", True)
+  reloaded = diffusers.StableDiffusionXLPipeline.from_pretrained(exported, add_watermarker=False)
+  for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    ours, theirs = state_numpy(getattr(reloaded, name)), state_numpy(getattr(pipe, name))
+    assert sorted(ours) == sorted(theirs), name
+    for key, value in theirs.items():
+      np.testing.assert_array_equal(ours[key], value, err_msg=f"{name}: {key}")
+  assert reloaded.vae.config.scaling_factor == 0.13025
+  assert reloaded.vae.config.norm_num_groups == 8
+  assert reloaded.tokenizer_2.pad_token == "!"
