@@ -167,7 +167,8 @@ def _diffusers_images(pipe, x_T, guidance_scale, **kwargs):
                 latents=nchw(x_T), output_type="np", **kwargs).images
 
 
-@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+# Guidance 1 runs in make test-extended, to keep make test within its time budget.
+@pytest.mark.parametrize("guidance_scale", [5.0, pytest.param(1.0, marks=pytest.mark.extended)])
 def test_text_to_image_matches_the_sdxl_pipeline(sdxl_pipeline, tmp_path, guidance_scale):
   """sample.py's compiled function from the same initial latents (--latents) against
   StableDiffusionXLPipeline with DDIM: two encoders, zeroed negative conditioning (with guidance),
@@ -194,6 +195,7 @@ def test_text_to_image_matches_the_sdxl_pipeline(sdxl_pipeline, tmp_path, guidan
   np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.extended  # sample.py end to end (20 s); the compiled function is compared above
 def test_sample_py_writes_the_sdxl_pipeline_images(sdxl_pipeline, tmp_path):
   """The whole request (sample_to_dir, what sample.py runs) with default micro-conditioning: the
   written uint8 images are diffusers' images rounded."""
