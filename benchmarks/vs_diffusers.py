@@ -6,7 +6,7 @@
 A random diffusers `UNet2DConditionModel` with Stable Diffusion's block layout (three
 cross-attention levels and a plain one, two ResnetBlocks per level, a 77-token context, 8 heads)
 and a random f = 8 `AutoencoderKL` (blocks `--vae_channels`) are saved as diffusers folders and
-imported with `ldm_jax.convert.load_pretrained`; then, per part:
+imported with `ldm_jax.load.load_pretrained`; then, per part:
 
   forward      one U-Net call on `batch` latents (32×32×4 by default) with their contexts
   ddim         `steps` DDIM steps with classifier-free guidance (2×batch per network call), as
