@@ -238,14 +238,6 @@ def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> 
 # ---------------------------------------------------------------------------------------------
 # Pretrained models
 
-def _tuples(value):
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
 def read_pretrained(directory: str) -> Pretrained:
   """Reads an ldm_jax pretrained directory (`ldm_jax.convert.pretrained`'s layout), checking every tensor."""
   meta = dconv.read_json(os.path.join(directory, FORMAT_FILE))
@@ -261,7 +253,7 @@ def read_pretrained(directory: str) -> Pretrained:
       configs["cond"] = cfg["cond"]
       params[component] = unflatten_params(read_safetensors(os.path.join(path, PARAMS_FILE)))
       continue
-    configs[component] = _tuples(cfg["model"])
+    configs[component] = config_lib.lists_to_tuples(cfg["model"])
     expected = components.abstract_params(component, configs[component])
     if os.path.isfile(os.path.join(path, PARAMS_FILE)):
       flat = read_safetensors(os.path.join(path, PARAMS_FILE))

@@ -157,15 +157,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no config.json; is {workdir} a ldm_jax workdir?")
   with open(path) as f:
-    return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+    return ml_collections.ConfigDict(lists_to_tuples(json.load(f)))
 
 
-def _lists_to_tuples(value):
+def lists_to_tuples(value):
+  """JSON lists back to tuples, recursively (also for config dicts read from pretrained directories)."""
   # JSON has no tuples; model fields such as ch_mult are tuples in the config files.
   if isinstance(value, dict):
-    return {k: _lists_to_tuples(v) for k, v in value.items()}
+    return {k: lists_to_tuples(v) for k, v in value.items()}
   if isinstance(value, list):
-    return tuple(_lists_to_tuples(v) for v in value)
+    return tuple(lists_to_tuples(v) for v in value)
   return value
 
 
