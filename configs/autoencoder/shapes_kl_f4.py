@@ -7,12 +7,17 @@ Runs on a laptop CPU in minutes (it is the first half of `make demo`); no files 
 from ldm_jax.config import autoencoder
 from ldm_jax.config import common as config_lib
 
+# The demo's held-out colour–kind pairs: no training image of either stage shows one (each colour
+# and each kind is in at most one pair, so every word is still seen in other pairs).
+HOLDOUT = ("green triangle", "red star", "orange diamond", "blue cross", "purple circle", "cyan square")
+
 
 def get_config(arg=None):
   options = config_lib.parse_arg(arg)
   config_lib.check_options(options, {"smoke"}, "shapes_kl_f4")
   config = autoencoder.default_config()
-  config.data.update(source="shapes", image_size=32, channels=3, num_examples=20_000)
+  config.data.update(source="shapes", image_size=32, channels=3, num_examples=20_000, shapes_layout="quadrants",
+                     shapes_holdout=HOLDOUT)
   config.model.update(kind="kl", embed_dim=3, z_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                       attn_resolutions=())
   # A GAN needs far more steps than a CPU run has; L1 + LPIPS alone reconstructs shapes sharply.

@@ -21,6 +21,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       'random_crop': False,     # random instead of center crop after the resize
       'random_flip': False,     # horizontal flips; breaks left/right words in `shapes` captions
       'num_examples': 50_000,   # shapes: train split size (test: a tenth)
+      'shapes_layout': 'relations',  # shapes: 'relations' or 'quadrants' (see ldm_jax.data.shapes)
+      'shapes_holdout': (),     # shapes: 'colour kind' pairs left out of the train split
       'labels_from_dirs': False,  # folder: label = first-level sub-directory
       'image_key': 'image',     # tfds feature keys ('/' for nested features)
       'label_key': 'label',

@@ -18,8 +18,9 @@ SOURCES = ('shapes', 'idx', 'folder', 'tfds')
 def make_source(data_cfg: ml_collections.ConfigDict, split: str):
   """The source of `data_cfg.source` for `split` (e.g. data_cfg.train_split)."""
   if data_cfg.source == 'shapes':
-    return shapes.ShapesSource(split, num_examples=data_cfg.num_examples,
-                               image_size=data_cfg.image_size)
+    return shapes.ShapesSource(split, num_examples=data_cfg.num_examples, image_size=data_cfg.image_size,
+                               layout=data_cfg.get('shapes_layout', 'relations'),
+                               holdout=data_cfg.get('shapes_holdout', ()))
   if data_cfg.source == 'idx':
     return idx.IdxSource(data_cfg.path, split)
   if data_cfg.source == 'folder':
