@@ -16,6 +16,7 @@ Rerunning resumes: finished stages, samples and the judge are reused.
 """
 
 import os
+import time
 
 import numpy as np
 from absl import app, flags
@@ -29,7 +30,7 @@ from ldm_jax.train import autoencoder, diffusion
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs are written.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Use the `:smoke` configs (a quick check, not a demo).")
-_SAMPLES_PER_PROMPT = flags.DEFINE_integer("samples_per_prompt", 16, "Samples scored per prompt "
+_SAMPLES_PER_PROMPT = flags.DEFINE_integer("samples_per_prompt", 8, "Samples scored per prompt "
                                            "(the grid shows the first 8 rows).")
 _SCORER_STEPS = flags.DEFINE_integer("scorer_steps", 400, "Training steps of the judge (batch 64).")
 
@@ -75,20 +76,26 @@ def main(argv):
   ae_dir = os.path.join(_WORKDIR.value, "autoencoder")
   ldm_dir = os.path.join(_WORKDIR.value, "ldm")
 
+  seconds = {}
+  start = time.perf_counter()
   ae_config = config_lib.from_file(os.path.join(CONFIG_DIR, "autoencoder", "shapes_kl_f4.py") + suffix)
   results = autoencoder.train_and_evaluate(ae_config, ae_dir)
+  seconds["stage 1"], start = time.perf_counter() - start, time.perf_counter()
 
   ldm_config = config_lib.from_file(os.path.join(CONFIG_DIR, "ldm", "shapes_txt2img.py") + suffix)
   ldm_config.autoencoder.workdir = ae_dir
   scalars = diffusion.train_and_evaluate(ldm_config, ldm_dir)
+  seconds["stage 2"], start = time.perf_counter() - start, time.perf_counter()
 
   samples_dir = os.path.join(_WORKDIR.value, "samples")
   images, prompts = draw_samples(ldm_config, ldm_dir, samples_dir, _SAMPLES_PER_PROMPT.value)
+  seconds["sampling"], start = time.perf_counter() - start, time.perf_counter()
   size = ldm_config.data.image_size
   scorer = get_scorer(os.path.join(_WORKDIR.value, "scorer"), size,
                       min(_SCORER_STEPS.value, 20) if _SMOKE.value else _SCORER_STEPS.value)
   hits = shapes_scorer.correct(scorer, images, prompts)
   reference = shapes_scorer.score(scorer, real_images(prompts, size), prompts)
+  seconds["judge"] = time.perf_counter() - start
 
   print("\nStage 1 (autoencoder), held-out: "
         + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in results.items()))
@@ -108,6 +115,7 @@ def main(argv):
     print(f"    {' / '.join(f'{np.mean(h[rows]):4.0%}' for h in hits.values())}  {prompt}{tag}")
   print("  the same judge on drawn images of these prompts: "
         + ", ".join(f"{k} {v:.0%}" for k, v in reference.items()))
+  print("Time (this run; a rerun reuses what is done): " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
   print(f"  position accuracy {np.mean(hits['position']):.1%}, background accuracy {np.mean(hits['background']):.1%}")
   print(f"demo: shape accuracy {100 * np.mean(hits['kind']):.1f} %, "
         f"colour accuracy {100 * np.mean(hits['colour']):.1f} %")

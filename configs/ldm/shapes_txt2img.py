@@ -38,10 +38,10 @@ def get_config(arg=None):
   config.model.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                       num_head_channels=32, context_dim=128)
   config.latent.cache = True
-  config.optim.update(learning_rate=3e-4, warmup_steps=200, ema_decay=0.999)
+  config.optim.update(learning_rate=5e-4, warmup_steps=100, schedule="cosine", ema_decay=0.995)
   config.sample.update(sampler="ddim", num_steps=50, guidance_scale=3.0, num_images=len(PROMPTS), prompts=PROMPTS)
-  config.train.update(num_steps=1_200, batch_size=32, log_every=100, checkpoint_every=400,
-                      image_every=400, eval_every=400)
+  config.train.update(num_steps=1_200, batch_size=32, log_every=100, checkpoint_every=600,
+                      image_every=600, eval_every=600)
   if "smoke" in options:
     diffusion.apply_smoke(config)
   return config

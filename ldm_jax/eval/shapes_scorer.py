@@ -1,7 +1,6 @@
 """Does a text-to-image sample show what its prompt asks for? A judge for `make demo`.
 
-The judge is a small CNN (`classifier.Classifier`, one output per attribute value) trained on
-freshly drawn images of the shapes data set's 'quadrants' layout and their own labels — kind,
+The judge is a small CNN (`JudgeNet`, one output per attribute value) trained on freshly drawn images of the shapes data set's 'quadrants' layout and their own labels — kind,
 colour, position (quadrant) and background, all colour–kind pairs included — never on anything a
 diffusion model made. `score` parses each prompt ('a red circle at the top left on a white
 background') and reports, per attribute, the fraction of samples whose predicted value is the
@@ -25,8 +24,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+import flax.linen as nn
+
 from ldm_jax.data import shapes
-from ldm_jax.eval.classifier import Classifier
 
 ATTRIBUTES = {
     'kind': shapes.KINDS,
@@ -38,17 +38,41 @@ _SPLITS = np.cumsum([len(v) for v in ATTRIBUTES.values()])[:-1]
 _PARAMS_FILE, _INFO_FILE = 'scorer.msgpack', 'scorer.json'
 
 
+class JudgeNet(nn.Module):
+  """Conv-GroupNorm-SiLU pairs per level, 2× max pooling between levels; the last feature map is
+  max-pooled over each image quadrant (a shape is a local detail that a global average would
+  dilute in the background, and the quadrant is one of the attributes) and averaged over the whole
+  image (the background), then Dense → SiLU → Dense to the logits of every attribute value.
+
+  x: [B, S, S, 3] in [-1, 1], S divisible by 2 ** len(widths) → logits [B, num_outputs].
+  """
+  num_outputs: int
+  widths: tuple[int, ...] = (32, 64, 64)
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.astype(jnp.float32)
+    for level, width in enumerate(self.widths):
+      if level:
+        h = nn.max_pool(h, (2, 2), (2, 2))
+      for _ in range(2):
+        h = nn.silu(nn.GroupNorm(num_groups=8)(nn.Conv(width, (3, 3))(h)))
+    b, height, width, c = h.shape
+    quadrants = h.reshape(b, 2, height // 2, 2, width // 2, c).max(axis=(2, 4)).reshape(b, 4 * c)
+    features = jnp.concatenate([quadrants, h.mean(axis=(1, 2))], axis=-1)
+    return nn.Dense(self.num_outputs)(nn.silu(nn.Dense(2 * self.widths[-1])(features)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-  """The classifier, its parameters and what it was trained on (`info`: image_size, widths, …)."""
-  model: Classifier
+  """The judge, its parameters and what it was trained on (`info`: image_size, widths, …)."""
+  model: JudgeNet
   params: dict
   info: dict
 
 
-def _model(widths) -> Classifier:
-  return Classifier(num_classes=int(sum(len(v) for v in ATTRIBUTES.values())), widths=tuple(widths),
-                    feature_dim=2 * widths[-1])
+def _model(widths) -> JudgeNet:
+  return JudgeNet(num_outputs=int(sum(len(v) for v in ATTRIBUTES.values())), widths=tuple(widths))
 
 
 def labelled_batch(rng: np.random.Generator, batch_size: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +95,7 @@ def _to_model(images) -> jax.Array:
 
 
 def _logits(model, params, x) -> list[jax.Array]:
-  return jnp.split(model.apply({'params': params}, x)[1], _SPLITS, axis=-1)
+  return jnp.split(model.apply({'params': params}, x), _SPLITS, axis=-1)
 
 
 def train_scorer(*, num_steps: int = 400, batch_size: int = 64, image_size: int = 32,
