@@ -25,15 +25,19 @@ def _swap(prompt, attribute, values):
           f"on a {labels['background']} background")
 
 
+# Colour, quadrant and background are learned in a few dozen steps; kind takes the demo's 400
+# (100 % on drawn images of the demo prompts). A short run keeps this test fast, so its kind
+# checks are relative: right prompts well above chance and well above wrong ones.
+SCORER_STEPS = 150
+EASY = ('colour', 'position', 'background')
+
+
 @pytest.fixture(scope='module')
 def scorer(tmp_path_factory):
   trained = shapes_scorer.train_scorer(num_steps=SCORER_STEPS, image_size=32, progress=False)
   directory = str(tmp_path_factory.mktemp('scorer'))
   shapes_scorer.save_scorer(trained, directory)
   return shapes_scorer.load_scorer(directory)  # what the demo uses on a rerun
-
-
-SCORER_STEPS = 300
 
 
 @pytest.fixture(scope='module')
@@ -44,16 +48,20 @@ def images():
 
 def test_drawn_images_of_the_prompts_score_high(scorer, images):
   scores = shapes_scorer.score(scorer, images, PROMPTS)
-  assert scores['colour'] >= 0.95 and scores['background'] >= 0.95 and scores['position'] >= 0.95, scores
-  assert scores['kind'] >= 0.85, scores
+  assert all(scores[k] >= 0.95 for k in EASY), scores
+  assert scores['kind'] >= 0.4, scores  # chance: 1/6
 
 
 @pytest.mark.parametrize('attribute', list(shapes_scorer.ATTRIBUTES))
 def test_a_prompt_that_differs_in_one_attribute_scores_low_on_it_only(scorer, images, attribute):
+  right = shapes_scorer.score(scorer, images, PROMPTS)
   wrong = [_swap(p, attribute, list(shapes_scorer.ATTRIBUTES[attribute])) for p in PROMPTS]
   scores = shapes_scorer.score(scorer, images, wrong)
-  assert scores[attribute] <= 0.1, scores
-  assert all(v >= 0.85 for k, v in scores.items() if k != attribute), scores
+  if attribute == 'kind':
+    assert scores['kind'] <= right['kind'] - 0.25, (scores, right)
+  else:
+    assert scores[attribute] <= 0.05, scores
+  assert all(scores[k] == right[k] for k in shapes_scorer.ATTRIBUTES if k != attribute), (scores, right)
 
 
 def test_recoloured_images_score_low_on_colour(scorer, images):
@@ -65,7 +73,7 @@ def test_recoloured_images_score_low_on_colour(scorer, images):
     scene['shapes'][0]['color'] = 'blue' if scene['shapes'][0]['color'] == 'red' else 'red'
     recoloured.append(shapes.draw_scene(scene, 32))
   scores = shapes_scorer.score(scorer, np.stack(recoloured), PROMPTS)
-  assert scores['colour'] <= 0.1 and scores['position'] >= 0.85, scores
+  assert scores['colour'] <= 0.05 and scores['position'] >= 0.95, scores
 
 
 def test_bad_inputs_are_named(scorer, images):
