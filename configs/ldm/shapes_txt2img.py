@@ -1,10 +1,10 @@
-"""Text-to-image LDM on the built-in shapes, on the latents (8×8×3) of `shapes_kl_f4`: the demo's model.
+"""Text-to-image LDM on the built-in shapes, on the latents (16×16×3) of `shapes_kl_f2`: the demo's model.
 
-  python train_autoencoder.py --config configs/autoencoder/shapes_kl_f4.py --workdir runs/shapes_ae
+  python train_autoencoder.py --config configs/autoencoder/shapes_kl_f2.py --workdir runs/shapes_ae
   python train_diffusion.py --config configs/ldm/shapes_txt2img.py --workdir runs/shapes_ldm
 As the paper's text-to-image LDM: a transformer text encoder trained from scratch with the U-Net
 (here 2 layers of width 128), its WordPiece tokenizer trained on the training captions, and
-cross-attention at both latent resolutions. 10% of captions are dropped to "" for guidance.
+cross-attention at all three latent resolutions (16, 8, 4). 10% of captions are dropped to "" for guidance.
 
 The data are the shapes 'quadrants' layout (one shape, named kind, colour, quadrant and background:
 "a red circle at the top left on a white background"), without the colour–kind pairs of `HOLDOUT`,
@@ -14,7 +14,7 @@ so that `PROMPTS` can ask for combinations the model has never seen (the last th
 from ldm_jax.config import common as config_lib
 from ldm_jax.config import diffusion
 
-# As in configs/autoencoder/shapes_kl_f4.py (tests/test_configs.py checks that they agree).
+# As in configs/autoencoder/shapes_kl_f2.py (tests/test_configs.py checks that they agree).
 HOLDOUT = ("green triangle", "red star", "orange diamond", "blue cross", "purple circle", "cyan square")
 PROMPTS = ("a red circle at the top left on a white background",
            "a blue square at the bottom right on a black background",
@@ -35,12 +35,12 @@ def get_config(arg=None):
                      shapes_holdout=HOLDOUT)
   config.cond.update(kind="text", dropout_prob=0.1, vocab_size=512, max_length=16, dim=128, depth=2,
                      num_heads=4, head_dim=32)
-  config.model.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+  config.model.update(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
                       num_head_channels=32, context_dim=128)
   config.latent.cache = True
-  config.optim.update(learning_rate=5e-4, warmup_steps=100, schedule="cosine", ema_decay=0.995)
+  config.optim.update(learning_rate=1e-3, warmup_steps=100, schedule="cosine", ema_decay=0.995)
   config.sample.update(sampler="ddim", num_steps=50, guidance_scale=3.0, num_images=len(PROMPTS), prompts=PROMPTS)
-  config.train.update(num_steps=1_200, batch_size=32, log_every=100, checkpoint_every=600,
+  config.train.update(num_steps=600, batch_size=32, log_every=100, checkpoint_every=600,
                       image_every=600, eval_every=600)
   if "smoke" in options:
     diffusion.apply_smoke(config)

@@ -47,7 +47,7 @@ class JudgeNet(nn.Module):
   x: [B, S, S, 3] in [-1, 1], S divisible by 2 ** len(widths) → logits [B, num_outputs].
   """
   num_outputs: int
-  widths: tuple[int, ...] = (32, 64, 64)
+  widths: tuple[int, ...] = (16, 32, 64)
 
   @nn.compact
   def __call__(self, x):
@@ -99,7 +99,7 @@ def _logits(model, params, x) -> list[jax.Array]:
 
 
 def train_scorer(*, num_steps: int = 400, batch_size: int = 64, image_size: int = 32,
-                 widths: tuple[int, ...] = (32, 64, 64), learning_rate: float = 2e-3, noise: float = 0.1,
+                 widths: tuple[int, ...] = (16, 32, 64), learning_rate: float = 3e-3, noise: float = 0.1,
                  seed: int = 0, progress: bool = True) -> Scorer:
   """Trains the judge from scratch on freshly drawn scenes (a new batch every step).
 
