@@ -26,7 +26,7 @@ def _swap(prompt, attribute, values):
 
 
 # Colour, quadrant and background are learned in a few dozen steps; kind takes the demo's 400
-# (100 % on drawn images of the demo prompts). A short run keeps this test fast, so its kind
+# (98 % on drawn images of the demo prompts). A short run keeps this test fast, so its kind
 # checks are relative: right prompts well above chance and well above wrong ones.
 SCORER_STEPS = 150
 EASY = ('colour', 'position', 'background')
