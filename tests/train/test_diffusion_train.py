@@ -77,7 +77,7 @@ def test_ema_updates_use_litema_decays_from_the_first_step():
                expected)
 
 
-@pytest.mark.parametrize("kind", ["kl", "vq"])
+@pytest.mark.parametrize("kind", ["kl", pytest.param("vq", marks=pytest.mark.extended)])
 def test_a_step_on_cached_latents_equals_a_step_on_their_images(kind):
   """The cache keeps what the step would encode: KL moments (the step draws the same posterior
   sample from them as from the images), VQ's pre-quantization latent."""
