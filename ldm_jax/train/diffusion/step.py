@@ -39,11 +39,17 @@ def loss_fn(config, ldm: LatentDiffusion, params, batch, rng, ae_params):
   else:
     z = ldm.encode(ae_params, batch["image"], rng_enc)
   batch_cond = {k[len("cond/"):]: v for k, v in batch.items() if k.startswith("cond/")}
-  batch_cond = conditioning.drop_condition(rng_drop, batch_cond, ldm.null(1), config.cond.dropout_prob)
-  if "masked_image" in batch_cond:
-    batch_cond = conditioning.inpaint_concat(batch_cond, functools.partial(ldm.encode, ae_params))
-  cond = ldm.conditioner.apply({"params": params["cond"]}, batch_cond, deterministic=False,
-                               rngs={"dropout": rng_dropout})
+  if "context" in batch_cond:  # cached embeddings of the frozen text encoder; "" gives the null context
+    null_context = ldm.conditioner.apply({"params": params["cond"]}, ldm.null(1), deterministic=True)["context"]
+    context = conditioning.drop_condition(rng_drop, {"context": batch_cond["context"]}, {"context": null_context},
+                                          config.cond.dropout_prob)["context"]
+    cond = {"context": context, "y": None, "concat": None}
+  else:
+    batch_cond = conditioning.drop_condition(rng_drop, batch_cond, ldm.null(1), config.cond.dropout_prob)
+    if "masked_image" in batch_cond:
+      batch_cond = conditioning.inpaint_concat(batch_cond, functools.partial(ldm.encode, ae_params))
+    cond = ldm.conditioner.apply({"params": params["cond"]}, batch_cond, deterministic=False,
+                                 rngs={"dropout": rng_dropout})
   if is_frozen(ldm.conditioner):
     cond = jax.lax.stop_gradient(cond)
   t = schedule_lib.sample_timesteps(rng_t, z.shape[0], ldm.schedule.num_timesteps)

@@ -36,7 +36,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
   pretrained_params = finetune.apply_pretrained(config, workdir)
-  setup.resolve_config(config, load.autoencoder_run(config.autoencoder.workdir)[1])
+  ae_config = load.autoencoder_run(config.autoencoder.workdir)[1]
+  setup.resolve_config(config, ae_config)
+  data.check_disk_cache(config, ae_config)
   if config.latent.cache and config.cond.kind in ("concat", "hybrid"):
     raise ValueError("latent.cache: concat conditioning needs the images at every step; set it to False.")
   extractor, eval_metrics = evaluation.make_eval_extractor(config) if config.eval.metrics else (None, ())
@@ -88,27 +90,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                else config.cond.num_classes if config.cond.kind == "class" else None)
 
   # The loop: step, log, sample, evaluate, checkpoint.
-  pending, t0, scalars = [], time.perf_counter(), {}
+  pending, t0, scalars, inputs = [], time.perf_counter(), {}, loop.InputMonitor()
   monitor = loop.NonFiniteMonitor(config.train.max_nonfinite_steps)
   progress = tqdm(total=num_steps, initial=start_step, desc="stage 2", disable=jax.process_index() != 0)
   with loop.running(progress, checkpointer, writer) as preemption:
     for step in range(start_step + 1, num_steps + 1):
-      batch = sharding.shard_batch(prepare(next(train_iter), step), mesh)
+      batch = sharding.shard_batch(prepare(inputs.next(train_iter), step), mesh)
       state, metrics = train_step(state, batch, ae_params)
       loop.save_config_once(config, workdir, step, start_step)
       pending.append(metrics)
       monitor.push(step, metrics)
       if loop.due(step, config.train.log_every, num_steps):
         scalars = loop.write_train_scalars(writer, progress, step, pending, config.train.batch_size,
-                                           time.perf_counter() - t0)
+                                           time.perf_counter() - t0, inputs)
         pending, t0 = [], time.perf_counter()
       if loop.due(step, config.train.image_every, num_steps):
         images = generate(state.ema_params, ae_params, sample_cond, jax.random.PRNGKey(config.train.seed))
         writer.write_image(step, "samples", image_grid(np.asarray(jax.device_get(images)), grid_cols))
         t0 = time.perf_counter()
+        inputs.restart()
       if evaluator is not None and loop.due(step, config.train.eval_every, num_steps):
         loop.write_eval_scalars(writer, step, evaluator(state.ema_params, ae_params))
         t0 = time.perf_counter()
+        inputs.restart()
       progress.update(1)
       if loop.checkpoint_or_stop(checkpointer, preemption, step, state, train_iter,
                                  config.train.checkpoint_every, num_steps):
