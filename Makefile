@@ -27,11 +27,11 @@ demo: $(STAMP)
 	$(PY) -m ldm_jax.demo --workdir $(DEMO_DIR)
 
 test: $(STAMP) fmnist
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not extended" tests
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not extended" tests
 
 # The long runs left out of make test (their code paths are covered there too); CI runs both.
 test-extended: $(STAMP) fmnist
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m extended tests
+	$(PY) -m pytest -n $(TEST_WORKERS) -m extended tests
 
 clean:
 	rm -rf $(VENV) runs

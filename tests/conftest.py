@@ -34,10 +34,34 @@ def compilation_cache(tmp_path_factory):
   return str(path)
 
 
+def shared_run(tmp_path_factory, name: str, build) -> str:
+  """A directory `build(path)` fills once for the whole test run: the first xdist worker that asks
+  builds it, the others wait for it and reuse it (a build that failed is redone). Tests only read it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import filelock  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the workers' base directories share this parent
+  path, complete = root / name, root / f"{name}.complete"
+  with filelock.FileLock(str(path) + ".lock"):
+    if not complete.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      build(str(path))
+      complete.touch()
+  return str(path)
+
+
 @pytest.fixture(scope="session")
 def smoke_autoencoder(tmp_path_factory):
-  """Workdir of a `shapes_kl_f4:smoke` stage-1 run (16 px, f=2), trained once per session."""
-  from ldm_jax.train import autoencoder
-  workdir = str(tmp_path_factory.mktemp("smoke_ae"))
-  autoencoder.train_and_evaluate(load_config("configs/autoencoder/shapes_kl_f4.py:smoke"), workdir)
-  return workdir
+  """Workdir of a `shapes_kl_f4:smoke` stage-1 run (16 px, f=2), trained once per test run."""
+  return shared_run(tmp_path_factory, "smoke_ae", _train_smoke_autoencoder)
+
+
+def _train_smoke_autoencoder(workdir: str) -> None:
+  from ldm_jax.train import autoencoder  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/autoencoder/shapes_kl_f4.py:smoke")
+  # Only what the stage-2 tests need from it: no GAN phase (a second train step to compile) and no
+  # LPIPS evaluation (VGG16 to compile); tests/train/test_autoencoder_train.py covers both.
+  config.loss.disc_start = 1_000
+  config.eval.metrics = ("psnr",)
+  autoencoder.train_and_evaluate(config, workdir)

@@ -58,6 +58,7 @@ def test_ema_decay_warms_up_as_litema():
   np.testing.assert_allclose(decay, np.minimum(0.999, (1 + n) / (10 + n)), rtol=1e-6)
 
 
+@pytest.mark.extended
 def test_ema_updates_use_litema_decays_from_the_first_step():
   """LitEma's first update uses n = 1 (its counter is incremented first): decays 2/11, 3/12, 4/13."""
   config, mesh, ae, ae_params = tiny_run()
