@@ -38,8 +38,9 @@ def toy_setup(**ti_overrides):
           "cond": {"text_encoder": {"token_emb": {"embedding": rng.standard_normal((64, 8)).astype(np.float32)},
                                     "norm": {"scale": np.ones(8, np.float32)}}}}
   config = ml_collections.ConfigDict(dict(
-      textual_inversion=ti_config(token="<shape>", initializer_token="circle", num_vectors=2,
-                                  prompts=("a large red {} on a white background", "a {}"), **ti_overrides),
+      textual_inversion=ti_config(**{**dict(token="<shape>", initializer_token="circle", num_vectors=2,
+                                            prompts=("a large red {} on a white background", "a {}")),
+                                     **ti_overrides}),
       mesh=config_lib.mesh_config(), cond=cond, init=dict(pretrained="base")))
   return config, base, tokenizer, conditioner
 
