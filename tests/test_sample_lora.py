@@ -20,7 +20,7 @@ from ldm_jax.convert.__main__ import main as convert_cli
 from ldm_jax.convert.safetensors_io import read_safetensors, write_safetensors
 from ldm_jax.data.tokenizer import load_tokenizer
 from ldm_jax.models import lora as lora_lib
-from tests.test_sample import PROMPT, train_smoke
+from tests.test_sample import PROMPT
 
 pytestmark = pytest.mark.extended
 
@@ -33,13 +33,14 @@ def random_lora(unet_params, pattern, seed):
 
 
 @pytest.fixture(scope="module")
-def lora_setup(smoke_autoencoder, tmp_path_factory):
+def lora_setup(smoke_text_run, tmp_path_factory):
   root = tmp_path_factory.mktemp("lora_sampling")
-  run = train_smoke("configs/ldm/shapes_txt2img.py:smoke", smoke_autoencoder, str(root / "run"))
+  run = smoke_text_run
   base = str(root / "base")
   assert convert_cli(["export", "--workdir", run, "--format", "safetensors", "--out", base]) == 0
   _, params, _ = load.load_pretrained(base)
-  attention = random_lora(params["unet"], r".*/attn1/(to_q|to_v)", 1)
+  # conv_out too: the U-Net of a few steps is near zero-output, and its last conv makes a LoRA visible.
+  attention = random_lora(params["unet"], r".*/attn1/(to_q|to_v)|conv_out", 1)
   cross = random_lora(params["unet"], r".*/attn2/to_k", 2)
   first = lora_files.save_lora(str(root / "attention.safetensors"), {"unet": attention})
   second = lora_files.save_lora(str(root / "cross_kohya.safetensors"), {"unet": cross}, scale=0.5, layout="kohya")
@@ -111,6 +112,9 @@ def test_textual_inversion_token_with_a_words_vector_samples_as_that_word(lora_s
   with_token = sample(root / "ti", pretrained=base, textual_inversion=(path,),
                       prompts=(PROMPT.replace("red", "<red>"),))
   np.testing.assert_array_equal(with_token, sample(root / "word", pretrained=base))
+  loud = ti.save_learned_embeds(str(root / "loud.safetensors"), "<red>", 50 * np.asarray(table)[red])
+  assert np.abs(sample(root / "loud", pretrained=base, textual_inversion=(loud,), prompts=(
+      PROMPT.replace("red", "<red>"),)).astype(int) - with_token).max() > 0  # the rows are used
   with pytest.raises(ValueError, match=r"--textual_inversion: .*wide\.safetensors: <wide> has vectors \[1, 7\]"):
     sample(root / "bad_ti", pretrained=base, textual_inversion=(ti.save_learned_embeds(
         str(root / "wide.safetensors"), "<wide>", np.zeros((1, 7), np.float32)),))

@@ -98,12 +98,8 @@ def test_bad_textual_inversion_configs_name_their_key():
 
 
 @pytest.mark.extended
-def test_textual_inversion_run_on_a_stage2_workdir(smoke_autoencoder, tmp_path):
-  base_run = str(tmp_path / "base")
-  config = load_config("configs/ldm/shapes_txt2img.py:smoke")
-  config.autoencoder.workdir = smoke_autoencoder
-  config.train.update(num_steps=2, checkpoint_every=2, image_every=100)
-  diffusion.train_and_evaluate(config, base_run)
+def test_textual_inversion_run_on_a_stage2_workdir(smoke_text_run, tmp_path):
+  base_run = smoke_text_run
 
   run = str(tmp_path / "ti")
   config = load_config("configs/finetune/textual_inversion.py:smoke")

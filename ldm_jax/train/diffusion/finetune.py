@@ -16,7 +16,8 @@ was trained at.
 
 With a `lora` or a `textual_inversion` section the pretrained weights stay frozen and something
 smaller trains instead (`make_tuning`): LoRA adapters (`ldm_jax.train.diffusion.lora`) or the
-embeddings of new tokens (`ldm_jax.train.diffusion.textual_inversion`).
+embeddings of new tokens (`ldm_jax.train.diffusion.textual_inversion`). A `dreambooth` section
+changes the batches (`batch_transform`, `ldm_jax.train.diffusion.dreambooth`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from ldm_jax.config import common as config_lib
 from ldm_jax.config import sections
 from ldm_jax.convert import pretrained as pretrained_lib
 from ldm_jax.runtime import sharding
-from ldm_jax.train.diffusion import lora
+from ldm_jax.train.diffusion import dreambooth, lora
 from ldm_jax.train.diffusion import textual_inversion as ti_lib
 
-# Config sections that select what trains instead of the whole model, with their checks.
-METHODS = {"lora": lora.check_config, "textual_inversion": ti_lib.check_config}
+# Config sections of the fine-tuning methods, with their checks: what trains instead of the whole
+# model (lora, textual_inversion), and what the data are (dreambooth; alone or with lora).
+METHODS = {"lora": lora.check_config, "textual_inversion": ti_lib.check_config,
+           "dreambooth": dreambooth.check_config}
 
 # diffusion.* keys a pretrained model decides (the rest are training choices).
 PRETRAINED_DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "zero_terminal_snr",
@@ -117,8 +120,9 @@ def apply_pretrained(config: ml_collections.ConfigDict, workdir: str) -> dict | 
 def check_method(config: ml_collections.ConfigDict) -> None:
   """At most one of the `METHODS` sections, its values good (ValueError naming the key)."""
   methods = [m for m in METHODS if m in config]
-  if len(methods) > 1:
-    raise ValueError(f"{methods[1]}: a run trains one of {', '.join(METHODS)}; this config has {methods}.")
+  if len(methods) > 1 and set(methods) != {"dreambooth", "lora"}:
+    raise ValueError(f"{methods[1]}: a run trains one of {', '.join(METHODS)} (or dreambooth with lora); this "
+                     f"config has {methods}.")
   for method in methods:
     METHODS[method](config)
 
@@ -133,6 +137,18 @@ def make_tuning(config, pretrained: dict | None, tokenizer, conditioner, mesh):
     return lora.make_tuning(config, pretrained, place)
   if "textual_inversion" in config:
     return ti_lib.make_tuning(config, pretrained, tokenizer, conditioner, place)
+  return None
+
+
+def batch_transform(config, workdir: str, tuning):
+  """What the method does to each host batch before `data.prepare_batch` (`transform(batch, step)`):
+  textual inversion's template captions, DreamBooth's instance prompt and class images; or None.
+  DreamBooth's missing class images are sampled here."""
+  if "textual_inversion" in config:
+    return tuning.captions
+  if "dreambooth" in config:
+    prior = dreambooth.PriorBatches(config, workdir)
+    return lambda batch, step: prior(batch)
   return None
 
 

@@ -87,4 +87,4 @@ def get_tokenizer(config, workdir):
 RESUME_KEYS = ("model.", "cond.kind", "cond.class_mode", "cond.concat_source", "cond.text_encoder", "cond.dim",
                "cond.depth", "cond.num_heads", "cond.head_dim", "cond.vocab_size", "cond.max_length",
                "cond.num_classes", "cond.concat_channels", "autoencoder.workdir", "init.pretrained", "latent.cache",
-               "lora.", "textual_inversion.")
+               "lora.", "textual_inversion.")  # dreambooth.* may change: it is data

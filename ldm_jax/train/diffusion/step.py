@@ -57,6 +57,8 @@ def loss_fn(config, ldm: LatentDiffusion, params, batch, rng, ae_params, *, froz
   out = ldm.denoise(params["unet"], z_t, t, cond, deterministic=False, rngs={"dropout": rng_dropout})
   loss = schedule_lib.diffusion_loss(out, z, eps, t, ldm.schedule, d.parameterization, d.loss_type,
                                      d.min_snr_gamma or None)
+  if "loss_weight" in batch:  # DreamBooth: instance and prior examples weighted (ldm_jax.train.diffusion.dreambooth)
+    loss = loss * batch["loss_weight"]
   return jnp.mean(loss)
 
 
