@@ -96,7 +96,7 @@ def test_bad_lora_files_name_the_file_before_compiling(lora_setup, monkeypatch):
   def no_compile(*args, **kwargs):
     raise AssertionError("compiled before the LoRA file was checked")
   monkeypatch.setattr(sampling.run, "make_sample_fn", no_compile)
-  with pytest.raises(ValueError, match=r"--lora: LoRA file .*no_layer\.safetensors: the weights do not fit .*"
+  with pytest.raises(ValueError, match=r"(?s)--lora: LoRA file .*no_layer\.safetensors: the weights do not fit .*"
                                        r"has no module .*to_z"):
     sample(root / "bad1", pretrained=base, lora=((str(root / "no_layer.safetensors"), 1.0),))
   with pytest.raises(ValueError, match=r"--lora: LoRA file .*shapes\.safetensors: .*mis-shaped"):
