@@ -4,6 +4,7 @@ time, and -O0 compiles about 40 % faster (the numerics are the same: no fast-mat
 A persistent compilation cache shared by the xdist workers lets a program compiled once (the smoke
 runs many modules train, a run resumed in the same test) be loaded instead of compiled again."""
 
+import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -65,3 +66,19 @@ def _train_smoke_autoencoder(workdir: str) -> None:
   config.loss.disc_start = 1_000
   config.eval.metrics = ("psnr",)
   autoencoder.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope="session")
+def smoke_text_run(smoke_autoencoder, tmp_path_factory):
+  """Workdir of a `shapes_txt2img:smoke` stage-2 run, the base of the fine-tuning tests. Four steps:
+  U-Net outputs start at zero (`conv_out`, then `proj_out`, zero-initialised as in CompVis), so
+  only from the third update on do the attention layers and the text encoder affect the loss."""
+  return shared_run(tmp_path_factory, "smoke_text_run", functools.partial(_train_smoke_text_run, smoke_autoencoder))
+
+
+def _train_smoke_text_run(autoencoder_workdir: str, workdir: str) -> None:
+  from ldm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/ldm/shapes_txt2img.py:smoke")
+  config.autoencoder.workdir = autoencoder_workdir
+  config.train.update(num_steps=4, checkpoint_every=4, image_every=100)
+  diffusion.train_and_evaluate(config, workdir)

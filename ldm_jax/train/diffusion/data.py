@@ -87,13 +87,17 @@ def make_train_iterator(config, source=None):
   return cached_batches(source, config.train.batch_size, config.train.seed)
 
 
-def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int) -> dict:
+def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int, *, transform=None) -> dict:
   """Host side: the conditioner's inputs under 'cond/…' next to the image or cached latents
-  (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists)."""
+  (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists), and a per-example
+  'loss_weight' when the batch has one. `transform(batch, step)` first changes the batch (a
+  fine-tuning method's captions or class images, `finetune.batch_transform`)."""
+  if transform is not None:
+    batch = transform(batch, step)
   rng = np.random.default_rng((config.train.seed, step))  # random inpainting masks, reproducible
   cond = conditioning.prepare_condition(config.cond, batch, tokenizer, latent_size=tuple(latent_shape[:2]), rng=rng)
   cached = [k for k in CACHED_LATENT_KEYS if k in batch]
-  out = {k: batch[k] for k in cached or ["image"]}
+  out = {k: batch[k] for k in (cached or ["image"]) + (["loss_weight"] if "loss_weight" in batch else [])}
   out.update({f"cond/{k}": v for k, v in cond.items()})
   if "context" in batch:  # a frozen text encoder's embeddings from the on-disk cache (the step uses them)
     out["cond/context"] = batch["context"]
