@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from ldm_jax.config import check_number
+from ldm_jax.config import check_known_keys, check_number
 
 
 def dreambooth_config(**overrides) -> ml_collections.ConfigDict:
@@ -19,19 +19,14 @@ def dreambooth_config(**overrides) -> ml_collections.ConfigDict:
       class_sample_steps=50,  # DDIM steps of that sampling
       class_guidance_scale=5.0,  # its classifier-free guidance scale
   ))
-  unknown = sorted(set(overrides) - set(cfg))
-  if unknown:
-    raise ValueError(f"dreambooth.{unknown[0]}: not a DreamBooth setting; known keys: {', '.join(sorted(cfg))}.")
+  check_known_keys(overrides, cfg, "dreambooth", "DreamBooth")
   cfg.update(overrides)
   return cfg
 
 
 def check_dreambooth_config(cfg: Mapping, prefix: str = "dreambooth") -> None:
   """ValueError naming the first bad key of a `dreambooth` section."""
-  unknown = sorted(set(cfg) - set(dreambooth_config()))
-  if unknown:
-    raise ValueError(f"{prefix}.{unknown[0]}: not a DreamBooth setting; known keys: "
-                     f"{', '.join(sorted(dreambooth_config()))}.")
+  check_known_keys(cfg, dreambooth_config(), prefix, "DreamBooth")
   for key in ("instance_prompt", "class_prompt"):
     if not isinstance(cfg[key], str) or not cfg[key].strip():
       raise ValueError(f"{prefix}.{key}: expected a non-empty prompt, got {cfg[key]!r}.")

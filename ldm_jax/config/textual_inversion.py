@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from ldm_jax.config import check_number
+from ldm_jax.config import check_known_keys, check_number
 
 
 def ti_config(**overrides) -> ml_collections.ConfigDict:
@@ -17,20 +17,14 @@ def ti_config(**overrides) -> ml_collections.ConfigDict:
       num_vectors=1,  # n: embedding vectors (tokens tok, tok_1, …) of the placeholder
       prompts=("a photo of a {}",),  # training captions: templates with {} for the placeholder, cycled
   ))
-  unknown = sorted(set(overrides) - set(cfg))
-  if unknown:
-    raise ValueError(f"textual_inversion.{unknown[0]}: not a textual-inversion setting; known keys: "
-                     f"{', '.join(sorted(cfg))}.")
+  check_known_keys(overrides, cfg, "textual_inversion", "textual-inversion")
   cfg.update(overrides)
   return cfg
 
 
 def check_ti_config(cfg: Mapping, prefix: str = "textual_inversion") -> None:
   """ValueError naming the first bad key of a `textual_inversion` section."""
-  unknown = sorted(set(cfg) - set(ti_config()))
-  if unknown:
-    raise ValueError(f"{prefix}.{unknown[0]}: not a textual-inversion setting; known keys: "
-                     f"{', '.join(sorted(ti_config()))}.")
+  check_known_keys(cfg, ti_config(), prefix, "textual-inversion")
   check_number(f"{prefix}.num_vectors", cfg["num_vectors"], integer=True, ge=1)
   for key in ("token", "initializer_token"):
     if not isinstance(cfg[key], str) or not cfg[key].strip():
