@@ -21,14 +21,17 @@ def load_config(relative_path: str):
   return config_lib.from_file(os.path.join(ROOT, relative_path))
 
 
+def _run_root(tmp_path_factory):
+  """The temporary directory of the whole test run, shared by all xdist workers."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # workers: basetemp/popen-gwN
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
   """One persistent XLA compilation cache for the whole run (all xdist workers)."""
   import jax  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the workers' base directories share this parent
-  path = root / "jax_compilation_cache"
+  path = _run_root(tmp_path_factory) / "jax_compilation_cache"
   path.mkdir(exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -40,9 +43,7 @@ def shared_run(tmp_path_factory, name: str, build) -> str:
   builds it, the others wait for it and reuse it (a build that failed is redone). Tests only read it."""
   import shutil  # pylint: disable=g-import-not-at-top
   import filelock  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the workers' base directories share this parent
+  root = _run_root(tmp_path_factory)
   path, complete = root / name, root / f"{name}.complete"
   with filelock.FileLock(str(path) + ".lock"):
     if not complete.exists():
