@@ -6,6 +6,9 @@
   python sample.py --workdir runs/shapes_ldm --out samples/edit --prompt "a blue square" \
       --init_image in.png --strength 0.6            # image-to-image; add --mask m.png (white = repaint) to inpaint
   python sample.py --pretrained exported_or_diffusers_dir --out samples/sd --prompt "…" --height 512 --width 512
+  python sample.py --pretrained pretrained/sd15 --out samples/lora --prompt "…" \
+      --lora runs/sd15_lora/pytorch_lora_weights.safetensors:0.8 --lora style_kohya.safetensors:0.5 \
+      --textual_inversion learned_embeds.safetensors    # adapters and embeddings (ldm_jax.sampling.adapters)
   python sample.py --pretrained sdxl-base-1.0/ --out samples/xl --prompt "…" --height 768 --width 1344 \
       --guidance_scale 5 --timestep_spacing leading --steps_offset 1 --original_size 1024,1024   # SDXL
 
@@ -23,6 +26,7 @@ from absl import flags, logging
 
 from ldm_jax import sampling
 from ldm_jax.config.diffusion import SAMPLERS, SPACINGS
+from ldm_jax.convert import lora as lora_files
 from ldm_jax.runtime import cli, distributed
 from ldm_jax.runtime.logging import setup_logging
 
@@ -66,6 +70,11 @@ _TARGET_SIZE = flags.DEFINE_list("target_size", None, "SDXL base: target size H,
 _AESTHETIC = flags.DEFINE_float("aesthetic_score", 6.0, "SDXL refiner: aesthetic score of the conditional branch.")
 _NEG_AESTHETIC = flags.DEFINE_float("negative_aesthetic_score", 2.5, "SDXL refiner: aesthetic score of the "
                                     "unconditional branch.")
+_LORA = flags.DEFINE_multi_string("lora", [], "FILE[:SCALE]: a LoRA (diffusers/PEFT or kohya .safetensors, or a "
+                                  "folder with pytorch_lora_weights.safetensors) added to the weights with SCALE "
+                                  "(default 1); repeat for several.")
+_TI = flags.DEFINE_multi_string("textual_inversion", [], "A learned_embeds .safetensors whose token the prompts "
+                                "may use (pretrained text encoders); repeatable.")
 flags.mark_flag_as_required("out")
 distributed.define_flags()
 
@@ -114,7 +123,8 @@ def request_from_flags() -> sampling.SampleRequest:
       attention=_ATTENTION.value, latents=_LATENTS.value,
       original_size=_pair("original_size", _ORIGINAL_SIZE.value),
       crops_coords_top_left=_pair("crops_coords_top_left", _CROPS.value), target_size=_pair("target_size", _TARGET_SIZE.value),
-      aesthetic_score=_AESTHETIC.value, negative_aesthetic_score=_NEG_AESTHETIC.value)
+      aesthetic_score=_AESTHETIC.value, negative_aesthetic_score=_NEG_AESTHETIC.value,
+      lora=tuple(lora_files.parse_lora_spec(v) for v in _LORA.value), textual_inversion=tuple(_TI.value))
 
 
 def main(argv):

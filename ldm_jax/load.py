@@ -137,6 +137,7 @@ def read_diffusion_run(workdir: str):
   if "diffusion" not in config or "autoencoder" not in config:
     raise ValueError(f"--workdir: {os.path.join(workdir, 'config.json')} is not a stage-2 run's config "
                      "(no diffusion/autoencoder sections); sample from a train_diffusion.py workdir.")
+  _check_not_lora(config, workdir)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   steps = checkpoint_steps(checkpoint_dir)
   if not steps:
@@ -155,6 +156,14 @@ def read_diffusion_run(workdir: str):
                               "tokenizer there and sampling must use the same token ids.")
     tokenizer = load_tokenizer(tokenizer_dir, max_length=config.cond.max_length)
   return config, ae_config, steps[-1], tokenizer
+
+
+def _check_not_lora(config, workdir: str) -> None:
+  """A LoRA run's checkpoints hold adapters, not a model: point at its base and its adapter file."""
+  if "lora" in config:
+    raise ValueError(f"--workdir: {workdir} is a LoRA run; its checkpoints hold adapters of "
+                     f"{config.init.pretrained}: use --pretrained {config.init.pretrained} --lora "
+                     f"{os.path.join(workdir, 'pytorch_lora_weights.safetensors')}.")
 
 
 def make_conditioner(config, tokenizer, dtype=jnp.float32):
@@ -216,6 +225,7 @@ def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> 
     params = restore(workdir, ("params", "autoencoder"), step=step)
     return Pretrained({"autoencoder": config.model.to_dict()}, {"autoencoder": params}, source=workdir)
 
+  _check_not_lora(config, workdir)
   tree = "ema_params" if ema else "params"
   ae_workdir = config.autoencoder.workdir
   if not os.path.isdir(ae_workdir):

@@ -3,7 +3,8 @@
 Every module of the package is parsed with `ast` (nothing is imported); each import of an
 ldm_jax module, at any depth (inside functions too), is mapped to its layer:
 
-    config ← runtime ← nn ← models ← data | losses | diffusion ← convert ← load ← sampling | eval ← train
+    config ← runtime ← nn ← models ← data | losses | diffusion ← convert ← load ← sampling | eval | precompute
+    ← train
     ← entry points (`ldm_jax.demo`, every `__main__`)
 
 A module may import its own package and any lower layer; packages that share a layer do not import
@@ -21,7 +22,7 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ldm_jax")
 LAYERS = (("config",), ("runtime",), ("nn",), ("models",), ("data", "losses", "diffusion"), ("convert",),
-          ("load",), ("sampling", "eval"), ("train",))
+          ("load",), ("sampling", "eval", "precompute"), ("train",))
 ENTRY_LAYER = len(LAYERS)
 
 

@@ -97,6 +97,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_notebook_trains_samples_and_evaluates_headless(trained):
   nb, workdir = trained
   assert len(figures(nb)) == 4, "expected the training curves, reconstructions, samples and the denoising sequence"

@@ -20,7 +20,7 @@ from PIL import Image
 import sample
 from ldm_jax import load, sampling
 from ldm_jax.train import diffusion
-from tests.conftest import load_config
+from tests.conftest import load_config, shared_run
 from tests.train.runs import Run, cpu_env, free_port, jax_cache, wait_all  # noqa: F401
 
 FLAGS = flags.FLAGS
@@ -39,20 +39,20 @@ def train_smoke(config_path, autoencoder_workdir, workdir, **data):
   return workdir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def text_run(smoke_autoencoder, tmp_path_factory):
-  return train_smoke("configs/ldm/shapes_txt2img.py:smoke", smoke_autoencoder,
-                     str(tmp_path_factory.mktemp("sample_txt")))
+  return shared_run(tmp_path_factory, "sample_txt",
+                    lambda d: train_smoke("configs/ldm/shapes_txt2img.py:smoke", smoke_autoencoder, d))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def class_run(smoke_autoencoder, tmp_path_factory):
-  return train_smoke("configs/ldm/fmnist_class_cond.py:smoke", smoke_autoencoder,
-                     str(tmp_path_factory.mktemp("sample_cls")), source="shapes", path="", channels=3,
-                     num_examples=80)
+  return shared_run(tmp_path_factory, "sample_cls",
+                    lambda d: train_smoke("configs/ldm/fmnist_class_cond.py:smoke", smoke_autoencoder, d,
+                                          source="shapes", path="", channels=3, num_examples=80))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def text_ldm(text_run):
   return load.load_diffusion_run(text_run, sampling.sampling_mesh())
 

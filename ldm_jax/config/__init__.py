@@ -31,6 +31,14 @@ def check_number(key: str, value, *, integer: bool = False, gt=None, ge=None, lt
     raise ValueError(f"{key}: expected {_describe(integer, gt, ge, lt, le)}, got {value!r}.")
 
 
+def check_known_keys(keys, known, prefix: str, what: str) -> None:
+  """ValueError `prefix.key: not a <what> setting; known keys: …` for the first of `keys` (sorted)
+  that is not in `known`."""
+  unknown = sorted(set(keys) - set(known))
+  if unknown:
+    raise ValueError(f"{prefix}.{unknown[0]}: not a {what} setting; known keys: {', '.join(sorted(known))}.")
+
+
 def check_finite(config: Mapping, prefix: str = "") -> None:
   """ValueError naming the first key of `config` (a dict or ConfigDict; nested sections and
   tuples of numbers included) whose value is a float NaN or infinity."""

@@ -29,7 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
       beta_schedule="scaled_linear", num_timesteps=1000, linear_start=0.0015, linear_end=0.0195,
       cosine_s=8e-3, zero_terminal_snr=False, parameterization="eps", loss_type="l2",
       min_snr_gamma=0.0, offset_noise=0.0))  # min_snr_gamma 0 = no weighting
-  config.latent = ml_collections.ConfigDict(dict(scale_factor=0.0, cache=False))  # 0: 1/std
+  # scale_factor 0: 1/std; cache: encode the split in memory; cache_dir: an on-disk cache (python -m ldm_jax.precompute)
+  config.latent = ml_collections.ConfigDict(dict(scale_factor=0.0, cache=False, cache_dir=""))
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=1_000, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.999,
       grad_clip=1.0, ema_decay=0.9999))

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from ldm_jax.config import check_number
+from ldm_jax.config import check_known_keys, check_number
 
 # Module-path regexes per model and preset name. U-Net paths are diffusers' (`ldm_jax.models.unet`),
 # text-encoder paths those of CLIP (`q_proj`…), the scratch transformer (`to_q`…) and BERT (`query`…).
@@ -44,9 +44,7 @@ def lora_config(**overrides) -> ml_collections.ConfigDict:
       unet_targets=("attention",),  # U-Net modules to adapt: preset names (attention, ff, proj, conv) or regexes
       text_encoder_targets=(),  # text-encoder modules to adapt (attention, mlp or regexes); () = frozen
   ))
-  unknown = sorted(set(overrides) - set(cfg))
-  if unknown:
-    raise ValueError(f"lora.{unknown[0]}: not a LoRA setting; known keys: {', '.join(sorted(cfg))}.")
+  check_known_keys(overrides, cfg, "lora", "LoRA")
   cfg.update(overrides)
   return cfg
 
@@ -73,9 +71,7 @@ def target_patterns(targets, component: str, key: str) -> tuple[str, ...]:
 
 def check_lora_config(cfg: Mapping, prefix: str = "lora") -> None:
   """ValueError naming the first bad key of a `lora` section."""
-  unknown = sorted(set(cfg) - set(lora_config()))
-  if unknown:
-    raise ValueError(f"{prefix}.{unknown[0]}: not a LoRA setting; known keys: {', '.join(sorted(lora_config()))}.")
+  check_known_keys(cfg, lora_config(), prefix, "LoRA")
   check_number(f"{prefix}.rank", cfg["rank"], integer=True, ge=1)
   check_number(f"{prefix}.alpha", cfg["alpha"], gt=0)
   check_number(f"{prefix}.dropout", cfg["dropout"], ge=0, lt=1)

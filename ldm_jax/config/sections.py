@@ -10,8 +10,9 @@ import ml_collections
 def default_data_config() -> ml_collections.ConfigDict:
   """All `data.*` keys with their defaults; config files start from this."""
   return ml_collections.ConfigDict({
-      'source': 'shapes',       # 'shapes', 'idx', 'folder' or 'tfds'
-      'path': '',               # idx / folder: directory
+      'source': 'shapes',       # 'shapes', 'idx', 'folder', 'tfds' or 'shards'
+      'path': '',               # idx / folder: directory; shards: tar paths, globs, {a..b}, comma-separated
+      'eval_path': '',          # shards: the eval split's tars; '' → data.path
       'name': '',               # tfds: dataset name, e.g. 'mnist' or 'celeb_a_hq/256'
       'tfds_data_dir': '',      # tfds: '' → $TFDS_DATA_DIR or ~/tensorflow_datasets
       'image_size': 32,         # output side: shorter side resized to it, then cropped square
@@ -25,8 +26,12 @@ def default_data_config() -> ml_collections.ConfigDict:
       'shapes_holdout': (),     # shapes: 'colour kind' pairs left out of the train split
       'labels_from_dirs': False,  # folder: label = first-level sub-directory
       'image_key': 'image',     # tfds feature keys ('/' for nested features)
-      'label_key': 'label',
-      'caption_key': '',
+      'label_key': 'label',     # shards: a field of KEY.json (-1 when absent)
+      'caption_key': '',        # shards: '' → KEY.txt, else a field of KEY.json
+      # Read-time filters (0 = off), on the original size: skipped records are counted and logged.
+      'min_side': 0,            # drop images whose shorter side is below this
+      'max_aspect_ratio': 0.0,  # drop images whose long / short side ratio exceeds this
+      'min_caption_length': 0,  # drop records whose caption has fewer characters
       'num_workers': 0,         # 0: load in-process (threads); > 0: grain worker processes
   })
 

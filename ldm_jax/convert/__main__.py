@@ -1,4 +1,4 @@
-"""Command line of the converters: `python -m ldm_jax.convert import|export …`.
+"""Command line of the converters: `python -m ldm_jax.convert import|export|merge-lora …`.
 
   # a diffusers SD folder, a diffusers/transformers component folder, or a CompVis/Stability file
   python -m ldm_jax.convert import --src stable-diffusion-2-1 --out pretrained/sd21
@@ -9,8 +9,12 @@
   python -m ldm_jax.convert export --workdir runs/ldm --format diffusers --out exported/ldm
   python -m ldm_jax.convert export --workdir runs/ae --format safetensors --out exported/ae
 
+  # LoRA files (diffusers/PEFT or kohya) merged into a pretrained model → a new pretrained directory
+  python -m ldm_jax.convert merge-lora --pretrained pretrained/sd15 \
+      --lora runs/sd15_lora/pytorch_lora_weights.safetensors:0.8 --out pretrained/sd15_merged
+
 Nothing that exists is replaced: a path of --out that the converter would write and that exists
-is an error, unless `--overwrite` is given and an earlier export wrote it (see
+is an error, unless `--overwrite` is given (import, export) and an earlier export wrote it (see
 `ldm_jax.runtime.outputs`). `import` writes a pretrained directory (see `ldm_jax.convert.pretrained`); its `autoencoder/`
 folder is also a stage-1 workdir, so `train_diffusion.py --config.autoencoder.workdir=OUT/autoencoder`
 trains a new latent diffusion model on the imported autoencoder.
@@ -24,6 +28,7 @@ import sys
 
 from ldm_jax import load
 from ldm_jax.convert import export as export_lib
+from ldm_jax.convert import lora as lora_lib
 from ldm_jax.convert import pretrained as pretrained_lib
 from ldm_jax.runtime import cli
 
@@ -69,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
   _common(exp)
   exp.add_argument("--no_ema", action="store_true", help="stage 2: export the raw params, not the EMA")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+
+  merge = sub.add_parser("merge-lora", help="pretrained model + LoRA files → a new pretrained directory")
+  merge.add_argument("--pretrained", required=True, help="a pretrained directory (or anything `import` reads)")
+  merge.add_argument("--lora", required=True, action="append",
+                     help="FILE[:SCALE], repeatable: W + SCALE·ΔW for each (default scale 1)")
+  merge.add_argument("--out", required=True, help="pretrained directory to write (never replaced)")
+  merge.add_argument("--verbose", "--debug", action="store_true", help="on an error, print the full traceback")
   return parser
 
 
@@ -84,6 +96,21 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+  if args.command == "merge-lora":
+    specs = [lora_lib.parse_lora_spec(v) for v in args.lora]
+    for path, _ in specs:
+      if not os.path.isfile(lora_lib.lora_file(path)):
+        raise FileNotFoundError(f"--lora: {lora_lib.lora_file(path)} is not a file.")
+    if os.path.exists(os.path.join(args.out, pretrained_lib.FORMAT_FILE)):
+      raise FileExistsError(f"--out: {args.out} already holds a pretrained model; merge-lora writes a new one.")
+    pretrained = load.read_source(args.pretrained)
+    try:
+      merged = lora_lib.merge_into(pretrained, specs)
+    except ValueError as e:
+      raise ValueError(f"--lora: {e}") from None
+    pretrained_lib.save_pretrained(args.out, merged, autoencoder_workdir=True)
+    print(f"merged {len(specs)} LoRA file(s) into {', '.join(merged.components)}; wrote {args.out}")
+    return 0
   if args.command == "import":
     options = {k: getattr(args, k) for k in ("config", "num_heads", "num_head_channels", "parameterization",
                                              "scale_factor", "resolution", "tokenizer")

@@ -25,6 +25,7 @@ writes the diffusers/PEFT layout with the scale multiplied into B and no α, whi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,11 +33,13 @@ import re
 from collections.abc import Mapping
 
 import flax.traverse_util
+import jax
 import numpy as np
 
 from ldm_jax.convert import naming
+from ldm_jax.convert.pretrained import Pretrained
 from ldm_jax.convert.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
-from ldm_jax.models.lora import adapted_modules
+from ldm_jax.models.lora import adapted_modules, merge_lora
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 COMPONENTS = ("unet", "text_encoder")
@@ -44,6 +47,36 @@ _KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": 
 _PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up"}
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 _TEXT_MODEL = "text_model"
+
+
+def parse_lora_spec(value: str) -> tuple[str, float]:
+  """'FILE[:SCALE]' (the `--lora` flags) → (file, scale); the scale defaults to 1. A path that
+  itself contains ':' is taken whole when what follows its last ':' is not a number."""
+  path, sep, tail = value.rpartition(":")
+  if sep and path:
+    try:
+      return path, float(tail)
+    except ValueError:
+      pass
+  return value, 1.0
+
+
+def merge_into(pretrained: Pretrained, specs) -> Pretrained:
+  """`pretrained` with the LoRA files `specs` ((path, scale) pairs) merged into its U-Net and text
+  encoder: W + Σᵢ sᵢ·ΔWᵢ (`ldm_jax.models.lora.merge_lora`); every other component as it is.
+  Errors (`read_lora`'s) name the file."""
+  models = {c: pretrained.params[c] for c in COMPONENTS if c in pretrained.params}
+  adapters, scales = [], []
+  for path, scale in specs:
+    adapters.append(read_lora(path, models))
+    scales.append(float(scale))
+  params = dict(pretrained.params)
+  for component in models:
+    used = [(a[component], s) for a, s in zip(adapters, scales) if component in a]
+    if used:
+      merged = merge_lora(models[component], [a for a, _ in used], [s for _, s in used])
+      params[component] = jax.tree.map(np.asarray, merged)
+  return dataclasses.replace(pretrained, params=params)
 
 
 def lora_file(path: str) -> str:

@@ -5,7 +5,7 @@ import os
 import ml_collections
 
 from ldm_jax import config as checks
-from ldm_jax.data import folder, idx, shapes, tfds_source
+from ldm_jax.data import folder, idx, shapes, shards, sources, tfds_source
 from ldm_jax.data.sources import SOURCES
 
 
@@ -17,6 +17,12 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.channels must be 1 or 3, got {data_cfg.channels!r}')
   checks.check_number('data.image_size', data_cfg.image_size, integer=True, ge=1)
   checks.check_number('data.num_workers', data_cfg.num_workers, integer=True, ge=0)
+  checks.check_number('data.min_side', data_cfg.min_side, integer=True, ge=0)
+  checks.check_number('data.max_aspect_ratio', data_cfg.max_aspect_ratio, ge=0)
+  if 0 < data_cfg.max_aspect_ratio < 1:
+    raise ValueError(f'data.max_aspect_ratio: {data_cfg.max_aspect_ratio} is below 1 (long side / short side); '
+                     'use 0 for no limit')
+  checks.check_number('data.min_caption_length', data_cfg.min_caption_length, integer=True, ge=0)
   splits = {'data.train_split': data_cfg.train_split, 'data.eval_split': data_cfg.eval_split}
 
   if data_cfg.source == 'shapes':
@@ -48,6 +54,10 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
           raise ValueError(f'data.path: {root} is empty (no images found with extensions '
                            f'{folder.IMAGE_EXTENSIONS})')
         folder.FolderSource(path, split)[0]  # raises naming data.path when no image can be read
+
+  elif data_cfg.source == 'shards':
+    for split in splits.values():
+      shards.shard_paths(*sources.shards_spec(data_cfg, split))
 
   else:
     tfds_source.check_keys(tfds_source.prepared_builder(data_cfg), data_cfg)

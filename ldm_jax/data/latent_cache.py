@@ -1,17 +1,43 @@
-"""Latent caches: in-memory columns of encoded training images, and their batches.
+"""Latent caches: in memory for small sets, on disk (array_record shards + a manifest) at scale.
 
-A stage-2 run with `latent.cache` encodes this host's share of the training split once
+In memory: a stage-2 run with `latent.cache` encodes this host's share of the training split once
 (`ldm_jax.train.diffusion.data.cache_latents`) into an `ArraySource`; `cached_batches` then
 shuffles and batches it per host as `make_loader` does images. The cache is not split by host
 again: it already is this host's share.
+
+On disk: `python -m ldm_jax.precompute` writes a directory
+
+    manifest.json                  what the cache was made with (MANIFEST_IDENTITY) and its parts
+    part-00000.array_record …      one record per image: a msgpack map (`encode_record`) of
+                                   'latent_moments' float32 [h, w, 2c] (KL: mean ⊕ logvar) or 'latent'
+                                   float32 [h, w, c] (VQ), 'caption', 'label', 'original_size' int32 [2],
+                                   and with a frozen text encoder 'context' float32 [L, D]
+
+which a run names with `latent.cache_dir`: `check_manifest` refuses a cache made with another
+autoencoder, text encoder, tokenizer or image size, and `disk_cache_loader` reads it through grain
+(hosts read disjoint records, shuffled, deterministic given the seed, its position checkpointable)
+into per-host batches of those fields. Each step still draws a fresh posterior sample.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import grain
+import jax
 import numpy as np
+from flax import serialization
 
 from ldm_jax.data.pipeline import host_batch_size
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "ldm_jax latent cache"
+MANIFEST_VERSION = 1
+# What a cache was made with; a run that differs in any of these cannot use it.
+MANIFEST_IDENTITY = ("autoencoder", "autoencoder_step", "image_size", "channels", "latent_shape", "text_encoder",
+                     "tokenizer", "max_length")
+PART_SUFFIX = ".array_record"
 
 # What a latent cache holds per image: the KL posterior's moments or VQ's pre-quantization latent.
 CACHED_LATENT_KEYS = ("latent_moments", "latent")
@@ -32,6 +58,88 @@ class ArraySource:
 
 def _collate(records):
   return {key: np.stack([np.asarray(r[key]) for r in records]) for key in records[0]}
+
+
+def encode_record(record: dict) -> bytes:
+  """One cached image as msgpack bytes (numpy arrays, str, ints; no pickle)."""
+  return serialization.msgpack_serialize({k: np.asarray(v) if not isinstance(v, str) else v
+                                          for k, v in record.items()})
+
+
+def decode_record(data: bytes) -> dict:
+  return {k: v if isinstance(v, str) else np.asarray(v) for k, v in serialization.msgpack_restore(data).items()}
+
+
+def part_name(index: int) -> str:
+  return f"part-{index:05d}{PART_SUFFIX}"
+
+
+def read_manifest(cache_dir: str, key: str = "latent.cache_dir") -> dict:
+  """The manifest of a finished cache; ValueError naming `key` when absent or unfinished."""
+  path = os.path.join(cache_dir, MANIFEST)
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{key}: {cache_dir} has no readable {MANIFEST} ({type(e).__name__}: {e}); write the cache "
+                     "with python -m ldm_jax.precompute --config … --out DIR") from None
+  if manifest.get("format") != MANIFEST_FORMAT:
+    raise ValueError(f"{key}: {path} is not a latent cache manifest")
+  if not manifest.get("complete"):
+    raise ValueError(f"{key}: the cache in {cache_dir} is unfinished ({len(finished_parts(cache_dir))} of "
+                     f"{manifest.get('num_parts')} parts); run the same python -m ldm_jax.precompute command again "
+                     "to finish it")
+  return manifest
+
+
+def finished_parts(cache_dir: str) -> list[str]:
+  return sorted(n for n in os.listdir(cache_dir) if n.startswith("part-") and n.endswith(PART_SUFFIX))
+
+
+def check_manifest(manifest: dict, expected: dict, cache_dir: str, key: str = "latent.cache_dir") -> None:
+  """ValueError naming the first identity key (`MANIFEST_IDENTITY`) whose value differs, with both."""
+  for name in MANIFEST_IDENTITY:
+    if name in expected and manifest.get(name) != expected[name]:
+      raise ValueError(f"{key}: the cache in {cache_dir} was made with {name}={manifest.get(name)!r}, but this run "
+                       f"has {name}={expected[name]!r}; write a cache for this run (python -m ldm_jax.precompute) "
+                       "or point latent.cache_dir at one made for it")
+
+
+class DiskCacheSource:
+  """Random access over the records of every part of a finished cache, decoded (`decode_record`)."""
+
+  def __init__(self, cache_dir: str):
+    manifest = read_manifest(cache_dir)
+    self.paths = [os.path.join(cache_dir, name) for name in manifest["parts"]]
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    return decode_record(self._source[index])
+
+  def __getstate__(self):
+    return {"paths": self.paths}
+
+  def __setstate__(self, state):
+    self.paths = state["paths"]
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+
+def disk_cache_loader(cache_dir: str, batch_size: int, seed: int, *, num_workers: int = 0):
+  """Endless shuffled per-host batches (global `batch_size`) of the cache in `cache_dir`: process i
+  reads records i::process_count; deterministic given `seed`; `get_state`/`set_state` as
+  `make_loader`'s."""
+  per_host = host_batch_size(batch_size)
+  ds = grain.MapDataset.source(DiskCacheSource(cache_dir)).seed(seed)
+  ds = ds[jax.process_index()::jax.process_count()].shuffle().repeat(None)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=min(8, os.cpu_count() or 1),
+                                            prefetch_buffer_size=2 * per_host))
+  ds = ds.batch(per_host, drop_remainder=True, batch_fn=_collate)
+  if num_workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)
 
 
 def cached_batches(source: ArraySource, batch_size: int, seed: int):

@@ -1,14 +1,23 @@
-"""The grain input pipeline: source → host shard → shuffle → repeat → preprocess → batch.
+"""The grain input pipeline: source → host shard → shuffle → repeat → filter → preprocess → batch.
 
 Batches are numpy, per host:
 
-    {'image':   float32 [B, S, S, C] in [-1, 1],   S = data.image_size, C = data.channels
-     'label':   int32 [B],
-     'caption': str array [B]}
+    {'image':         float32 [B, S, S, C] in [-1, 1],   S = data.image_size, C = data.channels
+     'label':         int32 [B],
+     'caption':       str array [B],
+     'original_size': int32 [B, 2], (h, w) before any resizing (for size micro-conditioning),
+     'skipped':       int32 [B, len(SKIP_REASONS)], records dropped just before each record, by reason}
 
 with B = train.batch_size // jax.process_count(). Each JAX process reads the
-records `process_index::process_count` of the source, so hosts never share a
-record. The batch sequence is a pure function of (config, split, seed,
+records `process_index::process_count` of the source (the `shards` source: whole
+shards, `process_index::process_count` of them), so hosts never share a record.
+
+Filters (`data.min_side`, `data.max_aspect_ratio` on the original size,
+`data.min_caption_length` in characters) and unreadable records (`'corrupt'`)
+drop a record at read time; each batch counts the records dropped before it by
+reason (`SKIP_REASONS`; batch-shaped, so that a batch shards as a whole), which
+the trainers sum and log. Dropping is part of the
+deterministic sequence: a resumed iterator drops the same records. The batch sequence is a pure function of (config, split, seed,
 process layout, data.num_workers): the shuffle order and every random crop and
 flip are seeded from `seed` and the record's position in the stream, and each
 epoch is shuffled differently. The iterator has `get_state()` (a small
@@ -31,7 +40,70 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ldm_jax.data.sources import make_source
+from ldm_jax.data.sources import HOST_SHARDED, make_source
+
+SKIP_REASONS = ('corrupt', 'min_side', 'aspect_ratio', 'caption_length')
+
+
+def host_source(data_cfg: ml_collections.ConfigDict, split: str, seed: int) -> grain.MapDataset:
+  """This process's records of `split`: its shards (`shards`) or every process_count-th record."""
+  index, count = jax.process_index(), jax.process_count()
+  source = make_source(data_cfg, split, shard_index=index, shard_count=count)
+  ds = grain.MapDataset.source(source).seed(seed)
+  return ds if data_cfg.source in HOST_SHARDED else ds[index::count]
+
+
+def skip_reason(record: dict[str, Any], *, min_side: int = 0, max_aspect_ratio: float = 0.0,
+                min_caption_length: int = 0) -> str | None:
+  """Why a record is dropped at read time (one of SKIP_REASONS), or None to keep it."""
+  if 'skip' in record:
+    return record['skip']
+  height, width = record.get('original_size', record['image'].shape[:2])
+  if min_side and min(height, width) < min_side:
+    return 'min_side'
+  if max_aspect_ratio and max(height, width) > max_aspect_ratio * min(height, width):
+    return 'aspect_ratio'
+  if min_caption_length and len(record['caption'].strip()) < min_caption_length:
+    return 'caption_length'
+  return None
+
+
+def _filter_and_preprocess(record: dict[str, Any], rng: np.random.Generator, *, filters: dict,
+                           **options) -> dict[str, Any]:
+  reason = skip_reason(record, **filters)
+  return preprocess(record, rng, **options) if reason is None else {'skip': reason}
+
+
+class _DropSkipped(grain.DatasetIterator):
+  """Drops `{'skip': reason}` records; each record it yields carries 'skipped', the counts per
+  reason of the records dropped since the previous one. Its position is its parent's: between
+  two `next` calls nothing is pending."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+
+  def __next__(self):
+    counts = np.zeros(len(SKIP_REASONS), np.int32)
+    while True:
+      record = next(self._parent)
+      if 'skip' not in record:
+        return {**record, 'skipped': counts}
+      counts[SKIP_REASONS.index(record['skip'])] += 1
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class _DropSkippedDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset):
+    super().__init__(parent)
+
+  def __iter__(self):
+    return _DropSkipped(self._parent.__iter__())
 
 
 def host_batch_size(batch_size: int) -> int:
@@ -76,6 +148,7 @@ def preprocess(record: dict[str, Any], rng: np.random.Generator, *, image_size: 
       'image': out[..., None] if out.ndim == 2 else out,
       'label': np.int32(record['label']),
       'caption': record['caption'],
+      'original_size': np.asarray(record.get('original_size', image.shape[:2]), np.int32),
   }
 
 
@@ -86,6 +159,8 @@ def collate(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
       'image': images / 127.5 - 1.0,
       'label': np.array([r['label'] for r in records], np.int32),
       'caption': np.array([r['caption'] for r in records], dtype=str),
+      'original_size': np.stack([r['original_size'] for r in records]),
+      'skipped': np.stack([r['skipped'] for r in records]),
   }
 
 
@@ -105,20 +180,29 @@ def make_loader(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size: 
       differ in size between hosts.
   """
   per_host = host_batch_size(batch_size)
-  ds = grain.MapDataset.source(make_source(data_cfg, split)).seed(seed)
-  ds = ds[jax.process_index()::jax.process_count()]
+  ds = host_source(data_cfg, split, seed)
   if shuffle:
     ds = ds.shuffle()
-  ds = ds.repeat(num_epochs)
+  return batched(ds.repeat(num_epochs), data_cfg, per_host, drop_remainder=drop_remainder,
+                 random_crop=data_cfg.random_crop, random_flip=data_cfg.random_flip)
+
+
+def batched(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict, batch_size: int, *,
+            drop_remainder: bool = False, random_crop: bool = False,
+            random_flip: bool = False) -> grain.DatasetIterator:
+  """Records of `ds` in its order → filtered, preprocessed batches of `batch_size` (the last one
+  smaller unless `drop_remainder`), loaded with threads or `data.num_workers` processes."""
+  filters = {k: data_cfg[k] for k in ('min_side', 'max_aspect_ratio', 'min_caption_length')}
   ds = ds.random_map(functools.partial(
-      preprocess, image_size=data_cfg.image_size, channels=data_cfg.channels,
-      random_crop=data_cfg.random_crop, random_flip=data_cfg.random_flip))
+      _filter_and_preprocess, filters=filters, image_size=data_cfg.image_size, channels=data_cfg.channels,
+      random_crop=random_crop, random_flip=random_flip))
   # Threads overlap file reads and PIL work (which releases the GIL); the buffer
   # holds about two batches of records so the next batch is ready on time.
   num_threads = min(8, os.cpu_count() or 1)
   ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=max(2 * per_host, num_threads)))
-  ds = ds.batch(per_host, drop_remainder=drop_remainder, batch_fn=collate)
+      num_threads=num_threads, prefetch_buffer_size=max(2 * batch_size, num_threads)))
+  ds = _DropSkippedDataset(ds)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
   if data_cfg.num_workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   return iter(ds)

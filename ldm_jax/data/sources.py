@@ -2,21 +2,41 @@
 
 Every source is random access (`len(source)`, `source[i]`) and returns records
 `{'image': uint8 [H, W, C], 'label': int32 scalar, 'caption': str}` with C in
-{1, 3}, label -1 and caption '' when the source has none. Each also has a cheap
-`caption(i)` that skips the image.
+{1, 3}, label -1 and caption '' when the source has none (`shards` adds
+'original_size', and gives `{'skip': 'corrupt'}` for a sample it cannot read). Each
+also has a cheap `caption(i)` that skips the image.
 """
 
 from collections.abc import Iterator
 
 import ml_collections
 
-from ldm_jax.data import folder, idx, shapes, tfds_source
+from ldm_jax.data import folder, idx, shapes, shards, tfds_source
 
-SOURCES = ('shapes', 'idx', 'folder', 'tfds')
+SOURCES = ('shapes', 'idx', 'folder', 'tfds', 'shards')
+# Sources that split themselves between hosts (whole shards per host) instead of by record.
+HOST_SHARDED = ('shards',)
 
 
-def make_source(data_cfg: ml_collections.ConfigDict, split: str):
-  """The source of `data_cfg.source` for `split` (e.g. data_cfg.train_split)."""
+def shards_spec(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[str, str]:
+  """(paths spec, its config key) of the `shards` source's `split`: `data.eval_path` for the eval
+  split when set, else `data.path`."""
+  if split == data_cfg.eval_split and split != data_cfg.train_split and data_cfg.eval_path:
+    return data_cfg.eval_path, 'data.eval_path'
+  return data_cfg.path, 'data.path'
+
+
+def make_source(data_cfg: ml_collections.ConfigDict, split: str, *, shard_index: int = 0, shard_count: int = 1):
+  """The source of `data_cfg.source` for `split` (e.g. data_cfg.train_split).
+
+  Sources in `HOST_SHARDED` hold only the shards `shard_index::shard_count` (a host's share);
+  the others ignore these and hold the whole split.
+  """
+  if data_cfg.source == 'shards':
+    spec, key = shards_spec(data_cfg, split)
+    return shards.ShardsSource(shards.shard_paths(spec, key), caption_key=data_cfg.caption_key,
+                               label_key=data_cfg.label_key, min_size=data_cfg.image_size,
+                               shard_index=shard_index, shard_count=shard_count, key=key)
   if data_cfg.source == 'shapes':
     return shapes.ShapesSource(split, num_examples=data_cfg.num_examples, image_size=data_cfg.image_size,
                                layout=data_cfg.get('shapes_layout', 'relations'),
@@ -43,6 +63,8 @@ def num_classes(data_cfg: ml_collections.ConfigDict) -> int:
     return len(folder.class_names(folder.split_dir(data_cfg.path, data_cfg.train_split)))
   if data_cfg.source == 'tfds':
     return tfds_source.num_classes(data_cfg)
+  if data_cfg.source == 'shards':
+    raise ValueError('data.source: the shards source has no class count; set cond.num_classes')
   raise ValueError(f'data.source: unknown {data_cfg.source!r}, expected one of {SOURCES}')
 
 

@@ -81,17 +81,20 @@ def cache_key(protocol: dict, identity: dict) -> str:
 
 def reference_images(data_cfg: ml_collections.ConfigDict, split: str, num_images: int) -> np.ndarray:
   """The first `num_images` records of `split` as uint8 [N, S, S, C] (S = data.image_size):
-  the pipeline's resize and center crop, never a random crop or flip."""
+  the pipeline's resize and center crop, never a random crop or flip. Records a source cannot read
+  (`{'skip': 'corrupt'}`, tar shards) are left out."""
   source = make_source(data_cfg, split)
   n = min(num_images, len(source))
 
   def load(i):
-    record = preprocess(source[i], None, image_size=data_cfg.image_size, channels=data_cfg.channels,
+    if "skip" in (record := source[i]):
+      return None
+    record = preprocess(record, None, image_size=data_cfg.image_size, channels=data_cfg.channels,
                         random_crop=False, random_flip=False)
     return record["image"]
 
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    return np.stack(list(pool.map(load, range(n))))
+    return np.stack([image for image in pool.map(load, range(n)) if image is not None])
 
 
 def stats_from_features(features: np.ndarray, logits, meta: dict) -> ReferenceStats:

@@ -48,6 +48,8 @@ class SampleRequest:
       (H, W); defaults as diffusers: original = target = (height, width), crops (0, 0).
     aesthetic_score, negative_aesthetic_score: the SDXL refiner's (its conditional and unconditional
       branches; diffusers' defaults 6 and 2.5).
+    lora: (file, scale) pairs: LoRA adapters added to the weights (`ldm_jax.sampling.adapters`).
+    textual_inversion: learned_embeds files whose tokens the prompts may use.
   """
   out: str
   workdir: str | None = None
@@ -79,6 +81,8 @@ class SampleRequest:
   target_size: tuple[int, int] | None = None
   aesthetic_score: float = 6.0
   negative_aesthetic_score: float = 2.5
+  lora: tuple[tuple[str, float], ...] = ()
+  textual_inversion: tuple[str, ...] = ()
 
 
 def is_int(value) -> bool:
@@ -151,6 +155,8 @@ def check_request(request: SampleRequest) -> None:
                            ("--crops_coords_top_left", r.crops_coords_top_left, 0)):
     if value is not None and (len(value) != 2 or not all(is_int(v) and v >= low for v in value)):
       raise ValueError(f"{flag}: expected two integers ≥ {low} (H,W or top,left), got {value!r}.")
+  for path, scale in r.lora:
+    checks.check_number(f"--lora {path}: the scale", scale)
   checks.check_number("--aesthetic_score", r.aesthetic_score)
   checks.check_number("--negative_aesthetic_score", r.negative_aesthetic_score)
   steps = list(r.save_intermediates)

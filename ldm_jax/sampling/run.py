@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ldm_jax.diffusion.latent_diffusion import LatentDiffusion
 from ldm_jax.runtime import sharding
 from ldm_jax.runtime.images import to_uint8
+from ldm_jax.sampling import adapters
 from ldm_jax.sampling.model import read_model
 from ldm_jax.sampling.outputs import write_outputs
 from ldm_jax.sampling.plan import Plan, make_plan
@@ -111,7 +112,8 @@ def sample_to_dir(request: SampleRequest, mesh: jax.sharding.Mesh | None = None)
   the same compiled function), `checkpoint_step`.
   """
   check_request(request)
-  info = read_model(request)
+  adapters.check_files(request)
+  info = adapters.add_placeholders(request, read_model(request))
   mesh = sampling_mesh() if mesh is None else mesh
   plan = make_plan(request, info, sharding.data_parallel_size(mesh))
   weights = "pretrained" if info.step is None else f"step {info.step}, {'EMA' if request.use_ema else 'raw'}"
@@ -121,6 +123,7 @@ def sample_to_dir(request: SampleRequest, mesh: jax.sharding.Mesh | None = None)
                f" ({plan.mode}, strength {plan.strength})" if plan.init_image is not None else "",
                request.guidance_scale, plan.batch_size, sharding.data_parallel_size(mesh))
   ldm, params, ae_params = info.load(mesh, request.use_ema)
+  ldm, params = adapters.apply_adapters(request, ldm, params, mesh)
   if request.attention is not None:
     ldm = dataclasses.replace(ldm, unet=ldm.unet.clone(attention=request.attention),
                               autoencoder=ldm.autoencoder.clone(attention=request.attention))

@@ -362,19 +362,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Stage 1 (%s): steps %d → %d, %s params", config.model.kind, start_step, num_steps,
                f"{sum(x.size for x in jax.tree.leaves(state.params['autoencoder'])):,}")
 
-  pending, t0, results = [], time.perf_counter(), {}
+  pending, t0, results, inputs = [], time.perf_counter(), {}, loop.InputMonitor()
   monitor = loop.NonFiniteMonitor(config.train.max_nonfinite_steps)
   progress = tqdm(total=num_steps, initial=start_step, desc="stage 1", disable=jax.process_index() != 0)
   with loop.running(progress, checkpointer, writer) as preemption:
     for step in range(start_step + 1, num_steps + 1):
-      batch = sharding.shard_batch(next(train_iter), mesh)
+      batch = sharding.shard_batch(inputs.next(train_iter), mesh)
       with_gan = config.loss.disc_weight > 0 and step > config.loss.disc_start
       state, metrics = stage.train_step[with_gan](state, batch)
       loop.save_config_once(config, workdir, step, start_step)
       pending.append(metrics)
       monitor.push(step, metrics)
       if loop.due(step, config.train.log_every, num_steps):
-        loop.write_train_scalars(writer, progress, step, pending, config.train.batch_size, time.perf_counter() - t0)
+        loop.write_train_scalars(writer, progress, step, pending, config.train.batch_size, time.perf_counter() - t0,
+                                 inputs)
         pending, t0 = [], time.perf_counter()
       if loop.due(step, config.train.eval_every, num_steps):
         results, grid = stage.evaluate(state.params, num_batches=config.train.eval_batches)
@@ -382,6 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if grid is not None and loop.due(step, config.train.image_every, num_steps):
           writer.write_image(step, "reconstructions", grid)
         t0 = time.perf_counter()
+        inputs.restart()
       progress.update(1)
       if loop.checkpoint_or_stop(checkpointer, preemption, step, state, train_iter,
                                  config.train.checkpoint_every, num_steps):

@@ -8,8 +8,9 @@ Inside the jitted step:
 On the host:
   - `NonFiniteMonitor` stops the run after `train.max_nonfinite_steps` skipped steps in a row;
   - `summarize` averages a window of step metrics for the logs and counts the skipped steps;
-    `write_train_scalars` writes them with the throughput (`write_eval_scalars`: evaluation
-    scores); `due` says whether a periodic action (log, eval, images, checkpoint) runs at a step;
+    `write_train_scalars` writes them with the throughput and `InputMonitor`'s input statistics
+    (the fraction of the time spent waiting for data, records the pipeline dropped);
+    `write_eval_scalars`: evaluation scores; `due` says whether a periodic action (log, eval, images, checkpoint) runs at a step;
     `running` wraps the loop (SIGTERM guard, closing its outputs) and `checkpoint_or_stop` saves
     checkpoints and answers a SIGTERM; `save_config_once` writes config.json after the first step;
   - `entry_point` is the whole `main` of `train_autoencoder.py` and `train_diffusion.py`.
@@ -18,6 +19,7 @@ On the host:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
 import jax
@@ -25,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags, logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from ldm_jax.config import common as config_lib
+from ldm_jax.data.pipeline import SKIP_REASONS
 from ldm_jax.runtime import distributed
 from ldm_jax.runtime import sharding as sharding_lib
 from ldm_jax.runtime.logging import setup_logging
@@ -162,11 +166,58 @@ def due(step: int, every: int, num_steps: int) -> bool:
   return step % every == 0 or step == num_steps
 
 
-def write_train_scalars(writer, progress, step: int, window: list, batch_size: int, seconds: float) -> dict:
-  """Summarizes a window of (device) step metrics, adds `train/images_per_sec`, writes them with
-  `writer` (a `MetricWriter`) and shows loss and throughput on the tqdm `progress` bar."""
+class InputMonitor:
+  """The input side of a training loop: times `next(iterator)` and sums the batches' 'skipped'
+  counts (records the pipeline dropped, by `SKIP_REASONS`).
+
+  `scalars()` — at every log step, on every process: it gathers over processes — gives
+  `data/wait_fraction` (the share of the window's wall time spent waiting for batches, mean over
+  processes; near 0 when the input pipeline keeps up with the step) and `data/skipped_<reason>`
+  (records dropped in the window, all processes), and starts the next window; `restart()` starts
+  one without reporting (after sampling or evaluation, whose time is not the step's).
+  """
+
+  def __init__(self):
+    self.total_skipped = np.zeros(len(SKIP_REASONS), np.int64)
+    self.restart()
+
+  def restart(self) -> None:
+    self._start, self._wait = time.perf_counter(), 0.0
+    self._skipped = np.zeros(len(SKIP_REASONS), np.int64)
+
+  def next(self, iterator) -> dict:
+    start = time.perf_counter()
+    batch = next(iterator)
+    self._wait += time.perf_counter() - start
+    if "skipped" in batch:
+      self._skipped += np.asarray(batch["skipped"], np.int64).reshape(-1, len(SKIP_REASONS)).sum(axis=0)
+    return batch
+
+  def scalars(self) -> dict[str, float]:
+    local = np.concatenate([[self._wait, time.perf_counter() - self._start], self._skipped]).astype(np.float64)
+    rows = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, local.size) \
+        if jax.process_count() > 1 else local[None]
+    skipped = rows[:, 2:].sum(axis=0).astype(np.int64)
+    self.total_skipped += skipped
+    if skipped.any():
+      logging.info("Input pipeline dropped %d records in this window (%s); %d in all since the start.",
+                   skipped.sum(), ", ".join(f"{r} {n}" for r, n in zip(SKIP_REASONS, skipped) if n),
+                   self.total_skipped.sum())
+    out = {"data/wait_fraction": float(np.mean(rows[:, 0] / np.maximum(rows[:, 1], 1e-9)))}
+    out.update({f"data/skipped_{r}": float(n) for r, n in zip(SKIP_REASONS, skipped)})
+    self.restart()
+    return out
+
+
+def write_train_scalars(writer, progress, step: int, window: list, batch_size: int, seconds: float,
+                        inputs: InputMonitor | None = None) -> dict:
+  """Summarizes a window of (device) step metrics, adds `train/images_per_sec` (and the input
+  statistics of `inputs`), writes them with `writer` (a `MetricWriter`) and shows loss and
+  throughput on the tqdm `progress` bar."""
   scalars = summarize(jax.device_get(window))
   scalars["train/images_per_sec"] = len(window) * batch_size / seconds
+  if inputs is not None:
+    scalars.update(inputs.scalars())
   writer.write_scalars(step, scalars)
   progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['train/images_per_sec']:.1f}")
   return scalars

@@ -9,7 +9,9 @@ from ldm_jax.data import num_classes, validate_data_config
 
 KEYS = {'source', 'path', 'name', 'tfds_data_dir', 'image_size', 'channels', 'train_split',
         'eval_split', 'random_crop', 'random_flip', 'num_examples', 'labels_from_dirs',
-        'image_key', 'label_key', 'caption_key', 'num_workers', 'shapes_layout', 'shapes_holdout'}
+        'image_key', 'label_key', 'caption_key', 'num_workers', 'eval_path', 'min_side',
+        'max_aspect_ratio', 'min_caption_length',
+        'shapes_layout', 'shapes_holdout'}
 
 
 def _cfg(**overrides):
@@ -40,6 +42,11 @@ def test_defaults_have_every_key_and_validate():
     ({'source': 'idx', 'path': '/no/such/dir'}, 'data.path: directory /no/such/dir does not exist'),
     ({'source': 'tfds', 'name': 'foo'}, "data.name: unknown TFDS dataset 'foo'"),
     ({'source': 'tfds', 'name': ''}, 'data.name: empty'),
+    ({'source': 'shards', 'path': ''}, 'data.path: empty'),
+    ({'source': 'shards', 'path': '/no/such/{0..3}.tar'}, "data.path: '/no/such/0.tar' names no tar shard"),
+    ({'min_side': -1}, 'data.min_side'),
+    ({'max_aspect_ratio': 0.5}, 'data.max_aspect_ratio: 0.5 is below 1'),
+    ({'min_caption_length': -1}, 'data.min_caption_length'),
 ])
 def test_errors_name_the_key(overrides, message):
   with pytest.raises(ValueError, match=message):

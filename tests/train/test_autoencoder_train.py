@@ -58,6 +58,7 @@ def test_vq_smoke_run_reports_codebook_usage(tmp_path):
   assert rows and all(1.0 <= r["train/perplexity"] <= config.model.n_embed for r in rows)
 
 
+@pytest.mark.extended
 def test_dropout_is_active_in_the_train_step_and_not_in_evaluation():
   """A VQ model draws nothing at random but its dropout: with model.dropout > 0 the train step
   depends on the step's rng, without it it does not; evaluation is deterministic either way."""

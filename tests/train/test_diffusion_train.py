@@ -58,6 +58,7 @@ def test_ema_decay_warms_up_as_litema():
   np.testing.assert_allclose(decay, np.minimum(0.999, (1 + n) / (10 + n)), rtol=1e-6)
 
 
+@pytest.mark.extended
 def test_ema_updates_use_litema_decays_from_the_first_step():
   """LitEma's first update uses n = 1 (its counter is incremented first): decays 2/11, 3/12, 4/13."""
   config, mesh, ae, ae_params = tiny_run()
@@ -77,7 +78,7 @@ def test_ema_updates_use_litema_decays_from_the_first_step():
                expected)
 
 
-@pytest.mark.parametrize("kind", ["kl", "vq"])
+@pytest.mark.parametrize("kind", ["kl", pytest.param("vq", marks=pytest.mark.extended)])
 def test_a_step_on_cached_latents_equals_a_step_on_their_images(kind):
   """The cache keeps what the step would encode: KL moments (the step draws the same posterior
   sample from them as from the images), VQ's pre-quantization latent."""

@@ -25,6 +25,7 @@ def text_smoke_config(autoencoder_workdir, cache_dir, **eval_changes):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_stage2_logs_sample_metrics_against_cached_reference_statistics(smoke_autoencoder, tmp_path):
   cache = str(tmp_path / "stats")
   workdir = str(tmp_path / "ldm")

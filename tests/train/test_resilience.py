@@ -28,6 +28,7 @@ def train(workdir, env, log, *extra):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_sigterm_saves_and_a_killed_run_resumes_to_identical_parameters(tmp_path, jax_cache):
   env = cpu_env(2, jax_cache)
   reference, workdir = tmp_path / "reference", tmp_path / "run"

@@ -11,7 +11,9 @@ Every `train.image_every` steps it draws a guided sample grid with the EMA weigh
 `LatentDiffusion` — the same sampler code as `sample.py`.
 
 Periodic evaluation (`eval.*`, off while `eval.metrics` is empty): `evaluation`. Fine-tuning
-(`init.pretrained`): `finetune`.
+(`init.pretrained`): `finetune`; LoRA adapters of the pretrained weights (`configs/finetune/lora.py`)
+or new token embeddings (`configs/finetune/textual_inversion.py`) instead of the weights themselves:
+`lora`, `textual_inversion`.
 
 Scale and resilience (shared with stage 1, see `ldm_jax.train.loop`): U-Net, conditioner, their
 EMA and optimizer state, and the frozen autoencoder are placed by `mesh.rules`; `train.dtype`
@@ -20,9 +22,10 @@ blocks in the backward pass, `train.grad_accum_steps` accumulates micro-batches;
 non-finite loss or gradient is skipped; SIGTERM saves the current step and returns.
 
 One module per role, read in this order: `setup` (the config resolved against the autoencoder, the
-tokenizer), `finetune` (`init.pretrained`), `data` (batches, latent cache, `scale_factor`),
-`state` (parameters, EMA, optimizer), `step` (the jitted update), `evaluation` (sample metrics),
-and `trainer` (`train_and_evaluate`: check → build → restore → loop).
+tokenizer), `finetune` (`init.pretrained`, and what trains instead of the whole model: `lora`,
+`textual_inversion`), `data` (batches, latent cache, `scale_factor`), `state` (parameters, EMA,
+optimizer), `step` (the jitted update), `evaluation` (sample metrics), and `trainer`
+(`train_and_evaluate`: check → build → restore → loop).
 """
 
 from ldm_jax.train.diffusion.trainer import train_and_evaluate

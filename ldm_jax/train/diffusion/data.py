@@ -1,9 +1,11 @@
 """The data of a stage-2 run: training batches (images, or cached latents), conditions, `scale_factor`.
 
 Batches come from the one grain pipeline (`ldm_jax.data.make_loader`); with `latent.cache` the
-training split is encoded once into a latent cache (`ldm_jax.data.latent_cache`) and batches are
-drawn from that. `prepare_batch` turns a batch into the step's input on the host: the image or
-cached latents, and the conditioner's inputs under 'cond/…'.
+training split is encoded once into an in-memory latent cache (`ldm_jax.data.latent_cache`) and
+batches are drawn from that; with `latent.cache_dir` from an on-disk cache written by
+`python -m ldm_jax.precompute`, after `check_disk_cache` has compared its manifest with the run.
+`prepare_batch` turns a batch into the step's input on the host: the image or cached latents, the
+conditioner's inputs under 'cond/…', and cached text embeddings as 'cond/context'.
 """
 
 from __future__ import annotations
@@ -17,11 +19,30 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ldm_jax import data as data_lib
+from ldm_jax.data import latent_cache
 from ldm_jax.data.latent_cache import CACHED_LATENT_KEYS, ArraySource, cached_batches
 from ldm_jax.diffusion.latent_diffusion import first_stage_latent
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.models import conditioning
+from ldm_jax.precompute import encode as precompute
 from ldm_jax.runtime import sharding
+
+
+def check_disk_cache(config, ae_config) -> dict | None:
+  """The manifest of `latent.cache_dir` once it is known to match this run (autoencoder and its
+  checkpoint, image size, channels, latent shape, frozen text encoder and tokenizer), else
+  ValueError naming the key and both values; None without a cache_dir. Reads no array."""
+  cache_dir = config.latent.cache_dir
+  if not cache_dir:
+    return None
+  if config.latent.cache:
+    raise ValueError("latent.cache: True, and latent.cache_dir is set too; use one of them (cache_dir for a cache "
+                     "written by python -m ldm_jax.precompute, cache for an in-memory one).")
+  if config.cond.kind in ("concat", "hybrid"):
+    raise ValueError("latent.cache_dir: concat conditioning needs the images at every step; unset it.")
+  manifest = latent_cache.read_manifest(cache_dir)
+  latent_cache.check_manifest(manifest, precompute.cache_identity(config, ae_config), cache_dir)
+  return manifest
 
 
 def _encode_for_cache(autoencoder, ae_params, images) -> dict[str, jax.Array]:
@@ -57,20 +78,29 @@ def make_train_iterator(config, source=None):
   Each host reads its share of the training split: the images `data.make_loader` gives it, or a
   cache of those same images (`cache_latents`), which is not split again.
   """
+  if config.latent.cache_dir:
+    return latent_cache.disk_cache_loader(config.latent.cache_dir, config.train.batch_size, config.train.seed,
+                                          num_workers=config.data.num_workers)
   if source is None:
     return iter(data_lib.make_loader(config.data, config.data.train_split,
                                      batch_size=config.train.batch_size, seed=config.train.seed))
   return cached_batches(source, config.train.batch_size, config.train.seed)
 
 
-def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int) -> dict:
+def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int, *, transform=None) -> dict:
   """Host side: the conditioner's inputs under 'cond/…' next to the image or cached latents
-  (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists)."""
+  (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists), and a per-example
+  'loss_weight' when the batch has one. `transform(batch, step)` first changes the batch (a
+  fine-tuning method's captions or class images, `finetune.batch_transform`)."""
+  if transform is not None:
+    batch = transform(batch, step)
   rng = np.random.default_rng((config.train.seed, step))  # random inpainting masks, reproducible
   cond = conditioning.prepare_condition(config.cond, batch, tokenizer, latent_size=tuple(latent_shape[:2]), rng=rng)
   cached = [k for k in CACHED_LATENT_KEYS if k in batch]
-  out = {k: batch[k] for k in cached or ["image"]}
+  out = {k: batch[k] for k in (cached or ["image"]) + (["loss_weight"] if "loss_weight" in batch else [])}
   out.update({f"cond/{k}": v for k, v in cond.items()})
+  if "context" in batch:  # a frozen text encoder's embeddings from the on-disk cache (the step uses them)
+    out["cond/context"] = batch["context"]
   return out
 
 

@@ -86,4 +86,5 @@ def get_tokenizer(config, workdir):
 # Keys a resumed run must share with its checkpoints (`config.check_resume`).
 RESUME_KEYS = ("model.", "cond.kind", "cond.class_mode", "cond.concat_source", "cond.text_encoder", "cond.dim",
                "cond.depth", "cond.num_heads", "cond.head_dim", "cond.vocab_size", "cond.max_length",
-               "cond.num_classes", "cond.concat_channels", "autoencoder.workdir", "init.pretrained", "latent.cache")
+               "cond.num_classes", "cond.concat_channels", "autoencoder.workdir", "init.pretrained", "latent.cache",
+               "lora.", "textual_inversion.")  # dreambooth.* may change: it is data

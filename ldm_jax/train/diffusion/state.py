@@ -65,12 +65,14 @@ class StateBuilder:
   """The sharded init of a stage-2 state and its abstract shape (for restoring), from the modules.
 
   `example_cond`: one prepared batch's conditioner inputs (shapes only); `in_channels`: the
-  U-Net's input channels (latent + concat channels).
+  U-Net's input channels (latent + concat channels). `init_params(rng)`, when given, makes the
+  trained parameters instead of U-Net and conditioner (a LoRA run's adapters).
   """
 
   def __init__(self, config, mesh, unet, conditioner, latent_shape, example_cond: dict,
-               optimizer: optax.GradientTransformation):
+               optimizer: optax.GradientTransformation, init_params=None):
     self.unet, self.conditioner, self.optimizer = unet, conditioner, optimizer
+    self._init_params = init_params
     self.latent_shape, self.in_channels = tuple(latent_shape), config.model.in_channels
     self._example = jax.tree.map(lambda x: np.asarray(x)[:1], example_cond)
     abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0), jnp.float32(1.0))
@@ -81,7 +83,9 @@ class StateBuilder:
   def _init(self, rng, scale_factor, params=None) -> DiffusionState:
     """A fresh state: parameters from `params` ({'unet', 'cond'}, e.g. pretrained) or initialised."""
     unet_rng, cond_rng, rng = jax.random.split(rng, 3)
-    if params is None:
+    if params is None and self._init_params is not None:
+      params = self._init_params(unet_rng)
+    elif params is None:
       cond_params = self.conditioner.init(cond_rng, self._example, deterministic=True)
       cond_params = cond_params.get("params", {})
       cond = self.conditioner.apply({"params": cond_params}, self._example, deterministic=True) \

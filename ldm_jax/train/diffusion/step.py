@@ -4,6 +4,9 @@ One jitted step: encodes the images (or draws from cached KL moments), scales th
 `LatentDiffusion.scale_factor`, samples t and ε, noises the latents, drops conditions to the null
 condition with probability `cond.dropout_prob` (for classifier-free guidance), and updates U-Net and
 conditioner with AdamW (micro-batches accumulated, non-finite steps skipped), followed by the EMA.
+A LoRA run (`ldm_jax.train.diffusion.lora`) updates adapters instead: the step gets the frozen base
+as a fourth argument and differentiates the loss of the composed weights with respect to the
+adapters alone.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ def is_frozen(conditioner) -> bool:
   return isinstance(conditioner, TextEncoderConditioner)
 
 
-def loss_fn(config, ldm: LatentDiffusion, params, batch, rng, ae_params):
-  """Mean diffusion loss of a prepared batch ('image' or cached latents, 'cond/…')."""
+def loss_fn(config, ldm: LatentDiffusion, params, batch, rng, ae_params, *, frozen_cond: bool | None = None):
+  """Mean diffusion loss of a prepared batch ('image' or cached latents, 'cond/…'); no gradient flows
+  into the conditioner when `frozen_cond` (default: it is a pretrained text encoder)."""
   d = config.diffusion
   rng_enc, rng_drop, rng_t, rng_noise, rng_dropout = jax.random.split(rng, 5)
   if "latent_moments" in batch:  # cached KL: the posterior's mean and log-variance
@@ -39,12 +43,18 @@ def loss_fn(config, ldm: LatentDiffusion, params, batch, rng, ae_params):
   else:
     z = ldm.encode(ae_params, batch["image"], rng_enc)
   batch_cond = {k[len("cond/"):]: v for k, v in batch.items() if k.startswith("cond/")}
-  batch_cond = conditioning.drop_condition(rng_drop, batch_cond, ldm.null(1), config.cond.dropout_prob)
-  if "masked_image" in batch_cond:
-    batch_cond = conditioning.inpaint_concat(batch_cond, functools.partial(ldm.encode, ae_params))
-  cond = ldm.conditioner.apply({"params": params["cond"]}, batch_cond, deterministic=False,
-                               rngs={"dropout": rng_dropout})
-  if is_frozen(ldm.conditioner):
+  if "context" in batch_cond:  # cached embeddings of the frozen text encoder; "" gives the null context
+    null_context = ldm.conditioner.apply({"params": params["cond"]}, ldm.null(1), deterministic=True)["context"]
+    context = conditioning.drop_condition(rng_drop, {"context": batch_cond["context"]}, {"context": null_context},
+                                          config.cond.dropout_prob)["context"]
+    cond = {"context": context, "y": None, "concat": None}
+  else:
+    batch_cond = conditioning.drop_condition(rng_drop, batch_cond, ldm.null(1), config.cond.dropout_prob)
+    if "masked_image" in batch_cond:
+      batch_cond = conditioning.inpaint_concat(batch_cond, functools.partial(ldm.encode, ae_params))
+    cond = ldm.conditioner.apply({"params": params["cond"]}, batch_cond, deterministic=False,
+                                 rngs={"dropout": rng_dropout})
+  if is_frozen(ldm.conditioner) if frozen_cond is None else frozen_cond:
     cond = jax.lax.stop_gradient(cond)
   t = schedule_lib.sample_timesteps(rng_t, z.shape[0], ldm.schedule.num_timesteps)
   eps = schedule_lib.offset_noise(rng_noise, z.shape, d.offset_noise) if d.offset_noise else \
@@ -53,17 +63,26 @@ def loss_fn(config, ldm: LatentDiffusion, params, batch, rng, ae_params):
   out = ldm.denoise(params["unet"], z_t, t, cond, deterministic=False, rngs={"dropout": rng_dropout})
   loss = schedule_lib.diffusion_loss(out, z, eps, t, ldm.schedule, d.parameterization, d.loss_type,
                                      d.min_snr_gamma or None)
+  if "loss_weight" in batch:  # DreamBooth: instance and prior examples weighted (ldm_jax.train.diffusion.dreambooth)
+    loss = loss * batch["loss_weight"]
   return jnp.mean(loss)
 
 
-def train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, state: DiffusionState, batch,
-               ae_params):
-  """One update of `state` on a prepared, sharded global batch; (new state, metrics)."""
+def train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, tuning, state: DiffusionState, batch,
+               ae_params, base=None):
+  """One update of `state` on a prepared, sharded global batch; (new state, metrics).
+
+  With a LoRA `tuning`, `state.params` are its adapters and `base` the frozen weights they adapt.
+  """
   rng, step_rng = jax.random.split(state.rng)
+  if tuning is None:
+    compose, frozen_cond = (lambda params: params), None
+  else:
+    compose, frozen_cond = functools.partial(tuning.compose, base=base), not tuning.trains_text_encoder
 
   def grads_fn(params, micro_batch, micro_rng):
-    loss, grads = jax.value_and_grad(functools.partial(loss_fn, config, ldm))(params, micro_batch, micro_rng,
-                                                                              ae_params)
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(config, ldm, compose(p), micro_batch, micro_rng, ae_params,
+                                                       frozen_cond=frozen_cond))(params)
     return grads, {"loss": loss}
 
   grads, metrics = loop.accumulate_gradients(grads_fn, state.params, batch, step_rng,
@@ -73,7 +92,7 @@ def train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, st
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay(state.step + 1, config.optim.ema_decay)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  if is_frozen(ldm.conditioner):
+  if tuning is None and is_frozen(ldm.conditioner):
     ema = {**ema, "cond": params["cond"]}  # exactly the pretrained weights, not a rounded average
   ok = loop.all_finite(metrics["loss"], grads, updates)
   params, ema, opt_state = loop.keep_if(ok, (params, ema, opt_state),
@@ -84,9 +103,11 @@ def train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, st
                        rng=rng), metrics
 
 
-def make_train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, ae_params):
-  """`step(state, batch, ae_params) -> (state, metrics)`, jitted with the mesh's shardings; the state is donated."""
-  ae_sharding = jax.tree.map(lambda x: x.sharding, ae_params)
-  return jax.jit(functools.partial(train_step, config, mesh, ldm, optimizer, state_sharding),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh), ae_sharding),
+def make_train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, ae_params, tuning=None):
+  """`step(state, batch, ae_params) -> (state, metrics)` — with a LoRA `tuning`,
+  `step(state, batch, ae_params, tuning.base)` —, jitted with the mesh's shardings; the state is donated."""
+  placed = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  frozen = (placed(ae_params),) if tuning is None else (placed(ae_params), placed(tuning.base))
+  return jax.jit(functools.partial(train_step, config, mesh, ldm, optimizer, state_sharding, tuning),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh), *frozen),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)

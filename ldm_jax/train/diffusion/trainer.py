@@ -33,10 +33,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   written once the first step under this config has run."""
   # Check: the config against the workdir, the mesh, the pretrained model and the autoencoder.
   config_lib.check_resume(config, workdir, "diffusion", ())
+  finetune.check_method(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
   pretrained_params = finetune.apply_pretrained(config, workdir)
-  setup.resolve_config(config, load.autoencoder_run(config.autoencoder.workdir)[1])
+  ae_config = load.autoencoder_run(config.autoencoder.workdir)[1]
+  setup.resolve_config(config, ae_config)
+  data.check_disk_cache(config, ae_config)
   if config.latent.cache and config.cond.kind in ("concat", "hybrid"):
     raise ValueError("latent.cache: concat conditioning needs the images at every step; set it to False.")
   extractor, eval_metrics = evaluation.make_eval_extractor(config) if config.eval.metrics else (None, ())
@@ -50,29 +53,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config.autoencoder.workdir, lambda tree: sharding.tree_sharding(mesh, tree, prefix="autoencoder", **rules),
       dtype=config.train.dtype)
   tokenizer = setup.get_tokenizer(config, workdir)
+  conditioner = load.make_conditioner(config, tokenizer, jnp.dtype(config.train.dtype))
+  # LoRA adapters or new token embeddings train instead of the pretrained weights, which stay outside the state.
+  tuning = finetune.make_tuning(config, pretrained_params, tokenizer, conditioner, mesh)
+  if "textual_inversion" in config:
+    tokenizer, conditioner = tuning.tokenizer, tuning.conditioner
   latent_shape = ae_lib.latent_shape(ae_config.model, config.data.image_size)
-  prepare = functools.partial(data.prepare_batch, config, tokenizer, latent_shape)
+  prepare = functools.partial(data.prepare_batch, config, tokenizer, latent_shape,
+                              transform=finetune.batch_transform(config, workdir, tuning))
   source = data.cache_latents(config, ae_model, ae_params) if config.latent.cache else None
   train_iter = data.make_train_iterator(config, source)
   first = prepare(next(data.make_train_iterator(config, source)), 0)
   unet = load.make_unet(config, for_training=True)
-  conditioner = load.make_conditioner(config, tokenizer, jnp.dtype(config.train.dtype))
-  optimizer = state_lib.make_optimizer(config, frozen_cond=step_lib.is_frozen(conditioner))
+  optimizer = state_lib.make_optimizer(config, frozen_cond=tuning is None and step_lib.is_frozen(conditioner))
   builder = state_lib.StateBuilder(config, mesh, unet, conditioner, latent_shape,
-                                   {k[len("cond/"):]: v for k, v in first.items() if k.startswith("cond/")}, optimizer)
+                                   {k[len("cond/"):]: v for k, v in first.items() if k.startswith("cond/")}, optimizer,
+                                   init_params=tuning.init if tuning else None)
 
   # Restore, or initialise with a scale_factor estimated on the first batch; then the model, once.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_checkpoints)
   state = checkpointer.restore_or_close(builder.abstract_state, train_iter)
   if state is None:
     scale_factor = data.estimate_scale_factor(config, ae_model, ae_params, first, mesh)
-    state = builder.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor), pretrained_params)
+    state = builder.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor),
+                         None if tuning else pretrained_params)
   ldm = load.build_ldm(config, ae_model, ae_config, tokenizer, float(jax.device_get(state.scale_factor)),
                        for_training=True, unet=unet, conditioner=conditioner)
-  train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, ae_params)
+  train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, ae_params, tuning)
+  frozen = (ae_params,) if tuning is None else (ae_params, tuning.base)
+  # The weights of the sample grids and evaluations: the EMA parameters, or the base with the EMA adapters.
+  compose = jax.jit(tuning.compose) if tuning else None
+  sample_params = (lambda s: s.ema_params) if tuning is None else (lambda s: compose(s.ema_params, tuning.base))
   start_step, num_steps = int(jax.device_get(state.step)), config.train.num_steps
-  logging.info("Stage 2: steps %d → %d, scale_factor %.5f, U-Net %s params%s", start_step, num_steps,
-               ldm.scale_factor, f"{sum(x.size for x in jax.tree.leaves(state.params['unet'])):,}",
+  logging.info("Stage 2: steps %d → %d, scale_factor %.5f, %s %s params%s", start_step, num_steps,
+               ldm.scale_factor, "trained (adapters or embeddings):" if tuning else "U-Net",
+               f"{sum(x.size for x in jax.tree.leaves(state.params if tuning else state.params['unet'])):,}",
                f", from {config.init.pretrained}" if config.init.pretrained else "")
 
   # Sample grids and periodic evaluation with the EMA weights.
@@ -88,28 +103,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                else config.cond.num_classes if config.cond.kind == "class" else None)
 
   # The loop: step, log, sample, evaluate, checkpoint.
-  pending, t0, scalars = [], time.perf_counter(), {}
+  pending, t0, scalars, inputs = [], time.perf_counter(), {}, loop.InputMonitor()
   monitor = loop.NonFiniteMonitor(config.train.max_nonfinite_steps)
   progress = tqdm(total=num_steps, initial=start_step, desc="stage 2", disable=jax.process_index() != 0)
   with loop.running(progress, checkpointer, writer) as preemption:
     for step in range(start_step + 1, num_steps + 1):
-      batch = sharding.shard_batch(prepare(next(train_iter), step), mesh)
-      state, metrics = train_step(state, batch, ae_params)
+      batch = sharding.shard_batch(prepare(inputs.next(train_iter), step), mesh)
+      state, metrics = train_step(state, batch, *frozen)
       loop.save_config_once(config, workdir, step, start_step)
       pending.append(metrics)
       monitor.push(step, metrics)
       if loop.due(step, config.train.log_every, num_steps):
         scalars = loop.write_train_scalars(writer, progress, step, pending, config.train.batch_size,
-                                           time.perf_counter() - t0)
+                                           time.perf_counter() - t0, inputs)
         pending, t0 = [], time.perf_counter()
       if loop.due(step, config.train.image_every, num_steps):
-        images = generate(state.ema_params, ae_params, sample_cond, jax.random.PRNGKey(config.train.seed))
+        images = generate(sample_params(state), ae_params, sample_cond, jax.random.PRNGKey(config.train.seed))
         writer.write_image(step, "samples", image_grid(np.asarray(jax.device_get(images)), grid_cols))
         t0 = time.perf_counter()
+        inputs.restart()
       if evaluator is not None and loop.due(step, config.train.eval_every, num_steps):
-        loop.write_eval_scalars(writer, step, evaluator(state.ema_params, ae_params))
+        loop.write_eval_scalars(writer, step, evaluator(sample_params(state), ae_params))
         t0 = time.perf_counter()
+        inputs.restart()
       progress.update(1)
+      if tuning is not None and loop.due(step, config.train.checkpoint_every, num_steps):
+        finetune.save_trainable(tuning, workdir, state.ema_params, mesh)
       if loop.checkpoint_or_stop(checkpointer, preemption, step, state, train_iter,
                                  config.train.checkpoint_every, num_steps):
         return {}

@@ -1,0 +1,1 @@
+"""Jobs that prepare data for training once: `python -m ldm_jax.precompute` (the latent cache)."""

@@ -1,0 +1,196 @@
+"""The latent (and text-embedding) cache of a data set, encoded once: `python -m ldm_jax.precompute`.
+
+    python -m ldm_jax.precompute --config configs/ldm/sd_v1.py --out /data/laion_cache \
+        --config.autoencoder.workdir=runs/ae --config.data.source=shards --config.data.path='/data/laion/*.tar'
+
+reads the stage-2 config's data (`data.*`: source, filters, image size; no augmentation: center crop,
+no flip), encodes every image with the frozen autoencoder of `autoencoder.workdir` — the KL
+posterior's moments, or VQ's pre-quantization latent — and, when the config's text encoder is the
+frozen one of `init.pretrained` (`cond.text_encoder='pretrained'`), each caption's context
+embeddings; it writes array_record parts and a manifest (`ldm_jax.data.latent_cache`).
+
+Parts: one per tar shard (`shards` source), else one per `--records_per_part` records. Process i
+of n encodes parts i::n on its own devices (a data-parallel mesh of its local devices, no
+collective between hosts), so every host of a pod or cluster works at once and writes its own
+parts. A part is written to a temporary file and renamed when complete: run the same command
+again after an interruption and it encodes only the parts that are missing. The manifest names
+what the cache was made with (`cache_identity`); the trainer (`latent.cache_dir`) refuses a cache
+whose identity differs from its run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ldm_jax import data as data_lib
+from ldm_jax import load
+from ldm_jax.data import latent_cache, shards
+from ldm_jax.data.pipeline import SKIP_REASONS, batched
+from ldm_jax.models import autoencoder as ae_lib
+from ldm_jax.models import conditioning
+
+
+def uses_frozen_text_encoder(config: ml_collections.ConfigDict) -> bool:
+  return conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained"
+
+
+def cache_identity(config: ml_collections.ConfigDict, ae_config: ml_collections.ConfigDict) -> dict:
+  """What a cache for the stage-2 `config` is made with (`latent_cache.MANIFEST_IDENTITY`)."""
+  workdir = os.path.abspath(config.autoencoder.workdir)
+  steps = load.checkpoint_steps(os.path.join(workdir, "checkpoints"))
+  frozen = uses_frozen_text_encoder(config)
+  return {
+      "autoencoder": workdir, "autoencoder_step": steps[-1] if steps else None,
+      "image_size": int(config.data.image_size), "channels": int(config.data.channels),
+      "latent_shape": list(ae_lib.latent_shape(ae_config.model, config.data.image_size)),
+      "text_encoder": os.path.abspath(config.init.pretrained) if frozen else "",
+      "tokenizer": os.path.abspath(config.cond.tokenizer_dir) if frozen and config.cond.tokenizer_dir else "",
+      "max_length": int(config.cond.max_length) if frozen else 0,
+  }
+
+
+def plan_parts(data_cfg: ml_collections.ConfigDict, records_per_part: int) -> list[dict]:
+  """The parts of the training split: {'shard': path} per tar, or {'start', 'stop'} record ranges."""
+  split = data_cfg.train_split
+  if data_cfg.source == "shards":
+    return [{"shard": path} for path in shards.shard_paths(*data_lib.sources.shards_spec(data_cfg, split))]
+  total = len(data_lib.make_source(data_cfg, split))
+  return [{"start": a, "stop": min(a + records_per_part, total)} for a in range(0, total, records_per_part)]
+
+
+def part_records(data_cfg, part: dict) -> grain.MapDataset:
+  if "shard" in part:
+    source = shards.ShardsSource([part["shard"]], caption_key=data_cfg.caption_key, label_key=data_cfg.label_key,
+                                 min_size=data_cfg.image_size)
+    return grain.MapDataset.source(source).seed(0)
+  return grain.MapDataset.source(data_lib.make_source(data_cfg, data_cfg.train_split)).seed(0)[
+      part["start"]:part["stop"]]
+
+
+def _write_json(path: str, value: dict) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+class Encoder:
+  """The jitted encoders of one process, on a data-parallel mesh of its local devices."""
+
+  def __init__(self, config, batch_size: int):
+    self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
+    if batch_size % len(jax.local_devices()):
+      raise ValueError(f"--batch_size: {batch_size} is not a multiple of this process's "
+                       f"{len(jax.local_devices())} devices")
+    self.batch_size = batch_size
+    replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.ae_model, self.ae_config, ae_params = load.load_autoencoder(config.autoencoder.workdir)
+    self.ae_params = jax.device_put(ae_params, replicated)
+
+    def encode_images(params, images):
+      out = self.ae_model.apply({"params": params}, images, method=self.ae_model.encode)
+      if isinstance(out, ae_lib.DiagonalGaussian):
+        return {"latent_moments": jax.numpy.concatenate([out.mean, out.logvar], axis=-1).astype(jax.numpy.float32)}
+      return {"latent": out.astype(jax.numpy.float32)}
+
+    self._encode_images = jax.jit(encode_images, out_shardings=self.batch_sharding)
+    self.tokenizer = self._encode_text = None
+    if uses_frozen_text_encoder(config):
+      modules, params, _ = load.load_pretrained(config.init.pretrained)
+      if "text_encoder" not in modules or "tokenizer" not in modules:
+        raise ValueError(f"init.pretrained: {config.init.pretrained} has no text encoder and tokenizer to cache "
+                         "embeddings of (cond.text_encoder='pretrained')")
+      text_encoder, self.tokenizer = modules["text_encoder"], modules["tokenizer"]
+      text_params = jax.device_put(params["text_encoder"], replicated)
+      self._encode_text = jax.jit(
+          lambda tokens: text_encoder.apply({"params": text_params}, tokens).astype(jax.numpy.float32),
+          out_shardings=self.batch_sharding)
+
+  def __call__(self, batch: dict) -> list[dict]:
+    """A batch of the pipeline → one cache record per image (padded to the compiled batch size)."""
+    n = len(batch["image"])
+    pad = lambda x: np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)]) if n < self.batch_size else x
+    out = self._encode_images(self.ae_params, jax.device_put(pad(batch["image"]), self.batch_sharding))
+    if self._encode_text is not None:
+      tokens = self.tokenizer.tokenize(list(batch["caption"]))
+      out["context"] = self._encode_text(jax.device_put(pad(np.asarray(tokens)), self.batch_sharding))
+    out = {k: np.asarray(jax.device_get(v))[:n] for k, v in out.items()}
+    return [{**{k: v[i] for k, v in out.items()}, "caption": str(batch["caption"][i]),
+             "label": np.int32(batch["label"][i]), "original_size": batch["original_size"][i]} for i in range(n)]
+
+
+def encode_dataset(config: ml_collections.ConfigDict, out_dir: str, *, batch_size: int = 0,
+                   records_per_part: int = 10_000) -> dict:
+  """Writes (or finishes) the cache of `config`'s training split in `out_dir`; returns its manifest.
+
+  `batch_size`: images per encoder call on this process (default: the per-process share of
+  `train.batch_size`).
+  """
+  data_lib.validate_data_config(config.data)
+  _, ae_config = load.autoencoder_run(config.autoencoder.workdir)
+  for key in ("image_size", "channels"):
+    if config.data[key] != ae_config.data[key] and not (key == "image_size" and config.init.pretrained):
+      raise ValueError(f"data.{key}: {config.data[key]}, but the autoencoder in {config.autoencoder.workdir} was "
+                       f"trained with data.{key}={ae_config.data[key]}.")
+  identity = cache_identity(config, ae_config)
+  parts = plan_parts(config.data, records_per_part)
+  os.makedirs(out_dir, exist_ok=True)
+  manifest_path = os.path.join(out_dir, latent_cache.MANIFEST)
+  if os.path.exists(manifest_path):
+    with open(manifest_path, encoding="utf-8") as f:
+      latent_cache.check_manifest(json.load(f), identity, out_dir, key="--out")
+  manifest = {"format": latent_cache.MANIFEST_FORMAT, "version": latent_cache.MANIFEST_VERSION, **identity,
+              "scale_factor": float(config.latent.scale_factor),
+              "data": {k: config.data[k] for k in ("source", "path", "train_split", "caption_key", "min_side",
+                                                   "max_aspect_ratio", "min_caption_length")},
+              "num_parts": len(parts), "complete": False}
+  if jax.process_index() == 0 and not os.path.exists(manifest_path):
+    _write_json(manifest_path, manifest)
+
+  encoder = Encoder(config, batch_size or max(len(jax.local_devices()),
+                                             config.train.batch_size // jax.process_count()))
+  mine = range(jax.process_index(), len(parts), jax.process_count())
+  for index in mine:
+    path = os.path.join(out_dir, latent_cache.part_name(index))
+    if os.path.exists(path):
+      continue
+    tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    written, skipped = 0, np.zeros(len(SKIP_REASONS), np.int64)
+    try:
+      for batch in batched(part_records(config.data, parts[index]), config.data, encoder.batch_size):
+        skipped += batch["skipped"].sum(axis=0)
+        for record in encoder(batch):
+          writer.write(latent_cache.encode_record(record))
+          written += 1
+    finally:
+      writer.close()
+    os.replace(tmp, path)
+    logging.info("Part %d of %d (%s): %d records, dropped %s", index + 1, len(parts),
+                 parts[index].get("shard", f"records {parts[index].get('start')}–{parts[index].get('stop')}"),
+                 written, dict(zip(SKIP_REASONS, skipped.tolist())))
+
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ldm_jax:precompute_done")
+  names = [latent_cache.part_name(i) for i in range(len(parts))]
+  counts = {}
+  for name in names:
+    reader = ArrayRecordReader(os.path.join(out_dir, name))
+    counts[name] = reader.num_records()
+    reader.close()
+  manifest.update(complete=True, parts=[n for n in names if counts[n]], num_records=sum(counts.values()))
+  if jax.process_index() == 0:
+    _write_json(manifest_path, manifest)
+  return manifest

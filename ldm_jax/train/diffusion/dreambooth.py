@@ -1,0 +1,101 @@
+"""DreamBooth (Ruiz et al. 2023; a `dreambooth` section): a subject from a few images, with prior preservation.
+
+Every training image (the subject's, `data.*`) is captioned `dreambooth.instance_prompt` (a rare
+identifier and the class, "a photo of sks dog"). With `prior_loss_weight` λ > 0 every step also
+trains on as many class images captioned `class_prompt`, and the loss is
+L = L_instance + λ·L_prior (per-example weights 2 and 2λ on a batch half instance, half class).
+The class images are the base model's own: `WORKDIR/class_images/` holds `num_class_images`
+PNGs (with their prompt in `.txt` files); missing ones are sampled from `init.pretrained` with
+`sample.py`'s code before training, so a resumed run finds them there. What trains is the whole
+U-Net (and a trained conditioner), or LoRA adapters with a `lora` section too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from ldm_jax import data as data_lib
+from ldm_jax import sampling
+from ldm_jax.config import dreambooth as dreambooth_config
+from ldm_jax.data import folder
+from ldm_jax.train.diffusion import data
+
+CLASS_IMAGES = "class_images"
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The section's values, `init.pretrained` set, no latent cache; ValueError naming the key."""
+  dreambooth_config.check_dreambooth_config(config.dreambooth)
+  if not config.init.pretrained:
+    raise ValueError("dreambooth: a subject is taught to a trained model; set init.pretrained.")
+  if config.latent.cache and config.dreambooth.prior_loss_weight > 0:
+    raise ValueError("latent.cache: the class images of dreambooth.prior_loss_weight > 0 are not cached; set it "
+                     "to False.")
+
+
+def class_images(config: ml_collections.ConfigDict, workdir: str, seed: int = 0) -> str:
+  """`workdir/class_images` holding at least `num_class_images` images of `class_prompt`; the
+  missing ones are sampled from the base model (`init.pretrained`, a pretrained directory by now)
+  at `data.image_size`. Returns the folder."""
+  cfg = config.dreambooth
+  target = os.path.join(workdir, CLASS_IMAGES)
+  have = len(list(folder.iter_images(target))) if os.path.isdir(target) else 0
+  missing = cfg.num_class_images - have
+  if missing <= 0:
+    return target
+  logging.info("dreambooth: sampling %d class images of %r from %s", missing, cfg.class_prompt,
+               config.init.pretrained)
+  staging = os.path.join(workdir, f".class_images_from_{have}")
+  if jax.process_index() == 0 and os.path.isdir(staging):
+    shutil.rmtree(staging)  # an interrupted earlier attempt
+  size = config.data.image_size
+  batch = jax.device_count() * max(1, 8 // jax.device_count())
+  summary = sampling.sample_to_dir(sampling.SampleRequest(
+      out=staging, pretrained=config.init.pretrained, prompts=(cfg.class_prompt,), num_samples=missing,
+      steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance_scale, seed=seed + have, batch_size=batch,
+      height=size, width=size))
+  if jax.process_index() == 0:
+    os.makedirs(target, exist_ok=True)
+    for i, name in enumerate(sorted(os.listdir(os.path.join(summary["out"], "images")))):
+      stem = os.path.join(target, f"class_{have + i:05d}")
+      shutil.move(os.path.join(summary["out"], "images", name), stem + ".png")
+      with open(stem + ".txt", "w") as f:
+        f.write(cfg.class_prompt + "\n")
+    shutil.rmtree(summary["out"])
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ldm_jax:dreambooth_class_images")
+  return target
+
+
+class PriorBatches:
+  """Turns each instance batch into the step's batch: the instance prompt, and with λ > 0 as many
+  class images (from `class_images`) after them, with the per-example 'loss_weight'."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.cfg = config.dreambooth
+    self.iterator = None
+    if self.cfg.prior_loss_weight > 0:
+      class_config = ml_collections.ConfigDict(config.to_dict())
+      class_config.data.update(source="folder", path=class_images(config, workdir, config.train.seed),
+                               train_split="train", random_flip=False, random_crop=False)
+      data_lib.validate_data_config(class_config.data)
+      self.iterator = data.make_train_iterator(class_config)
+
+  def __call__(self, batch: dict) -> dict:
+    n = len(next(iter(batch.values())))
+    batch = {**batch, "caption": np.array([self.cfg.instance_prompt] * n)}
+    if self.iterator is None:
+      return batch
+    prior = next(self.iterator)
+    prior = {**prior, "caption": np.array([self.cfg.class_prompt] * n)}
+    weight = np.concatenate([np.full(n, 2.0), np.full(n, 2.0 * self.cfg.prior_loss_weight)]).astype(np.float32)
+    keys = sorted(set(batch) & set(prior))
+    return {**{k: np.concatenate([np.asarray(batch[k]), np.asarray(prior[k])]) for k in keys},
+            "loss_weight": weight}
