@@ -28,12 +28,15 @@ def get_config(arg=None):
   config.model.update(kind="kl", embed_dim=3, z_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1,
                       attn_resolutions=(), num_groups=8)
   # No GAN (it needs far more steps than a CPU run has) and no LPIPS (VGG16 would cost ~10× this
-  # autoencoder per step on a CPU): L1 + KL.
-  config.loss.update(disc_start=100_000, disc_weight=0.5, kl_weight=1e-6, perceptual_weight=0.0)
-  # × batch 32 = 1.6e-3, cosine to 0.
-  config.optim.update(base_learning_rate=5e-5, schedule="cosine")
-  config.train.update(num_steps=500, batch_size=32, log_every=100, checkpoint_every=500,
-                      eval_every=500, eval_batches=2, image_every=500)
+  # autoencoder per step on a CPU): a squared error + KL. Squared, not the reference's L1: the
+  # shape covers ~15 % of the pixels, and L1's gradient does not grow with how wrong its hue is —
+  # after 500 steps L1 reconstructions were blobs of one average hue (the judge read 49 % of their
+  # colours), squared-error ones had every colour right (100 %; notes_demo.md).
+  config.loss.update(disc_start=100_000, disc_weight=0.5, kl_weight=1e-6, perceptual_weight=0.0, pixel_loss="l2")
+  # × batch 32 = 2e-3, constant; Adam's usual β (the reference's (0.5, 0.9) is for the GAN phase).
+  config.optim.update(base_learning_rate=6.25e-5, schedule="constant", b1=0.9, b2=0.999)
+  config.train.update(num_steps=600, batch_size=32, log_every=100, checkpoint_every=600,
+                      eval_every=600, eval_batches=2, image_every=600)
   if "smoke" in options:
     autoencoder.apply_smoke(config)
   return config

@@ -78,6 +78,9 @@ def default_cond_config() -> ml_collections.ConfigDict:
       'head_dim': 64,             # channels per head; -1 = dim // num_heads
       'text_dropout': 0.0,        # dropout inside the text encoder
       'mask_padding': True,       # padding tokens are not attention keys (CompVis: no mask)
+      # also the mean of the encoder's output tokens as the U-Net's `text_embeds`, added to its time
+      # embedding (model.addition_embed_type='text'; Imagen's pooled embedding); scratch encoders only
+      'pooled': False,
       'null_text': 'empty_prompt',  # the null condition: 'empty_prompt' (tokens of "") | 'zeros' (SDXL base)
       # SDXL micro-conditioning: the U-Net's time_ids, (original H, W, crop top, left) + target (H, W) |
       # + aesthetic score (refiner) | none
@@ -112,6 +115,7 @@ def default_loss_config():
   c.disc_ndf = 64
   c.disc_norm = "batch"  # 'batch' (reference) | 'group' | 'none'
   c.kl_weight = 1e-6
+  c.pixel_loss = "l1"  # 'l1' (reference) | 'l2': the reconstruction term's per-pixel distance
   c.perceptual_weight = 1.0
   c.codebook_weight = 1.0
   c.logvar_init = 0.0
