@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from ldm_jax.convert import components, write_diffusers  # noqa: E402
+from ldm_jax.convert import components, save_pretrained, write_diffusers  # noqa: E402
 from ldm_jax.convert.diffusers_format import unet_config_from_diffusers  # noqa: E402
 from ldm_jax.load import load_pretrained, read_source  # noqa: E402
 from ldm_jax.runtime import sharding  # noqa: E402
@@ -216,6 +216,19 @@ def test_sample_py_writes_the_sdxl_pipeline_images(sdxl_pipeline, tmp_path):
   expected = np.round(_diffusers_images(pipe, x_T, 5.0) * 255)
   assert ours.shape == (2, HEIGHT, WIDTH, 3)
   assert np.abs(ours.astype(np.float64) - expected).max() <= 1
+
+
+def test_sdxl_folder_import_reads_back(sdxl_pipeline, tmp_path):
+  """`convert import` of an SDXL folder gives a pretrained directory that reads back unchanged (the first
+  encoder's final LayerNorm, which SDXL does not use, included)."""
+  folder, _ = sdxl_pipeline
+  imported = read_source(folder)
+  save_pretrained(str(tmp_path / "imported"), imported)
+  again = read_source(str(tmp_path / "imported"))
+  assert again.configs["text_encoder"]["norm_output"] is False
+  assert "final_layer_norm" in again.params["text_encoder"]
+  for component in imported.components:
+    jax.tree.map(np.testing.assert_array_equal, again.params[component], imported.params[component])
 
 
 def test_sdxl_export_loads_in_diffusers(sdxl_pipeline, tmp_path):
