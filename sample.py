@@ -11,6 +11,8 @@
       --textual_inversion learned_embeds.safetensors    # adapters and embeddings (ldm_jax.sampling.adapters)
   python sample.py --pretrained sdxl-base-1.0/ --out samples/xl --prompt "…" --height 768 --width 1344 \
       --guidance_scale 5 --timestep_spacing leading --steps_offset 1 --original_size 1024,1024   # SDXL
+  python sample.py --pretrained sdxl-base-1.0/ --refiner sdxl-refiner-1.0/ --denoising_end 0.8 --out samples/xlr \
+      --prompt "…" --height 1024 --width 1024 --guidance_scale 5 --vae_tiling --vae_tile_size 512   # + refiner
 
 Multi-host: the same command on every host with --coordinator_address=HOST0:PORT --num_processes=N
 --process_id=I (nothing to add on TPU pods or under SLURM/Open MPI); the batches are spread over
@@ -73,6 +75,16 @@ _NEG_AESTHETIC = flags.DEFINE_float("negative_aesthetic_score", 2.5, "SDXL refin
 _LORA = flags.DEFINE_multi_string("lora", [], "FILE[:SCALE]: a LoRA (diffusers/PEFT or kohya .safetensors, or a "
                                   "folder with pytorch_lora_weights.safetensors) added to the weights with SCALE "
                                   "(default 1); repeat for several.")
+_REFINER = flags.DEFINE_string("refiner", None, "SDXL ensemble of experts: a refiner (pretrained directory or "
+                                "diffusers folder) that denoises after --denoising_end and decodes.")
+_DENOISING_END = flags.DEFINE_float("denoising_end", None, "With --refiner: the fraction of the denoising the "
+                                    "model does before the refiner takes over (diffusers' denoising_end, e.g. 0.8).")
+_VAE_TILING = flags.DEFINE_bool("vae_tiling", False, "Decode in overlapping, blended tiles (diffusers' "
+                                "enable_tiling): large images on small memory.")
+_VAE_TILE_SIZE = flags.DEFINE_integer("vae_tile_size", None, "--vae_tiling: tile side in pixels (default: the "
+                                      "autoencoder's sample size, as diffusers).")
+_VAE_TILE_OVERLAP = flags.DEFINE_float("vae_tile_overlap", 0.25, "--vae_tiling: fraction of a tile shared with "
+                                       "its neighbours.")
 _TI = flags.DEFINE_multi_string("textual_inversion", [], "A learned_embeds .safetensors whose token the prompts "
                                 "may use (pretrained text encoders); repeatable.")
 flags.mark_flag_as_required("out")
@@ -124,7 +136,9 @@ def request_from_flags() -> sampling.SampleRequest:
       original_size=_pair("original_size", _ORIGINAL_SIZE.value),
       crops_coords_top_left=_pair("crops_coords_top_left", _CROPS.value), target_size=_pair("target_size", _TARGET_SIZE.value),
       aesthetic_score=_AESTHETIC.value, negative_aesthetic_score=_NEG_AESTHETIC.value,
-      lora=tuple(lora_files.parse_lora_spec(v) for v in _LORA.value), textual_inversion=tuple(_TI.value))
+      lora=tuple(lora_files.parse_lora_spec(v) for v in _LORA.value), textual_inversion=tuple(_TI.value),
+      refiner=_REFINER.value, denoising_end=_DENOISING_END.value, vae_tiling=_VAE_TILING.value,
+      vae_tile_size=_VAE_TILE_SIZE.value, vae_tile_overlap=_VAE_TILE_OVERLAP.value)
 
 
 def main(argv):

@@ -32,7 +32,7 @@ import numpy as np
 from ldm_jax import config as checks
 from ldm_jax.config import common as config_lib
 from ldm_jax.config import sections
-from ldm_jax.convert import components, compvis, naming
+from ldm_jax.convert import components, naming, single_file
 from ldm_jax.convert import diffusers_format as dconv
 from ldm_jax.convert import pretrained as pretrained_lib
 from ldm_jax.convert.pretrained import FORMAT_FILE, FORMAT_VERSION, PARAMS_FILE, Pretrained
@@ -280,9 +280,9 @@ def read_pretrained(directory: str) -> Pretrained:
 
 def read_source(src: str, **single_file_options) -> Pretrained:
   """Any supported source: a pretrained directory, a diffusers pipeline or component folder, or a
-  single-file checkpoint (`ldm_jax.convert.compvis.read_single_file`, with `single_file_options`)."""
+  single-file checkpoint (`ldm_jax.convert.single_file.read_single_file`, with `single_file_options`)."""
   if os.path.isfile(src):
-    return compvis.read_single_file(src, **single_file_options)
+    return single_file.read_single_file(src, **single_file_options)
   if not os.path.isdir(src):
     raise FileNotFoundError(f"{src}: no such file or directory.")
   if os.path.isfile(os.path.join(src, FORMAT_FILE)):
@@ -307,7 +307,7 @@ def load_pretrained(directory: str, **single_file_options):
       and tokenizer_2/), one diffusers or
       transformers component folder, or a single-file checkpoint (CompVis/Stability
       `.safetensors`, or `.ckpt` through torch with weights_only).
-    single_file_options: passed to `ldm_jax.convert.compvis.read_single_file` for single files.
+    single_file_options: passed to `ldm_jax.convert.single_file.read_single_file` for single files.
 
   Returns:
     modules: component → linen module: 'unet' (`UNet`), 'autoencoder' (`AutoencoderKL` |

@@ -11,8 +11,9 @@ Command line (`python -m ldm_jax.convert --help`):
     python -m ldm_jax.convert export --workdir RUN --format diffusers|safetensors --out DIR
 
 Modules: `naming` (the torch ↔ flax renaming rule and its mismatch report), `diffusers_format`
-(diffusers configs and folders), `transformers_text` (CLIP/BERT configs), `compvis` (single-file key
-maps), `pretrained` (the `Pretrained` bundle, ldm_jax's pretrained directories, reading diffusers
+(diffusers configs and folders), `transformers_text` (CLIP/BERT configs), `single_file` (CompVis /
+Stability single files: SD 1.x, 2.x, SDXL) with its key maps `compvis` (U-Net, first stage, BERTEmbedder)
+and `single_file_text` (CLIP, OpenCLIP, SDXL's conditioner), `pretrained` (the `Pretrained` bundle, ldm_jax's pretrained directories, reading diffusers
 folders), `export` (bundles → diffusers folders), `components` (building each component),
 `safetensors_io` (file reading and writing), `lora` (diffusers/PEFT and kohya LoRA
 files), `textual_inversion` (placeholder tokens and `learned_embeds.safetensors`).

@@ -4,9 +4,12 @@
   python -m ldm_jax.convert import --src stable-diffusion-2-1 --out pretrained/sd21
   python -m ldm_jax.convert import --src v1-5-pruned-emaonly.safetensors --out pretrained/sd15
   python -m ldm_jax.convert import --src 768-v-ema.safetensors --parameterization v --out pretrained/sd21v
+  python -m ldm_jax.convert import --src sd_xl_base_1.0.safetensors --tokenizer sdxl/tokenizer \
+      --tokenizer_2 sdxl/tokenizer_2 --out pretrained/sdxl
 
-  # a training run → diffusers folders (EMA weights) or plain safetensors in ldm_jax naming
+  # a training run (EMA weights) or a pretrained directory → diffusers folders or plain safetensors
   python -m ldm_jax.convert export --workdir runs/ldm --format diffusers --out exported/ldm
+  python -m ldm_jax.convert export --src pretrained/sdxl --format diffusers --out exported/sdxl
   python -m ldm_jax.convert export --workdir runs/ae --format safetensors --out exported/ae
 
   # LoRA files (diffusers/PEFT or kohya) merged into a pretrained model → a new pretrained directory
@@ -63,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
   single.add_argument("--resolution", type=int, default=None,
                       help="first-stage image size its attention levels are counted from (default 256)")
   single.add_argument("--tokenizer", default=None,
-                      help="tokenizer folder to include (SD 1.x: CLIP's; the paper's txt2img: bert-base-uncased)")
+                      help="tokenizer folder to include (SD 1.x, SDXL base: CLIP's; the paper's txt2img: "
+                           "bert-base-uncased)")
+  single.add_argument("--tokenizer_2", default=None,
+                      help="SDXL (base or refiner): the OpenCLIP bigG encoder's tokenizer folder (diffusers' tokenizer_2/)")
 
   exp = sub.add_parser("export", help="workdir or pretrained directory → diffusers folder or safetensors")
   source = exp.add_mutually_exclusive_group(required=True)
@@ -113,7 +119,7 @@ def _run(args) -> int:
     return 0
   if args.command == "import":
     options = {k: getattr(args, k) for k in ("config", "num_heads", "num_head_channels", "parameterization",
-                                             "scale_factor", "resolution", "tokenizer")
+                                             "scale_factor", "resolution", "tokenizer", "tokenizer_2")
                if getattr(args, k) is not None}
     if options and not os.path.isfile(args.src):
       raise ValueError(f"{', '.join('--' + k for k in options)}: apply to single-file checkpoints; {args.src} "

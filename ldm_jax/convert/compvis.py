@@ -1,27 +1,15 @@
 """CompVis / Stability single-file checkpoints: key maps to diffusers names, and configs from shapes.
 
-One file holds a whole latent diffusion model under prefixes (an LDM first-stage checkpoint has
-no prefix):
-
-    model.diffusion_model.*              openaimodel UNetModel          → 'unet'
-    first_stage_model.*                  AutoencoderKL / VQModel        → 'autoencoder'
-    cond_stage_model.transformer.*       FrozenCLIPEmbedder (SD 1.x)    → 'text_encoder' (CLIP, last layer),
-                                         or the paper's BERTEmbedder (x-transformers, trained with the
-                                         U-Net: `token_emb`, `attn_layers`) → 'conditioner' (cond.kind 'text')
-    cond_stage_model.model.*             FrozenOpenCLIPEmbedder (SD 2.x) → 'text_encoder' (CLIP, penultimate)
-    betas, alphas_cumprod, …, scale_factor   the schedule and latent scale, when saved
-    model_ema.*, loss.*, posterior_* …   ignored (EMA copies, losses, derived buffers)
-
-Each part is renamed to diffusers/transformers names (CompVis `down.{i}.block.{j}` →
-`down_blocks.{i}.resnets.{j}`, openaimodel `input_blocks.{n}` → `down_blocks.{level}.…`, OpenCLIP's
-fused `in_proj_weight` split into q, k, v, …) and then loaded by the generic rule of
-`ldm_jax.convert.naming`, which reports every missing, unexpected or mis-shaped tensor at once.
+Each part of a file (see `ldm_jax.convert.single_file` for the prefixes) is renamed to diffusers
+names (CompVis `down.{i}.block.{j}` → `down_blocks.{i}.resnets.{j}`, openaimodel `input_blocks.{n}` →
+`down_blocks.{level}.…`, SDXL's `label_emb.0.{0,2}` → `add_embedding.linear_{1,2}`) and then
+loaded by the generic rule of `ldm_jax.convert.naming`, which reports every missing, unexpected or
+mis-shaped tensor at once. The paper's BERTEmbedder conditioner (x-transformers names) maps to
+ldm_jax's `TransformerTextEncoder`; pretrained text encoders are `ldm_jax.convert.single_file_text`'s.
 
 The architecture is read from the tensor shapes. Not in the weights: the U-Net's attention head
-counts (SD 1.x: 8 heads; SD 2.x: 64 channels per head — guessed from the projection type unless
-given), the text encoder's (64 channels per head, as in every CLIP and OpenCLIP text tower), and
-the prediction type of the U-Net (eps unless given; SD 2.x 768-v models are 'v'). Pass them, or
-the checkpoint's CompVis YAML config, to `read_single_file`.
+counts (SD 1.x: 8 heads; SD 2.x and SDXL: 64 channels per head — guessed from the projection type
+unless given) and, for SDXL, the number of time ids of `label_emb.0.0` (given by the caller).
 """
 
 from __future__ import annotations
@@ -38,8 +26,7 @@ from absl import logging
 
 from ldm_jax.config.sections import default_cond_config
 from ldm_jax.convert import components, naming
-from ldm_jax.convert.pretrained import Pretrained
-from ldm_jax.convert.safetensors_io import read_weights
+from ldm_jax.convert.single_file_text import SGM_PREFIX
 from ldm_jax.diffusion.schedule import beta_schedule
 from ldm_jax.models import conditioning
 from ldm_jax.models.unet import attention_heads
@@ -48,10 +35,9 @@ UNET_PREFIX = "model.diffusion_model."
 AE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
-SD_SCALE_FACTOR = 0.18215
 
 
-def _sub(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
   return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -137,8 +123,13 @@ def _resnet_name(rest: list[str]) -> list[str]:
 
 
 def unet_config_from_state(state: Mapping[str, np.ndarray], *, num_heads: int | None = None,
-                           num_head_channels: int | None = None) -> dict:
-  """The `model.*` of an openaimodel U-Net, from its shapes; heads as given, else the SD guess."""
+                           num_head_channels: int | None = None, text_time: tuple[int, int] | None = None) -> dict:
+  """The `model.*` of an openaimodel U-Net, from its shapes; heads as given, else the SD guess.
+
+  `text_time`: (pooled text width, number of time ids) of the SDXL conditioner that feeds
+  `label_emb.0` (sgm's `vector` condition, diffusers' `add_embedding`); its input width less the
+  pooled width, divided by the ids, is the Fourier width of each id (SDXL: 256).
+  """
   keys = list(state)
   model_channels = int(state["input_blocks.0.0.weight"].shape[0])
   outputs = _ints(keys, r"output_blocks\.(\d+)\.")
@@ -167,19 +158,51 @@ def unet_config_from_state(state: Mapping[str, np.ndarray], *, num_heads: int | 
       num_classes=int(state["label_emb.0.weight"].shape[0]) - 1 if "label_emb.0.weight" in state else None,
       context_dim=None, transformer_depth=1)
   if spatial:
-    cfg["transformer_depth"] = len(_ints(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    cfg["transformer_depth"] = _transformer_depth(keys, attended, per_level)
     cfg["context_dim"] = int(state["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
     if cfg["context_dim"] == widths[-1] and cfg["num_classes"] is not None:
       cfg["context_dim"] = None  # a class-conditional U-Net whose attn2 attends to the image
+  if "label_emb.0.0.weight" in state:
+    cfg.update(_text_time(int(state["label_emb.0.0.weight"].shape[1]), text_time))
   if num_heads is None and num_head_channels is None:
     num_head_channels = 64 if linear else -1
     num_heads = 8
     logging.warning("U-Net attention heads are not stored in the weights; assuming %s (pass num_heads / "
                     "num_head_channels or the YAML config to override).",
-                    "64 channels per head (SD 2.x)" if linear else "8 heads (SD 1.x)")
+                    "64 channels per head (SD 2.x, SDXL)" if linear else "8 heads (SD 1.x)")
   cfg["num_heads"] = 8 if num_heads is None else int(num_heads)
   cfg["num_head_channels"] = -1 if num_head_channels is None else int(num_head_channels)
   return cfg
+
+
+def _transformer_depth(keys, attended: list[bool], per_level: int) -> int | tuple[int, ...]:
+  """One depth for every SpatialTransformer, or one per level (SDXL base: 1, 2, 10; a level without
+  attention gets diffusers' 1, the deepest one the middle block's, which ldm_jax's middle block takes)."""
+  mid = len(_ints(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+  depths = [len(_ints(keys, rf"input_blocks\.{1 + level * per_level}\.1\.transformer_blocks\.(\d+)\."))
+            if a else None for level, a in enumerate(attended)]
+  if depths[-1] is not None and depths[-1] != mid:
+    raise ValueError(f"U-Net: the middle block has {mid} transformer blocks and the deepest level {depths[-1]}; "
+                     "ldm_jax's middle block takes the deepest level's depth.")
+  if {d for d in depths if d is not None} <= {mid}:
+    return mid
+  depths[-1] = mid
+  return tuple(1 if d is None else d for d in depths)
+
+
+def _text_time(width: int, text_time: tuple[int, int] | None) -> dict:
+  """`model.addition_*` of an SDXL U-Net whose `label_emb.0.0` takes `width` features."""
+  if text_time is None:
+    raise ValueError(f"U-Net: label_emb.0.0 takes a {width}-wide vector condition, which ldm_jax reads as "
+                     "SDXL's add_embedding only with the SDXL conditioner in the same file (its OpenCLIP "
+                     f"bigG, {SGM_PREFIX}N.model.*, gives the pooled width); unCLIP's image embedding "
+                     "has no ldm_jax equivalent.")
+  pooled, ids = text_time
+  time_dim, rest = divmod(width - pooled, ids)
+  if rest or time_dim <= 0:
+    raise ValueError(f"U-Net: label_emb.0.0 takes {width} features, which is not the {pooled} of the pooled "
+                     f"text embedding + {ids} time ids × a Fourier width (SDXL: 1280 + 6·256 base, 5·256 refiner).")
+  return dict(addition_embed_type="text_time", addition_time_embed_dim=time_dim, addition_embed_dim=width)
 
 
 def unet_key(key: str, cfg: Mapping[str, Any]) -> str | None:
@@ -193,6 +216,9 @@ def unet_key(key: str, cfg: Mapping[str, Any]) -> str | None:
   if head == "time_embed":
     return f"time_embedding.linear_{1 if parts[1] == '0' else 2}.{parts[2]}"
   if head == "label_emb":
+    if len(parts) == 4:  # SDXL: label_emb.0 = Sequential(Linear, SiLU, Linear), diffusers' add_embedding
+      linear = {"0": "linear_1", "2": "linear_2"}.get(parts[2])
+      return f"add_embedding.{linear}.{parts[3]}" if linear else key
     return f"class_embedding.{parts[2]}"
   if head == "out":
     return f"{'conv_norm_out' if parts[1] == '0' else 'conv_out'}.{parts[2]}"
@@ -269,47 +295,6 @@ def load_unet_state(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any], whe
 # ---------------------------------------------------------------------------------------------
 # Text encoders
 
-def clip_from_transformers_state(state: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
-  """(config, state in CLIPTextModel names) of SD 1.x's `cond_stage_model.transformer.*`."""
-  state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-  dim = int(state["embeddings.token_embedding.weight"].shape[1])
-  cfg = dict(kind="clip", vocab_size=int(state["embeddings.token_embedding.weight"].shape[0]),
-             max_length=int(state["embeddings.position_embedding.weight"].shape[0]), dim=dim,
-             depth=len(_ints(state, r"encoder\.layers\.(\d+)\.")), num_heads=max(1, dim // 64),
-             mlp_dim=int(state["encoder.layers.0.mlp.fc1.weight"].shape[0]), activation="quick_gelu",
-             layer_norm_eps=1e-5, skip_last_layers=0)
-  return cfg, state
-
-
-_OPENCLIP = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-             "attn.out_proj": "self_attn.out_proj"}
-
-
-def clip_from_openclip_state(state: Mapping[str, np.ndarray], skip_last_layers: int = 1) -> tuple[dict, dict]:
-  """(config, state in CLIPTextModel names) of SD 2.x's OpenCLIP `cond_stage_model.model.*`."""
-  out = {"embeddings.token_embedding.weight": state["token_embedding.weight"],
-         "embeddings.position_embedding.weight": state["positional_embedding"],
-         "final_layer_norm.weight": state["ln_final.weight"], "final_layer_norm.bias": state["ln_final.bias"]}
-  for key, value in state.items():
-    m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key)
-    if not m:
-      m2 = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)
-      if m2:
-        for proj, part in zip(("q_proj", "k_proj", "v_proj"), np.split(np.asarray(value), 3, axis=0)):
-          out[f"encoder.layers.{m2.group(1)}.self_attn.{proj}.{m2.group(2)}"] = part
-      continue
-    layer, name, leaf = m.groups()
-    if name in _OPENCLIP:
-      out[f"encoder.layers.{layer}.{_OPENCLIP[name]}.{leaf}"] = value
-  dim = int(out["embeddings.token_embedding.weight"].shape[1])
-  cfg = dict(kind="clip", vocab_size=int(out["embeddings.token_embedding.weight"].shape[0]),
-             max_length=int(out["embeddings.position_embedding.weight"].shape[0]), dim=dim,
-             depth=len(_ints(state, r"transformer\.resblocks\.(\d+)\.")), num_heads=max(1, dim // 64),
-             mlp_dim=int(out["encoder.layers.0.mlp.fc1.weight"].shape[0]), activation="gelu",
-             layer_norm_eps=1e-5, skip_last_layers=skip_last_layers)
-  return cfg, out
-
-
 def bert_embedder_from_state(state: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
   """(cond.* config, Conditioner params) of CompVis' BERTEmbedder (`cond_stage_model.transformer.*`).
 
@@ -366,116 +351,6 @@ def diffusion_config_from_betas(betas: np.ndarray) -> dict | None:
     if np.allclose(beta_schedule(name, n, start, end), betas, rtol=1e-4, atol=1e-7):
       return dict(beta_schedule=name, num_timesteps=n, linear_start=start, linear_end=end)
   return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Whole files
-
-def options_from_yaml(path: str) -> dict[str, Any]:
-  """The settings a CompVis YAML config adds to what the shapes tell."""
-  import yaml  # pylint: disable=g-import-not-at-top  (a transformers dependency)
-  with open(path) as f:
-    cfg = yaml.safe_load(f)
-  params = cfg.get("model", {}).get("params", {})
-  unet = params.get("unet_config", {}).get("params", {})
-  ddconfig = params.get("first_stage_config", {}).get("params", {}).get("ddconfig", {}) or \
-      params.get("ddconfig", {})
-  out: dict[str, Any] = {}
-  if "num_heads" in unet or "num_head_channels" in unet:
-    out["num_heads"] = unet.get("num_heads", -1 if unet.get("num_head_channels", -1) != -1 else 8)
-    out["num_head_channels"] = unet.get("num_head_channels", -1)
-  if "resolution" in ddconfig:
-    out["resolution"] = int(ddconfig["resolution"])
-  if "parameterization" in params:
-    out["parameterization"] = params["parameterization"]
-  if "scale_factor" in params:
-    out["scale_factor"] = float(params["scale_factor"])
-  if "linear_start" in params:
-    out["diffusion"] = dict(beta_schedule="scaled_linear" if params.get("beta_schedule", "linear") == "linear"
-                            else params["beta_schedule"], num_timesteps=int(params.get("timesteps", 1000)),
-                            linear_start=float(params["linear_start"]), linear_end=float(params["linear_end"]))
-  return out
-
-
-def read_single_file(path: str, *, config: str | None = None, num_heads: int | None = None,
-                     num_head_channels: int | None = None, parameterization: str | None = None,
-                     scale_factor: float | None = None, resolution: int | None = None,
-                     tokenizer: str | None = None) -> Pretrained:
-  """A CompVis/Stability checkpoint (`.safetensors`, or `.ckpt` via torch weights_only) → `Pretrained`.
-
-  Args:
-    path: the file: a whole LDM / Stable Diffusion model or a first-stage autoencoder.
-    config: the model's CompVis YAML (e.g. v1-inference.yaml); fills what the shapes cannot tell.
-    num_heads, num_head_channels: U-Net attention heads (override the YAML and the SD guess).
-    parameterization: 'eps' | 'v' | 'x0' (default: the YAML's, else 'eps').
-    scale_factor: latent scale (default: the saved buffer, the YAML's, 0.18215 for SD-like
-      models with a 4-channel KL autoencoder, else 1.0).
-    resolution: image side the first stage's attention levels are counted from (default 256).
-    tokenizer: a tokenizer folder to include (single files hold none; SD 1.x: CLIP's BPE, the
-      paper's txt2img model: bert-base-uncased).
-  """
-  options = options_from_yaml(config) if config else {}
-  for key, value in dict(num_heads=num_heads, num_head_channels=num_head_channels, parameterization=parameterization,
-                         scale_factor=scale_factor, resolution=resolution).items():
-    if value is not None:
-      options[key] = value
-  if "num_heads" in options and "num_head_channels" not in options:
-    options["num_head_channels"] = -1
-  if "num_head_channels" in options and "num_heads" not in options:
-    options["num_heads"] = 8
-  state = read_weights(path)
-  configs: dict[str, dict] = {}
-  params: dict[str, Any] = {}
-
-  unet_state = _sub(state, UNET_PREFIX)
-  ae_state = _sub(state, AE_PREFIX) if any(k.startswith(AE_PREFIX) for k in state) else \
-      {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.",
-                                                        "quantize.", "loss."))}
-  if unet_state:
-    cfg = unet_config_from_state(unet_state, num_heads=options.get("num_heads"),
-                                 num_head_channels=options.get("num_head_channels"))
-    params["unet"] = load_unet_state(unet_state, cfg, f"U-Net ({UNET_PREFIX}*) of {path}")
-    configs["unet"] = cfg
-  if ae_state:
-    cfg = autoencoder_config_from_state(ae_state, options.get("resolution", 256))
-    params["autoencoder"] = load_autoencoder_state(ae_state, cfg, f"autoencoder of {path}")
-    configs["autoencoder"] = cfg
-  text = None
-  if f"{CLIP_PREFIX}token_emb.weight" in state:
-    configs["cond"], params["conditioner"] = bert_embedder_from_state(_sub(state, CLIP_PREFIX))
-  elif any(k.startswith(CLIP_PREFIX) for k in state):
-    text = clip_from_transformers_state(_sub(state, CLIP_PREFIX))
-  elif any(k.startswith(OPENCLIP_PREFIX) for k in state):
-    text = clip_from_openclip_state(_sub(state, OPENCLIP_PREFIX))
-  if text is not None:
-    cfg, text_state = text
-    params["text_encoder"] = naming.torch_to_flax(
-        text_state, components.abstract_params("text_encoder", cfg), what=f"text encoder of {path}")
-    configs["text_encoder"] = cfg
-  if not params:
-    raise ValueError(f"{path}: no U-Net ({UNET_PREFIX}*), autoencoder ({AE_PREFIX}* or encoder.*) or text "
-                     "encoder found; is it a CompVis/Stability checkpoint?")
-
-  if unet_state:
-    diffusion = options.get("diffusion") or (diffusion_config_from_betas(state["betas"]) if "betas" in state else None)
-    if diffusion is None:
-      diffusion = dict(beta_schedule="scaled_linear", num_timesteps=1000, linear_start=0.00085, linear_end=0.012)
-      logging.warning("%s: no schedule saved or given; assuming Stable Diffusion's (scaled_linear "
-                      "0.00085–0.012, 1000 steps).", path)
-    diffusion["parameterization"] = options.get("parameterization", "eps")
-    configs["diffusion"] = diffusion
-  if "scale_factor" in options:
-    sf = float(options["scale_factor"])
-  elif "scale_factor" in state:
-    sf = float(np.asarray(state["scale_factor"]))
-  elif unet_state and ae_state and configs["autoencoder"]["kind"] == "kl" and configs["autoencoder"]["embed_dim"] == 4:
-    sf = SD_SCALE_FACTOR
-  else:
-    sf = 1.0
-  configs["latent"] = {"scale_factor": sf}
-  if "conditioner" in params:
-    check_conditioner(configs["cond"], params["conditioner"], path)
-  return Pretrained(configs, params, tokenizer, source=path)
 
 
 def check_conditioner(cond_cfg: Mapping[str, Any], params, where: str) -> None:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import samplers, tiling
 from ldm_jax.diffusion.schedule import Schedule
 from ldm_jax.models import conditioning
 
@@ -112,10 +112,19 @@ class LatentDiffusion:
     """Images [B, H, W, C] in [-1, 1] → latents [B, h, w, c] × scale_factor (see `first_stage_latent`)."""
     return first_stage_latent(self.autoencoder, ae_params, images, rng) * self.scale_factor
 
-  def decode(self, ae_params, z):
-    """Latents (scaled) → images [B, H, W, C], clipped to [-1, 1]."""
-    images = self.autoencoder.apply({"params": ae_params}, z / self.scale_factor,
-                                    method=self.autoencoder.decode)
+  def decode(self, ae_params, z, *, tile: int | None = None, tile_overlap: int = 0):
+    """Latents (scaled) → images [B, H, W, C], clipped to [-1, 1].
+
+    tile, tile_overlap: decode in overlapping tiles of `tile` latent pixels sharing `tile_overlap`
+    (`tiling.tiled_decode`, diffusers' `enable_tiling()`): the decoder's memory is one tile's.
+    """
+    decode_fn = functools.partial(self.autoencoder.apply, {"params": ae_params}, method=self.autoencoder.decode)
+    z = z / self.scale_factor
+    if tile is None:
+      images = decode_fn(z)
+    else:
+      f = 2 ** (len(self.autoencoder.ch_mult) - 1)  # one upsampling between consecutive levels
+      images = tiling.tiled_decode(decode_fn, z, tile, tile_overlap, f)
     return jnp.clip(images, -1.0, 1.0)
 
   # ---- conditioning ---------------------------------------------------------------------------

@@ -38,12 +38,13 @@ Samplers that draw noise (DDIM with η > 0, DDPM) split `rng` into one key per s
 key gives the same samples. All samplers accept `timesteps=` (an explicit decreasing sequence
 instead of `num_steps`, `spacing` and `steps_offset`), `return_x0_at=` (step indices whose
 predicted x0 is returned for the denoising visualisation; the call then returns
-`(x, x0_preds [K, B, H, W, C])`),
+`(x, x0_preds [K, B, H, W, C])`), `end_timestep=` (the last step lands on that timestep instead of
+the end of the schedule: the first model of an ensemble of experts, `expert_timesteps`),
 and the inpainting arguments `known_latent`, `mask` and `known_noise` (front end: `inpaint`).
 
 Applications: `img2img` (strength → how many of the steps are run), `inpaint` (known region
-re-noised and blended at every step), `mask_to_latent`, `tiled_decode` (overlapping tiles of a
-large latent decoded one at a time and blended).
+re-noised and blended at every step), `mask_to_latent`, `expert_timesteps` (SDXL's base + refiner:
+which timesteps each model denoises). Tiled decoding is `ldm_jax.diffusion.tiling`.
 """
 
 from __future__ import annotations
@@ -283,18 +284,28 @@ class _Trajectory:
   `scan` runs the steps as one `lax.scan`."""
 
   def __init__(self, sampler, model_fn, schedule, x_T, *, parameterization, num_steps, spacing, steps_offset,
-               timesteps, return_x0_at, known_latent, mask, known_noise, clip_x0=None):
+               timesteps, return_x0_at, known_latent, mask, known_noise, clip_x0=None, end_timestep=None):
     _check_parameterization(parameterization)
     self.model_fn, self.schedule, self.parameterization, self.clip_x0 = (
         model_fn, schedule, parameterization, clip_x0)
     self.ts = _resolve_timesteps(schedule, num_steps, spacing, steps_offset, sampler, timesteps)
     self.n = len(self.ts)
     self.ab = schedule.alphas_cumprod.astype(jnp.float32)
+    if end_timestep is not None and (not isinstance(end_timestep, (int, np.integer)) or isinstance(end_timestep, bool)
+                                     or not 0 <= end_timestep < self.ts[-1]):
+      raise ValueError(f"end_timestep: expected an integer in [0, {self.ts[-1]}) (below the last visited "
+                       f"timestep), got {end_timestep!r}.")
+    self.end_timestep = end_timestep
     self.known = _Known(schedule, x_T, known_latent, mask, known_noise)
     self.x_T = jnp.asarray(x_T, jnp.float32)
     self.slots = _x0_slots(tuple(return_x0_at), self.n)
     self.buf = (jnp.zeros((len(return_x0_at),) + self.x_T.shape, jnp.float32)
                 if len(return_x0_at) else None)
+
+  def ab_after(self, default: jax.Array) -> jax.Array:
+    """[n] ᾱ each step lands on: the next visited timestep's, then ᾱ at `end_timestep` or `default` [1]."""
+    end = default if self.end_timestep is None else self.ab[self.end_timestep][None]
+    return jnp.concatenate([self.ab[self.ts[1:]], end])
 
   def predict(self, x, t):
     """One network call at timestep t (a scalar) on x after the inpainting blend →
@@ -339,7 +350,7 @@ def _clip(x0, clip_x0):
 def ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array | None = None, *,
          num_steps: int = 50, eta: float = 0.0, parameterization: str = "eps", spacing: str = "uniform",
          steps_offset: int = 0, timesteps=None, clip_x0: float | None = None, return_x0_at: Sequence[int] = (),
-         known_latent=None, mask=None, known_noise=None):
+         known_latent=None, mask=None, known_noise=None, end_timestep: int | None = None):
   """DDIM: x_{t'} = √ᾱ_{t'}·x̂0 + √(1 − ᾱ_{t'} − σ²)·ε̂ + σ·z,  σ = η·√((1−ᾱ_{t'})/(1−ᾱ_t)·(1 − ᾱ_t/ᾱ_{t'})).
 
   Args:
@@ -355,17 +366,22 @@ def ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
     clip_x0: if set, x̂0 is clipped to [−clip_x0, clip_x0] (pixel-space models).
     return_x0_at: step indices (0 = first step) whose x̂0 is returned.
     known_latent, mask, known_noise: inpainting (see `inpaint`).
+    end_timestep: the timestep the last step lands on instead of the end of the schedule, below the
+      last visited one: the first expert of an ensemble stops where the next one starts
+      (`expert_timesteps`). Every sampler takes it.
   Returns:
-    x [B, H, W, C] float32 at ᾱ_0 (or `(x, x0_preds [K, B, H, W, C])` with `return_x0_at`).
+    x [B, H, W, C] float32 at ᾱ_0, or at `end_timestep` (or `(x, x0_preds [K, B, H, W, C])` with
+    `return_x0_at`).
   """
   if not eta >= 0:
     raise ValueError(f"eta: must be ≥ 0, got {eta}.")
   run = _Trajectory("ddim", model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
                     spacing=spacing, steps_offset=steps_offset, timesteps=timesteps, return_x0_at=return_x0_at,
-                    known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0)
+                    known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0,
+                    end_timestep=end_timestep)
   ts, ab = run.ts, run.ab
   ab_t = ab[ts]
-  ab_prev = jnp.concatenate([ab[ts[1:]], ab[:1]])
+  ab_prev = run.ab_after(ab[:1])
   sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
   stochastic = eta > 0
   xs = dict(t=jnp.asarray(ts), ab_prev=ab_prev, sigma=sigma, slot=jnp.asarray(run.slots),
@@ -385,7 +401,7 @@ def ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
 def ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, *,
          num_steps: int | None = None, parameterization: str = "eps", spacing: str = "uniform",
          steps_offset: int = 0, timesteps=None, clip_x0: float | None = None, return_x0_at: Sequence[int] = (),
-         known_latent=None, mask=None, known_noise=None):
+         known_latent=None, mask=None, known_noise=None, end_timestep: int | None = None):
   """Ancestral sampling from the posterior q(x_{t'} | x_t, x̂0) between consecutive visited timesteps.
 
   mean = √ᾱ_{t'}·β/(1−ᾱ_t)·x̂0 + √(1−β)·(1−ᾱ_{t'})/(1−ᾱ_t)·x_t, variance (1−ᾱ_{t'})/(1−ᾱ_t)·β with
@@ -395,10 +411,11 @@ def ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, 
   run = _Trajectory("ddpm", model_fn, schedule, x_T, parameterization=parameterization,
                     num_steps=schedule.num_timesteps if num_steps is None else num_steps, spacing=spacing,
                     steps_offset=steps_offset, timesteps=timesteps, return_x0_at=return_x0_at,
-                    known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0)
+                    known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0,
+                    end_timestep=end_timestep)
   ts, ab = run.ts, run.ab
   ab_t = ab[ts]
-  ab_prev = jnp.concatenate([ab[ts[1:]], jnp.ones((1,), jnp.float32)])
+  ab_prev = run.ab_after(jnp.ones((1,), jnp.float32))
   beta = 1 - ab_t / ab_prev
   xs = dict(t=jnp.asarray(ts), slot=jnp.asarray(run.slots), key=_step_keys(rng, run.n, True, "ddpm"),
             c_x0=jnp.sqrt(ab_prev) * beta / (1 - ab_t), c_xt=jnp.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t),
@@ -414,7 +431,8 @@ def ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, 
 
 def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array | None = None, *,
          num_steps: int = 50, parameterization: str = "eps", spacing: str = "uniform", steps_offset: int = 0,
-         timesteps=None, return_x0_at: Sequence[int] = (), known_latent=None, mask=None, known_noise=None):
+         timesteps=None, return_x0_at: Sequence[int] = (), known_latent=None, mask=None, known_noise=None,
+         end_timestep: int | None = None):
   """Pseudo linear multistep (PNDM without Runge–Kutta warm-up), deterministic; `rng` is unused.
 
   Each network output is turned into ε̂ at the sample it was computed on; the step from t to t'
@@ -423,7 +441,7 @@ def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
     step 1:  ε′ = (3ε_1 − ε_0)/2,   step 2: (23ε_2 − 16ε_1 + 5ε_0)/12,
     step ≥3: (55ε_k − 59ε_{k−1} + 37ε_{k−2} − 9ε_{k−3})/24,
   with ε_k the output at the start of step k (ε_0 from the first call). One step is a DDIM step.
-  The last step lands on ᾱ_0. x0 predictions are those of ε′. Other arguments as `ddim`.
+  The last step lands on ᾱ_0 (or `end_timestep`). x0 predictions are those of ε′. Other arguments as `ddim`.
 
   diffusers' PNDM combines raw v outputs and converts them with the current sample; converting
   each one at its own sample (here) is the same for eps models and differs for v models. Like
@@ -432,20 +450,21 @@ def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
   """
   run = _Trajectory("plms", model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
                     spacing=spacing, steps_offset=steps_offset, timesteps=timesteps, return_x0_at=return_x0_at,
-                    known_latent=known_latent, mask=mask, known_noise=known_noise)
+                    known_latent=known_latent, mask=mask, known_noise=known_noise, end_timestep=end_timestep)
   ts, n, step_slots = run.ts, run.n, run.slots
+  last = -1 if end_timestep is None else end_timestep  # −1: ᾱ_0
 
   # The calls, as in diffusers' PNDM with skip_prk_steps: call 0 at t_0 (a provisional step),
   # call 1 at t_1 redoing step 0 from the saved sample, then call k at t_{k−1} doing step k−1.
   if n == 1:
-    t_call, t_from, t_to = ts, ts, np.array([-1])
+    t_call, t_from, t_to = ts, ts, np.array([last])
     weights = np.array([[1.0, 0, 0, 0]])
     append, from_saved, slots = np.array([True]), np.array([False]), step_slots
   else:
     steps = np.arange(n)
     t_call = np.concatenate([ts[:1], ts[1:2], ts[1:]])
     t_from = np.concatenate([ts[:1], ts[:1], ts[1:]])
-    t_to = np.concatenate([ts[1:2], ts[1:2], np.append(ts[2:], -1)])
+    t_to = np.concatenate([ts[1:2], ts[1:2], np.append(ts[2:], last)])
     ab_weights = {1: [1.0, 0, 0, 0], 2: [1.5, -0.5, 0, 0], 3: [23 / 12, -16 / 12, 5 / 12, 0],
                   4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
     weights = np.array([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0]] + [ab_weights[min(k + 1, 4)] for k in steps[1:]])
@@ -478,24 +497,27 @@ def plms(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array |
 def dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array | None = None, *,
              num_steps: int = 20, parameterization: str = "eps", spacing: str = "uniform", steps_offset: int = 0,
              timesteps=None, clip_x0: float | None = None, return_x0_at: Sequence[int] = (), known_latent=None,
-             mask=None, known_noise=None):
+             mask=None, known_noise=None, end_timestep: int | None = None):
   """DPM-Solver++(2M): multistep second-order solver of the diffusion ODE in data prediction.
 
   With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ), h = λ_{t'} − λ_t and D = x̂0:
     x_{t'} = (σ_{t'}/σ_t)·x − α_{t'}·(e^{−h} − 1)·(D_t + (D_t − D_prev)/(2r)),  r = h_prev/h,
   first order (no D_prev term) on the first step and on the last, which goes to ᾱ = 1 and so
-  returns the last x̂0. Deterministic; `rng` is unused. Other arguments as `ddim`.
+  returns the last x̂0. With `end_timestep` the last step goes there, second order, as diffusers'
+  scheduler steps in the middle of its timesteps (the first expert of an ensemble). Deterministic;
+  `rng` is unused. Other arguments as `ddim`.
   """
   run = _Trajectory("dpmpp_2m", model_fn, schedule, x_T, parameterization=parameterization, num_steps=num_steps,
                     spacing=spacing, steps_offset=steps_offset, timesteps=timesteps, return_x0_at=return_x0_at,
-                    known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0)
+                    known_latent=known_latent, mask=mask, known_noise=known_noise, clip_x0=clip_x0,
+                    end_timestep=end_timestep)
   ts, n, ab = run.ts, run.n, run.ab
   ab_t = ab[ts]
-  ab_next = jnp.concatenate([ab[ts[1:]], jnp.ones((1,), jnp.float32)])
+  ab_next = run.ab_after(jnp.ones((1,), jnp.float32))
   # ς = σ/α = e^{−λ}; e^{−h} = ς_{t'}/ς_t stays finite at the last step, where ς_{t'} = 0.
   vs_t, vs_next = jnp.sqrt((1 - ab_t) / ab_t), jnp.sqrt((1 - ab_next) / ab_next)
   second = np.arange(n) >= 1
-  second[-1] = False
+  second[-1] &= end_timestep is not None
   lam = -jnp.log(vs_t)
   h = jnp.where(second, -jnp.log(jnp.where(second, vs_next, 1.0)) - lam, 1.0)
   h_prev = jnp.where(second, lam - jnp.roll(lam, 1), 1.0)
@@ -531,6 +553,22 @@ def _strength_timesteps(schedule, num_steps, spacing, steps_offset, sampler, str
     raise ValueError(f"strength: must be in [0, 1], got {strength}.")
   ts = make_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset=steps_offset, sampler=sampler)
   return ts[num_steps - min(int(num_steps * strength), num_steps):]
+
+
+def expert_timesteps(num_timesteps: int, timesteps, denoising_end: float) -> tuple[np.ndarray, np.ndarray]:
+  """The timesteps of an ensemble of two experts (eDiff-I; SDXL's base then refiner), as diffusers.
+
+  The first expert denoises the fraction `denoising_end` ∈ (0, 1) of the noise levels: the visited
+  `timesteps` (decreasing) ≥ round(T·(1 − denoising_end)), landing on the second expert's first
+  timestep (`end_timestep`); the second continues from its latents over the rest (diffusers'
+  `denoising_end` / `denoising_start`). Either part may be empty.
+  """
+  if not 0 < denoising_end < 1:
+    raise ValueError(f"denoising_end: expected a fraction in (0, 1), got {denoising_end!r}.")
+  ts = np.asarray(timesteps)
+  cutoff = int(round(num_timesteps - denoising_end * num_timesteps))
+  k = int(np.sum(ts >= cutoff))
+  return ts[:k], ts[k:]
 
 
 def img2img(model_fn: ModelFn, schedule: Schedule, x0_latent: jax.Array, rng: jax.Array, *, strength: float,
@@ -591,64 +629,3 @@ def mask_to_latent(mask: jax.Array, f: int) -> jax.Array:
     raise ValueError(f"mask: shape {shape} is not [B, H, W, C] with H and W divisible by f = {f}.")
   B, H, W, C = shape
   return jnp.asarray(mask, jnp.float32).reshape(B, H // f, f, W // f, f, C).mean(axis=(2, 4))
-
-
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-  starts = list(range(0, size - tile, tile - overlap)) + [size - tile]
-  return sorted(set(starts))
-
-
-def _feather(starts: list[int], tile: int, f: int) -> list[np.ndarray]:
-  """Per-tile pixel weights along one axis: linear ramps, strictly positive, across each overlap."""
-  weights = []
-  for i, s in enumerate(starts):
-    w = np.ones(tile * f)
-    j = np.arange(tile * f) + 0.5
-    if i > 0:
-      ov = (starts[i - 1] + tile - s) * f
-      if ov > 0:
-        w = np.minimum(w, j / ov)
-    if i + 1 < len(starts):
-      ov = (s + tile - starts[i + 1]) * f
-      if ov > 0:
-        w = np.minimum(w, (tile * f - j) / ov)
-    weights.append(w)
-  return weights
-
-
-def tiled_decode(decode_fn: Callable[[jax.Array], jax.Array], z: jax.Array, tile: int, overlap: int,
-                 f: int) -> jax.Array:
-  """Decodes a large latent tile by tile and blends the overlaps with feathered (linear) weights.
-
-  Args:
-    decode_fn: [B, h, w, c] → [B, h·f, w·f, C], e.g. the autoencoder's decode with params closed over.
-    z: [B, H, W, c] latent.
-    tile: tile size in latent pixels (clamped to H and W).
-    overlap: latent pixels shared by neighbouring tiles, 0 ≤ overlap < tile.
-    f: the decoder's upsampling factor.
-  Returns:
-    [B, H·f, W·f, C] float32: Σ w_i·D(tile_i) / Σ w_i per pixel; the tiles are decoded one after
-    the other (`lax.map`), so peak memory is one tile's. A decoder that acts per latent pixel
-    gives exactly the untiled result; real decoders' seams are blended over `overlap·f` pixels.
-  """
-  B, H, W, _ = np.shape(z)
-  if not isinstance(tile, (int, np.integer)) or tile < 1:
-    raise ValueError(f"tile: expected a positive integer, got {tile!r}.")
-  if not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < tile:
-    raise ValueError(f"overlap: expected an integer in [0, tile = {tile}), got {overlap!r}.")
-  th, tw = min(tile, H), min(tile, W)
-  ys, xs = _tile_starts(H, th, min(overlap, th - 1)), _tile_starts(W, tw, min(overlap, tw - 1))
-  corners = [(y, x) for y in ys for x in xs]
-  decoded = jax.lax.map(decode_fn, jnp.stack([z[:, y:y + th, x:x + tw] for y, x in corners]))
-  if decoded.shape[2:4] != (th * f, tw * f):
-    raise ValueError(f"f: decode_fn maps a {th}×{tw} latent tile to {decoded.shape[2]}×{decoded.shape[3]} "
-                     f"pixels, not {th * f}×{tw * f}.")
-  weight_y, weight_x = dict(zip(ys, _feather(ys, th, f))), dict(zip(xs, _feather(xs, tw, f)))
-  out = jnp.zeros((B, H * f, W * f, decoded.shape[-1]), jnp.float32)
-  total = np.zeros((H * f, W * f))
-  for tile_out, (y, x) in zip(decoded, corners):
-    w = np.outer(weight_y[y], weight_x[x])
-    window = (slice(y * f, (y + th) * f), slice(x * f, (x + tw) * f))
-    out = out.at[(slice(None),) + window].add(tile_out.astype(jnp.float32) * jnp.asarray(w, jnp.float32)[..., None])
-    total[window] += w
-  return out / jnp.asarray(total, jnp.float32)[..., None]

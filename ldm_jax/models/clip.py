@@ -164,6 +164,8 @@ class CLIPTextEncoder(nn.Module):
                           self.depth - self.skip_last_layers, self.dtype, name="encoder")(x, run_all)
     final_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")
     context = final_norm(used) if self.norm_output else used
+    if not self.norm_output and self.is_initializing():
+      final_norm(used)  # unused (SDXL's first encoder), but full checkpoints carry it and load unchanged
     if not run_all:
       return context
     last = final_norm(last)

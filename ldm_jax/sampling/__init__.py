@@ -19,6 +19,9 @@ The order is the point, one module per step:
      replicated on a mesh of all devices.
   5. `run.run_batches`: one jit-compiled function per request (same padded shape for every
      batch): noise → sampler (one `lax.scan`, guidance inside) → decoder, batches split over the mesh.
+     With `--refiner` (`model.read_refiner`, planned beside the model) the same function runs the
+     model's share of the timesteps, the refiner's from its latents, and the refiner's decoder;
+     `--vae_tiling` decodes in blended tiles.
   6. `outputs.write_outputs`: into a hidden staging directory beside `--out`, renamed at the end,
      so a failure at any point leaves no partial output.
 
@@ -27,12 +30,12 @@ sampler (DDIM η = 0, PLMS, DPM-Solver++) sample i is the same whatever the batc
 samplers' own noise (DDPM, DDIM η > 0) and img2img's noise are drawn per batch.
 """
 
-from ldm_jax.sampling.model import ModelInfo, is_pretrained_dir, read_model, read_pretrained, read_run
+from ldm_jax.sampling.model import ModelInfo, is_pretrained_dir, read_model, read_pretrained, read_refiner, read_run
 from ldm_jax.sampling.outputs import write_outputs
-from ldm_jax.sampling.plan import Plan, make_plan
+from ldm_jax.sampling.plan import Plan, RefinerPlan, make_plan
 from ldm_jax.sampling.request import SampleRequest, check_request
 from ldm_jax.sampling.run import make_sample_fn, run_batches, sample_to_dir, sampling_mesh
 
-__all__ = ["ModelInfo", "Plan", "SampleRequest", "check_request", "is_pretrained_dir", "make_plan", "make_sample_fn",
-           "read_model", "read_pretrained", "read_run", "run_batches", "sample_to_dir", "sampling_mesh",
-           "write_outputs"]
+__all__ = ["ModelInfo", "Plan", "RefinerPlan", "SampleRequest", "check_request", "is_pretrained_dir", "make_plan",
+           "make_sample_fn", "read_model", "read_pretrained", "read_refiner", "read_run", "run_batches", "sample_to_dir",
+           "sampling_mesh", "write_outputs"]

@@ -69,15 +69,15 @@ def read_run(workdir: str) -> ModelInfo:
       load=lambda mesh, use_ema: load.load_diffusion_run(workdir, mesh, use_ema=use_ema))
 
 
-def read_pretrained(directory: str) -> ModelInfo:
+def read_pretrained(directory: str, flag: str = "--pretrained") -> ModelInfo:
   """A pretrained model (`ldm_jax.load.load_pretrained_ldm`: an ldm_jax pretrained directory, a
   diffusers pipeline folder, a single-file checkpoint). Its weights are read into host memory
   here — the readers give configs and weights together — and placed on devices by `load`.
 
   The conditioning comes from what the source holds (`ldm_jax.load.pretrained_conditioning`): a
-  trained `conditioner`, else a pretrained `text_encoder` + tokenizer, else none.
+  trained `conditioner`, else a pretrained `text_encoder` + tokenizer, else none. Errors name `flag`.
   """
-  ldm, params, ae_params, configs = load.load_pretrained_ldm(directory, "--pretrained")
+  ldm, params, ae_params, configs = load.load_pretrained_ldm(directory, flag)
   ae_cfg, diffusion_cfg = configs["autoencoder"], configs.get("diffusion", ml_collections.ConfigDict())
   resolution = int(ae_cfg.resolution)
 
@@ -108,3 +108,8 @@ def read_model(request: SampleRequest) -> ModelInfo:
   if is_pretrained_dir(request.workdir):
     return read_pretrained(request.workdir)
   return read_run(request.workdir)
+
+
+def read_refiner(request: SampleRequest) -> ModelInfo | None:
+  """The `--refiner` of a base + refiner ensemble (a pretrained directory or diffusers folder), or None."""
+  return None if request.refiner is None else read_pretrained(request.refiner, "--refiner")

@@ -50,6 +50,13 @@ class SampleRequest:
       branches; diffusers' defaults 6 and 2.5).
     lora: (file, scale) pairs: LoRA adapters added to the weights (`ldm_jax.sampling.adapters`).
     textual_inversion: learned_embeds files whose tokens the prompts may use.
+    refiner, denoising_end: an ensemble of experts (SDXL base + refiner): the model denoises the
+      noise levels above `denoising_end` ∈ (0, 1) of the way (e.g. 0.8) and the `refiner` (an SDXL
+      refiner directory or diffusers folder, conditioned on aesthetic scores) the rest from its
+      latents, then decodes with its autoencoder — diffusers' `denoising_end` / `denoising_start`.
+    vae_tiling: decode in overlapping tiles (diffusers' `enable_tiling()`), tiles of `vae_tile_size`
+      pixels (None: the autoencoder's sample size, as diffusers) overlapping by the fraction
+      `vae_tile_overlap` (0.25); `ldm_jax.diffusion.tiling`.
   """
   out: str
   workdir: str | None = None
@@ -83,6 +90,11 @@ class SampleRequest:
   negative_aesthetic_score: float = 2.5
   lora: tuple[tuple[str, float], ...] = ()
   textual_inversion: tuple[str, ...] = ()
+  refiner: str | None = None
+  denoising_end: float | None = None
+  vae_tiling: bool = False
+  vae_tile_size: int | None = None
+  vae_tile_overlap: float = 0.25
 
 
 def is_int(value) -> bool:
@@ -159,12 +171,36 @@ def check_request(request: SampleRequest) -> None:
     checks.check_number(f"--lora {path}: the scale", scale)
   checks.check_number("--aesthetic_score", r.aesthetic_score)
   checks.check_number("--negative_aesthetic_score", r.negative_aesthetic_score)
+  _check_refiner_and_tiling(r)
   steps = list(r.save_intermediates)
   if any(not is_int(i) or i < 0 for i in steps) or len(set(steps)) != len(steps):
     raise ValueError(f"--save_intermediates: expected distinct step indices ≥ 0, got {tuple(steps)}.")
   if os.path.exists(r.out) and (not os.path.isdir(r.out) or os.listdir(r.out)):
     raise FileExistsError(f"--out: {r.out} already exists and is not an empty directory; choose a new one "
                           "(outputs are never mixed with earlier ones).")
+
+
+def _check_refiner_and_tiling(r: SampleRequest) -> None:
+  if (r.refiner is None) != (r.denoising_end is None):
+    raise ValueError("--refiner / --denoising_end: give both (the refiner takes over after the fraction "
+                     "--denoising_end of the denoising, e.g. 0.8) or neither.")
+  if r.refiner is not None:
+    checks.check_number("--denoising_end", r.denoising_end, gt=0, lt=1)
+    if not os.path.exists(r.refiner):
+      raise FileNotFoundError(f"--refiner: {r.refiner} does not exist (an SDXL refiner directory: `convert "
+                              "import` output or a diffusers folder).")
+    for flag, value in (("--init_image", r.init_image), ("--save_intermediates", r.save_intermediates),
+                        ("--textual_inversion", r.textual_inversion)):
+      if value:
+        raise ValueError(f"{flag}: not with --refiner (the base + refiner ensemble samples from noise, "
+                         "with the models' own vocabularies, and draws only the final images).")
+  if not isinstance(r.vae_tiling, bool):
+    raise ValueError(f"--vae_tiling: expected true or false, got {r.vae_tiling!r}.")
+  if not r.vae_tiling and (r.vae_tile_size is not None or r.vae_tile_overlap != 0.25):
+    raise ValueError("--vae_tile_size / --vae_tile_overlap: only used with --vae_tiling.")
+  if r.vae_tile_size is not None and (not is_int(r.vae_tile_size) or r.vae_tile_size < 1):
+    raise ValueError(f"--vae_tile_size: expected a positive number of pixels, got {r.vae_tile_size!r}.")
+  checks.check_number("--vae_tile_overlap", r.vae_tile_overlap, ge=0, lt=1)
 
 
 def read_image(path: str, flag: str, mode: str) -> np.ndarray:

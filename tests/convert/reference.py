@@ -108,6 +108,8 @@ def unet_to_ldm(state, config):
              "class_embedding": "label_emb.0"}
     if p[0] in fixed:
       new = [fixed[p[0]]] + p[1:]
+    elif p[0] == "add_embedding":  # SDXL (sgm): the `vector` condition's label_emb Sequential
+      new = ["label_emb.0", "0" if p[1] == "linear_1" else "2"] + p[2:]
     elif p[0] == "time_embedding":
       new = ["time_embed", "0" if p[1] == "linear_1" else "2"] + p[2:]
     elif p[0] == "down_blocks":
@@ -174,13 +176,16 @@ def vae_to_ldm(state, config):
 
 
 def clip_to_openclip(state):
-  """transformers CLIPTextModel → OpenCLIP text tower names (fused q/k/v), as SD 2.x checkpoints keep them."""
+  """transformers CLIPTextModel → OpenCLIP text tower names (fused q/k/v), as SD 2.x checkpoints keep them;
+  a CLIPTextModelWithProjection's `text_projection.weight` [P, D] becomes OpenCLIP's matrix [D, P]
+  (pooled @ text_projection), as SDXL's bigG keeps it (else an unused identity, as SD 2.x)."""
   state = {k.removeprefix("text_model."): v for k, v in state.items()}
+  width = state["final_layer_norm.weight"].shape[0]
+  projection = state["text_projection.weight"].T if "text_projection.weight" in state else np.eye(width, dtype=np.float32)
   out = {"token_embedding.weight": state["embeddings.token_embedding.weight"],
          "positional_embedding": state["embeddings.position_embedding.weight"],
          "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"],
-         "text_projection": np.eye(state["final_layer_norm.weight"].shape[0], dtype=np.float32),
-         "logit_scale": np.array(4.6, np.float32)}
+         "text_projection": np.ascontiguousarray(projection), "logit_scale": np.array(4.6, np.float32)}
   names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
            "self_attn.out_proj": "attn.out_proj"}
   layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}

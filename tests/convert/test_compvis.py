@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders import single_file_utils  # noqa: E402
 
 from ldm_jax.convert import WeightMismatchError  # noqa: E402
+from ldm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from ldm_jax.load import load_pretrained, read_source  # noqa: E402
 from ldm_jax.convert.safetensors_io import write_safetensors  # noqa: E402
 from ldm_jax.diffusion.schedule import beta_schedule  # noqa: E402
@@ -152,3 +153,23 @@ def test_paper_txt2img_bert_embedder(tmp_path):
   assert (configs["cond"].kind, configs["cond"].num_heads, configs["cond"].mask_padding) == ("text", 2, False)
   out = modules["conditioner"].apply({"params": loaded["conditioner"]}, {"tokens": tokens}, deterministic=True)
   np.testing.assert_allclose(out["context"], encoder.apply({"params": params}, tokens), atol=1e-5)
+
+
+def test_sd1_single_file_imports_and_exports_to_a_diffusers_pipeline(sd_pipeline, transformers_models, tmp_path):
+  """A CompVis file → `convert import` → `convert export --src` → StableDiffusionPipeline, weights unchanged."""
+  _, pipe = sd_pipeline
+  state = {**_prefixed("model.diffusion_model.", unet_to_ldm(state_numpy(pipe.unet), pipe.unet.config)),
+           **_prefixed("first_stage_model.", vae_to_ldm(state_numpy(pipe.vae), pipe.vae.config)),
+           **_prefixed("cond_stage_model.transformer.text_model.", state_numpy(pipe.text_encoder))}
+  path, imported, exported = (str(tmp_path / name) for name in ("sd1.safetensors", "imported", "exported"))
+  write_safetensors(path, state)
+  assert convert_main(["import", "--src", path, "--out", imported, "--num_heads", "2",
+                       "--tokenizer", transformers_models["clip_tokenizer"][0]]) == 0
+  assert convert_main(["export", "--src", imported, "--format", "diffusers", "--out", exported]) == 0
+  reloaded = diffusers.StableDiffusionPipeline.from_pretrained(exported)
+  assert reloaded.vae.config.scaling_factor == 0.18215
+  for name in ("unet", "vae", "text_encoder"):
+    ours, theirs = state_numpy(getattr(reloaded, name)), state_numpy(getattr(pipe, name))
+    assert sorted(ours) == sorted(theirs), name
+    for key, value in theirs.items():
+      np.testing.assert_array_equal(ours[key], value, err_msg=f"{name}: {key}")

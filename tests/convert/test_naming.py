@@ -139,7 +139,7 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_compvis_yaml_config_fills_what_the_weights_do_not_tell(tmp_path):
-  from ldm_jax.convert.compvis import options_from_yaml
+  from ldm_jax.convert.single_file import options_from_yaml
   path = tmp_path / "v2-inference-v.yaml"
   path.write_text("""
 model:

@@ -122,3 +122,50 @@ def test_ddpm_trajectory_matches_diffusers_with_the_same_noise(setup, monkeypatc
   assert not noise  # diffusers drew one noise per step
   np.testing.assert_array_equal(samplers.make_timesteps(1000, STEPS, "uniform"), timesteps)
   np.testing.assert_allclose(_ours("ddpm", model_fn, x_T, rng, num_steps=STEPS), reference, atol=TOL)
+
+
+@pytest.mark.parametrize("denoising_end", [0.1, 0.45, 0.8, 0.99])
+def test_expert_timesteps_are_diffusers_denoising_end_and_start(denoising_end):
+  """The base's timesteps are StableDiffusionXLPipeline's with `denoising_end`, the refiner's
+  StableDiffusionXLImg2ImgPipeline's with `denoising_start` (their cut-off rule, rewritten here)."""
+  scheduler = diffusers.DDIMScheduler(**SD_SCHEDULE)
+  scheduler.set_timesteps(25)
+  timesteps = scheduler.timesteps.numpy()
+  cutoff = int(round(1000 - denoising_end * 1000))
+  base, refiner = samplers.expert_timesteps(1000, timesteps, denoising_end)
+  np.testing.assert_array_equal(base, [t for t in timesteps if t >= cutoff])
+  np.testing.assert_array_equal(refiner, timesteps[len(timesteps) - int((timesteps < cutoff).sum()):])
+  assert len(base) + len(refiner) == 25 and 0 < len(base) < 25
+  with pytest.raises(ValueError, match="denoising_end: expected a fraction in"):
+    samplers.expert_timesteps(1000, timesteps, 1.0)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_an_ensemble_of_experts_matches_diffusers_handing_over_latents(setup, name):
+  """diffusers' base loop over the timesteps ≥ the cut-off, then a fresh scheduler of the refiner
+  from its begin index (what the two SDXL pipelines do; here one U-Net plays both experts): the
+  first part lands on the refiner's first timestep (`end_timestep`), the second continues from it.
+  DPM-Solver++'s last base step is second order and the refiner's first is first order."""
+  model_fn, torch_model, x_T = setup
+  make = {"ddim": lambda: diffusers.DDIMScheduler(**SD_SCHEDULE, set_alpha_to_one=False, clip_sample=False),
+          "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler(
+              **SD_SCHEDULE, solver_order=2, algorithm_type="dpmsolver++", lower_order_final=True,
+              final_sigmas_type="zero")}[name]
+  base_scheduler, refiner_scheduler = make(), make()
+  base_scheduler.set_timesteps(STEPS)
+  refiner_scheduler.set_timesteps(STEPS)
+  ts, refiner_ts = samplers.expert_timesteps(1000, base_scheduler.timesteps.numpy(), 0.65)
+  assert len(ts) >= 2 and len(refiner_ts) >= 2, (ts, refiner_ts)  # (6, 4) with DDIM, (7, 3) with DPM-Solver++
+  x = nchw(x_T)
+  for t in base_scheduler.timesteps[:len(ts)]:
+    x = base_scheduler.step(torch_model(x, t), t, x).prev_sample
+  handed_over = nhwc(x)
+  if hasattr(refiner_scheduler, "set_begin_index"):  # as the img2img pipeline does; DDIM has no step index
+    refiner_scheduler.set_begin_index(len(ts))
+  for t in refiner_scheduler.timesteps[len(ts):]:
+    x = refiner_scheduler.step(torch_model(x, t), t, x).prev_sample
+  ours = _ours(name, model_fn, x_T, timesteps=ts, end_timestep=int(refiner_ts[0]))
+  np.testing.assert_allclose(ours, handed_over, atol=TOL)
+  np.testing.assert_allclose(_ours(name, model_fn, ours, timesteps=refiner_ts), nhwc(x), atol=TOL)
+  with pytest.raises(ValueError, match=r"end_timestep: expected an integer in \[0, "):
+    samplers.sample(name, model_fn, make_schedule("scaled_linear"), x_T, timesteps=ts, end_timestep=int(ts[-1]))

@@ -6,19 +6,21 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from ldm_jax.convert import components, write_diffusers  # noqa: E402
+from ldm_jax.convert import components, save_pretrained, write_diffusers  # noqa: E402
 from ldm_jax.convert.diffusers_format import unet_config_from_diffusers  # noqa: E402
 from ldm_jax.load import load_pretrained, read_source  # noqa: E402
 from ldm_jax.runtime import sharding  # noqa: E402
-from ldm_jax.sampling import SampleRequest, sample_to_dir  # noqa: E402
-from ldm_jax.sampling.model import read_model  # noqa: E402
+from ldm_jax.sampling import SampleRequest, check_request, sample_to_dir  # noqa: E402
+from ldm_jax.sampling.model import read_model, read_refiner  # noqa: E402
 from ldm_jax.sampling.plan import make_plan  # noqa: E402
 from ldm_jax.sampling.run import make_sample_fn, sampling_mesh  # noqa: E402
 from tests.convert.reference import clip_tokenizer_vocab, nchw, nhwc, perturb, state_numpy  # noqa: E402
@@ -56,6 +58,9 @@ TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=
                  transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
                  cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
                  projection_class_embeddings_input_dim=24 + 6 * 8)
+# The refiner's: the context is the second encoder's alone (32 wide), and 5 time ids (aesthetic score
+# instead of the target size).
+TINY_REFINER_UNET = dict(TINY_UNET, cross_attention_dim=32, projection_class_embeddings_input_dim=24 + 5 * 8)
 TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                 up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
                 layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.13025)
@@ -213,6 +218,19 @@ def test_sample_py_writes_the_sdxl_pipeline_images(sdxl_pipeline, tmp_path):
   assert np.abs(ours.astype(np.float64) - expected).max() <= 1
 
 
+def test_sdxl_folder_import_reads_back(sdxl_pipeline, tmp_path):
+  """`convert import` of an SDXL folder gives a pretrained directory that reads back unchanged (the first
+  encoder's final LayerNorm, which SDXL does not use, included)."""
+  folder, _ = sdxl_pipeline
+  imported = read_source(folder)
+  save_pretrained(str(tmp_path / "imported"), imported)
+  again = read_source(str(tmp_path / "imported"))
+  assert again.configs["text_encoder"]["norm_output"] is False
+  assert "final_layer_norm" in again.params["text_encoder"]
+  for component in imported.components:
+    jax.tree.map(np.testing.assert_array_equal, again.params[component], imported.params[component])
+
+
 def test_sdxl_export_loads_in_diffusers(sdxl_pipeline, tmp_path):
   folder, pipe = sdxl_pipeline
   exported = str(tmp_path / "exported")
@@ -229,3 +247,129 @@ def test_sdxl_export_loads_in_diffusers(sdxl_pipeline, tmp_path):
   assert reloaded.vae.config.scaling_factor == 0.13025
   assert reloaded.vae.config.norm_num_groups == 8
   assert reloaded.tokenizer_2.pad_token == "!"
+
+
+@pytest.fixture(scope="module")
+def sdxl_refiner(sdxl_pipeline, tmp_path_factory):
+  """(folder, StableDiffusionXLImg2ImgPipeline) of a tiny random SDXL refiner: the base's second text
+  encoder and tokenizer (as the published refiner shares bigG), its own U-Net and VAE."""
+  _, base = sdxl_pipeline
+  pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+      vae=perturb(diffusers.AutoencoderKL(**TINY_VAE), seed=25), text_encoder=None,
+      text_encoder_2=base.text_encoder_2, tokenizer=None, tokenizer_2=base.tokenizer_2,
+      unet=perturb(diffusers.UNet2DConditionModel(**TINY_REFINER_UNET), seed=26),
+      scheduler=diffusers.DDIMScheduler.from_config(base.scheduler.config), requires_aesthetics_score=True,
+      force_zeros_for_empty_prompt=False, add_watermarker=False)
+  folder = str(tmp_path_factory.mktemp("sdxl_refiner"))
+  pipe.save_pretrained(folder)
+  return folder, pipe
+
+
+def test_base_and_refiner_match_the_diffusers_ensemble_of_experts(sdxl_pipeline, sdxl_refiner, tmp_path):
+  """sample.py's compiled function with --refiner --denoising_end 0.6 against
+  StableDiffusionXLPipeline(denoising_end=0.6, output_type='latent') then
+  StableDiffusionXLImg2ImgPipeline(denoising_start=0.6) on those latents, both with DDIM and guidance:
+  the base's 2 of the 4 steps, the refiner's 2 with its own conditioning (bigG only, aesthetic
+  scores, the empty negative prompt encoded), decoded by the refiner's VAE in 8-pixel tiles."""
+  folder, base = sdxl_pipeline
+  refiner_folder, refiner = sdxl_refiner
+  x_T = np.random.default_rng(3).normal(size=(2, HEIGHT // 2, WIDTH // 2, 4)).astype(np.float32)
+  np.save(tmp_path / "latents.npy", x_T)
+  micro = dict(original_size=(40, 32), crops_coords_top_left=(2, 3))
+  request = SampleRequest(out=str(tmp_path / "out"), pretrained=folder, refiner=refiner_folder, denoising_end=0.6,
+                          prompts=tuple(PROMPTS), guidance_scale=5.0, steps=4, timestep_spacing="leading",
+                          steps_offset=1, height=HEIGHT, width=WIDTH, latents=str(tmp_path / "latents.npy"),
+                          aesthetic_score=7.0, negative_aesthetic_score=2.0, batch_size=2, vae_tiling=True,
+                          vae_tile_size=8, **micro)
+  info, refiner_info = read_model(request), read_refiner(request)
+  mesh = sampling_mesh(jax.devices()[:DEVICES])
+  plan = make_plan(request, info, sharding.data_parallel_size(mesh), refiner_info)
+  assert (plan.refiner.base_timesteps.tolist(), plan.refiner.refiner_timesteps.tolist()) == ([751, 501], [251, 1])
+  assert plan.refiner.cond["time_ids"].tolist() == [[40, 32, 2, 3, 7.0]] * 2
+  assert plan.refiner.null["time_ids"].tolist() == [[40, 32, 0, 0, 2.0]]  # diffusers: negative crops (0, 0)
+  assert plan.decode_tile == (4, 1)  # diffusers: 8-pixel tiles stepping by int(4·0.75) = 3 latent pixels
+  ldm, params, ae_params = info.load(mesh, True)
+  refiner_ldm, refiner_params, refiner_ae_params = refiner_info.load(mesh, True)
+  fn, _ = make_sample_fn(ldm, request, plan, mesh, refiner_ldm)
+  expert = dict(params=refiner_params, ae_params=refiner_ae_params, cond=plan.refiner.cond, null=plan.refiner.null)
+  images, _ = fn(params, ae_params, plan.cond, plan.null, np.arange(2, dtype=np.int32), np.int32(0),
+                 jax.random.PRNGKey(0), None, None, plan.x_T, expert)
+  ours = np.asarray(images) / 2 + 0.5
+
+  refiner.vae.enable_tiling()
+  refiner.vae.tile_sample_min_size, refiner.vae.tile_latent_min_size = 8, 4
+  try:
+    with torch.no_grad():
+      latents = base(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=4, guidance_scale=5.0,
+                     latents=nchw(x_T), denoising_end=0.6, output_type="latent", **micro).images
+      reference = refiner(PROMPTS, image=latents, num_inference_steps=4, denoising_start=0.6, guidance_scale=5.0,
+                          aesthetic_score=7.0, negative_aesthetic_score=2.0, output_type="np", **micro).images
+  finally:
+    refiner.vae.disable_tiling()
+  assert reference.std() > 0.05
+  np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+  # The refiner mattered: the base alone, decoding its own (partly denoised) latents, is far off.
+  base_alone = np.asarray(ldm.decode(ae_params, np.asarray(latents).transpose(0, 2, 3, 1))) / 2 + 0.5
+  assert np.abs(base_alone - reference).max() > 0.05
+
+
+def test_refiner_requests_are_checked_before_any_compilation(sdxl_pipeline, sdxl_refiner, tmp_path):
+  folder, _ = sdxl_pipeline
+  refiner_folder, _ = sdxl_refiner
+  common = dict(out=str(tmp_path / "out"), pretrained=folder, prompts=tuple(PROMPTS), height=HEIGHT, width=WIDTH,
+                steps=4, batch_size=2)
+  mesh = sampling_mesh(jax.devices()[:DEVICES])
+  for match, kwargs in (
+      (r"--refiner / --denoising_end: give both", dict(refiner=refiner_folder)),
+      (r"--denoising_end: expected a finite number > 0 and < 1, got 1\.0", dict(refiner=refiner_folder,
+                                                                            denoising_end=1.0)),
+      (r"--refiner: .*nowhere does not exist", dict(refiner=str(tmp_path / "nowhere"), denoising_end=0.8)),
+      (r"--denoising_end: 0\.1 of the 4 steps .* leaves 0 to the model and 4 to the --refiner",
+       dict(refiner=refiner_folder, denoising_end=0.1)),
+      (r"--target_size: the model in .* \(an SDXL refiner\)", dict(pretrained=refiner_folder, target_size=(8, 8))),
+      (r"--vae_tile_size / --vae_tile_overlap: only used with --vae_tiling", dict(vae_tile_size=64)),
+      (r"--vae_tile_size: 15 is not a multiple of the autoencoder's f = 2", dict(vae_tiling=True, vae_tile_size=15)),
+      (r"--vae_tile_overlap: 0\.3 of a 16-pixel tile \(8 latent pixels\) is not a whole number",
+       dict(vae_tiling=True, vae_tile_size=16, vae_tile_overlap=0.3)),
+      (r"--vae_tile_overlap: expected a finite number >= 0 and < 1, got 1\.0", dict(vae_tiling=True,
+                                                                                  vae_tile_overlap=1.0))):
+    request = SampleRequest(**dict(common, **kwargs))
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+      check_request(request)
+      make_plan(request, read_model(request), sharding.data_parallel_size(mesh), read_refiner(request))
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_refiner_img2img_matches_the_sdxl_img2img_pipeline(sdxl_refiner, tmp_path, monkeypatch):
+  """The refiner alone on an init image (--init_image, --strength 0.5): sample.py's compiled
+  function against StableDiffusionXLImg2ImgPipeline given our encoded init latent and, for its
+  noise, the noise our img2img draws from the seed (the last 2 of 4 DDIM steps, guidance,
+  aesthetic scores, default micro-conditioning)."""
+  from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as img2img_module
+  refiner_folder, refiner = sdxl_refiner
+  init = str(tmp_path / "init.png")
+  Image.fromarray(np.random.default_rng(4).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)).save(init)
+  request = SampleRequest(out=str(tmp_path / "out"), pretrained=refiner_folder, prompts=tuple(PROMPTS),
+                          init_image=init, strength=0.5, guidance_scale=5.0, steps=4, timestep_spacing="leading",
+                          steps_offset=1, aesthetic_score=7.0, negative_aesthetic_score=2.0, batch_size=2)
+  info = read_model(request)
+  mesh = sampling_mesh(jax.devices()[:DEVICES])
+  plan = make_plan(request, info, sharding.data_parallel_size(mesh))
+  assert (plan.mode, plan.steps_run, plan.cond["time_ids"].tolist()) == ("img2img", 2, [[HEIGHT, WIDTH, 0, 0, 7.0]] * 2)
+  ldm, params, ae_params = info.load(mesh, True)
+  init_latent = jax.jit(ldm.encode)(ae_params, plan.init_image)
+  fn, _ = make_sample_fn(ldm, request, plan, mesh)
+  key = jax.random.PRNGKey(0)
+  images, _ = fn(params, ae_params, plan.cond, plan.null, np.arange(2, dtype=np.int32), np.int32(0), key,
+                 init_latent, None, None)
+  ours = np.asarray(images) / 2 + 0.5
+
+  # make_sample_fn: rng = fold_in(split(key)[1], batch 0); samplers.img2img: noise from split(rng)[0].
+  rng = jax.random.fold_in(jax.random.split(key)[1], 0)
+  noise = nchw(np.asarray(jax.random.normal(jax.random.split(rng)[0], (2,) + plan.latent_shape, jnp.float32)))
+  monkeypatch.setattr(img2img_module, "randn_tensor", lambda *args, **kwargs: noise)
+  with torch.no_grad():
+    reference = refiner(PROMPTS, image=nchw(np.asarray(init_latent)), strength=0.5, num_inference_steps=4,
+                        guidance_scale=5.0, aesthetic_score=7.0, negative_aesthetic_score=2.0, output_type="np").images
+  assert reference.std() > 0.05
+  np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)

@@ -7,7 +7,6 @@ A sampler driven by it should turn draws from the marginal at its first timestep
 from the data distribution, up to its discretization error.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -425,30 +424,3 @@ def test_mask_errors_and_image_mask_downsampling(sd):
   image_mask = jnp.zeros((1, 32, 32, 1)).at[:, :16].set(1.0).at[:, 16:20, :8].set(1.0)
   latent_mask = np.asarray(smp.mask_to_latent(image_mask, 8))[0, :, :, 0]
   np.testing.assert_array_equal(latent_mask, [[1, 1, 1, 1], [1, 1, 1, 1], [0.5, 0, 0, 0], [0, 0, 0, 0]])
-
-
-@pytest.mark.parametrize("shape,tile,overlap", [((2, 13, 10, 4), 6, 2), ((1, 8, 8, 4), 4, 0), ((1, 5, 9, 4), 8, 3),
-                                                ((1, 10, 7, 4), 6, 4)])  # the last: three tiles overlap
-def test_tiled_decode_equals_untiled_for_a_per_pixel_decoder(shape, tile, overlap):
-  f = 4
-  w = jax.random.normal(jax.random.key(0), (shape[-1], 3))
-
-  def decode(z):  # a 1×1 "decoder": per latent pixel, then nearest upsampling by f
-    y = jnp.tanh(z @ w)
-    return jnp.repeat(jnp.repeat(y, f, axis=1), f, axis=2)
-
-  z = jax.random.normal(jax.random.key(1), shape)
-  out = jax.jit(functools.partial(smp.tiled_decode, decode, tile=tile, overlap=overlap, f=f))(z)
-  assert out.shape == (shape[0], shape[1] * f, shape[2] * f, 3)
-  np.testing.assert_allclose(out, decode(z), rtol=1e-6, atol=1e-6)
-
-
-def test_tiled_decode_errors_name_the_argument():
-  z = jnp.zeros((1, 8, 8, 4))
-  decode = lambda z: jnp.repeat(jnp.repeat(z, 8, axis=1), 8, axis=2)
-  with pytest.raises(ValueError, match="overlap"):
-    smp.tiled_decode(decode, z, tile=4, overlap=4, f=8)
-  with pytest.raises(ValueError, match="tile"):
-    smp.tiled_decode(decode, z, tile=0, overlap=0, f=8)
-  with pytest.raises(ValueError, match="f:"):
-    smp.tiled_decode(decode, z, tile=4, overlap=1, f=4)
