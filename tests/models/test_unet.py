@@ -420,7 +420,8 @@ def test_make_unet_reads_the_config():
      r"model.transformer_depth: 3 depths \(1, 2, 10\) for 4 levels"),
     (dict(transformer_depth=(1, 0, 1, 1)), (32, 32, 4), 768, 0, "model.transformer_depth: expected positive"),
     (dict(addition_embed_type="text_time"), (32, 32, 4), 768, 0, "model.addition_embed_dim: None; 'text_time' needs"),
-    (dict(addition_embed_type="text"), (32, 32, 4), 768, 0, "model.addition_embed_type: 'text' is not None"),
+    (dict(addition_embed_type="text"), (32, 32, 4), 768, 0, "model.addition_embed_dim: None; 'text' needs"),
+    (dict(addition_embed_type="pooled"), (32, 32, 4), 768, 0, "model.addition_embed_type: 'pooled' is not one of"),
 ])
 def test_validate_unet_config_names_the_key(overrides, latent, conditioner, concat, message):
   with pytest.raises(ValueError, match=message):
