@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~2 minutes; its stages are covered in make test (configs, judge, smoke runs)
 def test_smoke_demo_ends_with_the_accuracy_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
       p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))

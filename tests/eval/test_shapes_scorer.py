@@ -5,6 +5,7 @@ import pytest
 
 from ldm_jax.data import shapes
 from ldm_jax.eval import shapes_scorer
+from tests.conftest import shared_run
 
 PROMPTS = ["a red circle at the top left on a white background",
            "a blue square at the bottom right on a black background",
@@ -32,12 +33,15 @@ SCORER_STEPS = 150
 EASY = ('colour', 'position', 'background')
 
 
+def _train_and_save(directory):
+  shapes_scorer.save_scorer(shapes_scorer.train_scorer(num_steps=SCORER_STEPS, image_size=32, progress=False),
+                            directory)
+
+
 @pytest.fixture(scope='module')
 def scorer(tmp_path_factory):
-  trained = shapes_scorer.train_scorer(num_steps=SCORER_STEPS, image_size=32, progress=False)
-  directory = str(tmp_path_factory.mktemp('scorer'))
-  shapes_scorer.save_scorer(trained, directory)
-  return shapes_scorer.load_scorer(directory)  # what the demo uses on a rerun
+  # Trained once for all test workers; loaded as the demo does on a rerun.
+  return shapes_scorer.load_scorer(shared_run(tmp_path_factory, 'shapes_scorer', _train_and_save))
 
 
 @pytest.fixture(scope='module')
