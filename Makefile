@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Two stamps: the demo needs only the runtime (requirements.txt); the tests add requirements-dev.txt
+# (PyTorch, diffusers, notebook tools), which would add minutes to a first `make demo`.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
@@ -12,10 +15,14 @@ TEST_WORKERS ?= 2
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(RUNTIME_STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt -e .
+	$(PY) -m pip install --quiet -r requirements.txt -e .
+	touch $@
+
+$(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
 # Fashion-MNIST idx files from Debian (dataset-fashion-mnist); needs root, or install it yourself.
@@ -23,7 +30,7 @@ fmnist:
 	@test -d $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
 	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(PY) -m ldm_jax.demo --workdir $(DEMO_DIR)
 
 test: $(STAMP) fmnist

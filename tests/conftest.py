@@ -21,6 +21,16 @@ def load_config(relative_path: str):
   return config_lib.from_file(os.path.join(ROOT, relative_path))
 
 
+def plain_text_config():
+  """`shapes_txt2img:smoke` without the demo's pooled text embedding (`cond.pooled`): an SD-shaped
+  text-to-image LDM, which exports to diffusers and takes a pretrained text encoder."""
+  config = load_config("configs/ldm/shapes_txt2img.py:smoke")
+  config.cond.pooled = False
+  config.model.addition_embed_type = None
+  config.model.addition_embed_dim = None
+  return config
+
+
 def _run_root(tmp_path_factory):
   """The temporary directory of the whole test run, shared by all xdist workers."""
   root = tmp_path_factory.getbasetemp()
@@ -79,7 +89,7 @@ def smoke_text_run(smoke_autoencoder, tmp_path_factory):
 
 def _train_smoke_text_run(autoencoder_workdir: str, workdir: str) -> None:
   from ldm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
-  config = load_config("configs/ldm/shapes_txt2img.py:smoke")
+  config = plain_text_config()
   config.autoencoder.workdir = autoencoder_workdir
   config.train.update(num_steps=4, checkpoint_every=4, image_every=100)
   diffusion.train_and_evaluate(config, workdir)

@@ -20,7 +20,7 @@ from PIL import Image
 import sample
 from ldm_jax import load, sampling
 from ldm_jax.train import diffusion
-from tests.conftest import load_config, shared_run
+from tests.conftest import load_config, plain_text_config, shared_run
 from tests.train.runs import Run, cpu_env, free_port, jax_cache, wait_all  # noqa: F401
 
 FLAGS = flags.FLAGS
@@ -28,7 +28,7 @@ PROMPT = "a large red circle on a white background"
 
 
 def train_smoke(config_path, autoencoder_workdir, workdir, **data):
-  config = load_config(config_path)
+  config = plain_text_config() if config_path == "plain_text" else load_config(config_path)
   config.autoencoder.workdir = autoencoder_workdir
   if data:
     config.data.update(**data)
@@ -42,7 +42,7 @@ def train_smoke(config_path, autoencoder_workdir, workdir, **data):
 @pytest.fixture(scope="session")
 def text_run(smoke_autoencoder, tmp_path_factory):
   return shared_run(tmp_path_factory, "sample_txt",
-                    lambda d: train_smoke("configs/ldm/shapes_txt2img.py:smoke", smoke_autoencoder, d))
+                    lambda d: train_smoke("plain_text", smoke_autoencoder, d))
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,8 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       num_heads=2, num_head_channels=-1, transformer_depth=1)
   if config.model.context_dim is not None:
     config.model.context_dim = 32
+  if config.model.addition_embed_type == "text":  # the pooled text embedding has cond.dim channels
+    config.model.addition_embed_dim = 32
   config.cond.update(dim=32, depth=1, num_heads=2, head_dim=-1, max_length=min(config.cond.max_length, 16),
                      vocab_size=min(config.cond.vocab_size, 512))
   config.optim.update(learning_rate=1e-3, warmup_steps=2)

@@ -22,6 +22,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       'random_crop': False,     # random instead of center crop after the resize
       'random_flip': False,     # horizontal flips; breaks left/right words in `shapes` captions
       'num_examples': 50_000,   # shapes: train split size (test: a tenth)
+      'shapes_layout': 'relations',  # shapes: 'relations' or 'quadrants' (see ldm_jax.data.shapes)
+      'shapes_holdout': (),     # shapes: 'colour kind' pairs left out of the train split
       'labels_from_dirs': False,  # folder: label = first-level sub-directory
       'image_key': 'image',     # tfds feature keys ('/' for nested features)
       'label_key': 'label',     # shards: a field of KEY.json (-1 when absent)
@@ -76,6 +78,9 @@ def default_cond_config() -> ml_collections.ConfigDict:
       'head_dim': 64,             # channels per head; -1 = dim // num_heads
       'text_dropout': 0.0,        # dropout inside the text encoder
       'mask_padding': True,       # padding tokens are not attention keys (CompVis: no mask)
+      # also the mean of the encoder's output tokens as the U-Net's `text_embeds`, added to its time
+      # embedding (model.addition_embed_type='text'; Imagen's pooled embedding); scratch encoders only
+      'pooled': False,
       'null_text': 'empty_prompt',  # the null condition: 'empty_prompt' (tokens of "") | 'zeros' (SDXL base)
       # SDXL micro-conditioning: the U-Net's time_ids, (original H, W, crop top, left) + target (H, W) |
       # + aesthetic score (refiner) | none
@@ -110,6 +115,7 @@ def default_loss_config():
   c.disc_ndf = 64
   c.disc_norm = "batch"  # 'batch' (reference) | 'group' | 'none'
   c.kl_weight = 1e-6
+  c.pixel_loss = "l1"  # 'l1' (reference) | 'l2': the reconstruction term's per-pixel distance
   c.perceptual_weight = 1.0
   c.codebook_weight = 1.0
   c.logvar_init = 0.0

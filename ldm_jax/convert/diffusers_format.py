@@ -319,6 +319,9 @@ def unet_config_to_diffusers(model: Mapping[str, Any], sample_size: int | None =
   if model.get("resblock_updown", False):
     raise ValueError("model.resblock_updown: True has no UNet2DConditionModel equivalent. Export with "
                      "--format safetensors.")
+  if model.get("addition_embed_type") == "text":
+    raise ValueError("model.addition_embed_type: 'text' (the pooled embedding of a text encoder trained from "
+                     "scratch) has no UNet2DConditionModel equivalent. Export with --format safetensors.")
   mult = tuple(model["channel_mult"])
   if mult[0] != 1:
     raise ValueError(f"model.channel_mult: {mult} starts with {mult[0]}; diffusers' first level keeps the "

@@ -27,6 +27,10 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
 
   if data_cfg.source == 'shapes':
     checks.check_number('data.num_examples', data_cfg.num_examples, integer=True, ge=1)
+    if data_cfg.shapes_layout not in shapes.LAYOUTS:
+      raise ValueError(f'data.shapes_layout: unknown {data_cfg.shapes_layout!r}, expected one of '
+                       f'{shapes.LAYOUTS}')
+    shapes.check_holdout(data_cfg.shapes_holdout)
     for key, split in splits.items():
       if split not in shapes.SPLITS:
         raise ValueError(f'{key}: the shapes source has splits {shapes.SPLITS}, got {split!r}')

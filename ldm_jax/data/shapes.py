@@ -1,7 +1,19 @@
 """`shapes`: a synthetic captioned dataset of coloured shapes, drawn on the fly.
 
-Each image shows one or two flat shapes on a plain background, for example
-"a small red circle above a large blue square on a gray background".
+Two layouts (`data.shapes_layout`):
+
+* 'relations' (the default): one or two flat shapes on a plain background, for
+  example "a small red circle above a large blue square on a gray background".
+* 'quadrants' (`make demo`): one shape of one size range inside one quadrant,
+  named by the caption: "a red circle at the top left on a white background".
+  Every attribute of the caption (kind, colour, position, background) is a
+  label of the image (`scene_labels`), so a classifier can check samples
+  against their prompts (`ldm_jax.eval.shapes_scorer`).
+
+`holdout` (`data.shapes_holdout`, e.g. ('green triangle', 'red star')) names
+colour–kind pairs that never occur in the 'train' split: a shape drawn as one
+of them is drawn again. The 'test' split keeps them, so a text-to-image model
+trained on 'train' can be asked for combinations it has never seen.
 
 * `label` is the kind of the first shape named in the caption, an index into
   `KINDS` (6 classes).
@@ -18,6 +30,7 @@ Images are drawn at up to 4x the resolution and box-downsampled, which gives
 antialiased edges at any `image_size`.
 """
 
+import re
 import zlib
 from typing import Any
 
@@ -44,7 +57,30 @@ BACKGROUNDS = {
 }
 SIZES = {'small': (0.22, 0.28), 'large': (0.40, 0.46)}  # diameter / image side
 RELATIONS = ('above', 'below', 'to the left of', 'to the right of')
+# 'quadrants' layout: (x0, y0, x1, y1) in unit coordinates, and the diameter range of its shapes.
+QUADRANTS = {
+    'top left': (0.0, 0.0, 0.5, 0.5),
+    'top right': (0.5, 0.0, 1.0, 0.5),
+    'bottom left': (0.0, 0.5, 0.5, 1.0),
+    'bottom right': (0.5, 0.5, 1.0, 1.0),
+}
+QUADRANT_DIAMETER = (0.36, 0.46)
+LAYOUTS = ('relations', 'quadrants')
+_QUADRANT_CAPTION = re.compile(
+    rf"an? (?P<colour>{'|'.join(COLORS)}) (?P<kind>{'|'.join(KINDS)}) at the (?P<position>{'|'.join(QUADRANTS)})"
+    rf" on an? (?P<background>{'|'.join(BACKGROUNDS)}) background")
 SPLITS = ('train', 'test')
+
+
+def check_holdout(holdout) -> tuple[str, ...]:
+  """`holdout` as a tuple of 'colour kind' strings; ValueError naming data.shapes_holdout."""
+  pairs = tuple(holdout)
+  for pair in pairs:
+    colour, _, kind = str(pair).partition(' ')
+    if colour not in COLORS or kind not in KINDS:
+      raise ValueError(f"data.shapes_holdout: {pair!r} is not 'colour kind' with a colour of "
+                       f'{tuple(COLORS)} and a kind of {KINDS}')
+  return pairs
 
 
 def split_length(split: str, num_examples: int) -> int:
@@ -54,13 +90,18 @@ def split_length(split: str, num_examples: int) -> int:
 class ShapesSource:
   """Random-access source of `{'image': uint8 [S, S, 3], 'label', 'caption'}`."""
 
-  def __init__(self, split: str, *, num_examples: int, image_size: int):
+  def __init__(self, split: str, *, num_examples: int, image_size: int, layout: str = 'relations',
+               holdout=()):
     if split not in SPLITS:
       raise ValueError(
           f"shapes source: unknown split {split!r}, expected one of {SPLITS} "
           '(data.train_split / data.eval_split)')
+    if layout not in LAYOUTS:
+      raise ValueError(f'data.shapes_layout: unknown {layout!r}, expected one of {LAYOUTS}')
     self.split = split
     self.image_size = image_size
+    self.layout = layout
+    self.holdout = frozenset(check_holdout(holdout)) if split == 'train' else frozenset()
     self._length = split_length(split, num_examples)
     self._split_seed = zlib.crc32(split.encode())
 
@@ -70,7 +111,8 @@ class ShapesSource:
   def _scene(self, index: int) -> dict[str, Any]:
     if not 0 <= index < self._length:
       raise IndexError(f'shapes[{self.split}] index {index} out of range [0, {self._length})')
-    return sample_scene(np.random.default_rng([self._split_seed, index]))
+    return sample_scene(np.random.default_rng([self._split_seed, index]), layout=self.layout,
+                        holdout=self.holdout)
 
   def caption(self, index: int) -> str:
     """The caption of record `index`, without drawing it."""
@@ -85,29 +127,54 @@ class ShapesSource:
     }
 
 
-def _shape(rng: np.random.Generator, box: tuple[float, float, float, float]) -> dict[str, Any]:
-  """A random shape that fits inside `box` = (x0, y0, x1, y1) in unit coordinates."""
-  size = str(rng.choice(list(SIZES)))
-  radius = rng.uniform(*SIZES[size]) / 2
+def _kind_and_colour(rng: np.random.Generator, holdout: frozenset) -> tuple[str, str]:
+  while True:
+    kind, colour = str(rng.choice(KINDS)), str(rng.choice(list(COLORS)))
+    if f'{colour} {kind}' not in holdout:
+      return kind, colour
+
+
+def _shape(rng: np.random.Generator, box: tuple[float, float, float, float], holdout: frozenset = frozenset(),
+           size_range: tuple[float, float] | None = None) -> dict[str, Any]:
+  """A random shape that fits inside `box` = (x0, y0, x1, y1) in unit coordinates; a size word
+  ('small'/'large') unless `size_range` gives the diameter range."""
+  size = None if size_range else str(rng.choice(list(SIZES)))
+  radius = rng.uniform(*(size_range or SIZES[size])) / 2
+  kind, colour = _kind_and_colour(rng, holdout)
   x0, y0, x1, y1 = box
   return {
-      'kind': str(rng.choice(KINDS)),
-      'color': str(rng.choice(list(COLORS))),
+      'kind': kind,
+      'color': colour,
       'size': size,
       'radius': radius,
       'center': (rng.uniform(x0 + radius, x1 - radius), rng.uniform(y0 + radius, y1 - radius)),
   }
 
 
+def _article(word: str) -> str:
+  return 'an' if word[0] in 'aeiou' else 'a'
+
+
 def _phrase(shape: dict[str, Any]) -> str:
   return f"a {shape['size']} {shape['color']} {shape['kind']}"
 
 
-def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
-  """Samples background, one or two shapes and the caption describing them."""
+def sample_scene(rng: np.random.Generator, layout: str = 'relations',
+                 holdout: frozenset = frozenset()) -> dict[str, Any]:
+  """Samples background, shapes and the caption describing them (see the module docstring)."""
   background = str(rng.choice(list(BACKGROUNDS)))
+  if layout == 'quadrants':
+    position = str(rng.choice(list(QUADRANTS)))
+    shape = _shape(rng, QUADRANTS[position], holdout, QUADRANT_DIAMETER)
+    return {
+        'background': background,
+        'shapes': [shape],
+        'position': position,
+        'caption': f"{_article(shape['color'])} {shape['color']} {shape['kind']} at the {position} "
+                   f'on a {background} background',
+    }
   if rng.random() < 0.5:
-    shapes = [_shape(rng, (0.0, 0.0, 1.0, 1.0))]
+    shapes = [_shape(rng, (0.0, 0.0, 1.0, 1.0), holdout)]
     caption = _phrase(shapes[0])
   else:
     relation = str(rng.choice(RELATIONS))
@@ -118,13 +185,42 @@ def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
         'to the left of': (left, right),
         'to the right of': (right, left),
     }[relation]
-    shapes = [_shape(rng, first_box), _shape(rng, second_box)]
+    shapes = [_shape(rng, first_box, holdout), _shape(rng, second_box, holdout)]
     caption = f'{_phrase(shapes[0])} {relation} {_phrase(shapes[1])}'
   return {
       'background': background,
       'shapes': shapes,
       'caption': f'{caption} on a {background} background',
   }
+
+
+def parse_quadrant_caption(caption: str) -> dict[str, str]:
+  """{'kind', 'colour', 'position', 'background'} of a 'quadrants' caption (as `sample_scene`
+  writes them); ValueError naming the caption when it is not one."""
+  match = _QUADRANT_CAPTION.fullmatch(caption.strip().lower())
+  if not match:
+    raise ValueError(f'{caption!r} is not a shapes quadrant caption such as '
+                     "'a red circle at the top left on a white background'")
+  return match.groupdict()
+
+
+def quadrant_scene(caption: str, rng: np.random.Generator) -> dict[str, Any]:
+  """A 'quadrants' scene that `caption` describes, size and place within the quadrant drawn from `rng`
+  (real images for a prompt, e.g. to check a judge of samples)."""
+  labels = parse_quadrant_caption(caption)
+  radius = rng.uniform(*QUADRANT_DIAMETER) / 2
+  x0, y0, x1, y1 = QUADRANTS[labels['position']]
+  shape = {'kind': labels['kind'], 'color': labels['colour'], 'size': None, 'radius': radius,
+           'center': (rng.uniform(x0 + radius, x1 - radius), rng.uniform(y0 + radius, y1 - radius))}
+  return {'background': labels['background'], 'shapes': [shape], 'position': labels['position'],
+          'caption': caption}
+
+
+def scene_labels(scene: dict[str, Any]) -> dict[str, str]:
+  """{'kind', 'colour', 'position', 'background'} of a 'quadrants' scene."""
+  shape, = scene['shapes']
+  return {'kind': shape['kind'], 'colour': shape['color'], 'position': scene['position'],
+          'background': scene['background']}
 
 
 def _outline(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:

@@ -38,8 +38,9 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str, *, shard_index:
                                label_key=data_cfg.label_key, min_size=data_cfg.image_size,
                                shard_index=shard_index, shard_count=shard_count, key=key)
   if data_cfg.source == 'shapes':
-    return shapes.ShapesSource(split, num_examples=data_cfg.num_examples,
-                               image_size=data_cfg.image_size)
+    return shapes.ShapesSource(split, num_examples=data_cfg.num_examples, image_size=data_cfg.image_size,
+                               layout=data_cfg.get('shapes_layout', 'relations'),
+                               holdout=data_cfg.get('shapes_holdout', ()))
   if data_cfg.source == 'idx':
     return idx.IdxSource(data_cfg.path, split)
   if data_cfg.source == 'folder':

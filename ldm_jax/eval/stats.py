@@ -132,6 +132,7 @@ def reference_stats(data_cfg: ml_collections.ConfigDict, split: str, num_images:
                              desc=f"reference {split}")
   meta = {"protocol": protocol, "data": identity, "num_images": num_images,
           "image_size": [int(s) for s in images.shape[1:3]]}
+  meta = json.loads(json.dumps(meta, default=str))  # as a cached file reads back (tuples become lists)
   stats = stats_from_features(out["features"], out.get("logits"), meta)
   if path and jax.process_index() == 0:
     stats.save(path)

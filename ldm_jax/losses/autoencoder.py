@@ -6,6 +6,7 @@ x the input, x̃ the reconstruction, D the discriminator and E the last decoder 
 
     autoencoder step:  L = nll + reg + λ · disc_factor · g_loss
       KL:  nll = kl_nll_loss(...) = Σ_{pixels} (|x - x̃| + w_p·LPIPS) / e^{logvar} + logvar, / B
+           (|x - x̃| becomes (x - x̃)² with loss.pixel_loss 'l2')
            reg = kl_weight · mean_B posterior.kl()   (the KL is summed per example by the model's
                  DiagonalGaussian, then averaged over the batch)
       VQ:  nll = vq_nll_loss(...) = mean(|x - x̃| + w_p·LPIPS),  reg = codebook_weight · codebook loss
@@ -27,6 +28,8 @@ from ldm_jax.models.discriminator import NORMS
 def validate_loss_config(cfg):
   """Raises ValueError naming the offending `loss.*` key, before anything is compiled."""
   _check_kind(cfg.disc_loss)
+  if cfg.pixel_loss not in PIXEL_LOSSES:
+    raise ValueError(f"loss.pixel_loss: {cfg.pixel_loss!r} is not one of {PIXEL_LOSSES}.")
   if cfg.disc_norm not in NORMS:
     raise ValueError(f"loss.disc_norm: {cfg.disc_norm!r} is not one of {NORMS}.")
   for key, minimum in (("disc_start", 0), ("disc_num_layers", 1), ("disc_ndf", 1)):
@@ -96,13 +99,18 @@ def adaptive_weight(nll_grads, g_grads, disc_weight):
   return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4)) * disc_weight
 
 
-def _reconstruction_loss(x, x_rec, p_loss, perceptual_weight):
-  """|x - x̃| + w_p·LPIPS per pixel: [B, H, W, C] images, [B] LPIPS -> [B, H, W, C]."""
+# loss.pixel_loss: the per-pixel distance of the reconstruction term.
+PIXEL_LOSSES = ("l1", "l2")
+
+
+def _reconstruction_loss(x, x_rec, p_loss, perceptual_weight, pixel_loss="l1"):
+  """|x - x̃| (or (x - x̃)² for 'l2') + w_p·LPIPS per pixel: [B, H, W, C] images, [B] LPIPS -> [B, H, W, C]."""
   x, x_rec = x.astype(jnp.float32), x_rec.astype(jnp.float32)
-  return jnp.abs(x - x_rec) + perceptual_weight * p_loss.astype(jnp.float32)[:, None, None, None]
+  distance = jnp.abs(x - x_rec) if pixel_loss == "l1" else jnp.square(x - x_rec)
+  return distance + perceptual_weight * p_loss.astype(jnp.float32)[:, None, None, None]
 
 
-def kl_nll_loss(x, x_rec, logvar, p_loss, perceptual_weight=1.0):
+def kl_nll_loss(x, x_rec, logvar, p_loss, perceptual_weight=1.0, pixel_loss="l1"):
   """Negative log-likelihood of the KL autoencoder under a Laplace-like likelihood with one
   learned scale: Σ_{h,w,c} (rec / e^{logvar} + logvar), averaged over the batch.
 
@@ -114,17 +122,19 @@ def kl_nll_loss(x, x_rec, logvar, p_loss, perceptual_weight=1.0):
     logvar: scalar log-variance (loss.logvar_init, or a trained parameter).
     p_loss: [B] `lpips(params, x, x_rec)`; zeros when perceptual_weight is 0.
     perceptual_weight: loss.perceptual_weight.
+    pixel_loss: loss.pixel_loss, 'l1' (the reference) or 'l2' (a Gaussian likelihood instead).
   Returns:
     (nll, rec_mean): the scalar NLL to minimise, and the mean reconstruction loss per pixel
-    (|x - x̃| + w_p·LPIPS) to log.
+    (distance + w_p·LPIPS) to log.
   """
-  rec = _reconstruction_loss(x, x_rec, p_loss, perceptual_weight)
+  rec = _reconstruction_loss(x, x_rec, p_loss, perceptual_weight, pixel_loss)
   nll = jnp.sum(rec / jnp.exp(logvar) + logvar) / x.shape[0]
   return nll, jnp.mean(rec)
 
 
-def vq_nll_loss(x, x_rec, p_loss, perceptual_weight=1.0):
-  """Reconstruction objective of the VQ autoencoder: mean over all pixels of |x - x̃| + w_p·LPIPS.
+def vq_nll_loss(x, x_rec, p_loss, perceptual_weight=1.0, pixel_loss="l1"):
+  """Reconstruction objective of the VQ autoencoder: mean over all pixels of |x - x̃| + w_p·LPIPS
+  ((x - x̃)² with `pixel_loss` 'l2').
 
   Args:
     x, x_rec: [B, H, W, C] input and reconstruction in [-1, 1].
@@ -133,4 +143,4 @@ def vq_nll_loss(x, x_rec, p_loss, perceptual_weight=1.0):
   Returns:
     scalar; it is both the nll for `adaptive_weight` and the logged rec loss.
   """
-  return jnp.mean(_reconstruction_loss(x, x_rec, p_loss, perceptual_weight))
+  return jnp.mean(_reconstruction_loss(x, x_rec, p_loss, perceptual_weight, pixel_loss))

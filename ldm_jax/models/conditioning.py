@@ -7,7 +7,9 @@
               time embedding (openaimodel `num_classes`); 'crossattn': a `class_embedder` table
               gives a one-token context [B, 1, dim] (CompVis `ClassEmbedder`, the paper's cin models).
     'text'    captions → tokenizer → `TransformerTextEncoder` (trained jointly with the U-Net) →
-              context [B, max_length, dim] for cross-attention (the paper's text-to-image LDM).
+              context [B, max_length, dim] for cross-attention (the paper's text-to-image LDM);
+              with `cond.pooled` also `text_embeds` [B, dim], the mean of the non-padding
+              tokens, which the U-Net adds to its time embedding (model.addition_embed_type='text').
     'concat'  extra U-Net input channels at the latent resolution, from `concat_source`:
               'lowres'  the image box-downsampled by `sr_factor` (the super-resolution input), then
                         brought to the latent resolution (nearest upsampling or further box
@@ -145,6 +147,13 @@ def validate_cond_config(cond_cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f'cond.tokenizer_dir: directory {cond_cfg.tokenizer_dir} does not exist '
                        "('' trains a tokenizer on the training captions).")
 
+  if not isinstance(cond_cfg.pooled, bool):
+    raise ValueError(f'cond.pooled: expected true or false, got {cond_cfg.pooled!r}.')
+  if cond_cfg.pooled and (kind not in _TEXT_KINDS or cond_cfg.text_encoder != 'scratch'):
+    raise ValueError(f"cond.pooled: the pooled text embedding is that of a text encoder trained from scratch "
+                     f"(cond.kind 'text' or 'hybrid', cond.text_encoder='scratch'); got kind={kind!r}, "
+                     f"text_encoder={cond_cfg.text_encoder!r}.")
+
   if cond_cfg.micro_conditioning not in MICRO_CONDITIONING:
     raise ValueError(f'cond.micro_conditioning: unknown {cond_cfg.micro_conditioning!r}, expected one of '
                      f'{MICRO_CONDITIONING}.')
@@ -225,6 +234,7 @@ class Conditioner(nn.Module):
   head_dim: int | None = 64
   text_dropout: float = 0.0
   pad_id: int | None = 0
+  pooled: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -248,7 +258,10 @@ class Conditioner(nn.Module):
           vocab_size=self.vocab_size, max_length=self.max_length, dim=self.dim, depth=self.depth,
           num_heads=self.num_heads, head_dim=self.head_dim, dropout=self.text_dropout,
           pad_id=self.pad_id, dtype=self.dtype, name='text_encoder')
-      out['context'] = encoder(self._get(batch_cond, 'tokens'), deterministic=deterministic)
+      tokens = self._get(batch_cond, 'tokens')
+      out['context'] = encoder(tokens, deterministic=deterministic)
+      if self.pooled:
+        out['text_embeds'] = _mean_over_tokens(out['context'], tokens, self.pad_id)
     if self.kind in _CONCAT_KINDS:
       out['concat'] = self._get(batch_cond, 'concat')
     return out
@@ -258,6 +271,13 @@ class Conditioner(nn.Module):
       raise ValueError(f"Conditioner (cond.kind={self.kind!r}) needs batch_cond[{key!r}], which "
                        f"prepare_condition provides; got keys {sorted(batch_cond)}.")
     return batch_cond[key]
+
+
+def _mean_over_tokens(context: jax.Array, tokens: jax.Array, pad_id: int | None) -> jax.Array:
+  """[B, L, D] → [B, D] float32: the mean over the tokens that are not padding (all with pad_id None)."""
+  weights = jnp.ones(tokens.shape, jnp.float32) if pad_id is None else (tokens != pad_id).astype(jnp.float32)
+  total = jnp.einsum('bld,bl->bd', context.astype(jnp.float32), weights)
+  return total / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
 
 
 def make_conditioner(cond_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None,
@@ -278,7 +298,7 @@ def make_conditioner(cond_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer |
       vocab_size=cond_cfg.vocab_size, max_length=cond_cfg.max_length, dim=cond_cfg.dim,
       depth=cond_cfg.depth, num_heads=cond_cfg.num_heads,
       head_dim=None if cond_cfg.head_dim == -1 else cond_cfg.head_dim,
-      text_dropout=cond_cfg.text_dropout, pad_id=pad_id, dtype=dtype)
+      text_dropout=cond_cfg.text_dropout, pad_id=pad_id, pooled=bool(cond_cfg.get('pooled', False)), dtype=dtype)
 
 
 def num_time_ids(cond_cfg: ml_collections.ConfigDict) -> int:

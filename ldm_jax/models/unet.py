@@ -33,6 +33,9 @@ features of `addition_time_embed_dim` channels each, are concatenated after the 
 embedding `text_embeds` [B, D], and `add_embedding` (linear_1 → SiLU → linear_2) lifts the
 `addition_embed_dim` = D + n · addition_time_embed_dim features to the time embedding's width,
 to which they are added (sgm's `label_emb` on its `vector` condition).
+`addition_embed_type='text'` adds only the pooled text embedding `text_embeds` [B, D] that way
+(Imagen: a pooled text embedding added to the timestep embedding; the text encoders trained from
+scratch give the mean of their output tokens with `cond.pooled`); `addition_embed_dim` = D.
 
 Numerics that loaded weights depend on: GroupNorm eps 1e-5 in ResnetBlocks, the attention block's
 norm and `conv_norm_out`, but 1e-6 in the SpatialTransformer's `norm`; LayerNorm eps 1e-5; GEGLU
@@ -334,11 +337,12 @@ class UNet(nn.Module):
     num_classes: number of classes for a class embedding added to the time embedding, or None.
       The table has `num_classes + 1` rows: label `num_classes` is the null class that
       classifier-free guidance trains with and samples from.
-    addition_embed_type: None, or 'text_time' (SDXL: pooled text embedding + size/crop conditions
-      → `add_embedding`, added to the time embedding).
+    addition_embed_type: None, 'text_time' (SDXL: pooled text embedding + size/crop conditions
+      → `add_embedding`, added to the time embedding) or 'text' (the pooled text embedding alone).
     addition_time_embed_dim: sinusoidal features per time id ('text_time').
     addition_embed_dim: input width of `add_embedding`: pooled text width + number of time ids ×
-      addition_time_embed_dim (SDXL base 1280 + 6·256 = 2816, refiner 1280 + 5·256 = 2560).
+      addition_time_embed_dim (SDXL base 1280 + 6·256 = 2816, refiner 1280 + 5·256 = 2560); for
+      'text' the pooled width.
     dropout: dropout in the ResnetBlocks.
     num_groups: GroupNorm groups.
     flip_sin_to_cos, freq_shift: see `ldm_jax.nn.embeddings.timestep_embedding`.
@@ -397,7 +401,7 @@ class UNet(nn.Module):
       context: [B, L, context_dim] cross-attention context, required iff `context_dim` is set.
       y: [B] integer labels in [0, num_classes] (num_classes = null), required iff `num_classes` is set.
       text_embeds: [B, D] pooled text embedding, time_ids: [B, n] size/crop conditions; both
-        required iff `addition_embed_type='text_time'`.
+        required iff `addition_embed_type='text_time'`, text_embeds alone iff 'text'.
       deterministic: disables dropout; training passes False and a 'dropout' rng.
 
     Returns:
@@ -423,6 +427,9 @@ class UNet(nn.Module):
       add = jnp.concatenate([text_embeds.astype(jnp.float32), time_features.reshape(b, n * self.addition_time_embed_dim)],
                             axis=-1)
       temb = temb + TimestepEmbedding(4 * self.model_channels, dtype=self.dtype, name="add_embedding")(add)
+    elif self.addition_embed_type == "text":
+      temb = temb + TimestepEmbedding(4 * self.model_channels, dtype=self.dtype, name="add_embedding")(
+          text_embeds.astype(jnp.float32))
 
     h = nn.Conv(self.model_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x)
     skips = [h]
@@ -464,9 +471,15 @@ class UNet(nn.Module):
       raise ValueError("U-Net input: labels y are required if and only if model.num_classes is set "
                        f"(num_classes={self.num_classes}).")
     text_time = self.addition_embed_type == "text_time"
-    if (text_embeds is None or time_ids is None) == text_time:
+    if (text_embeds is None or time_ids is None) == text_time and self.addition_embed_type != "text":
       raise ValueError("U-Net input: text_embeds and time_ids are required if and only if "
                        f"model.addition_embed_type='text_time' (it is {self.addition_embed_type!r}).")
+    if self.addition_embed_type == "text" and (
+        text_embeds is None or time_ids is not None or text_embeds.shape[1:] != (self.addition_embed_dim,)):
+      raise ValueError("U-Net input: model.addition_embed_type='text' needs text_embeds "
+                       f"[B, {self.addition_embed_dim}] (model.addition_embed_dim) and no time_ids; got "
+                       f"{None if text_embeds is None else text_embeds.shape} and "
+                       f"{None if time_ids is None else time_ids.shape}.")
     if text_time:
       width = text_embeds.shape[-1] + time_ids.shape[-1] * self.addition_time_embed_dim
       if text_embeds.ndim != 2 or time_ids.ndim != 2 or width != self.addition_embed_dim:
@@ -519,6 +532,10 @@ def _unet_kwargs(cfg) -> dict[str, Any]:
   return kwargs
 
 
+# None; 'text_time' (SDXL); 'text': the pooled text embedding alone (Imagen adds it to the time embedding).
+ADDITION_EMBED_TYPES = (None, "text_time", "text")
+
+
 def _check_static(k: dict[str, Any]) -> None:
   """Checks the U-Net settings on their own (no data or conditioner needed)."""
   mult, mc = k["channel_mult"], k["model_channels"]
@@ -528,8 +545,11 @@ def _check_static(k: dict[str, Any]) -> None:
   depths = level_depths(k["transformer_depth"], len(mult))
   if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
     raise ValueError(f"model.transformer_depth: expected positive integers, got {k['transformer_depth']!r}.")
-  if k["addition_embed_type"] not in (None, "text_time"):
-    raise ValueError(f"model.addition_embed_type: {k['addition_embed_type']!r} is not None or 'text_time'.")
+  if k["addition_embed_type"] not in ADDITION_EMBED_TYPES:
+    raise ValueError(f"model.addition_embed_type: {k['addition_embed_type']!r} is not one of {ADDITION_EMBED_TYPES}.")
+  if k["addition_embed_type"] == "text" and (not isinstance(k["addition_embed_dim"], int) or k["addition_embed_dim"] < 1):
+    raise ValueError(f"model.addition_embed_dim: {k['addition_embed_dim']!r}; 'text' needs the width of the "
+                     "pooled text embedding (cond.dim).")
   if k["addition_embed_type"] == "text_time":
     dim = k["addition_embed_dim"]
     if not isinstance(dim, int) or dim <= k["addition_time_embed_dim"]:

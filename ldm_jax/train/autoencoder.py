@@ -210,9 +210,10 @@ class Stage1:
     p_loss = (lpips_lib.lpips(self.lpips_params, x, x_rec) if cfg.perceptual_weight > 0
               else jnp.zeros(x.shape[:1]))
     if self.is_kl:
-      nll, rec = losses.kl_nll_loss(x, x_rec, gen_params["logvar"], p_loss, cfg.perceptual_weight)
+      nll, rec = losses.kl_nll_loss(x, x_rec, gen_params["logvar"], p_loss, cfg.perceptual_weight,
+                                    cfg.pixel_loss)
     else:
-      nll = rec = losses.vq_nll_loss(x, x_rec, p_loss, cfg.perceptual_weight)  # the mean rec loss
+      nll = rec = losses.vq_nll_loss(x, x_rec, p_loss, cfg.perceptual_weight, cfg.pixel_loss)  # the mean rec loss
     g_loss = jnp.zeros(())
     if with_gan:
       g_loss = losses.generator_loss(self._discriminate(disc_params, x_rec), cfg.disc_loss)

@@ -10,7 +10,8 @@ from ldm_jax.data import num_classes, validate_data_config
 KEYS = {'source', 'path', 'name', 'tfds_data_dir', 'image_size', 'channels', 'train_split',
         'eval_split', 'random_crop', 'random_flip', 'num_examples', 'labels_from_dirs',
         'image_key', 'label_key', 'caption_key', 'num_workers', 'eval_path', 'min_side',
-        'max_aspect_ratio', 'min_caption_length'}
+        'max_aspect_ratio', 'min_caption_length',
+        'shapes_layout', 'shapes_holdout'}
 
 
 def _cfg(**overrides):
@@ -33,6 +34,8 @@ def test_defaults_have_every_key_and_validate():
     ({'image_size': 0}, 'data.image_size: expected an integer >= 1, got 0'),
     ({'num_workers': -1}, 'data.num_workers'),
     ({'num_examples': 0}, 'data.num_examples'),
+    ({'shapes_layout': 'grid'}, "data.shapes_layout: unknown 'grid'"),
+    ({'shapes_holdout': ('red circle', 'pink star')}, "data.shapes_holdout: 'pink star'"),
     ({'eval_split': 'validation'}, "data.eval_split: .*'validation'"),
     ({'source': 'folder', 'path': ''}, 'data.path: empty'),
     ({'source': 'folder', 'path': '/no/such/dir'}, 'data.path: directory /no/such/dir does not exist'),

@@ -128,3 +128,61 @@ def test_fast_enough_for_on_the_fly_training():
   for i in range(300):
     source[i]
   assert 300 / (time.perf_counter() - start) > 300  # images per second, with a wide margin
+
+
+def test_quadrant_captions_name_what_is_drawn():
+  """Every attribute of a 'quadrants' caption is the image's: colour and kind of the only shape,
+  its quadrant (all its pixels inside it) and the background."""
+  source = shapes.ShapesSource('train', num_examples=200, image_size=64, layout='quadrants')
+  seen = {name: set() for name in ('kind', 'colour', 'position', 'background')}
+  for i in range(120):
+    record = source[i]
+    labels = shapes.parse_quadrant_caption(record['caption'])
+    assert record['label'] == shapes.KINDS.index(labels['kind'])
+    names = _nearest_colour_names(record['image'])
+    values, counts = np.unique(names, return_counts=True)
+    assert values[counts.argmax()] == labels['background']
+    mask = np.linalg.norm(record['image'] - np.float32(shapes.BACKGROUNDS[labels['background']]), axis=-1) > 60
+    inside, counts = np.unique(names[mask], return_counts=True)
+    assert inside[counts.argmax()] == labels['colour'], record['caption']
+    x0, y0, x1, y1 = (int(v * 64) for v in shapes.QUADRANTS[labels['position']])
+    assert mask[y0:y1, x0:x1].sum() == mask.sum() > 0, record['caption']
+    for name, value in labels.items():
+      seen[name].add(value)
+  assert seen == {'kind': set(shapes.KINDS), 'colour': set(shapes.COLORS),
+                  'position': set(shapes.QUADRANTS), 'background': set(shapes.BACKGROUNDS)}
+
+
+def test_parse_quadrant_caption_round_trip_and_errors():
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    scene = shapes.sample_scene(rng, layout='quadrants')
+    assert shapes.parse_quadrant_caption(scene['caption']) == shapes.scene_labels(scene)
+    again = shapes.quadrant_scene(scene['caption'], rng)
+    assert shapes.scene_labels(again) == shapes.scene_labels(scene)
+  assert shapes.parse_quadrant_caption('an orange star at the bottom right on a navy background') == {
+      'colour': 'orange', 'kind': 'star', 'position': 'bottom right', 'background': 'navy'}
+  for bad in ('a red circle on a white background', 'a pink circle at the top left on a white background',
+              'a red circle at the middle on a white background'):
+    with pytest.raises(ValueError, match='not a shapes quadrant caption'):
+      shapes.parse_quadrant_caption(bad)
+
+
+@pytest.mark.parametrize('layout', shapes.LAYOUTS)
+def test_holdout_pairs_never_in_train_split_but_in_test(layout):
+  holdout = ('green triangle', 'red star', 'blue cross')
+  pairs = lambda source: {f"{s['color']} {s['kind']}" for i in range(len(source))
+                          for s in source._scene(i)['shapes']}
+  train = pairs(shapes.ShapesSource('train', num_examples=3000, image_size=8, layout=layout, holdout=holdout))
+  test = pairs(shapes.ShapesSource('test', num_examples=3000, image_size=8, layout=layout, holdout=holdout))
+  assert not train & set(holdout)
+  assert len(train) == len(shapes.KINDS) * len(shapes.COLORS) - len(holdout)
+  assert set(holdout) <= test
+  with pytest.raises(ValueError, match='data.shapes_holdout'):
+    shapes.ShapesSource('train', num_examples=10, image_size=8, holdout=('pink circle',))
+
+
+def test_default_layout_unchanged_by_an_empty_holdout():
+  a = shapes.ShapesSource('train', num_examples=50, image_size=16)
+  b = shapes.ShapesSource('train', num_examples=50, image_size=16, layout='relations', holdout=())
+  assert all(a.caption(i) == b.caption(i) for i in range(50))

@@ -110,6 +110,15 @@ def test_kl_nll_is_stationary_at_the_optimal_logvar():
   np.testing.assert_allclose(d_nll(jnp.log(rec_mean)), 0.0, atol=1e-3)
 
 
+def test_l2_pixel_loss_squares_the_error_in_both_objectives():
+  x, x_rec, p = _images()
+  rec = np.square(x - x_rec) + 0.7 * p[:, None, None, None]
+  nll, rec_mean = kl_nll_loss(x, x_rec, 0.0, p, perceptual_weight=0.7, pixel_loss="l2")
+  np.testing.assert_allclose(nll, rec.sum() / 2, rtol=1e-6)
+  np.testing.assert_allclose(rec_mean, rec.mean(), rtol=1e-6)
+  np.testing.assert_allclose(vq_nll_loss(x, x_rec, p, perceptual_weight=0.7, pixel_loss="l2"), rec.mean(), rtol=1e-6)
+
+
 def test_vq_nll_is_the_mean_reconstruction_loss():
   x, x_rec, p = _images()
   expected = np.mean(np.abs(x - x_rec)) + 0.5 * p.mean()
@@ -118,7 +127,7 @@ def test_vq_nll_is_the_mean_reconstruction_loss():
 
 def test_default_config_holds_the_reference_kl_values():
   c = default_loss_config()
-  assert (c.disc_start, c.disc_weight, c.kl_weight, c.disc_loss) == (50001, 0.5, 1e-6, "hinge")
+  assert (c.disc_start, c.disc_weight, c.kl_weight, c.disc_loss, c.pixel_loss) == (50001, 0.5, 1e-6, "hinge", "l1")
   assert (c.disc_factor, c.perceptual_weight, c.codebook_weight, c.logvar_init) == (
       1.0,
       1.0,
@@ -139,6 +148,7 @@ def test_default_config_holds_the_reference_kl_values():
         ("kl_weight", -1e-6),
         ("disc_weight", float("inf")),
         ("logvar_init", float("nan")),
+        ("pixel_loss", "mse"),
     ],
 )
 def test_validate_names_the_bad_key(key, value):

@@ -220,6 +220,21 @@ def test_conditioner_text_context(tokenizer):
     conditioner.init(jax.random.key(0), {'label': np.zeros((1,), np.int32)}, deterministic=True)
 
 
+def test_pooled_text_embedding_is_the_mean_of_the_non_padding_tokens(tokenizer):
+  cfg = _cfg('text', pooled=True)
+  conditioner = make_conditioner(cfg, tokenizer)
+  batch_cond = prepare_condition(cfg, {'caption': CAPTIONS[:3]}, tokenizer)
+  params, out = _init_apply(conditioner, batch_cond)
+  tokens, context = np.asarray(batch_cond['tokens']), np.asarray(out['context'])
+  keep = tokens != tokenizer.pad_id
+  assert 0 < keep.sum(axis=1).min() < tokens.shape[1]  # padding present, so the mask matters
+  expected = np.stack([context[i][keep[i]].mean(axis=0) for i in range(3)])
+  np.testing.assert_allclose(out['text_embeds'], expected, rtol=1e-5, atol=1e-6)
+  assert 'text_embeds' not in make_conditioner(_cfg('text'), tokenizer).apply(params, batch_cond, deterministic=True)
+  with pytest.raises(ValueError, match=r'cond\.pooled'):
+    validate_cond_config(_cfg('class', pooled=True))
+
+
 def test_lowres_concat_is_the_box_downsampled_image_at_latent_size():
   image = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
   cfg = _cfg('concat', concat_source='lowres', concat_channels=3, sr_factor=4)

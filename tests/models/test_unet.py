@@ -218,6 +218,22 @@ def test_per_level_depth_and_text_time_embedding():
     model.apply({"params": params}, x, t, context, text_embeds=text_embeds, time_ids=jnp.ones((2, 4)))
 
 
+def test_text_addition_embedding_adds_the_pooled_text_embedding():
+  cfg = dict(SD1_TINY, addition_embed_type="text", addition_embed_dim=6)
+  model = make_unet(cfg)
+  x, t, context, _ = _inputs(cfg)
+  text_embeds = jnp.ones((2, 6))
+  params = _random_params(model, x, t, context, text_embeds=text_embeds)["params"]
+  assert params["add_embedding"]["linear_1"]["kernel"].shape == (6, 4 * cfg["model_channels"])
+  apply = lambda e: model.apply({"params": params}, x, t, context, text_embeds=e)
+  assert not np.allclose(apply(text_embeds), apply(text_embeds.at[1, 0].add(1.0)))
+  np.testing.assert_array_equal(apply(text_embeds)[0], apply(text_embeds.at[1, 0].add(1.0))[0])
+  with pytest.raises(ValueError, match=r"'text' needs text_embeds \[B, 6\]"):
+    model.apply({"params": params}, x, t, context)
+  with pytest.raises(ValueError, match="model.addition_embed_dim: None; 'text' needs"):
+    make_unet(dict(SD1_TINY, addition_embed_type="text"))
+
+
 def test_inputs_are_checked():
   model = UNet(**SD1_TINY)
   x, t, context, _ = _inputs(SD1_TINY)
@@ -404,7 +420,8 @@ def test_make_unet_reads_the_config():
      r"model.transformer_depth: 3 depths \(1, 2, 10\) for 4 levels"),
     (dict(transformer_depth=(1, 0, 1, 1)), (32, 32, 4), 768, 0, "model.transformer_depth: expected positive"),
     (dict(addition_embed_type="text_time"), (32, 32, 4), 768, 0, "model.addition_embed_dim: None; 'text_time' needs"),
-    (dict(addition_embed_type="text"), (32, 32, 4), 768, 0, "model.addition_embed_type: 'text' is not None"),
+    (dict(addition_embed_type="text"), (32, 32, 4), 768, 0, "model.addition_embed_dim: None; 'text' needs"),
+    (dict(addition_embed_type="pooled"), (32, 32, 4), 768, 0, "model.addition_embed_type: 'pooled' is not one of"),
 ])
 def test_validate_unet_config_names_the_key(overrides, latent, conditioner, concat, message):
   with pytest.raises(ValueError, match=message):

@@ -52,6 +52,19 @@ def make_stage(config, mesh, ae, ae_params, batch):
   return Stage2(config, mesh, *ae, ae_params, batch, scale_factor=0.5)
 
 
+def test_pooled_text_embedding_needs_the_matching_unet_input():
+  ae_config = load_config("configs/autoencoder/shapes_kl_f2.py:smoke")
+  config = load_config("configs/ldm/shapes_txt2img.py:smoke")
+  setup.resolve_config(config, ae_config)  # the demo's config: cond.pooled with addition_embed_type 'text'
+  assert config.cond.pooled and config.model.addition_embed_dim == config.cond.dim
+  for key, value in (("model.addition_embed_type", None), ("model.addition_embed_dim", 64), ("cond.pooled", False)):
+    bad = load_config("configs/ldm/shapes_txt2img.py:smoke")
+    section, name = key.split(".")
+    bad[section][name] = value
+    with pytest.raises(ValueError, match=r"cond\.pooled.*model\.addition_embed_dim = cond\.dim \(32\)"):
+      setup.resolve_config(bad, ae_config)
+
+
 def test_ema_decay_warms_up_as_litema():
   n = np.array([1, 2, 10, 1000, 10**6])
   decay = np.asarray(state_lib.ema_decay(jax.numpy.asarray(n), 0.999))

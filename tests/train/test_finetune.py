@@ -12,13 +12,13 @@ import pytest
 from ldm_jax.config import common as config_lib
 from ldm_jax import sampling
 from ldm_jax.train import diffusion
-from tests.conftest import load_config
+from tests.conftest import plain_text_config
 from tests.convert.conftest import diffusers_models, sd_pipeline, transformers_models  # noqa: F401
 from tests.train.runs import read_state
 
 
 def finetune_config(pretrained, **train):
-  config = load_config("configs/ldm/shapes_txt2img.py:smoke")  # its U-Net and text encoder are replaced
+  config = plain_text_config()  # its U-Net and text encoder are replaced
   config.init.pretrained = pretrained
   config.train.update(**train)
   return config
@@ -65,7 +65,7 @@ def test_finetunes_an_imported_sd_folder_and_samples_from_the_run(sd_pipeline, t
 
 
 def test_pretrained_text_encoder_needs_init_pretrained(smoke_autoencoder, tmp_path):
-  config = load_config("configs/ldm/shapes_txt2img.py:smoke")
+  config = plain_text_config()
   config.autoencoder.workdir = smoke_autoencoder
   config.cond.text_encoder = "pretrained"
   with pytest.raises(ValueError, match=r"cond\.text_encoder: 'pretrained' is the frozen text encoder of "

@@ -56,6 +56,12 @@ def resolve_config(config: ml_collections.ConfigDict, ae_config: ml_collections.
   config.model.num_classes = conditioning.num_class_embeddings(config.cond)
   unet_lib.validate_unet_config(config.model, latent, conditioning.context_dim(config.cond),
                                 concat_channels=concat)
+  takes_pooled = config.model.addition_embed_type == "text"
+  if config.cond.pooled != takes_pooled or (takes_pooled and config.model.addition_embed_dim != config.cond.dim):
+    raise ValueError(f"cond.pooled: {config.cond.pooled}, model.addition_embed_type "
+                     f"{config.model.addition_embed_type!r}, model.addition_embed_dim {config.model.addition_embed_dim}: "
+                     "the pooled text embedding needs both, model.addition_embed_type='text' and "
+                     f"model.addition_embed_dim = cond.dim ({config.cond.dim}).")
   if config.diffusion.parameterization not in schedule_lib.PARAMETERIZATIONS:
     raise ValueError(f"diffusion.parameterization: {config.diffusion.parameterization!r} is not one of "
                      f"{schedule_lib.PARAMETERIZATIONS}.")
