@@ -27,8 +27,9 @@ FLAGS = flags.FLAGS
 PROMPT = "a large red circle on a white background"
 
 
-def train_smoke(config_path, autoencoder_workdir, workdir, **data):
-  config = plain_text_config() if config_path == "plain_text" else load_config(config_path)
+def train_smoke(config, autoencoder_workdir, workdir, **data):
+  """Two steps of stage-2 `config` (a ConfigDict, or a config file path) on the autoencoder run."""
+  config = load_config(config) if isinstance(config, str) else config
   config.autoencoder.workdir = autoencoder_workdir
   if data:
     config.data.update(**data)
@@ -42,7 +43,7 @@ def train_smoke(config_path, autoencoder_workdir, workdir, **data):
 @pytest.fixture(scope="session")
 def text_run(smoke_autoencoder, tmp_path_factory):
   return shared_run(tmp_path_factory, "sample_txt",
-                    lambda d: train_smoke("plain_text", smoke_autoencoder, d))
+                    lambda d: train_smoke(plain_text_config(), smoke_autoencoder, d))
 
 
 @pytest.fixture(scope="session")

@@ -471,15 +471,15 @@ class UNet(nn.Module):
       raise ValueError("U-Net input: labels y are required if and only if model.num_classes is set "
                        f"(num_classes={self.num_classes}).")
     text_time = self.addition_embed_type == "text_time"
-    if (text_embeds is None or time_ids is None) == text_time and self.addition_embed_type != "text":
+    if self.addition_embed_type == "text":
+      if text_embeds is None or time_ids is not None or text_embeds.shape[1:] != (self.addition_embed_dim,):
+        raise ValueError("U-Net input: model.addition_embed_type='text' needs text_embeds "
+                         f"[B, {self.addition_embed_dim}] (model.addition_embed_dim) and no time_ids; got "
+                         f"{None if text_embeds is None else text_embeds.shape} and "
+                         f"{None if time_ids is None else time_ids.shape}.")
+    elif (text_embeds is None or time_ids is None) == text_time:
       raise ValueError("U-Net input: text_embeds and time_ids are required if and only if "
                        f"model.addition_embed_type='text_time' (it is {self.addition_embed_type!r}).")
-    if self.addition_embed_type == "text" and (
-        text_embeds is None or time_ids is not None or text_embeds.shape[1:] != (self.addition_embed_dim,)):
-      raise ValueError("U-Net input: model.addition_embed_type='text' needs text_embeds "
-                       f"[B, {self.addition_embed_dim}] (model.addition_embed_dim) and no time_ids; got "
-                       f"{None if text_embeds is None else text_embeds.shape} and "
-                       f"{None if time_ids is None else time_ids.shape}.")
     if text_time:
       width = text_embeds.shape[-1] + time_ids.shape[-1] * self.addition_time_embed_dim
       if text_embeds.ndim != 2 or time_ids.ndim != 2 or width != self.addition_embed_dim:
