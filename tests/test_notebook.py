@@ -18,15 +18,14 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+from ldm_jax.config import common as config_lib
 from tests.conftest import ROOT
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "ldm_jax_quickstart.ipynb")
 SMOKE_PARAMETERS = dict(SMOKE=True, SAMPLE_STEPS=4, NUM_SAMPLES=16, NUM_REFERENCE=32, NUM_RECONSTRUCTIONS=16,
                         BATCH_SIZE=16)
-DEFAULT_PROMPTS = ("a large red circle on a white background",
-                   "a small blue square on a black background",
-                   "a large green triangle on a gray background",
-                   "a yellow star above a purple diamond on a white background")
+# The notebook's PROMPTS = () means the demo config's prompts.
+DEFAULT_PROMPTS = config_lib.from_file(os.path.join(ROOT, "configs", "ldm", "shapes_txt2img.py")).sample.prompts
 
 
 def read_notebook():
@@ -106,7 +105,7 @@ def test_notebook_trains_samples_and_evaluates_headless(trained):
 
   images, prompts, metrics = read_outputs(workdir)
   assert images.shape == (16, 16, 16, 3) and images.dtype == np.uint8  # the smoke data are 16 px RGB
-  assert list(prompts) == [DEFAULT_PROMPTS[i % 4] for i in range(16)]
+  assert list(prompts) == [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(16)]
   assert images.std() > 1.0, "the samples are (nearly) constant"
   assert len({image.tobytes() for image in images}) == 16, "different noise gave identical samples"
 

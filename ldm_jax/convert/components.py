@@ -62,6 +62,8 @@ def example_inputs(component: str, cfg: Mapping[str, Any]) -> tuple[tuple, dict]
     if cfg.get("addition_embed_type") == "text_time":  # any split of the width gives the same parameters
       time_dim = cfg.get("addition_time_embed_dim", 256)
       kwargs = dict(text_embeds=jnp.zeros((1, cfg["addition_embed_dim"] - time_dim)), time_ids=jnp.zeros((1, 1)))
+    elif cfg.get("addition_embed_type") == "text":  # the pooled text embedding alone
+      kwargs = dict(text_embeds=jnp.zeros((1, cfg["addition_embed_dim"])))
     return (jnp.zeros((1, side, side, cfg["in_channels"])), jnp.zeros((1,), jnp.int32), context, y), kwargs
   if component in TEXT_ENCODERS:
     return (jnp.zeros((1, 2), jnp.int32),), {}

@@ -163,3 +163,11 @@ def test_export_replaces_only_what_an_earlier_export_wrote(runs, tmp_path, capsy
     assert cli(["export", "--workdir", runs["stage2"], "--format", "safetensors", "--out", str(user), *extra]) == 2
     assert f"{user}/autoencoder: " in capsys.readouterr().err
   assert sorted(p.relative_to(user) for p in user.rglob("*")) == before
+
+
+def test_parameter_tree_of_a_pooled_text_unet_has_its_add_embedding():
+  """addition_embed_type='text' (cond.pooled): the U-Net's parameters, as import/export and
+  pretrained directories build them, include add_embedding sized by addition_embed_dim."""
+  cfg = dict(UNET_MODEL, num_classes=None, context_dim=8, addition_embed_type="text", addition_embed_dim=12)
+  tree = abstract_params("unet", cfg)
+  assert tree["add_embedding"]["linear_1"]["kernel"].shape == (12, 4 * UNET_MODEL["model_channels"])
