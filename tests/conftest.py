@@ -39,12 +39,16 @@ def _run_root(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """One persistent XLA compilation cache for the whole run (all xdist workers)."""
+  """One persistent XLA compilation cache for the whole run (all xdist workers), keyed on programs
+  rather than on the test lines that reached them."""
   import jax  # pylint: disable=g-import-not-at-top
   path = _run_root(tmp_path_factory) / "jax_compilation_cache"
   path.mkdir(exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  # A program's cache key includes its source locations, by default the whole Python stack: the
+  # same train step reached from two test lines (a run, then its resume) would compile twice.
+  jax.config.update("jax_include_full_tracebacks_in_locations", False)
   return str(path)
 
 
@@ -85,6 +89,24 @@ def smoke_text_run(smoke_autoencoder, tmp_path_factory):
   U-Net outputs start at zero (`conv_out`, then `proj_out`, zero-initialised as in CompVis), so
   only from the third update on do the attention layers and the text encoder affect the loss."""
   return shared_run(tmp_path_factory, "smoke_text_run", functools.partial(_train_smoke_text_run, smoke_autoencoder))
+
+
+@pytest.fixture(scope="session")
+def smoke_class_run(smoke_autoencoder, tmp_path_factory):
+  """Workdir of a class-conditional `fmnist_class_cond:smoke` run on the 16 px shapes (80 images,
+  6 kinds as classes), 60 steps: long enough to overfit its 8 training batches (test_diffusion_train)
+  and a sampling target for test_sample."""
+  return shared_run(tmp_path_factory, "smoke_class_run", functools.partial(_train_smoke_class_run, smoke_autoencoder))
+
+
+def _train_smoke_class_run(autoencoder_workdir: str, workdir: str) -> None:
+  from ldm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/ldm/fmnist_class_cond.py:smoke")
+  config.autoencoder.workdir = autoencoder_workdir
+  config.data.update(source="shapes", path="", channels=3, num_examples=80)  # 8 training batches
+  config.cond.num_classes = 0  # taken from the data: 6 shape kinds
+  config.train.update(num_steps=60, log_every=20, image_every=60, checkpoint_every=60, batch_size=8)
+  diffusion.train_and_evaluate(config, workdir)
 
 
 def _train_smoke_text_run(autoencoder_workdir: str, workdir: str) -> None:

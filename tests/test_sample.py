@@ -20,37 +20,23 @@ from PIL import Image
 import sample
 from ldm_jax import load, sampling
 from ldm_jax.train import diffusion
-from tests.conftest import load_config, plain_text_config, shared_run
+from tests.conftest import load_config
 from tests.train.runs import Run, cpu_env, free_port, jax_cache, wait_all  # noqa: F401
 
 FLAGS = flags.FLAGS
 PROMPT = "a large red circle on a white background"
 
 
-def train_smoke(config, autoencoder_workdir, workdir, **data):
-  """Two steps of stage-2 `config` (a ConfigDict, or a config file path) on the autoencoder run."""
-  config = load_config(config) if isinstance(config, str) else config
-  config.autoencoder.workdir = autoencoder_workdir
-  if data:
-    config.data.update(**data)
-    config.cond.num_classes = 0  # taken from the data
-  config.train.update(num_steps=2, log_every=2, checkpoint_every=2, image_every=2)
-  config.sample.num_images = 8
-  diffusion.train_and_evaluate(config, workdir)
-  return workdir
+@pytest.fixture(scope="session")
+def text_run(smoke_text_run):
+  """The session's 4-step plain text-to-image run (tests/conftest.py)."""
+  return smoke_text_run
 
 
 @pytest.fixture(scope="session")
-def text_run(smoke_autoencoder, tmp_path_factory):
-  return shared_run(tmp_path_factory, "sample_txt",
-                    lambda d: train_smoke(plain_text_config(), smoke_autoencoder, d))
-
-
-@pytest.fixture(scope="session")
-def class_run(smoke_autoencoder, tmp_path_factory):
-  return shared_run(tmp_path_factory, "sample_cls",
-                    lambda d: train_smoke("configs/ldm/fmnist_class_cond.py:smoke", smoke_autoencoder, d,
-                                          source="shapes", path="", channels=3, num_examples=80))
+def class_run(smoke_class_run):
+  """The session's 60-step class-conditional run on the shapes (tests/conftest.py)."""
+  return smoke_class_run
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +87,7 @@ def test_text_samples_have_the_documented_outputs(text_run, tmp_path, sampler):
   assert Image.open(os.path.join(out, "grid.png")).size == (2 * 18 + 2, 5 * 18 + 2)  # a column per prompt
   assert Image.open(os.path.join(out, "intermediates.png")).size == (3 * 18 + 2, 8 * 18 + 2)  # 2 x0 + final
   settings = json.load(open(os.path.join(out, "sampling.json")))
-  assert settings["sampler"] == sampler and settings["checkpoint_step"] == 2
+  assert settings["sampler"] == sampler and settings["checkpoint_step"] == 4
   assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no staging left
 
 

@@ -23,10 +23,17 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+# The default suite trains without LPIPS (VGG16's forward and backward are most of the compile
+# time; tests/losses covers the LPIPS term and its gradient); the extended one with it, as configured.
 @pytest.mark.slow
-def test_kl_smoke_run_learns_checkpoints_and_resumes(tmp_path):
+@pytest.mark.parametrize("lpips", [False, pytest.param(True, marks=pytest.mark.extended)],
+                         ids=["without_lpips", "with_lpips"])
+def test_kl_smoke_run_learns_checkpoints_and_resumes(tmp_path, lpips):
   workdir = str(tmp_path / "kl")
-  config = smoke_config("kl_f8.py")  # LPIPS and the GAN both on (from step 7)
+  config = smoke_config("kl_f8.py")  # the GAN on from step 7; LPIPS in the loss and evaluation if `lpips`
+  if not lpips:
+    config.loss.perceptual_weight = 0.0
+    config.eval.metrics = ("psnr", "ssim")
   results = autoencoder.train_and_evaluate(config, workdir)
 
   rows = [r for r in read_metrics(workdir) if "train/rec_loss" in r]
@@ -36,7 +43,9 @@ def test_kl_smoke_run_learns_checkpoints_and_resumes(tmp_path):
   # The GAN switches on after loss.disc_start = 6: its terms appear in the later logs only.
   assert "train/d_loss" not in rows[0] and "train/d_loss" in rows[-1]
   assert rows[-1]["train/d_weight"] > 0
-  assert 5.0 < results["eval/psnr"] < 60.0 and 0.0 < results["eval/lpips"] < 1.0
+  assert 5.0 < results["eval/psnr"] < 60.0 and -1.0 <= results["eval/ssim"] <= 1.0
+  assert ("eval/lpips" in results) == lpips and (not lpips or 0.0 < results["eval/lpips"] < 1.0)
+  assert (rows[-1]["train/p_loss"] > 0) == lpips
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
   assert os.path.isfile(os.path.join(workdir, "config.json"))
   assert any(name.startswith("reconstructions_") for name in os.listdir(os.path.join(workdir, "samples")))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import data as data_lib
+from ldm_jax.config import common as config_lib
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.runtime import checkpoint as ckpt_lib
 from ldm_jax.runtime import sharding
@@ -91,7 +92,9 @@ def test_ema_updates_use_litema_decays_from_the_first_step():
                expected)
 
 
-@pytest.mark.parametrize("kind", ["kl", pytest.param("vq", marks=pytest.mark.extended)])
+# Extended: the cached path itself trains in every default run of shapes_txt2img:smoke (latent.cache).
+@pytest.mark.extended
+@pytest.mark.parametrize("kind", ["kl", "vq"])
 def test_a_step_on_cached_latents_equals_a_step_on_their_images(kind):
   """The cache keeps what the step would encode: KL moments (the step draws the same posterior
   sample from them as from the images), VQ's pre-quantization latent."""
@@ -160,17 +163,13 @@ def test_text_smoke_run_samples_checkpoints_and_resumes(smoke_autoencoder, tmp_p
 
 
 @pytest.mark.slow
-def test_class_conditional_overfits_a_small_set(smoke_autoencoder, tmp_path):
-  config = load_config("configs/ldm/fmnist_class_cond.py:smoke")
-  config.autoencoder.workdir = smoke_autoencoder
-  config.data.update(source="shapes", path="", channels=3, num_examples=80)  # 8 training images
-  config.cond.num_classes = 0  # taken from the data: 6 shape kinds
-  config.train.update(num_steps=60, log_every=20, image_every=60, checkpoint_every=60, batch_size=8)
-  workdir = str(tmp_path / "cls")
-  diffusion.train_and_evaluate(config, workdir)
-  losses = [r["train/loss"] for r in read_metrics(workdir)]
+def test_class_conditional_overfits_a_small_set(smoke_class_run):
+  """tests/conftest.py's 60-step run on 80 shapes images, cond.num_classes = 0 (from the data)."""
+  rows = [r for r in read_metrics(smoke_class_run) if "train/loss" in r]
+  assert [r["step"] for r in rows] == [20, 40, 60]
+  losses = [r["train/loss"] for r in rows]
   assert losses[-1] < 0.6 * losses[0], losses
-  assert config.model.num_classes == 6
+  assert config_lib.load_config(smoke_class_run).model.num_classes == 6  # the 6 shape kinds
 
 
 def test_bad_configs_name_their_key(smoke_autoencoder, tmp_path):
