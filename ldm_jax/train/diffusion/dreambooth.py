@@ -38,6 +38,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.latent.cache and config.dreambooth.prior_loss_weight > 0:
     raise ValueError("latent.cache: the class images of dreambooth.prior_loss_weight > 0 are not cached; set it "
                      "to False.")
+  if config.latent.cache_dir and config.dreambooth.prior_loss_weight > 0:
+    raise ValueError("latent.cache_dir: the class images of dreambooth.prior_loss_weight > 0 are not in the "
+                     "cache; unset it.")
 
 
 def class_images(config: ml_collections.ConfigDict, workdir: str, seed: int = 0) -> str:

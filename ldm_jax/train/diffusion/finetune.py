@@ -26,14 +26,12 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import config as checks
 from ldm_jax import load
 from ldm_jax.config import common as config_lib
-from ldm_jax.config import sections
 from ldm_jax.convert import pretrained as pretrained_lib
 from ldm_jax.runtime import sharding
 from ldm_jax.train.diffusion import dreambooth, lora
@@ -44,10 +42,6 @@ from ldm_jax.train.diffusion import textual_inversion as ti_lib
 METHODS = {"lora": lora.check_config, "textual_inversion": ti_lib.check_config,
            "dreambooth": dreambooth.check_config}
 
-# diffusion.* keys a pretrained model decides (the rest are training choices).
-PRETRAINED_DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "zero_terminal_snr",
-                             "parameterization")
-
 
 def _pretrained_directory(src: str, workdir: str) -> str:
   """A pretrained directory whose autoencoder is a stage-1 workdir: `src` itself, or `src`
@@ -55,8 +49,7 @@ def _pretrained_directory(src: str, workdir: str) -> str:
   src = os.path.abspath(src)
   if not os.path.exists(src):
     raise FileNotFoundError(f"init.pretrained: {src} does not exist.")
-  if (os.path.isfile(os.path.join(src, pretrained_lib.FORMAT_FILE))
-      and os.path.isdir(os.path.join(src, "autoencoder", "checkpoints"))):
+  if load.is_pretrained_directory(src):
     return src
   target = os.path.join(os.path.abspath(workdir), "pretrained")
   if not os.path.isfile(os.path.join(target, pretrained_lib.FORMAT_FILE)):
@@ -74,47 +67,15 @@ def _pretrained_directory(src: str, workdir: str) -> str:
   return target
 
 
-def _replace_section(config, section: str, values: dict, source: str, base: dict | None = None) -> None:
-  """Sets `section.*` keys to `values` (on top of `base`, default the section itself), logging the
-  keys that change."""
-  old = config[section].to_dict()
-  new = {**(old if base is None else base), **values}
-  changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-  if changed:
-    logging.info("init.pretrained=%s sets %s", source,
-                 ", ".join(f"{section}.{k}={v!r} (was {was!r})" for k, (was, v) in changed.items()))
-  with config.unlocked():
-    config[section] = ml_collections.ConfigDict(new)
-
-
 def apply_pretrained(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """With `init.pretrained`, points the config at the pretrained model (see the module docstring)
-  and returns its parameters {'unet', 'cond'} (host arrays, float32); else None."""
+  """With `init.pretrained`, points the config at the pretrained model (see the module docstring,
+  `load.pretrained_config`) and returns its parameters {'unet', 'cond'} (host arrays, float32); else None."""
   if not config.init.pretrained:
     return None
   directory = _pretrained_directory(config.init.pretrained, workdir)
-  modules, params, configs = load.load_pretrained(directory)
-  for component in ("unet", "autoencoder"):
-    if component not in modules:
-      raise ValueError(f"init.pretrained: {directory} has no {component}; fine-tuning needs a U-Net and an "
-                       "autoencoder.")
-  # An exported ldm_jax run's trained τ_θ is fine-tuned too; a pretrained text encoder stays frozen.
-  cond, _, cond_params = load.pretrained_conditioning(directory, modules, params, configs, "init.pretrained")
-  diffusion_cfg = configs.get("diffusion", {})
-  replaced = {
-      "init": dict(pretrained=directory),
-      "autoencoder": dict(workdir=os.path.join(directory, "autoencoder")),
-      "model": {k: v for k, v in configs["unet"].to_dict().items() if k not in ("dtype", "remat")},
-      "diffusion": {k: diffusion_cfg[k] for k in PRETRAINED_DIFFUSION_KEYS if k in diffusion_cfg},
-      "latent": ({"scale_factor": float(configs["latent"].scale_factor)}
-                 if "scale_factor" in configs.get("latent", {}) else {}),
-      "cond": cond,
-  }
-  for section, values in replaced.items():
-    # The U-Net is the pretrained one: keys its config leaves out take the U-Net defaults, not the config's.
-    base = sections.default_unet_config().to_dict() if section == "model" else None
-    _replace_section(config, section, values, directory, base)
-  return jax.tree.map(lambda x: np.asarray(x, np.float32), {"unet": params["unet"], "cond": cond_params})
+  found, params = load.pretrained_config(directory)
+  load.set_sections(config, found, directory)
+  return params
 
 
 def check_method(config: ml_collections.ConfigDict) -> None:
