@@ -102,7 +102,7 @@ def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int, *, tr
   (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists), a cached 'context' as
   'cond/context' unless not `cached_context` (`uses_cached_context`), and a per-example
   'loss_weight' when the batch has one. `transform(batch, step)` first changes the batch (a
-  fine-tuning method's captions or class images, `finetune.batch_transform`)."""
+  fine-tuning method's captions, `finetune.batch_transform`)."""
   if transform is not None:
     batch = transform(batch, step)
   rng = np.random.default_rng((config.train.seed, step))  # random inpainting masks, reproducible

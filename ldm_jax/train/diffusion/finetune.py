@@ -17,7 +17,7 @@ was trained at.
 With a `lora` or a `textual_inversion` section the pretrained weights stay frozen and something
 smaller trains instead (`make_tuning`): LoRA adapters (`ldm_jax.train.diffusion.lora`) or the
 embeddings of new tokens (`ldm_jax.train.diffusion.textual_inversion`). A `dreambooth` section
-changes the batches (`batch_transform`, `ldm_jax.train.diffusion.dreambooth`).
+changes the batches (`train_iterator`, `ldm_jax.train.diffusion.dreambooth`).
 """
 
 from __future__ import annotations
@@ -101,16 +101,21 @@ def make_tuning(config, pretrained: dict | None, tokenizer, conditioner, mesh):
   return None
 
 
-def batch_transform(config, workdir: str, tuning):
+def batch_transform(config, tuning):
   """What the method does to each host batch before `data.prepare_batch` (`transform(batch, step)`):
-  textual inversion's template captions, DreamBooth's instance prompt and class images; or None.
-  DreamBooth's missing class images are sampled here."""
+  textual inversion's template captions; or None."""
   if "textual_inversion" in config:
     return tuning.captions
-  if "dreambooth" in config:
-    prior = dreambooth.PriorBatches(config, workdir)
-    return lambda batch, step: prior(batch)
   return None
+
+
+def train_iterator(config, workdir: str, iterator):
+  """The run's iterator of host batches: `iterator`, or with DreamBooth its `PriorBatches` (the
+  instance prompt and the class images, both positions checkpointed); DreamBooth's missing class
+  images are sampled here."""
+  if "dreambooth" in config:
+    return dreambooth.PriorBatches(config, workdir, iterator)
+  return iterator
 
 
 def save_trainable(tuning, workdir: str, trainable: dict, mesh) -> None:
