@@ -18,13 +18,13 @@ from ldm_jax.convert.pretrained import PARAMS_FILE
 from ldm_jax.convert.safetensors_io import read_safetensors, write_safetensors
 from ldm_jax.data import latent_cache
 from ldm_jax.data.pipeline import batched
-from ldm_jax.data.tokenizer import load_tokenizer
+from ldm_jax.data.tokenizer import build_tokenizer, load_tokenizer
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.precompute import encode
 from ldm_jax.runtime import sharding
 from ldm_jax.train import diffusion
-from ldm_jax.train.diffusion import data, finetune, setup, step as step_lib
-from tests.conftest import plain_text_config
+from ldm_jax.train.diffusion import data, finetune, lora, setup, step as step_lib
+from tests.conftest import load_config, plain_text_config
 from tests.convert.conftest import diffusers_models, sd_pipeline, transformers_models  # noqa: F401
 from tests.convert.reference import clip_tokenizer_vocab
 from tests.data.test_shards import make_shards
@@ -173,3 +173,27 @@ def test_a_cache_made_with_another_text_encoder_or_tokenizer_is_refused_before_c
   transformers.CLIPTokenizer(vocab=vocab, merges=merges[:2], model_max_length=16).save_pretrained(
       os.path.join(changed, "tokenizer"))
   refused(cache, "tokenizer_sha256", "'[0-9a-f]{64}'", "'[0-9a-f]{64}'")
+
+
+def test_the_cached_context_is_used_only_while_the_text_encoder_is_frozen_and_the_captions_are_the_datas():
+  config = plain_text_config()
+  config.latent.cache_dir = "/caches/sd"
+  frozen_unet_lora = lora.LoraTuning(base={}, targets={"unet": ["mid_block/attn1/to_q"], "cond": []}, rank=1,
+                                     scale=1.0)
+  text_lora = lora.LoraTuning(base={}, targets={"unet": [], "cond": ["encoder/layers_0/self_attn/q_proj"]}, rank=1,
+                              scale=1.0)
+  assert data.uses_cached_context(config) and data.uses_cached_context(config, frozen_unet_lora)
+  assert not data.uses_cached_context(config, text_lora)  # the text encoder trains: it must see the tokens
+  dreambooth = load_config("configs/finetune/dreambooth.py:smoke")
+  dreambooth.latent.cache_dir = "/caches/sd"
+  assert not data.uses_cached_context(dreambooth)  # its prompts are not the cached captions
+  config.latent.cache_dir = ""
+  assert not data.uses_cached_context(config)
+
+  tokenizer = build_tokenizer(config.cond, ["a red circle", "a blue square"])
+  batch = {"latent_moments": np.zeros((2, 8, 8, 6), np.float32), "caption": np.array(["a red circle", ""]),
+           "context": np.ones((2, config.cond.max_length, 128), np.float32)}
+  kept = data.prepare_batch(config, tokenizer, (8, 8, 3), batch, 1)
+  np.testing.assert_array_equal(kept["cond/context"], batch["context"])
+  dropped = data.prepare_batch(config, tokenizer, (8, 8, 3), batch, 1, cached_context=False)
+  assert "cond/context" not in dropped and dropped["cond/tokens"].shape == (2, config.cond.max_length)
