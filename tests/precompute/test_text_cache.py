@@ -4,6 +4,7 @@ equals the step on the images and captions, its classifier-free dropout gives th
 and a cache made with another text encoder or tokenizer is refused before anything compiles."""
 
 import functools
+import json
 import os
 import shutil
 
@@ -114,6 +115,22 @@ def test_a_step_on_cached_latents_and_context_equals_a_step_on_images_and_captio
   np.testing.assert_allclose(out[0][:2], out[1][:2], rtol=1e-5)
   scale = max(np.abs(x).max() for x in jax.tree.leaves(out[1][2]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), out[0][2], out[1][2])
+
+
+@pytest.mark.extended
+@pytest.mark.slow
+def test_a_fine_tuning_run_trains_from_the_cache_made_for_it(text_cache, tmp_path):
+  """The job resolves init.pretrained as the trainer does: the run accepts the cache (same identity)
+  and trains on its latents and context."""
+  root, pretrained, _ = text_cache
+  config = text_cache_config(pretrained, root / "shards")
+  config.latent.cache_dir = str(root / "out")
+  config.train.update(num_steps=2, checkpoint_every=2, image_every=100, log_every=1)
+  workdir = str(tmp_path / "run")
+  diffusion.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    losses = [json.loads(line)["train/loss"] for line in f]
+  assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 def test_dropout_replaces_the_cached_context_by_the_context_of_the_empty_caption(text_cache, tmp_path):
