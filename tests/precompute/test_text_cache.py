@@ -134,15 +134,18 @@ def test_a_fine_tuning_run_trains_from_the_cache_made_for_it(text_cache, tmp_pat
 
 
 def test_dropout_replaces_the_cached_context_by_the_context_of_the_empty_caption(text_cache, tmp_path):
-  """cond.dropout_prob 1: the loss on the cached context of 'sample N' is the loss on the images
-  captioned "" (the null condition), whose context differs from theirs."""
+  """cond.dropout_prob 1: the loss on the cached context of 'sample N' is the loss on the same latents
+  captioned "" (the null condition, through the text encoder), whose context differs from theirs."""
   root, pretrained, manifest = text_cache
   config, params, (ae_model, ae_config, ae_params) = resolved(
       text_cache_config(pretrained, root / "shards", dropout_prob=1.0), str(tmp_path / "run"))
   tokenizer = load_tokenizer(config.cond.tokenizer_dir, max_length=config.cond.max_length)
   latent_shape = ae_lib.latent_shape(ae_config.model, config.data.image_size)
-  cached, _, images = _batches(config, root, manifest, tokenizer, latent_shape)
-  empty = data.prepare_batch(config, tokenizer, latent_shape, {**images, "caption": np.array([""] * 4)}, 1)
+  cached, _, _ = _batches(config, root, manifest, tokenizer, latent_shape)
+  # The same cached latents captioned "", without cached context: the text encoder encodes the tokens.
+  empty = data.prepare_batch(config, tokenizer, latent_shape, {"latent_moments": cached["latent_moments"],
+                                                               "caption": np.array([""] * 4)}, 1)
+  assert "cond/context" not in empty
   ldm = load.build_ldm(config, ae_model, ae_config, tokenizer, 0.5, for_training=True)
   null = ldm.conditioner.apply({"params": params["cond"]}, ldm.null(1))["context"]
   assert np.abs(cached["cond/context"] - null).max() > 0.1
