@@ -15,7 +15,9 @@ state) is not weight loading and stays in `ldm_jax.runtime.checkpoint`.
 
 `build_ldm` assembles the `LatentDiffusion` of a stage-2 config once its `scale_factor` is known;
 `pretrained_conditioning` says what conditions a pretrained model (a trained conditioner, a
-frozen text encoder, or none), for both sampling and fine-tuning.
+frozen text encoder, or none), for both sampling and fine-tuning; `pretrained_config` what else
+of a stage-2 config a pretrained model decides, for the fine-tuning trainer and the cache it
+trains from (`ldm_jax.precompute`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from ldm_jax import config as checks
 from ldm_jax.config import common as config_lib
@@ -46,6 +49,9 @@ from ldm_jax.models import unet as unet_lib
 from ldm_jax.runtime import sharding
 from ldm_jax.runtime.checkpoint import Checkpointer
 
+# diffusion.* keys a pretrained model decides when it is fine-tuned (the rest are training choices).
+PRETRAINED_DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "zero_terminal_snr",
+                             "parameterization")
 # diffusion.* keys that describe a trained model (the rest are training choices).
 MODEL_DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "cosine_s",
                         "zero_terminal_snr", "parameterization")
@@ -418,3 +424,52 @@ def load_pretrained_ldm(directory: str, flag: str = "--pretrained"):
       tokenizer=modules.get("tokenizer"), latent_shape=ae_lib.latent_shape(ae_cfg, int(ae_cfg.resolution)),
       tokenizer_2=modules.get("tokenizer_2"))
   return ldm, {"unet": params["unet"], "cond": cond_params}, params["autoencoder"], configs
+
+
+def is_pretrained_directory(path: str) -> bool:
+  """A pretrained directory (`python -m ldm_jax.convert import`) whose autoencoder is a stage-1 workdir."""
+  return (os.path.isfile(os.path.join(path, FORMAT_FILE))
+          and os.path.isdir(os.path.join(path, "autoencoder", "checkpoints")))
+
+
+def pretrained_config(directory: str, flag: str = "init.pretrained") -> tuple[dict, dict]:
+  """What the pretrained model of `is_pretrained_directory(directory)` decides of a stage-2 config
+  that fine-tunes it, and its weights: `(sections, params)`.
+
+  sections: {section: {key: value}} — the U-Net architecture (`model`, over the U-Net defaults), the
+  schedule (`PRETRAINED_DIFFUSION_KEYS`), `latent.scale_factor`, the frozen autoencoder
+  (`autoencoder.workdir`), the conditioning (`pretrained_conditioning`) and `init.pretrained` itself;
+  params: {'unet', 'cond'} as float32 host arrays. Errors name `flag`.
+  """
+  modules, params, configs = load_pretrained(directory)
+  for component in ("unet", "autoencoder"):
+    if component not in modules:
+      raise ValueError(f"{flag}: {directory} has no {component}; fine-tuning needs a U-Net and an autoencoder.")
+  cond, _, cond_params = pretrained_conditioning(directory, modules, params, configs, flag)
+  diffusion_cfg = configs.get("diffusion", {})
+  unet = {k: v for k, v in configs["unet"].to_dict().items() if k not in ("dtype", "remat")}
+  found = {
+      "init": dict(pretrained=directory),
+      "autoencoder": dict(workdir=os.path.join(directory, "autoencoder")),
+      # The U-Net is the pretrained one: keys its config leaves out take the U-Net defaults, not the config's.
+      "model": {**sections.default_unet_config().to_dict(), **unet},
+      "diffusion": {k: diffusion_cfg[k] for k in PRETRAINED_DIFFUSION_KEYS if k in diffusion_cfg},
+      "latent": ({"scale_factor": float(configs["latent"].scale_factor)}
+                 if "scale_factor" in configs.get("latent", {}) else {}),
+      "cond": cond,
+  }
+  return found, jax.tree.map(lambda x: np.asarray(x, np.float32), {"unet": params["unet"], "cond": cond_params})
+
+
+def set_sections(config: ml_collections.ConfigDict, found: dict, source: str) -> None:
+  """Sets the sections `pretrained_config` found in `source` (the whole `model` section, the given
+  keys of the others), logging the keys that change."""
+  for section, values in found.items():
+    old = config[section].to_dict()
+    new = dict(values) if section == "model" else {**old, **values}
+    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    if changed:
+      logging.info("init.pretrained=%s sets %s", source,
+                   ", ".join(f"{section}.{k}={v!r} (was {was!r})" for k, (was, v) in changed.items()))
+    with config.unlocked():
+      config[section] = ml_collections.ConfigDict(new)

@@ -14,13 +14,15 @@ On disk: `python -m ldm_jax.precompute` writes a directory
                                    and with a frozen text encoder 'context' float32 [L, D]
 
 which a run names with `latent.cache_dir`: `check_manifest` refuses a cache made with another
-autoencoder, text encoder, tokenizer or image size, and `disk_cache_loader` reads it through grain
-(hosts read disjoint records, shuffled, deterministic given the seed, its position checkpointable)
+autoencoder, text encoder or tokenizer (another path, or other files) or image size, and
+`disk_cache_loader` reads it through grain (hosts read disjoint records, shuffled, deterministic
+given the seed, its position checkpointable)
 into per-host batches of those fields. Each step still draws a fresh posterior sample.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -33,10 +35,14 @@ from ldm_jax.data.pipeline import host_batch_size
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ldm_jax latent cache"
-MANIFEST_VERSION = 1
-# What a cache was made with; a run that differs in any of these cannot use it.
+MANIFEST_VERSION = 2
+# What a cache was made with; a run that differs in any of these cannot use it. The text encoder and
+# tokenizer are named by path and by the digest of their files (`files_digest`): a directory whose
+# text encoder was replaced after the cache was written is another text encoder.
 MANIFEST_IDENTITY = ("autoencoder", "autoencoder_step", "image_size", "channels", "latent_shape", "text_encoder",
-                     "tokenizer", "max_length")
+                     "text_encoder_sha256", "tokenizer", "tokenizer_sha256", "max_length")
+# Identity keys added in version 2, as a version-1 manifest (which has none) implies them.
+_VERSION_1_IDENTITY = {"text_encoder_sha256": "", "tokenizer_sha256": ""}
 PART_SUFFIX = ".array_record"
 
 # What a latent cache holds per image: the KL posterior's moments or VQ's pre-quantization latent.
@@ -96,10 +102,26 @@ def finished_parts(cache_dir: str) -> list[str]:
   return sorted(n for n in os.listdir(cache_dir) if n.startswith("part-") and n.endswith(PART_SUFFIX))
 
 
+def files_digest(directories: list[str]) -> str:
+  """sha256 of the files under `directories` (their names relative to each directory, and contents);
+  '' when there are none."""
+  digest, found = hashlib.sha256(), False
+  for directory in directories:
+    for parent, _, names in sorted(os.walk(directory)):
+      for name in sorted(names):
+        path = os.path.join(parent, name)
+        digest.update(os.path.relpath(path, directory).encode() + b"\0")
+        with open(path, "rb") as f:
+          for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+        found = True
+  return digest.hexdigest() if found else ""
+
+
 def check_manifest(manifest: dict, expected: dict, cache_dir: str, key: str = "latent.cache_dir") -> None:
   """ValueError naming the first identity key (`MANIFEST_IDENTITY`) whose value differs, with both."""
   for name in MANIFEST_IDENTITY:
-    if name in expected and manifest.get(name) != expected[name]:
+    if name in expected and manifest.get(name, _VERSION_1_IDENTITY.get(name)) != expected[name]:
       raise ValueError(f"{key}: the cache in {cache_dir} was made with {name}={manifest.get(name)!r}, but this run "
                        f"has {name}={expected[name]!r}; write a cache for this run (python -m ldm_jax.precompute) "
                        "or point latent.cache_dir at one made for it")

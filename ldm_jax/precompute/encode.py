@@ -9,6 +9,12 @@ posterior's moments, or VQ's pre-quantization latent — and, when the config's 
 frozen one of `init.pretrained` (`cond.text_encoder='pretrained'`), each caption's context
 embeddings; it writes array_record parts and a manifest (`ldm_jax.data.latent_cache`).
 
+With `init.pretrained` (a directory written by `python -m ldm_jax.convert import`) the config is
+first resolved as the fine-tuning trainer resolves it (`load.pretrained_config`): its autoencoder
+is the directory's, and its text encoder, when it has one, the frozen pretrained encoder with the
+directory's tokenizer and `max_length`; the run then names the same directory. SDXL's two text
+encoders (and pooled embedding) are not cached: the trainer fine-tunes single-encoder models.
+
 Parts: one per tar shard (`shards` source), else one per `--records_per_part` records. Process i
 of n encodes parts i::n on its own devices (a data-parallel mesh of its local devices, no
 collective between hosts), so every host of a pod or cluster works at once and writes its own
@@ -37,6 +43,7 @@ from ldm_jax import data as data_lib
 from ldm_jax import load
 from ldm_jax.data import latent_cache, shards
 from ldm_jax.data.pipeline import SKIP_REASONS, batched
+from ldm_jax.data.tokenizer import load_tokenizer
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.models import conditioning
 
@@ -45,17 +52,38 @@ def uses_frozen_text_encoder(config: ml_collections.ConfigDict) -> bool:
   return conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained"
 
 
+def resolve_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config`, or with `init.pretrained` a copy resolved against it as the trainer resolves it
+  (`load.pretrained_config`: its autoencoder, its frozen text encoder and tokenizer)."""
+  if not config.init.pretrained:
+    return config
+  directory = os.path.abspath(config.init.pretrained)
+  if not load.is_pretrained_directory(directory):
+    raise ValueError(f"init.pretrained: {directory} is not a pretrained directory with a stage-1 autoencoder "
+                     "workdir; import it once (python -m ldm_jax.convert import --src … --out DIR) and name DIR "
+                     "both here and in the runs that train from this cache.")
+  if any(os.path.isdir(os.path.join(directory, name)) for name in ("text_encoder_2", "tokenizer_2")):
+    raise ValueError(f"init.pretrained: {directory} has two text encoders (SDXL); the cache holds the context of "
+                     "one frozen text encoder (SD 1.x / 2.x).")
+  config = ml_collections.ConfigDict(config.to_dict())
+  load.set_sections(config, load.pretrained_config(directory)[0], directory)
+  return config
+
+
 def cache_identity(config: ml_collections.ConfigDict, ae_config: ml_collections.ConfigDict) -> dict:
-  """What a cache for the stage-2 `config` is made with (`latent_cache.MANIFEST_IDENTITY`)."""
+  """What a cache for the (resolved) stage-2 `config` is made with (`latent_cache.MANIFEST_IDENTITY`)."""
   workdir = os.path.abspath(config.autoencoder.workdir)
   steps = load.checkpoint_steps(os.path.join(workdir, "checkpoints"))
   frozen = uses_frozen_text_encoder(config)
+  text_encoder = os.path.abspath(config.init.pretrained) if frozen else ""
+  tokenizer = os.path.abspath(config.cond.tokenizer_dir) if frozen and config.cond.tokenizer_dir else ""
   return {
       "autoencoder": workdir, "autoencoder_step": steps[-1] if steps else None,
       "image_size": int(config.data.image_size), "channels": int(config.data.channels),
       "latent_shape": list(ae_lib.latent_shape(ae_config.model, config.data.image_size)),
-      "text_encoder": os.path.abspath(config.init.pretrained) if frozen else "",
-      "tokenizer": os.path.abspath(config.cond.tokenizer_dir) if frozen and config.cond.tokenizer_dir else "",
+      "text_encoder": text_encoder,
+      "text_encoder_sha256": latent_cache.files_digest([os.path.join(text_encoder, "text_encoder")]) if frozen else "",
+      "tokenizer": tokenizer, "tokenizer_sha256": latent_cache.files_digest([tokenizer]) if tokenizer else "",
       "max_length": int(config.cond.max_length) if frozen else 0,
   }
 
@@ -109,10 +137,8 @@ class Encoder:
     self.tokenizer = self._encode_text = None
     if uses_frozen_text_encoder(config):
       modules, params, _ = load.load_pretrained(config.init.pretrained)
-      if "text_encoder" not in modules or "tokenizer" not in modules:
-        raise ValueError(f"init.pretrained: {config.init.pretrained} has no text encoder and tokenizer to cache "
-                         "embeddings of (cond.text_encoder='pretrained')")
-      text_encoder, self.tokenizer = modules["text_encoder"], modules["tokenizer"]
+      text_encoder = modules["text_encoder"]
+      self.tokenizer = load_tokenizer(config.cond.tokenizer_dir, max_length=config.cond.max_length)
       text_params = jax.device_put(params["text_encoder"], replicated)
       self._encode_text = jax.jit(
           lambda tokens: text_encoder.apply({"params": text_params}, tokens).astype(jax.numpy.float32),
@@ -138,6 +164,7 @@ def encode_dataset(config: ml_collections.ConfigDict, out_dir: str, *, batch_siz
   `batch_size`: images per encoder call on this process (default: the per-process share of
   `train.batch_size`).
   """
+  config = resolve_pretrained(config)
   data_lib.validate_data_config(config.data)
   _, ae_config = load.autoencoder_run(config.autoencoder.workdir)
   for key in ("image_size", "channels"):

@@ -16,16 +16,16 @@ class Stage2:
   LatentDiffusion (the owner of `scale_factor`, here `scale_factor`) is `ldm`."""
 
   def __init__(self, config, mesh, ae_model, ae_config, ae_params, example_batch, *, scale_factor=0.5,
-               optimizer=None):
+               optimizer=None, tokenizer=None):
     self.config, self.mesh, self.ae_params = config, mesh, ae_params
     latent_shape = ae_lib.latent_shape(ae_config.model, config.data.image_size)
     unet = load.make_unet(config, for_training=True)
-    conditioner = load.make_conditioner(config, None, jnp.dtype(config.train.dtype))
+    conditioner = load.make_conditioner(config, tokenizer, jnp.dtype(config.train.dtype))
     optimizer = optimizer or state_lib.make_optimizer(config, frozen_cond=step_lib.is_frozen(conditioner))
     builder = state_lib.StateBuilder(config, mesh, unet, conditioner, latent_shape, cond_inputs(example_batch),
                                      optimizer)
     self.state_sharding, self.init = builder.state_sharding, builder.init
-    self.ldm = load.build_ldm(config, ae_model, ae_config, None, scale_factor, for_training=True, unet=unet,
+    self.ldm = load.build_ldm(config, ae_model, ae_config, tokenizer, scale_factor, for_training=True, unet=unet,
                               conditioner=conditioner)
     self.train_step = step_lib.make_train_step(config, mesh, self.ldm, optimizer, builder.state_sharding, ae_params)
 

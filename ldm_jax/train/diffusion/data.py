@@ -87,11 +87,22 @@ def make_train_iterator(config, source=None):
   return cached_batches(source, config.train.batch_size, config.train.seed)
 
 
-def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int, *, transform=None) -> dict:
+def uses_cached_context(config, tuning=None) -> bool:
+  """Whether the step takes the text context from the cache of `latent.cache_dir` (when it holds one):
+  while the text encoder stays frozen and the captions are the data's. Textual inversion and a LoRA
+  of the text encoder (`tuning.trains_text_encoder`) train it, DreamBooth replaces the captions by
+  its prompts: those runs encode the captions at every step."""
+  return bool(config.latent.cache_dir) and "dreambooth" not in config and not (
+      tuning is not None and tuning.trains_text_encoder)
+
+
+def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int, *, transform=None,
+                  cached_context: bool = True) -> dict:
   """Host side: the conditioner's inputs under 'cond/…' next to the image or cached latents
-  (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists), and a per-example
+  (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists), a cached 'context' as
+  'cond/context' unless not `cached_context` (`uses_cached_context`), and a per-example
   'loss_weight' when the batch has one. `transform(batch, step)` first changes the batch (a
-  fine-tuning method's captions or class images, `finetune.batch_transform`)."""
+  fine-tuning method's captions, `finetune.batch_transform`)."""
   if transform is not None:
     batch = transform(batch, step)
   rng = np.random.default_rng((config.train.seed, step))  # random inpainting masks, reproducible
@@ -99,7 +110,7 @@ def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int, *, tr
   cached = [k for k in CACHED_LATENT_KEYS if k in batch]
   out = {k: batch[k] for k in (cached or ["image"]) + (["loss_weight"] if "loss_weight" in batch else [])}
   out.update({f"cond/{k}": v for k, v in cond.items()})
-  if "context" in batch:  # a frozen text encoder's embeddings from the on-disk cache (the step uses them)
+  if cached_context and "context" in batch:  # a frozen text encoder's embeddings from the on-disk cache
     out["cond/context"] = batch["context"]
   return out
 

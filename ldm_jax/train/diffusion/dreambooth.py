@@ -6,12 +6,15 @@ trains on as many class images captioned `class_prompt`, and the loss is
 L = L_instance + λ·L_prior (per-example weights 2 and 2λ on a batch half instance, half class).
 The class images are the base model's own: `WORKDIR/class_images/` holds `num_class_images`
 PNGs (with their prompt in `.txt` files); missing ones are sampled from `init.pretrained` with
-`sample.py`'s code before training, so a resumed run finds them there. What trains is the whole
-U-Net (and a trained conditioner), or LoRA adapters with a `lora` section too.
+`sample.py`'s code before training, so a resumed run finds them there, and the position of their
+iterator is in every checkpoint with the instance images' (`PriorBatches`), so a resumed run draws
+the batches it would have drawn. What trains is the whole U-Net (and a trained conditioner), or
+LoRA adapters with a `lora` section too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -28,6 +31,7 @@ from ldm_jax.data import folder
 from ldm_jax.train.diffusion import data
 
 CLASS_IMAGES = "class_images"
+_STATE_KEY = "dreambooth_iterators"  # marks a checkpointed state of both iterators (`PriorBatches.get_state`)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -38,6 +42,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.latent.cache and config.dreambooth.prior_loss_weight > 0:
     raise ValueError("latent.cache: the class images of dreambooth.prior_loss_weight > 0 are not cached; set it "
                      "to False.")
+  if config.latent.cache_dir and config.dreambooth.prior_loss_weight > 0:
+    raise ValueError("latent.cache_dir: the class images of dreambooth.prior_loss_weight > 0 are not in the "
+                     "cache; unset it.")
 
 
 def class_images(config: ml_collections.ConfigDict, workdir: str, seed: int = 0) -> str:
@@ -75,27 +82,64 @@ def class_images(config: ml_collections.ConfigDict, workdir: str, seed: int = 0)
 
 
 class PriorBatches:
-  """Turns each instance batch into the step's batch: the instance prompt, and with λ > 0 as many
-  class images (from `class_images`) after them, with the per-example 'loss_weight'."""
+  """The step's batches of a DreamBooth run, an iterator over the run's instance batches
+  (`instances`): each with the instance prompt, and with λ > 0 as many class images (from
+  `class_images`, their own iterator) after them, with the per-example 'loss_weight'.
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  Both positions are checkpointed: `get_state`/`set_state` (JSON bytes, as grain's checkpoint
+  handler saves an iterator that is not a grain `DatasetIterator`) hold the instance iterator's
+  state and the class iterator's, so that a resumed run draws the class images it would have
+  drawn. A checkpoint written before the class iterator was saved (the instance state alone)
+  restores the instances and restarts the class images, with a warning.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, instances):
     self.cfg = config.dreambooth
-    self.iterator = None
+    self.instances = instances
+    self.prior = None
     if self.cfg.prior_loss_weight > 0:
       class_config = ml_collections.ConfigDict(config.to_dict())
       class_config.data.update(source="folder", path=class_images(config, workdir, config.train.seed),
                                train_split="train", random_flip=False, random_crop=False)
       data_lib.validate_data_config(class_config.data)
-      self.iterator = data.make_train_iterator(class_config)
+      self.prior = data.make_train_iterator(class_config)
 
-  def __call__(self, batch: dict) -> dict:
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self.instances)
     n = len(next(iter(batch.values())))
     batch = {**batch, "caption": np.array([self.cfg.instance_prompt] * n)}
-    if self.iterator is None:
+    if self.prior is None:
       return batch
-    prior = next(self.iterator)
+    prior = next(self.prior)
     prior = {**prior, "caption": np.array([self.cfg.class_prompt] * n)}
     weight = np.concatenate([np.full(n, 2.0), np.full(n, 2.0 * self.cfg.prior_loss_weight)]).astype(np.float32)
     keys = sorted(set(batch) & set(prior))
     return {**{k: np.concatenate([np.asarray(batch[k]), np.asarray(prior[k])]) for k in keys},
             "loss_weight": weight}
+
+  def get_state(self) -> bytes:
+    state = {"instances": self.instances.get_state()}
+    if self.prior is not None:
+      state["prior"] = self.prior.get_state()
+    return json.dumps({_STATE_KEY: state}, indent=1).encode()
+
+  def set_state(self, state: bytes) -> None:
+    saved = json.loads(state)
+    if _STATE_KEY not in saved:
+      logging.warning("dreambooth: the checkpoint holds the instance iterator's position only (written before "
+                      "the class images' was saved); the class images start from their first batch.")
+      self.instances.set_state(saved)
+      return
+    self.instances.set_state(saved[_STATE_KEY]["instances"])
+    if self.prior is not None and "prior" in saved[_STATE_KEY]:
+      self.prior.set_state(saved[_STATE_KEY]["prior"])
+
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after `set_state`."""
+    for iterator in (self.instances, self.prior):
+      if iterator is not None and hasattr(iterator, "start_prefetch"):
+        iterator.start_prefetch()
+

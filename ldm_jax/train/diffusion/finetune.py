@@ -17,7 +17,7 @@ was trained at.
 With a `lora` or a `textual_inversion` section the pretrained weights stay frozen and something
 smaller trains instead (`make_tuning`): LoRA adapters (`ldm_jax.train.diffusion.lora`) or the
 embeddings of new tokens (`ldm_jax.train.diffusion.textual_inversion`). A `dreambooth` section
-changes the batches (`batch_transform`, `ldm_jax.train.diffusion.dreambooth`).
+changes the batches (`train_iterator`, `ldm_jax.train.diffusion.dreambooth`).
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import config as checks
 from ldm_jax import load
 from ldm_jax.config import common as config_lib
-from ldm_jax.config import sections
 from ldm_jax.convert import pretrained as pretrained_lib
 from ldm_jax.runtime import sharding
 from ldm_jax.train.diffusion import dreambooth, lora
@@ -44,10 +42,6 @@ from ldm_jax.train.diffusion import textual_inversion as ti_lib
 METHODS = {"lora": lora.check_config, "textual_inversion": ti_lib.check_config,
            "dreambooth": dreambooth.check_config}
 
-# diffusion.* keys a pretrained model decides (the rest are training choices).
-PRETRAINED_DIFFUSION_KEYS = ("beta_schedule", "num_timesteps", "linear_start", "linear_end", "zero_terminal_snr",
-                             "parameterization")
-
 
 def _pretrained_directory(src: str, workdir: str) -> str:
   """A pretrained directory whose autoencoder is a stage-1 workdir: `src` itself, or `src`
@@ -55,8 +49,7 @@ def _pretrained_directory(src: str, workdir: str) -> str:
   src = os.path.abspath(src)
   if not os.path.exists(src):
     raise FileNotFoundError(f"init.pretrained: {src} does not exist.")
-  if (os.path.isfile(os.path.join(src, pretrained_lib.FORMAT_FILE))
-      and os.path.isdir(os.path.join(src, "autoencoder", "checkpoints"))):
+  if load.is_pretrained_directory(src):
     return src
   target = os.path.join(os.path.abspath(workdir), "pretrained")
   if not os.path.isfile(os.path.join(target, pretrained_lib.FORMAT_FILE)):
@@ -74,47 +67,15 @@ def _pretrained_directory(src: str, workdir: str) -> str:
   return target
 
 
-def _replace_section(config, section: str, values: dict, source: str, base: dict | None = None) -> None:
-  """Sets `section.*` keys to `values` (on top of `base`, default the section itself), logging the
-  keys that change."""
-  old = config[section].to_dict()
-  new = {**(old if base is None else base), **values}
-  changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-  if changed:
-    logging.info("init.pretrained=%s sets %s", source,
-                 ", ".join(f"{section}.{k}={v!r} (was {was!r})" for k, (was, v) in changed.items()))
-  with config.unlocked():
-    config[section] = ml_collections.ConfigDict(new)
-
-
 def apply_pretrained(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """With `init.pretrained`, points the config at the pretrained model (see the module docstring)
-  and returns its parameters {'unet', 'cond'} (host arrays, float32); else None."""
+  """With `init.pretrained`, points the config at the pretrained model (see the module docstring,
+  `load.pretrained_config`) and returns its parameters {'unet', 'cond'} (host arrays, float32); else None."""
   if not config.init.pretrained:
     return None
   directory = _pretrained_directory(config.init.pretrained, workdir)
-  modules, params, configs = load.load_pretrained(directory)
-  for component in ("unet", "autoencoder"):
-    if component not in modules:
-      raise ValueError(f"init.pretrained: {directory} has no {component}; fine-tuning needs a U-Net and an "
-                       "autoencoder.")
-  # An exported ldm_jax run's trained τ_θ is fine-tuned too; a pretrained text encoder stays frozen.
-  cond, _, cond_params = load.pretrained_conditioning(directory, modules, params, configs, "init.pretrained")
-  diffusion_cfg = configs.get("diffusion", {})
-  replaced = {
-      "init": dict(pretrained=directory),
-      "autoencoder": dict(workdir=os.path.join(directory, "autoencoder")),
-      "model": {k: v for k, v in configs["unet"].to_dict().items() if k not in ("dtype", "remat")},
-      "diffusion": {k: diffusion_cfg[k] for k in PRETRAINED_DIFFUSION_KEYS if k in diffusion_cfg},
-      "latent": ({"scale_factor": float(configs["latent"].scale_factor)}
-                 if "scale_factor" in configs.get("latent", {}) else {}),
-      "cond": cond,
-  }
-  for section, values in replaced.items():
-    # The U-Net is the pretrained one: keys its config leaves out take the U-Net defaults, not the config's.
-    base = sections.default_unet_config().to_dict() if section == "model" else None
-    _replace_section(config, section, values, directory, base)
-  return jax.tree.map(lambda x: np.asarray(x, np.float32), {"unet": params["unet"], "cond": cond_params})
+  found, params = load.pretrained_config(directory)
+  load.set_sections(config, found, directory)
+  return params
 
 
 def check_method(config: ml_collections.ConfigDict) -> None:
@@ -140,16 +101,21 @@ def make_tuning(config, pretrained: dict | None, tokenizer, conditioner, mesh):
   return None
 
 
-def batch_transform(config, workdir: str, tuning):
+def batch_transform(config, tuning):
   """What the method does to each host batch before `data.prepare_batch` (`transform(batch, step)`):
-  textual inversion's template captions, DreamBooth's instance prompt and class images; or None.
-  DreamBooth's missing class images are sampled here."""
+  textual inversion's template captions; or None."""
   if "textual_inversion" in config:
     return tuning.captions
-  if "dreambooth" in config:
-    prior = dreambooth.PriorBatches(config, workdir)
-    return lambda batch, step: prior(batch)
   return None
+
+
+def train_iterator(config, workdir: str, iterator):
+  """The run's iterator of host batches: `iterator`, or with DreamBooth its `PriorBatches` (the
+  instance prompt and the class images, both positions checkpointed); DreamBooth's missing class
+  images are sampled here."""
+  if "dreambooth" in config:
+    return dreambooth.PriorBatches(config, workdir, iterator)
+  return iterator
 
 
 def save_trainable(tuning, workdir: str, trainable: dict, mesh) -> None:

@@ -60,9 +60,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tokenizer, conditioner = tuning.tokenizer, tuning.conditioner
   latent_shape = ae_lib.latent_shape(ae_config.model, config.data.image_size)
   prepare = functools.partial(data.prepare_batch, config, tokenizer, latent_shape,
-                              transform=finetune.batch_transform(config, workdir, tuning))
+                              transform=finetune.batch_transform(config, tuning),
+                              cached_context=data.uses_cached_context(config, tuning))
   source = data.cache_latents(config, ae_model, ae_params) if config.latent.cache else None
-  train_iter = data.make_train_iterator(config, source)
+  train_iter = finetune.train_iterator(config, workdir, data.make_train_iterator(config, source))
   first = prepare(next(data.make_train_iterator(config, source)), 0)
   unet = load.make_unet(config, for_training=True)
   optimizer = state_lib.make_optimizer(config, frozen_cond=tuning is None and step_lib.is_frozen(conditioner))
