@@ -6,6 +6,7 @@ Batches are numpy, per host:
      'label':         int32 [B],
      'caption':       str array [B],
      'original_size': int32 [B, 2], (h, w) before any resizing (for size micro-conditioning),
+     'crop_coords_top_left': int32 [B, 2], (top, left) of the crop in the resized image (crop conditioning),
      'skipped':       int32 [B, len(SKIP_REASONS)], records dropped just before each record, by reason}
 
 with B = train.batch_size // jax.process_count(). Each JAX process reads the
@@ -124,7 +125,10 @@ def preprocess(record: dict[str, Any], rng: np.random.Generator, *, image_size: 
     rng: per-record generator, used only for a random crop and flip.
 
   Returns:
-    The record with `image` uint8 [image_size, image_size, channels].
+    The record with `image` uint8 [image_size, image_size, channels], 'original_size' int32 [2]
+    (h, w: the record's, else the decoded image's) and 'crop_coords_top_left' int32 [2] (top,
+    left: where the crop starts in the resized — and, when flipped, mirrored — image, SDXL's
+    crop conditioning as diffusers' train_text_to_image_sdxl.py records it).
   """
   image = record['image']
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
@@ -143,12 +147,16 @@ def preprocess(record: dict[str, Any], rng: np.random.Generator, *, image_size: 
   pil = pil.crop((left, top, left + image_size, top + image_size))
   if random_flip and rng.random() < 0.5:
     pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # The same pixels as cropping the flipped resized image (diffusers flips, then crops): offsets
+    # are recorded in that image.
+    left = width - image_size - left
   out = np.asarray(pil)
   return {
       'image': out[..., None] if out.ndim == 2 else out,
       'label': np.int32(record['label']),
       'caption': record['caption'],
       'original_size': np.asarray(record.get('original_size', image.shape[:2]), np.int32),
+      'crop_coords_top_left': np.array([top, left], np.int32),
   }
 
 
@@ -160,6 +168,7 @@ def collate(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
       'label': np.array([r['label'] for r in records], np.int32),
       'caption': np.array([r['caption'] for r in records], dtype=str),
       'original_size': np.stack([r['original_size'] for r in records]),
+      'crop_coords_top_left': np.stack([r['crop_coords_top_left'] for r in records]),
       'skipped': np.stack([r['skipped'] for r in records]),
   }
 
