@@ -166,13 +166,35 @@ def _check_not_lora(config, workdir: str) -> None:
                      f"{os.path.join(workdir, 'pytorch_lora_weights.safetensors')}.")
 
 
+# The frozen text encoders a pretrained directory may hold: SD's one, SDXL's second (bigG).
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def pretrained_text_encoders(directory: str) -> tuple[str, ...]:
+  """Which of `TEXT_ENCODERS` the pretrained `directory` holds (SD: the first; SDXL base: both;
+  SDXL refiner: the second)."""
+  return tuple(e for e in TEXT_ENCODERS if os.path.isfile(os.path.join(directory, e, "config.json")))
+
+
 def make_conditioner(config, tokenizer, dtype=jnp.float32):
   """τ_θ of a stage-2 config: the trainable `Conditioner` of `cond.*`, or, with
-  `cond.text_encoder='pretrained'`, the frozen text encoder of `init.pretrained`."""
+  `cond.text_encoder='pretrained'`, the frozen text encoders of `init.pretrained` (SDXL: both)."""
   if conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained":
-    with open(os.path.join(config.init.pretrained, "text_encoder", "config.json")) as f:
-      return TextEncoderConditioner(components.build("text_encoder", json.load(f)["model"]))
+    encoders = {}
+    for encoder in pretrained_text_encoders(config.init.pretrained):
+      with open(os.path.join(config.init.pretrained, encoder, "config.json")) as f:
+        encoders[encoder] = components.build(encoder, json.load(f)["model"])
+    if not encoders:
+      raise FileNotFoundError(f"init.pretrained: {config.init.pretrained} has no text_encoder/ (cond.text_encoder="
+                              "'pretrained' conditions on its frozen text encoder).")
+    return TextEncoderConditioner(encoders.get("text_encoder"), encoders.get("text_encoder_2"))
   return conditioning.make_conditioner(config.cond, tokenizer, dtype)
+
+
+def run_tokenizer_2(workdir: str, config):
+  """The second tokenizer a run saved (`workdir/tokenizer_2`: an SDXL fine-tuning run), else None."""
+  directory = os.path.join(workdir, "tokenizer_2")
+  return load_tokenizer(directory, max_length=config.cond.max_length) if os.path.isdir(directory) else None
 
 
 def make_unet(config, *, for_training=False):
@@ -182,9 +204,10 @@ def make_unet(config, *, for_training=False):
 
 
 def build_ldm(config, model, ae_config, tokenizer, scale_factor: float, *, for_training=False, unet=None,
-              conditioner=None) -> LatentDiffusion:
+              conditioner=None, tokenizer_2=None) -> LatentDiffusion:
   """The LatentDiffusion of a (resolved) stage-2 config on the autoencoder `model`; `for_training`
-  builds U-Net and conditioner with `train.dtype` and `train.remat` (unless given built)."""
+  builds U-Net and conditioner with `train.dtype` and `train.remat` (unless given built).
+  `tokenizer_2`: SDXL's second tokenizer (`run_tokenizer_2`), else None."""
   latent = ae_lib.latent_shape(ae_config.model, config.data.image_size)
   dtype = jnp.dtype(config.train.dtype) if for_training else jnp.float32
   return LatentDiffusion(
@@ -192,7 +215,7 @@ def build_ldm(config, model, ae_config, tokenizer, scale_factor: float, *, for_t
       conditioner=make_conditioner(config, tokenizer, dtype) if conditioner is None else conditioner,
       autoencoder=model, schedule=schedule_lib.schedule_from_config(config.diffusion),
       scale_factor=float(scale_factor), parameterization=config.diffusion.parameterization,
-      cond_cfg=config.cond, tokenizer=tokenizer, latent_shape=tuple(latent))
+      cond_cfg=config.cond, tokenizer=tokenizer, latent_shape=tuple(latent), tokenizer_2=tokenizer_2)
 
 
 def load_diffusion_run(workdir: str, mesh: jax.sharding.Mesh, *, use_ema: bool = True):
@@ -206,7 +229,8 @@ def load_diffusion_run(workdir: str, mesh: jax.sharding.Mesh, *, use_ema: bool =
   model, ae_config, ae_params = load_autoencoder(config.autoencoder.workdir, rep)
   params = restore(workdir, ("ema_params" if use_ema else "params",), rep, step=step)
   scale_factor = restore(workdir, ("scale_factor",), rep, step=step)
-  ldm = build_ldm(config, model, ae_config, tokenizer, float(jax.device_get(scale_factor)))
+  ldm = build_ldm(config, model, ae_config, tokenizer, float(jax.device_get(scale_factor)),
+                  tokenizer_2=run_tokenizer_2(workdir, config))
   return ldm, params, ae_params
 
 

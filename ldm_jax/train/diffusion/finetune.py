@@ -100,6 +100,7 @@ def apply_pretrained(config: ml_collections.ConfigDict, workdir: str) -> dict | 
                        "autoencoder.")
   # An exported ldm_jax run's trained τ_θ is fine-tuned too; a pretrained text encoder stays frozen.
   cond, _, cond_params = load.pretrained_conditioning(directory, modules, params, configs, "init.pretrained")
+  _check_micro_conditioning(config, directory, modules, cond)
   diffusion_cfg = configs.get("diffusion", {})
   replaced = {
       "init": dict(pretrained=directory),
@@ -115,6 +116,25 @@ def apply_pretrained(config: ml_collections.ConfigDict, workdir: str) -> dict | 
     base = sections.default_unet_config().to_dict() if section == "model" else None
     _replace_section(config, section, values, directory, base)
   return jax.tree.map(lambda x: np.asarray(x, np.float32), {"unet": params["unet"], "cond": cond_params})
+
+
+# What an SDXL model holds besides its U-Net and autoencoder, by its micro-conditioning.
+SDXL_COMPONENTS = {"target_size": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+                   "aesthetic_score": ("text_encoder_2", "tokenizer_2")}
+
+
+def _check_micro_conditioning(config, directory: str, modules: dict, cond: dict) -> None:
+  """A config that asks for SDXL's micro-conditioning (`configs/ldm/sdxl_base.py`) needs a pretrained
+  SDXL model with the same kind of it; ValueError naming the keys and what the directory lacks."""
+  wanted, found = config.cond.micro_conditioning, cond.get("micro_conditioning", "none")
+  if wanted == "none" or wanted == found:
+    return
+  kind = {"target_size": "an SDXL base", "aesthetic_score": "an SDXL refiner"}[wanted]
+  missing = [c for c in SDXL_COMPONENTS[wanted] if c not in modules]
+  has = f"lacks {', '.join(f'{c}/' for c in missing)}" if missing else f"has micro_conditioning {found!r}"
+  raise ValueError(f"init.pretrained: cond.micro_conditioning={wanted!r} fine-tunes {kind} model (a U-Net with "
+                   f"addition_embed_type='text_time', {', '.join(SDXL_COMPONENTS[wanted])}), but {config.init.pretrained} "
+                   f"{has}.")
 
 
 def check_method(config: ml_collections.ConfigDict) -> None:

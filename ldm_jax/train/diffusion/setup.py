@@ -67,6 +67,10 @@ def resolve_config(config: ml_collections.ConfigDict, ae_config: ml_collections.
                      f"{schedule_lib.PARAMETERIZATIONS}.")
   if config.diffusion.loss_type not in schedule_lib.LOSS_TYPES:
     raise ValueError(f"diffusion.loss_type: {config.diffusion.loss_type!r} is not one of {schedule_lib.LOSS_TYPES}.")
+  if config.cond.micro_conditioning != "none" and (config.latent.cache or config.latent.cache_dir):
+    raise ValueError(f"latent.cache{'_dir' if config.latent.cache_dir else ''}: the latent caches keep no crop offsets, "
+                     f"which SDXL's micro-conditioning (cond.micro_conditioning={config.cond.micro_conditioning!r}) "
+                     "needs at every step; train from the images.")
   stage2_config.check_values(config)
   schedule_lib.schedule_from_config(config.diffusion)  # raises on bad schedule keys
   evaluation.validate_eval_config(config)
@@ -89,8 +93,24 @@ def get_tokenizer(config, workdir):
   return tokenizer
 
 
+def get_tokenizer_2(config, workdir):
+  """SDXL's second tokenizer: the one saved in `workdir/tokenizer_2` (resume), else that of the
+  pretrained model whose frozen encoders condition the run, copied there; None for other runs."""
+  saved = os.path.join(workdir, "tokenizer_2")
+  if not os.path.isdir(saved):
+    if not (conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained"):
+      return None
+    source = os.path.join(config.init.pretrained, "tokenizer_2")
+    if not os.path.isdir(source):
+      return None
+    if jax.process_index() == 0:
+      shutil.copytree(source, saved)
+    return load_tokenizer(source, max_length=config.cond.max_length)
+  return load_tokenizer(saved, max_length=config.cond.max_length)
+
+
 # Keys a resumed run must share with its checkpoints (`config.check_resume`).
 RESUME_KEYS = ("model.", "cond.kind", "cond.class_mode", "cond.concat_source", "cond.text_encoder", "cond.dim",
                "cond.depth", "cond.num_heads", "cond.head_dim", "cond.vocab_size", "cond.max_length",
-               "cond.num_classes", "cond.concat_channels", "autoencoder.workdir", "init.pretrained", "latent.cache",
+               "cond.num_classes", "cond.concat_channels", "cond.micro_conditioning", "autoencoder.workdir", "init.pretrained", "latent.cache",
                "lora.", "textual_inversion.")  # dreambooth.* may change: it is data

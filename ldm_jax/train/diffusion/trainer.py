@@ -52,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ae_model, ae_config, ae_params = load.load_autoencoder(
       config.autoencoder.workdir, lambda tree: sharding.tree_sharding(mesh, tree, prefix="autoencoder", **rules),
       dtype=config.train.dtype)
-  tokenizer = setup.get_tokenizer(config, workdir)
+  tokenizer, tokenizer_2 = setup.get_tokenizer(config, workdir), setup.get_tokenizer_2(config, workdir)
   conditioner = load.make_conditioner(config, tokenizer, jnp.dtype(config.train.dtype))
   # LoRA adapters or new token embeddings train instead of the pretrained weights, which stay outside the state.
   tuning = finetune.make_tuning(config, pretrained_params, tokenizer, conditioner, mesh)
@@ -60,7 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tokenizer, conditioner = tuning.tokenizer, tuning.conditioner
   latent_shape = ae_lib.latent_shape(ae_config.model, config.data.image_size)
   prepare = functools.partial(data.prepare_batch, config, tokenizer, latent_shape,
-                              transform=finetune.batch_transform(config, workdir, tuning))
+                              transform=finetune.batch_transform(config, workdir, tuning), tokenizer_2=tokenizer_2)
   source = data.cache_latents(config, ae_model, ae_params) if config.latent.cache else None
   train_iter = data.make_train_iterator(config, source)
   first = prepare(next(data.make_train_iterator(config, source)), 0)
@@ -78,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = builder.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor),
                          None if tuning else pretrained_params)
   ldm = load.build_ldm(config, ae_model, ae_config, tokenizer, float(jax.device_get(state.scale_factor)),
-                       for_training=True, unet=unet, conditioner=conditioner)
+                       for_training=True, unet=unet, conditioner=conditioner, tokenizer_2=tokenizer_2)
   train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, ae_params, tuning)
   frozen = (ae_params,) if tuning is None else (ae_params, tuning.base)
   # The weights of the sample grids and evaluations: the EMA parameters, or the base with the EMA adapters.
