@@ -61,7 +61,7 @@ def get_config(arg=None):
   if "smoke" in options:
     config.init.pretrained = "runs/sdxl_tiny"
     config.data.update(source="shapes", path="", random_flip=False)  # flips break the shapes' left/right words
-    config.sample.prompts = ("a large red circle on a white background",)
+    config.sample.prompts = ("a red circle",)  # the tiny tokenizer is byte-level: 16 tokens
     diffusion.apply_smoke(config)
     config.optim.update(learning_rate=1e-4, warmup_steps=0, ema_decay=0.0)
     config.train.update(dtype="float32", remat=False)

@@ -175,11 +175,11 @@ def test_finetunes_resumes_and_samples(sdxl, images, tmp_path):
 
   out = str(tmp_path / "samples")
   summary = sampling.sample_to_dir(sampling.SampleRequest(
-      out=out, workdir=workdir, prompts=("a cat", "a dog"), num_samples=2, steps=2, batch_size=2,
+      out=out, workdir=workdir, prompts=("a cat", "a dog"), num_samples=8, steps=2, batch_size=8,
       guidance_scale=5.0, original_size=(40, 24), crops_coords_top_left=(2, 0)))
   assert summary["checkpoint_step"] == 3
   with np.load(os.path.join(out, "samples.npz")) as npz:
-    assert npz["images"].shape == (2, SIZE, SIZE, 3) and npz["images"].std() > 0
+    assert npz["images"].shape == (8, SIZE, SIZE, 3) and npz["images"].std() > 0
 
 
 def _without_second_encoder(folder: str, target: str) -> str:
