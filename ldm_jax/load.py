@@ -238,8 +238,10 @@ def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> 
   """The exportable model of a stage-1 or stage-2 workdir (newest checkpoint unless `step`), in host memory.
 
   A stage-1 run gives its autoencoder (stage 1 keeps no EMA: its trained params). A stage-2 run
-  gives the U-Net (`ema_params` by default), the conditioner τ_θ it trained, the frozen
-  autoencoder of its stage-1 run, the noise schedule, `scale_factor` and the tokenizer.
+  gives the U-Net (`ema_params` by default), the conditioner τ_θ it trained — or the frozen text
+  encoders of `init.pretrained` it was conditioned on (`text_encoder`, SDXL's `text_encoder_2`) —,
+  the frozen autoencoder of its stage-1 run, the noise schedule, `scale_factor` and the
+  tokenizer(s).
   """
   config = config_lib.load_config(workdir)
   if "autoencoder" not in config or "workdir" not in config.autoencoder:
@@ -263,10 +265,19 @@ def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> 
       "cond": config.cond.to_dict(),
   }
   params = {"unet": restore(workdir, (tree, "unet"), step=step), "autoencoder": stage1.params["autoencoder"]}
-  if config.cond.kind != "none":
+  if conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained":
+    # Frozen text encoders (fine-tuning SD / SDXL) export as the components they came from.
+    cond_params = restore(workdir, (tree, "cond"), step=step)
+    for encoder in pretrained_text_encoders(config.init.pretrained):
+      configs[encoder] = config_lib.lists_to_tuples(
+          dconv.read_json(os.path.join(config.init.pretrained, encoder, "config.json"))["model"])
+      params[encoder] = cond_params[encoder]
+    configs["cond"] = {k: config.cond[k] for k in ("null_text", "micro_conditioning")}
+  elif config.cond.kind != "none":
     params["conditioner"] = restore(workdir, (tree, "cond"), step=step, optional=True)
-  tokenizer = os.path.join(workdir, "tokenizer")
-  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=workdir)
+  tokenizer, tokenizer_2 = (os.path.join(workdir, name) for name in ("tokenizer", "tokenizer_2"))
+  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=workdir,
+                    tokenizer_2_dir=tokenizer_2 if os.path.isdir(tokenizer_2) else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Fine-tuning SDXL (`configs/ldm/sdxl_base.py`): a tiny random SDXL base pipeline (tests/convert/sdxl_tiny.py)
 trained on a folder of non-square images of several sizes. The step's time_ids are the images' real
 sizes and crop offsets; its conditions, loss and gradient equal diffusers' (the same U-Net in torch, the
-pipeline's own prompt encoding, the same latents, noise and timesteps); a run checkpoints, resumes and
-samples with sample.py's code; a model that is not an SDXL base is refused before anything compiles."""
+pipeline's own prompt encoding, the same latents, noise and timesteps); a run checkpoints, resumes,
+samples with sample.py's code and exports to a diffusers SDXL pipeline; a model that is not an SDXL
+base is refused before anything compiles."""
 
 import json
 import os
@@ -19,6 +20,7 @@ pytest.importorskip("transformers")
 
 from ldm_jax import load, sampling  # noqa: E402
 from ldm_jax.config import common as config_lib  # noqa: E402
+from ldm_jax.convert import write_diffusers  # noqa: E402
 from ldm_jax.diffusion import schedule as schedule_lib  # noqa: E402
 from ldm_jax.models import autoencoder as ae_lib  # noqa: E402
 from ldm_jax.train import diffusion  # noqa: E402
@@ -26,7 +28,7 @@ from ldm_jax.train.diffusion import data, finetune, setup, step as step_lib  # n
 from tests.conftest import load_config  # noqa: E402
 from tests.convert import sdxl_tiny  # noqa: E402
 from tests.convert.conftest import diffusers_models, sd_pipeline, transformers_models  # noqa: E402,F401
-from tests.convert.reference import nchw, nhwc  # noqa: E402
+from tests.convert.reference import nchw, nhwc, state_numpy  # noqa: E402
 from tests.train.runs import read_state  # noqa: E402
 
 # name → (height, width, caption): none square, none of the training size 16.
@@ -152,8 +154,8 @@ def test_step_conditions_loss_and_gradient_equal_diffusers(sdxl, images, tmp_pat
 
 @pytest.mark.extended
 @pytest.mark.slow
-def test_finetunes_resumes_and_samples(sdxl, images, tmp_path):
-  folder, _ = sdxl
+def test_finetunes_resumes_samples_and_exports(sdxl, images, tmp_path):
+  folder, pipe = sdxl
   workdir = str(tmp_path / "run")
   diffusion.train_and_evaluate(sdxl_config(folder, images, num_steps=2, log_every=1, checkpoint_every=1,
                                            image_every=100), workdir)
@@ -180,6 +182,17 @@ def test_finetunes_resumes_and_samples(sdxl, images, tmp_path):
   assert summary["checkpoint_step"] == 3
   with np.load(os.path.join(out, "samples.npz")) as npz:
     assert npz["images"].shape == (8, SIZE, SIZE, 3) and npz["images"].std() > 0
+
+  # Exported, the run is an SDXL pipeline again: its fine-tuned U-Net, the frozen encoders as they came.
+  exported = str(tmp_path / "exported")
+  write_diffusers(exported, load.read_workdir(workdir))
+  reloaded = diffusers.StableDiffusionXLPipeline.from_pretrained(exported)
+  assert reloaded.config.force_zeros_for_empty_prompt
+  np.testing.assert_array_equal(reloaded.unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0),
+                                read_state(workdir, ("ema_params", "unet", "conv_in", "kernel"), step=3))
+  for name in ("text_encoder", "text_encoder_2"):
+    for key, value in state_numpy(getattr(pipe, name)).items():
+      np.testing.assert_array_equal(state_numpy(getattr(reloaded, name))[key], value, err_msg=f"{name}.{key}")
 
 
 def _without_second_encoder(folder: str, target: str) -> str:
