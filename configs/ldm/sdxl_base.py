@@ -20,7 +20,9 @@ SDXL base imports with `cond.null_text='zeros'` (its pipeline's `force_zeros_for
 a dropped caption zeroes both encoders' context and the pooled embedding, as sgm's conditioner
 does with `ucg_rate`; the size and crop conditions are never dropped. Optimizer as that example:
 AdamW, lr 1e-6 constant, weight decay 1e-2, gradients clipped at 1, no EMA; 1024 px, random crop
-and flip.
+and flip. `:buckets` trains on aspect-ratio buckets instead of square crops (SDXL's multi-aspect
+fine-tuning, §2.3 of the paper: `data.buckets = aspect_buckets(1024)`, 512 × 2048 … 2048 × 512, each
+batch one bucket, the bucket as the target size; one process, `data.num_workers=0`).
 
   python train_diffusion.py --config configs/ldm/sdxl_base.py --workdir runs/sdxl_ft \
       --config.init.pretrained=/models/stable-diffusion-xl-base-1.0 --config.data.path=/data/captioned_images
@@ -33,7 +35,7 @@ and flip.
 """
 
 from ldm_jax.config import common as config_lib
-from ldm_jax.config import diffusion
+from ldm_jax.config import diffusion, sections
 
 PROMPTS = ("a photograph of an astronaut riding a horse",
            "a majestic lion jumping from a big stone at night")
@@ -41,7 +43,7 @@ PROMPTS = ("a photograph of an astronaut riding a horse",
 
 def get_config(arg=None):
   options = config_lib.parse_arg(arg)
-  config_lib.check_options(options, {"smoke"}, "sdxl_base")
+  config_lib.check_options(options, {"smoke", "buckets"}, "sdxl_base")
   config = diffusion.default_config()
   config.init.pretrained = "pretrained/sdxl_base"
   config.data.update(source="folder", path="", image_size=1024, channels=3, random_crop=True, random_flip=True)
@@ -58,6 +60,8 @@ def get_config(arg=None):
   config.sample.update(sampler="ddim", num_steps=30, guidance_scale=5.0, num_images=4, prompts=PROMPTS)
   config.train.update(num_steps=10_000, batch_size=16, log_every=50, checkpoint_every=1_000, image_every=1_000,
                       dtype="bfloat16", remat=True)
+  if "buckets" in options:  # multi-aspect training (SDXL §2.3): ~1024² pixels, sides multiples of 64
+    config.data.buckets = sections.aspect_buckets(1024)
   if "smoke" in options:
     config.init.pretrained = "runs/sdxl_tiny"
     config.data.update(source="shapes", path="", random_flip=False)  # flips break the shapes' left/right words
@@ -65,4 +69,6 @@ def get_config(arg=None):
     diffusion.apply_smoke(config)
     config.optim.update(learning_rate=1e-4, warmup_steps=0, ema_decay=0.0)
     config.train.update(dtype="float32", remat=False)
+    if "buckets" in options:  # the tiny U-Net takes sides that are multiples of 8
+      config.data.buckets = ((16, 16), (24, 16), (16, 24))
   return config

@@ -5,6 +5,7 @@ pipeline's own prompt encoding, the same latents, noise and timesteps); a run ch
 samples with sample.py's code and exports to a diffusers SDXL pipeline; a model that is not an SDXL
 base is refused before anything compiles."""
 
+import itertools
 import json
 import os
 import shutil
@@ -75,6 +76,8 @@ def test_the_config_and_its_smoke_variant():
     assert config.data.random_crop
   assert full.data.image_size == 1024 and smoke.data.image_size == SIZE and smoke.train.num_steps <= 20
   assert (full.optim.learning_rate, full.cond.dropout_prob, full.train.dtype) == (1e-6, 0.2, "bfloat16")
+  assert not full.data.buckets and (1024, 1024) in load_config("configs/ldm/sdxl_base.py:buckets").data.buckets
+  assert load_config("configs/ldm/sdxl_base.py:smoke,buckets").data.buckets == ((16, 16), (24, 16), (16, 24))
 
 
 @pytest.mark.extended
@@ -221,3 +224,29 @@ def test_an_sdxl_folder_without_its_second_text_encoder_is_refused_before_compil
 @pytest.mark.extended  # the SD folder's fixtures take seconds to build
 def test_an_sd_folder_is_refused_before_compiling(sd_pipeline, images, tmp_path):  # noqa: F811
   _refused(sd_pipeline[0], images, str(tmp_path / "run"))
+
+
+@pytest.mark.extended
+@pytest.mark.slow
+def test_trains_on_aspect_ratio_buckets(sdxl, images, tmp_path):
+  """Portrait images (a, d) go to 24 × 16, landscape ones (b, c) to 16 × 24: batches alternate, each
+  bucket's step compiled once, the target size in time_ids is the bucket, the log has the histogram."""
+  config = sdxl_config(sdxl[0], images, num_steps=3, log_every=1, checkpoint_every=3, image_every=100)
+  config.data.buckets = load_config("configs/ldm/sdxl_base.py:smoke,buckets").data.buckets
+  workdir = str(tmp_path / "run")
+  diffusion.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if "train/loss" in line]
+  histogram = [{k[len("data/bucket_"):]: v for k, v in row.items() if k.startswith("data/bucket_")} for row in rows]
+  assert histogram == [{"24x16": 1.0}, {"16x24": 1.0}, {"24x16": 1.0}] or histogram == [
+      {"16x24": 1.0}, {"24x16": 1.0}, {"16x24": 1.0}], histogram
+  assert all(np.isfinite(row["train/loss"]) for row in rows)
+
+  tokenizer, tokenizer_2 = setup.get_tokenizer(config, workdir), setup.get_tokenizer_2(config, workdir)
+  for raw in itertools.islice(data.make_train_iterator(config), 2):
+    batch = data.prepare_batch(config, tokenizer, (8, 8, 4), raw, 1, tokenizer_2=tokenizer_2)  # latent size unused
+    height, width = raw["image"].shape[1:3]
+    for caption, row in zip(raw["caption"], np.asarray(batch["cond/time_ids"])):
+      h, w = next((h, w) for h, w, c in IMAGES.values() if c == caption)
+      assert (height, width) == ((24, 16) if h > w else (16, 24))
+      np.testing.assert_array_equal(row[[0, 1, 4, 5]], [h, w, height, width])

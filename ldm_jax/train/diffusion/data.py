@@ -81,9 +81,9 @@ def make_train_iterator(config, source=None):
   if config.latent.cache_dir:
     return latent_cache.disk_cache_loader(config.latent.cache_dir, config.train.batch_size, config.train.seed,
                                           num_workers=config.data.num_workers)
-  if source is None:
-    return iter(data_lib.make_loader(config.data, config.data.train_split,
-                                     batch_size=config.train.batch_size, seed=config.train.seed))
+  if source is None:  # with data.buckets, batches of one aspect-ratio bucket each
+    return iter(data_lib.make_loader(config.data, config.data.train_split, batch_size=config.train.batch_size,
+                                     seed=config.train.seed, buckets=True))
   return cached_batches(source, config.train.batch_size, config.train.seed)
 
 

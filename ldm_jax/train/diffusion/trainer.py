@@ -103,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                else config.cond.num_classes if config.cond.kind == "class" else None)
 
   # The loop: step, log, sample, evaluate, checkpoint.
-  pending, t0, scalars, inputs = [], time.perf_counter(), {}, loop.InputMonitor()
+  pending, t0, scalars, inputs = [], time.perf_counter(), {}, loop.InputMonitor(buckets=bool(config.data.buckets))
   monitor = loop.NonFiniteMonitor(config.train.max_nonfinite_steps)
   progress = tqdm(total=num_steps, initial=start_step, desc="stage 2", disable=jax.process_index() != 0)
   with loop.running(progress, checkpointer, writer) as preemption:
