@@ -3,6 +3,7 @@
 Batches are numpy, per host:
 
     {'image':         float32 [B, S, S, C] in [-1, 1],   S = data.image_size, C = data.channels
+                      (with `buckets`: [B, H, W, C], one of `data.buckets` per batch)
      'label':         int32 [B],
      'caption':       str array [B],
      'original_size': int32 [B, 2], (h, w) before any resizing (for size micro-conditioning),
