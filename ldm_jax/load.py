@@ -172,13 +172,35 @@ def _check_not_lora(config, workdir: str) -> None:
                      f"{os.path.join(workdir, 'pytorch_lora_weights.safetensors')}.")
 
 
+# The frozen text encoders a pretrained directory may hold: SD's one, SDXL's second (bigG).
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def pretrained_text_encoders(directory: str) -> tuple[str, ...]:
+  """Which of `TEXT_ENCODERS` the pretrained `directory` holds (SD: the first; SDXL base: both;
+  SDXL refiner: the second)."""
+  return tuple(e for e in TEXT_ENCODERS if os.path.isfile(os.path.join(directory, e, "config.json")))
+
+
 def make_conditioner(config, tokenizer, dtype=jnp.float32):
   """τ_θ of a stage-2 config: the trainable `Conditioner` of `cond.*`, or, with
-  `cond.text_encoder='pretrained'`, the frozen text encoder of `init.pretrained`."""
+  `cond.text_encoder='pretrained'`, the frozen text encoders of `init.pretrained` (SDXL: both)."""
   if conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained":
-    with open(os.path.join(config.init.pretrained, "text_encoder", "config.json")) as f:
-      return TextEncoderConditioner(components.build("text_encoder", json.load(f)["model"]))
+    encoders = {}
+    for encoder in pretrained_text_encoders(config.init.pretrained):
+      with open(os.path.join(config.init.pretrained, encoder, "config.json")) as f:
+        encoders[encoder] = components.build(encoder, json.load(f)["model"])
+    if not encoders:
+      raise FileNotFoundError(f"init.pretrained: {config.init.pretrained} has no text_encoder/ (cond.text_encoder="
+                              "'pretrained' conditions on its frozen text encoder).")
+    return TextEncoderConditioner(encoders.get("text_encoder"), encoders.get("text_encoder_2"))
   return conditioning.make_conditioner(config.cond, tokenizer, dtype)
+
+
+def run_tokenizer_2(workdir: str, config):
+  """The second tokenizer a run saved (`workdir/tokenizer_2`: an SDXL fine-tuning run), else None."""
+  directory = os.path.join(workdir, "tokenizer_2")
+  return load_tokenizer(directory, max_length=config.cond.max_length) if os.path.isdir(directory) else None
 
 
 def make_unet(config, *, for_training=False):
@@ -188,9 +210,10 @@ def make_unet(config, *, for_training=False):
 
 
 def build_ldm(config, model, ae_config, tokenizer, scale_factor: float, *, for_training=False, unet=None,
-              conditioner=None) -> LatentDiffusion:
+              conditioner=None, tokenizer_2=None) -> LatentDiffusion:
   """The LatentDiffusion of a (resolved) stage-2 config on the autoencoder `model`; `for_training`
-  builds U-Net and conditioner with `train.dtype` and `train.remat` (unless given built)."""
+  builds U-Net and conditioner with `train.dtype` and `train.remat` (unless given built).
+  `tokenizer_2`: SDXL's second tokenizer (`run_tokenizer_2`), else None."""
   latent = ae_lib.latent_shape(ae_config.model, config.data.image_size)
   dtype = jnp.dtype(config.train.dtype) if for_training else jnp.float32
   return LatentDiffusion(
@@ -198,7 +221,7 @@ def build_ldm(config, model, ae_config, tokenizer, scale_factor: float, *, for_t
       conditioner=make_conditioner(config, tokenizer, dtype) if conditioner is None else conditioner,
       autoencoder=model, schedule=schedule_lib.schedule_from_config(config.diffusion),
       scale_factor=float(scale_factor), parameterization=config.diffusion.parameterization,
-      cond_cfg=config.cond, tokenizer=tokenizer, latent_shape=tuple(latent))
+      cond_cfg=config.cond, tokenizer=tokenizer, latent_shape=tuple(latent), tokenizer_2=tokenizer_2)
 
 
 def load_diffusion_run(workdir: str, mesh: jax.sharding.Mesh, *, use_ema: bool = True):
@@ -212,7 +235,8 @@ def load_diffusion_run(workdir: str, mesh: jax.sharding.Mesh, *, use_ema: bool =
   model, ae_config, ae_params = load_autoencoder(config.autoencoder.workdir, rep)
   params = restore(workdir, ("ema_params" if use_ema else "params",), rep, step=step)
   scale_factor = restore(workdir, ("scale_factor",), rep, step=step)
-  ldm = build_ldm(config, model, ae_config, tokenizer, float(jax.device_get(scale_factor)))
+  ldm = build_ldm(config, model, ae_config, tokenizer, float(jax.device_get(scale_factor)),
+                  tokenizer_2=run_tokenizer_2(workdir, config))
   return ldm, params, ae_params
 
 
@@ -220,8 +244,10 @@ def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> 
   """The exportable model of a stage-1 or stage-2 workdir (newest checkpoint unless `step`), in host memory.
 
   A stage-1 run gives its autoencoder (stage 1 keeps no EMA: its trained params). A stage-2 run
-  gives the U-Net (`ema_params` by default), the conditioner τ_θ it trained, the frozen
-  autoencoder of its stage-1 run, the noise schedule, `scale_factor` and the tokenizer.
+  gives the U-Net (`ema_params` by default), the conditioner τ_θ it trained — or the frozen text
+  encoders of `init.pretrained` it was conditioned on (`text_encoder`, SDXL's `text_encoder_2`) —,
+  the frozen autoencoder of its stage-1 run, the noise schedule, `scale_factor` and the
+  tokenizer(s).
   """
   config = config_lib.load_config(workdir)
   if "autoencoder" not in config or "workdir" not in config.autoencoder:
@@ -245,10 +271,19 @@ def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> 
       "cond": config.cond.to_dict(),
   }
   params = {"unet": restore(workdir, (tree, "unet"), step=step), "autoencoder": stage1.params["autoencoder"]}
-  if config.cond.kind != "none":
+  if conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained":
+    # Frozen text encoders (fine-tuning SD / SDXL) export as the components they came from.
+    cond_params = restore(workdir, (tree, "cond"), step=step)
+    for encoder in pretrained_text_encoders(config.init.pretrained):
+      configs[encoder] = config_lib.lists_to_tuples(
+          dconv.read_json(os.path.join(config.init.pretrained, encoder, "config.json"))["model"])
+      params[encoder] = cond_params[encoder]
+    configs["cond"] = {k: config.cond[k] for k in ("null_text", "micro_conditioning")}
+  elif config.cond.kind != "none":
     params["conditioner"] = restore(workdir, (tree, "cond"), step=step, optional=True)
-  tokenizer = os.path.join(workdir, "tokenizer")
-  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=workdir)
+  tokenizer, tokenizer_2 = (os.path.join(workdir, name) for name in ("tokenizer", "tokenizer_2"))
+  return Pretrained(configs, params, tokenizer if os.path.isdir(tokenizer) else None, source=workdir,
+                    tokenizer_2_dir=tokenizer_2 if os.path.isdir(tokenizer_2) else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,23 @@ from __future__ import annotations
 import ml_collections
 
 
+def aspect_buckets(side: int, step: int = 64, max_ratio: float = 4.0) -> tuple[tuple[int, int], ...]:
+  """Aspect-ratio buckets by SDXL's rule (Podell et al. 2023, §2.3): (height, width) pairs, both
+  multiples of `step`, the longer side as long as the pixels stay within side², aspect ratios up to
+  `max_ratio`; each landscape bucket with its portrait transpose, from the widest to the tallest.
+  `aspect_buckets(1024)`: 512 × 2048, 576 × 1792, …, 1024 × 1024, …, 2048 × 512 (the paper's own list,
+  its appendix I, has a few more)."""
+  buckets = set()
+  for short in range(step, side + 1, step):
+    long = side * side // short // step * step
+    if long / short <= max_ratio:
+      buckets.update({(short, long), (long, short)})
+  return tuple(sorted(buckets, key=lambda hw: hw[0] / hw[1]))
+
+
 def default_data_config() -> ml_collections.ConfigDict:
   """All `data.*` keys with their defaults; config files start from this."""
-  return ml_collections.ConfigDict({
+  cfg = ml_collections.ConfigDict({
       'source': 'shapes',       # 'shapes', 'idx', 'folder', 'tfds' or 'shards'
       'path': '',               # idx / folder: directory; shards: tar paths, globs, {a..b}, comma-separated
       'eval_path': '',          # shards: the eval split's tars; '' → data.path
@@ -34,6 +48,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       'min_caption_length': 0,  # drop records whose caption has fewer characters
       'num_workers': 0,         # 0: load in-process (threads); > 0: grain worker processes
   })
+  # Aspect-ratio bucketing of the stage-2 training batches: () = square crops of image_size; else
+  # ((height, width), …), e.g. aspect_buckets(1024): each image goes to the bucket nearest its aspect
+  # ratio, is resized to cover it and cropped to it, and each batch holds one bucket.
+  cfg.buckets = ml_collections.config_dict.FieldReference((), field_type=object)
+  return cfg
 
 
 # The U-Net's keyword arguments and their defaults (`ldm_jax.models.unet.UNet`'s field defaults, which

@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif')
+# EXIF orientations that rotate the image by 90° (transpose, 90° clockwise, transverse, 270°).
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def split_dir(path: str, split: str) -> str:
@@ -47,13 +49,18 @@ def class_names(root: str) -> list[str]:
                 and next(iter_images(os.path.join(root, d)), None) is not None)
 
 
-def decode_image(path: str, min_size: int = 0) -> np.ndarray:
-  """Reads an image file as uint8 [H, W, 1] (grayscale files) or [H, W, 3].
+def decode_image(path, min_size: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+  """Reads an image file (a path or a file object): (uint8 [H, W, 1] (grayscale files) or
+  [H, W, 3], its original size (height, width)).
 
   With `min_size`, JPEGs may be decoded at a reduced scale (libjpeg's DCT
-  scaling, several times faster) that keeps both sides >= min_size.
+  scaling, several times faster) that keeps both sides >= min_size; the
+  original size is the file's, after EXIF rotation, whatever the decoded scale.
   """
   with Image.open(path) as image:
+    width, height = image.size
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS:
+      width, height = height, width
     if min_size:
       image.draft(image.mode, (min_size, min_size))
     image = ImageOps.exif_transpose(image)
@@ -67,11 +74,12 @@ def decode_image(path: str, min_size: int = 0) -> np.ndarray:
       array = np.asarray(image.convert('L'))
     else:
       array = np.asarray(image.convert('RGB'))
-  return array[..., None] if array.ndim == 2 else array
+  return (array[..., None] if array.ndim == 2 else array), (height, width)
 
 
 class FolderSource:
-  """Random-access source of `{'image': uint8 [H, W, 1|3], 'label', 'caption'}`."""
+  """Random-access source of `{'image': uint8 [H, W, 1|3], 'label', 'caption', 'original_size': int32 [2]}`
+  (the file's (h, w): JPEGs may be decoded smaller, see `decode_image`)."""
 
   def __init__(self, path: str, split: str, *, labels_from_dirs: bool = False,
                min_size: int = 0):
@@ -118,7 +126,7 @@ class FolderSource:
       if i in self._unreadable:
         continue
       try:
-        image = decode_image(self._paths[i], self._min_size)
+        image, original_size = decode_image(self._paths[i], self._min_size)
       except Exception as e:  # pylint: disable=broad-except
         # Broken files make PIL raise many types (OSError, SyntaxError, struct.error, ...);
         # one bad file must not stop a long run.
@@ -130,6 +138,7 @@ class FolderSource:
           'image': image,
           'label': np.int32(self._labels[i] if self._labels is not None else -1),
           'caption': self.caption(i),
+          'original_size': np.array(original_size, np.int32),
       }
     raise ValueError(f'data.path: none of the {len(self._paths)} images under {self.root} '
                      'could be read')

@@ -3,9 +3,11 @@
 Batches are numpy, per host:
 
     {'image':         float32 [B, S, S, C] in [-1, 1],   S = data.image_size, C = data.channels
+                      (with `buckets`: [B, H, W, C], one of `data.buckets` per batch)
      'label':         int32 [B],
      'caption':       str array [B],
      'original_size': int32 [B, 2], (h, w) before any resizing (for size micro-conditioning),
+     'crop_coords_top_left': int32 [B, 2], (top, left) of the crop in the resized image (crop conditioning),
      'skipped':       int32 [B, len(SKIP_REASONS)], records dropped just before each record, by reason}
 
 with B = train.batch_size // jax.process_count(). Each JAX process reads the
@@ -40,6 +42,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from ldm_jax.data.buckets import BucketBatches, check_buckets, nearest_bucket
 from ldm_jax.data.sources import HOST_SHARDED, make_source
 
 SKIP_REASONS = ('corrupt', 'min_side', 'aspect_ratio', 'caption_length')
@@ -69,9 +72,14 @@ def skip_reason(record: dict[str, Any], *, min_side: int = 0, max_aspect_ratio: 
 
 
 def _filter_and_preprocess(record: dict[str, Any], rng: np.random.Generator, *, filters: dict,
-                           **options) -> dict[str, Any]:
+                           buckets: tuple[tuple[int, int], ...] = (), **options) -> dict[str, Any]:
   reason = skip_reason(record, **filters)
-  return preprocess(record, rng, **options) if reason is None else {'skip': reason}
+  if reason is not None:
+    return {'skip': reason}
+  if not buckets:
+    return preprocess(record, rng, **options)
+  bucket = nearest_bucket(buckets, *record.get('original_size', record['image'].shape[:2]))
+  return {**preprocess(record, rng, **{**options, 'image_size': buckets[bucket]}), 'bucket': bucket}
 
 
 class _DropSkipped(grain.DatasetIterator):
@@ -115,40 +123,50 @@ def host_batch_size(batch_size: int) -> int:
   return batch_size // processes
 
 
-def preprocess(record: dict[str, Any], rng: np.random.Generator, *, image_size: int,
+def preprocess(record: dict[str, Any], rng: np.random.Generator, *, image_size: int | tuple[int, int],
                channels: int, random_crop: bool, random_flip: bool) -> dict[str, Any]:
-  """Resizes the shorter side to `image_size`, crops a square, flips, converts channels.
+  """Resizes the image to cover `image_size` (the shorter side to it, for a square), crops it to
+  that size, flips, converts channels.
 
   Args:
     record: `{'image': uint8 [H, W, C], 'label', 'caption'}` with C in {1, 3}.
     rng: per-record generator, used only for a random crop and flip.
+    image_size: the side of a square, or (height, width) (an aspect-ratio bucket).
 
   Returns:
-    The record with `image` uint8 [image_size, image_size, channels].
+    The record with `image` uint8 [height, width, channels], 'original_size' int32 [2]
+    (h, w: the record's, else the decoded image's) and 'crop_coords_top_left' int32 [2] (top,
+    left: where the crop starts in the resized — and, when flipped, mirrored — image, SDXL's
+    crop conditioning as diffusers' train_text_to_image_sdxl.py records it).
   """
   image = record['image']
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   pil = pil.convert('L' if channels == 1 else 'RGB')
+  out_h, out_w = (image_size, image_size) if np.ndim(image_size) == 0 else image_size
   width, height = pil.size
-  scale = image_size / min(width, height)
+  scale = max(out_h / height, out_w / width)
   if scale != 1:
-    size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+    size = (max(out_w, round(width * scale)), max(out_h, round(height * scale)))
     # PIL widens the bicubic kernel when shrinking, so downscaling is antialiased.
     pil = pil.resize(size, Image.Resampling.BICUBIC)
   width, height = pil.size
   if random_crop:
-    left, top = rng.integers(0, width - image_size + 1), rng.integers(0, height - image_size + 1)
+    left, top = rng.integers(0, width - out_w + 1), rng.integers(0, height - out_h + 1)
   else:
-    left, top = (width - image_size) // 2, (height - image_size) // 2
-  pil = pil.crop((left, top, left + image_size, top + image_size))
+    left, top = (width - out_w) // 2, (height - out_h) // 2
+  pil = pil.crop((left, top, left + out_w, top + out_h))
   if random_flip and rng.random() < 0.5:
     pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # The same pixels as cropping the flipped resized image (diffusers flips, then crops): offsets
+    # are recorded in that image.
+    left = width - out_w - left
   out = np.asarray(pil)
   return {
       'image': out[..., None] if out.ndim == 2 else out,
       'label': np.int32(record['label']),
       'caption': record['caption'],
       'original_size': np.asarray(record.get('original_size', image.shape[:2]), np.int32),
+      'crop_coords_top_left': np.array([top, left], np.int32),
   }
 
 
@@ -160,13 +178,14 @@ def collate(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
       'label': np.array([r['label'] for r in records], np.int32),
       'caption': np.array([r['caption'] for r in records], dtype=str),
       'original_size': np.stack([r['original_size'] for r in records]),
+      'crop_coords_top_left': np.stack([r['crop_coords_top_left'] for r in records]),
       'skipped': np.stack([r['skipped'] for r in records]),
   }
 
 
 def make_loader(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size: int, seed: int,
                 shuffle: bool = True, num_epochs: int | None = None,
-                drop_remainder: bool = True) -> grain.DatasetIterator:
+                drop_remainder: bool = True, buckets: bool = False) -> grain.DatasetIterator:
   """An iterator over per-host batches of `split` (see the module docstring).
 
   Args:
@@ -178,24 +197,33 @@ def make_loader(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size: 
     num_epochs: passes over the data; None repeats forever.
     drop_remainder: drop a last incomplete batch. With False the last batch may
       differ in size between hosts.
+    buckets: batches of `data.buckets` (aspect-ratio bucketing, `ldm_jax.data.buckets`), when set,
+      instead of square images.
   """
   per_host = host_batch_size(batch_size)
   ds = host_source(data_cfg, split, seed)
   if shuffle:
     ds = ds.shuffle()
   return batched(ds.repeat(num_epochs), data_cfg, per_host, drop_remainder=drop_remainder,
-                 random_crop=data_cfg.random_crop, random_flip=data_cfg.random_flip)
+                 random_crop=data_cfg.random_crop, random_flip=data_cfg.random_flip,
+                 buckets=check_buckets(data_cfg.get('buckets', ())) if buckets else ())
 
 
 def batched(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict, batch_size: int, *,
             drop_remainder: bool = False, random_crop: bool = False,
-            random_flip: bool = False) -> grain.DatasetIterator:
+            random_flip: bool = False, buckets: tuple[tuple[int, int], ...] = ()) -> grain.DatasetIterator:
   """Records of `ds` in its order → filtered, preprocessed batches of `batch_size` (the last one
-  smaller unless `drop_remainder`), loaded with threads or `data.num_workers` processes."""
+  smaller unless `drop_remainder`), loaded with threads or `data.num_workers` processes; with
+  `buckets`, batches of one aspect-ratio bucket each (`ldm_jax.data.buckets.BucketBatches`)."""
   filters = {k: data_cfg[k] for k in ('min_side', 'max_aspect_ratio', 'min_caption_length')}
   ds = ds.random_map(functools.partial(
       _filter_and_preprocess, filters=filters, image_size=data_cfg.image_size, channels=data_cfg.channels,
-      random_crop=random_crop, random_flip=random_flip))
+      random_crop=random_crop, random_flip=random_flip, buckets=buckets))
+  if buckets:
+    if data_cfg.num_workers or jax.process_count() > 1:
+      raise ValueError('data.buckets: aspect-ratio bucketing reads in this process on one host; set '
+                       'data.num_workers=0, and run on one process.')
+    return BucketBatches(ds, batch_size, len(buckets), collate, SKIP_REASONS, drop_remainder=drop_remainder)
   # Threads overlap file reads and PIL work (which releases the GIL); the buffer
   # holds about two batches of records so the next batch is ready on time.
   num_threads = min(8, os.cpu_count() or 1)

@@ -230,10 +230,8 @@ class ShardsSource:
     try:
       meta = self._meta(row)
       data = self._read(int(row[0]), int(row[1]), int(row[2]))
-      with Image.open(io.BytesIO(data)) as header:
-        width, height = header.size
+      image, (height, width) = decode_image(io.BytesIO(data), self._min_size)
       width, height = meta.get('original_width') or width, meta.get('original_height') or height
-      image = decode_image(io.BytesIO(data), self._min_size)
       label = meta.get(self._label_key, -1) if self._label_key else -1
       return {'image': image, 'label': np.int32(label if isinstance(label, int) else -1),
               'caption': self._caption(row, meta), 'original_size': np.array([height, width], np.int32)}

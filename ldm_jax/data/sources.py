@@ -2,9 +2,11 @@
 
 Every source is random access (`len(source)`, `source[i]`) and returns records
 `{'image': uint8 [H, W, C], 'label': int32 scalar, 'caption': str}` with C in
-{1, 3}, label -1 and caption '' when the source has none (`shards` adds
-'original_size', and gives `{'skip': 'corrupt'}` for a sample it cannot read). Each
-also has a cheap `caption(i)` that skips the image.
+{1, 3}, label -1 and caption '' when the source has none. `folder` and `shards`
+add 'original_size' (h, w), the file's size, since they may decode JPEGs at a reduced
+scale (the pipeline takes the image's own size for the others); `shards` gives
+`{'skip': 'corrupt'}` for a sample it cannot read. Each also has a cheap `caption(i)`
+that skips the image.
 """
 
 from collections.abc import Iterator

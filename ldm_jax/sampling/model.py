@@ -66,7 +66,8 @@ def read_run(workdir: str) -> ModelInfo:
       image_size=(size, size) if is_int(size) else tuple(size), channels=config.data.channels,
       latent_channels=int(ae_config.model.embed_dim), f=ae_lib.downsampling_factor(ae_config.model),
       unet_factor=unet_lib.downsampling_factor(config.model.channel_mult), step=step,
-      load=lambda mesh, use_ema: load.load_diffusion_run(workdir, mesh, use_ema=use_ema))
+      load=lambda mesh, use_ema: load.load_diffusion_run(workdir, mesh, use_ema=use_ema),
+      tokenizer_2=load.run_tokenizer_2(workdir, config))
 
 
 def read_pretrained(directory: str, flag: str = "--pretrained") -> ModelInfo:

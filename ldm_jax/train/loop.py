@@ -175,15 +175,20 @@ class InputMonitor:
   processes; near 0 when the input pipeline keeps up with the step) and `data/skipped_<reason>`
   (records dropped in the window, all processes), and starts the next window; `restart()` starts
   one without reporting (after sampling or evaluation, whose time is not the step's).
+
+  With `buckets` (aspect-ratio bucketing, one process) it also counts the window's batches by image
+  size: `data/bucket_<H>x<W>`, the histogram of the buckets trained on, logged as well.
   """
 
-  def __init__(self):
+  def __init__(self, buckets: bool = False):
     self.total_skipped = np.zeros(len(SKIP_REASONS), np.int64)
+    self._count_buckets = buckets
     self.restart()
 
   def restart(self) -> None:
     self._start, self._wait = time.perf_counter(), 0.0
     self._skipped = np.zeros(len(SKIP_REASONS), np.int64)
+    self._buckets: dict[str, int] = {}
 
   def next(self, iterator) -> dict:
     start = time.perf_counter()
@@ -191,6 +196,9 @@ class InputMonitor:
     self._wait += time.perf_counter() - start
     if "skipped" in batch:
       self._skipped += np.asarray(batch["skipped"], np.int64).reshape(-1, len(SKIP_REASONS)).sum(axis=0)
+    if self._count_buckets and "image" in batch:
+      key = "x".join(map(str, np.shape(batch["image"])[1:3]))
+      self._buckets[key] = self._buckets.get(key, 0) + 1
     return batch
 
   def scalars(self) -> dict[str, float]:
@@ -205,6 +213,10 @@ class InputMonitor:
                    self.total_skipped.sum())
     out = {"data/wait_fraction": float(np.mean(rows[:, 0] / np.maximum(rows[:, 1], 1e-9)))}
     out.update({f"data/skipped_{r}": float(n) for r, n in zip(SKIP_REASONS, skipped)})
+    if self._buckets:
+      logging.info("Batches by bucket (H×W) in this window: %s",
+                   ", ".join(f"{k} {n}" for k, n in sorted(self._buckets.items())))
+      out.update({f"data/bucket_{k}": float(n) for k, n in self._buckets.items()})
     self.restart()
     return out
 

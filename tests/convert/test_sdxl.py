@@ -23,7 +23,9 @@ from ldm_jax.sampling import SampleRequest, check_request, sample_to_dir  # noqa
 from ldm_jax.sampling.model import read_model, read_refiner  # noqa: E402
 from ldm_jax.sampling.plan import make_plan  # noqa: E402
 from ldm_jax.sampling.run import make_sample_fn, sampling_mesh  # noqa: E402
-from tests.convert.reference import clip_tokenizer_vocab, nchw, nhwc, perturb, state_numpy  # noqa: E402
+from tests.convert import sdxl_tiny  # noqa: E402
+from tests.convert.reference import nchw, nhwc, perturb, state_numpy  # noqa: E402
+from tests.convert.sdxl_tiny import TINY_REFINER_UNET, TINY_UNET, TINY_VAE  # noqa: E402
 
 # The published U-Net configs (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, unet/config.json),
 # keys at diffusers' defaults left out.
@@ -47,25 +49,6 @@ SDXL_REFINER_UNET = dict(
 # for it is not what its config builds).
 PUBLISHED_COUNTS = {"base": 2_567_463_684, "refiner": 2_259_526_660}
 
-# Tiny SDXL: three levels (16, 32, 64 channels, 8 GroupNorm groups), no attention on level 0, one
-# transformer block on level 1 and two on level 2 and the middle, linear projections, heads of 8
-# channels (4, then 8 heads); a 64-wide context (32 + 32 from the two encoders) and a 24-wide
-# pooled embedding.
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-                 block_out_channels=(16, 32, 64),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
-                 cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=24 + 6 * 8)
-# The refiner's: the context is the second encoder's alone (32 wide), and 5 time ids (aesthetic score
-# instead of the target size).
-TINY_REFINER_UNET = dict(TINY_UNET, cross_attention_dim=32, projection_class_embeddings_input_dim=24 + 5 * 8)
-TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
-                layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.13025)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                 max_position_embeddings=16)
 PROMPTS = ["a cat", "a dog and a cat"]
 HEIGHT, WIDTH = 16, 24  # pixels; latents 8×12 (the VAE's f = 2)
 DEVICES = 2  # the batch of two prompts over two of the tests' 8 CPU devices
@@ -120,25 +103,7 @@ def test_sdxl_unet_matches_diffusers(tmp_path):
 @pytest.fixture(scope="module")
 def sdxl_pipeline(tmp_path_factory):
   """(folder, StableDiffusionXLPipeline) of a tiny random SDXL base pipeline with a DDIM scheduler."""
-  torch.manual_seed(0)
-  vocab, merges = clip_tokenizer_vocab()
-  length = TINY_CLIP["max_position_embeddings"]
-  tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=length)
-  tokenizer_2 = transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=length, pad_token="!")
-  special = dict(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-  text_encoder = perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      eos_token_id=vocab["<|endoftext|>"], hidden_act="quick_gelu", **special, **TINY_CLIP)), seed=21)
-  # OpenCLIP bigG as SDXL ships it: exact GELU, a projection, transformers' legacy eos_token_id 2.
-  text_encoder_2 = perturb(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-      eos_token_id=2, hidden_act="gelu", projection_dim=24, **special, **TINY_CLIP)), seed=22)
-  pipe = diffusers.StableDiffusionXLPipeline(
-      vae=perturb(diffusers.AutoencoderKL(**TINY_VAE), seed=23), text_encoder=text_encoder,
-      text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-      unet=perturb(diffusers.UNet2DConditionModel(**TINY_UNET), seed=24),
-      scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                        timestep_spacing="leading"),
-      add_watermarker=False)
+  pipe = sdxl_tiny.build_pipeline()
   folder = str(tmp_path_factory.mktemp("sdxl_pipeline"))
   pipe.save_pretrained(folder)
   return folder, pipe

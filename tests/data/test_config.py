@@ -11,7 +11,7 @@ KEYS = {'source', 'path', 'name', 'tfds_data_dir', 'image_size', 'channels', 'tr
         'eval_split', 'random_crop', 'random_flip', 'num_examples', 'labels_from_dirs',
         'image_key', 'label_key', 'caption_key', 'num_workers', 'eval_path', 'min_side',
         'max_aspect_ratio', 'min_caption_length',
-        'shapes_layout', 'shapes_holdout'}
+        'shapes_layout', 'shapes_holdout', 'buckets'}
 
 
 def _cfg(**overrides):

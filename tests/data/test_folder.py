@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax.data import folder, sources
+from ldm_jax.data import folder, make_loader, sources
 from ldm_jax.config.sections import default_data_config
 
 
@@ -123,3 +123,23 @@ def test_large_jpeg_is_decoded_at_a_reduced_scale_above_min_size(tmp_path):
   reduced = folder.FolderSource(str(tmp_path), 'train', min_size=10)[0]['image']
   assert reduced.shape == (12, 16, 3)  # 1/4 scale; 1/8 would give a side below 10
   assert abs(int(reduced.mean()) - 128) <= 2
+
+
+def test_original_size_is_the_files_whatever_the_decoded_scale_and_rotation(tmp_path):
+  """SDXL's size conditioning reads 'original_size' (h, w): the file's, after EXIF rotation, even when
+  the JPEG is decoded at a reduced scale; the loader's batches carry it."""
+  _save(tmp_path / 'a_big.jpg', np.full((48, 64, 3), 128, np.uint8), quality=95)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored 40 wide and 24 high, shown rotated by 90°: 24 wide, 40 high
+  _save(tmp_path / 'b_rotated.jpg', np.full((24, 40, 3), 90, np.uint8), exif=exif)
+  _save(tmp_path / 'c_small.png', np.zeros((10, 17, 3), np.uint8))
+  source = folder.FolderSource(str(tmp_path), 'train', min_size=10)
+  assert source[0]['image'].shape == (12, 16, 3)
+  assert [tuple(source[i]['original_size']) for i in range(3)] == [(48, 64), (40, 24), (10, 17)]
+  assert source[1]['image'].shape == (20, 12, 3)  # decoded at half scale, rotated
+  cfg = _cfg(tmp_path)
+  cfg.image_size = 10
+  batch = next(make_loader(cfg, 'train', batch_size=3, seed=0, shuffle=False))
+  np.testing.assert_array_equal(batch['original_size'], [[48, 64], [40, 24], [10, 17]])
+  # Center crops of the images resized to 10 × 13, 17 × 10 and 10 × 17.
+  np.testing.assert_array_equal(batch['crop_coords_top_left'], [[0, 1], [3, 0], [0, 3]])

@@ -128,6 +128,28 @@ def test_random_crop_and_flip_are_seeded():
   np.testing.assert_array_equal(again, outs[5])
 
 
+def test_crop_offsets_locate_the_crop_in_the_resized_and_flipped_image():
+  """'crop_coords_top_left' (SDXL's crop conditioning) are where the output starts in the resized
+  image, mirrored when flipped (diffusers flips, then crops); 'original_size' the input's."""
+  rng = np.random.default_rng(0)
+  seen = set()
+  for shape in ((8, 12), (13, 8), (8, 8)):  # shorter sides of 8: no resize
+    image = rng.integers(0, 256, (*shape, 1), dtype=np.uint8)
+    for seed in range(12):
+      out = preprocess(_record(image), np.random.default_rng(seed), image_size=8, channels=1, random_crop=True,
+                       random_flip=True)
+      np.testing.assert_array_equal(out['original_size'], shape)
+      top, left = out['crop_coords_top_left']
+      crop = lambda x: x[top:top + 8, left:left + 8]
+      flipped = np.array_equal(out['image'], crop(image[:, ::-1])) and not np.array_equal(out['image'], crop(image))
+      assert flipped or np.array_equal(out['image'], crop(image)), (shape, seed)
+      seen.add((flipped, int(top) + int(left) > 0))
+  assert seen == {(False, False), (False, True), (True, False), (True, True)}
+  out = preprocess(_record(np.zeros((20, 40, 3), np.uint8)), None, image_size=10, channels=3, random_crop=False,
+                   random_flip=False)
+  np.testing.assert_array_equal(out['crop_coords_top_left'], [0, 5])  # resized to 10×20, centred
+
+
 def test_channel_conversion():
   rgb = np.zeros((4, 4, 3), np.uint8)
   rgb[..., 0] = 200  # pure red → luma 0.299 · 200

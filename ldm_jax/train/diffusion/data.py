@@ -81,9 +81,9 @@ def make_train_iterator(config, source=None):
   if config.latent.cache_dir:
     return latent_cache.disk_cache_loader(config.latent.cache_dir, config.train.batch_size, config.train.seed,
                                           num_workers=config.data.num_workers)
-  if source is None:
-    return iter(data_lib.make_loader(config.data, config.data.train_split,
-                                     batch_size=config.train.batch_size, seed=config.train.seed))
+  if source is None:  # with data.buckets, batches of one aspect-ratio bucket each
+    return iter(data_lib.make_loader(config.data, config.data.train_split, batch_size=config.train.batch_size,
+                                     seed=config.train.seed, buckets=True))
   return cached_batches(source, config.train.batch_size, config.train.seed)
 
 
@@ -97,16 +97,23 @@ def uses_cached_context(config, tuning=None) -> bool:
 
 
 def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int, *, transform=None,
-                  cached_context: bool = True) -> dict:
+                  cached_context: bool = True, tokenizer_2=None) -> dict:
   """Host side: the conditioner's inputs under 'cond/…' next to the image or cached latents
   (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists), a cached 'context' as
   'cond/context' unless not `cached_context` (`uses_cached_context`), and a per-example
   'loss_weight' when the batch has one. `transform(batch, step)` first changes the batch (a
-  fine-tuning method's captions, `finetune.batch_transform`)."""
+  fine-tuning method's captions, `finetune.batch_transform`).
+
+  SDXL (`tokenizer_2`, `cond.micro_conditioning='target_size'`): 'cond/time_ids' are each image's
+  original size and crop offsets, as the pipeline recorded them, and the size of the training image
+  as the target size (diffusers' train_text_to_image_sdxl.py)."""
   if transform is not None:
     batch = transform(batch, step)
+  if config.cond.micro_conditioning == "target_size" and "target_size" not in batch:
+    batch = {**batch, "target_size": np.asarray(batch["image"].shape[1:3], np.int32)}
   rng = np.random.default_rng((config.train.seed, step))  # random inpainting masks, reproducible
-  cond = conditioning.prepare_condition(config.cond, batch, tokenizer, latent_size=tuple(latent_shape[:2]), rng=rng)
+  cond = conditioning.prepare_condition(config.cond, batch, tokenizer, latent_size=tuple(latent_shape[:2]), rng=rng,
+                                        tokenizer_2=tokenizer_2)
   cached = [k for k in CACHED_LATENT_KEYS if k in batch]
   out = {k: batch[k] for k in (cached or ["image"]) + (["loss_weight"] if "loss_weight" in batch else [])}
   out.update({f"cond/{k}": v for k, v in cond.items()})
@@ -124,6 +131,9 @@ def sample_conditions(config, ldm) -> dict:
   if kind in ("text", "hybrid") and config.sample.prompts:
     prompts = list(config.sample.prompts)
     batch["caption"] = np.array((prompts * n)[:n])
+  if config.cond.micro_conditioning == "target_size":  # uncropped images of the training size, as sample.py's default
+    size = (config.data.image_size, config.data.image_size)
+    batch.update(original_size=size, crop_coords_top_left=(0, 0), target_size=size)
   if kind == "class":
     batch["label"] = np.arange(n, dtype=np.int32) % config.cond.num_classes
   return ldm.prepare(batch, rng=np.random.default_rng(0)) if kind != "none" else {}

@@ -8,8 +8,9 @@ run takes from it, overriding the config (differences are logged): the U-Net arc
 `linear_start`, `linear_end`, `zero_terminal_snr`, `parameterization`), `latent.scale_factor`, the
 frozen autoencoder (`autoencoder.workdir` = its `autoencoder/` folder) and the conditioning: a
 pretrained text encoder stays frozen (`cond.kind='text'`, `cond.text_encoder='pretrained'`, its
-tokenizer, `cond.dim` and `cond.max_length`), an exported ldm_jax conditioner is fine-tuned with the
-U-Net (its `cond.*`), none means unconditional. U-Net and conditioner start from the pretrained
+tokenizer, `cond.dim` and `cond.max_length`; SDXL: both encoders and tokenizers, `cond.null_text` and
+`cond.micro_conditioning` — a config that asks for micro-conditioning must name an SDXL model), an
+exported ldm_jax conditioner is fine-tuned with the U-Net (its `cond.*`), none means unconditional. U-Net and conditioner start from the pretrained
 weights (EMA too); the training keys (`data.*`, `optim.*`, `train.*`, `cond.dropout_prob`,
 `diffusion.loss_type`, …) stay the config's. `data.image_size` may differ from the size the model
 was trained at.
@@ -74,8 +75,28 @@ def apply_pretrained(config: ml_collections.ConfigDict, workdir: str) -> dict | 
     return None
   directory = _pretrained_directory(config.init.pretrained, workdir)
   found, params = load.pretrained_config(directory)
+  _check_micro_conditioning(config, directory, found["cond"])
   load.set_sections(config, found, directory)
   return params
+
+
+# What an SDXL model holds besides its U-Net and autoencoder, by its micro-conditioning.
+SDXL_COMPONENTS = {"target_size": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+                   "aesthetic_score": ("text_encoder_2", "tokenizer_2")}
+
+
+def _check_micro_conditioning(config, directory: str, cond: dict) -> None:
+  """A config that asks for SDXL's micro-conditioning (`configs/ldm/sdxl_base.py`) needs a pretrained
+  SDXL model with the same kind of it; ValueError naming the keys and what the directory lacks."""
+  wanted, found = config.cond.micro_conditioning, cond.get("micro_conditioning", "none")
+  if wanted == "none" or wanted == found:
+    return
+  kind = {"target_size": "an SDXL base", "aesthetic_score": "an SDXL refiner"}[wanted]
+  missing = [c for c in SDXL_COMPONENTS[wanted] if not os.path.isdir(os.path.join(directory, c))]
+  has = f"lacks {', '.join(f'{c}/' for c in missing)}" if missing else f"has micro_conditioning {found!r}"
+  raise ValueError(f"init.pretrained: cond.micro_conditioning={wanted!r} fine-tunes {kind} model (a U-Net with "
+                   f"addition_embed_type='text_time', {', '.join(SDXL_COMPONENTS[wanted])}), but {config.init.pretrained} "
+                   f"{has}.")
 
 
 def check_method(config: ml_collections.ConfigDict) -> None:

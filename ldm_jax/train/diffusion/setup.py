@@ -67,9 +67,29 @@ def resolve_config(config: ml_collections.ConfigDict, ae_config: ml_collections.
                      f"{schedule_lib.PARAMETERIZATIONS}.")
   if config.diffusion.loss_type not in schedule_lib.LOSS_TYPES:
     raise ValueError(f"diffusion.loss_type: {config.diffusion.loss_type!r} is not one of {schedule_lib.LOSS_TYPES}.")
+  _check_buckets(config, ae_config)
+  if config.cond.micro_conditioning != "none" and (config.latent.cache or config.latent.cache_dir):
+    raise ValueError(f"latent.cache{'_dir' if config.latent.cache_dir else ''}: the latent caches keep no crop offsets, "
+                     f"which SDXL's micro-conditioning (cond.micro_conditioning={config.cond.micro_conditioning!r}) "
+                     "needs at every step; train from the images.")
   stage2_config.check_values(config)
   schedule_lib.schedule_from_config(config.diffusion)  # raises on bad schedule keys
   evaluation.validate_eval_config(config)
+
+
+def _check_buckets(config, ae_config) -> None:
+  """Aspect-ratio buckets (`data.buckets`) whose latents the U-Net can take, from the images."""
+  if not config.data.buckets:
+    return
+  if config.latent.cache or config.latent.cache_dir or config.cond.kind in ("concat", "hybrid"):
+    raise ValueError("data.buckets: aspect-ratio bucketing trains on images of several sizes; the latent caches "
+                     "(latent.cache, latent.cache_dir) and concat conditioning (cond.kind 'concat', 'hybrid') "
+                     "take one size.")
+  multiple = ae_lib.downsampling_factor(ae_config.model) * unet_lib.downsampling_factor(config.model.channel_mult)
+  for height, width in config.data.buckets:
+    if height % multiple or width % multiple:
+      raise ValueError(f"data.buckets: {height}×{width} is not a multiple of {multiple} (the autoencoder's f × the "
+                       "U-Net's downsampling) on both sides.")
 
 
 def get_tokenizer(config, workdir):
@@ -89,8 +109,24 @@ def get_tokenizer(config, workdir):
   return tokenizer
 
 
+def get_tokenizer_2(config, workdir):
+  """SDXL's second tokenizer: the one saved in `workdir/tokenizer_2` (resume), else that of the
+  pretrained model whose frozen encoders condition the run, copied there; None for other runs."""
+  saved = os.path.join(workdir, "tokenizer_2")
+  if not os.path.isdir(saved):
+    if not (conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained"):
+      return None
+    source = os.path.join(config.init.pretrained, "tokenizer_2")
+    if not os.path.isdir(source):
+      return None
+    if jax.process_index() == 0:
+      shutil.copytree(source, saved)
+    return load_tokenizer(source, max_length=config.cond.max_length)
+  return load_tokenizer(saved, max_length=config.cond.max_length)
+
+
 # Keys a resumed run must share with its checkpoints (`config.check_resume`).
 RESUME_KEYS = ("model.", "cond.kind", "cond.class_mode", "cond.concat_source", "cond.text_encoder", "cond.dim",
                "cond.depth", "cond.num_heads", "cond.head_dim", "cond.vocab_size", "cond.max_length",
-               "cond.num_classes", "cond.concat_channels", "autoencoder.workdir", "init.pretrained", "latent.cache",
+               "cond.num_classes", "cond.concat_channels", "cond.micro_conditioning", "autoencoder.workdir", "init.pretrained", "latent.cache",
                "lora.", "textual_inversion.")  # dreambooth.* may change: it is data

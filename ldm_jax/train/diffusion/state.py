@@ -93,7 +93,8 @@ class StateBuilder:
       h, w, _ = self.latent_shape
       x = jnp.zeros((1, h, w, self.in_channels))
       unet_params = self.unet.init(unet_rng, x, jnp.zeros((1,), jnp.int32), context=cond["context"],
-                                   y=cond["y"], text_embeds=cond.get("text_embeds"))["params"]
+                                   y=cond["y"], text_embeds=cond.get("text_embeds"),
+                                   time_ids=cond.get("time_ids"))["params"]
       params = {"unet": unet_params, "cond": cond_params}
     return DiffusionState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=self.optimizer.init(params), rng=rng,

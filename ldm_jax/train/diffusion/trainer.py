@@ -52,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ae_model, ae_config, ae_params = load.load_autoencoder(
       config.autoencoder.workdir, lambda tree: sharding.tree_sharding(mesh, tree, prefix="autoencoder", **rules),
       dtype=config.train.dtype)
-  tokenizer = setup.get_tokenizer(config, workdir)
+  tokenizer, tokenizer_2 = setup.get_tokenizer(config, workdir), setup.get_tokenizer_2(config, workdir)
   conditioner = load.make_conditioner(config, tokenizer, jnp.dtype(config.train.dtype))
   # LoRA adapters or new token embeddings train instead of the pretrained weights, which stay outside the state.
   tuning = finetune.make_tuning(config, pretrained_params, tokenizer, conditioner, mesh)
@@ -60,7 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tokenizer, conditioner = tuning.tokenizer, tuning.conditioner
   latent_shape = ae_lib.latent_shape(ae_config.model, config.data.image_size)
   prepare = functools.partial(data.prepare_batch, config, tokenizer, latent_shape,
-                              transform=finetune.batch_transform(config, tuning),
+                              transform=finetune.batch_transform(config, tuning), tokenizer_2=tokenizer_2,
                               cached_context=data.uses_cached_context(config, tuning))
   source = data.cache_latents(config, ae_model, ae_params) if config.latent.cache else None
   train_iter = finetune.train_iterator(config, workdir, data.make_train_iterator(config, source))
@@ -79,7 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = builder.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor),
                          None if tuning else pretrained_params)
   ldm = load.build_ldm(config, ae_model, ae_config, tokenizer, float(jax.device_get(state.scale_factor)),
-                       for_training=True, unet=unet, conditioner=conditioner)
+                       for_training=True, unet=unet, conditioner=conditioner, tokenizer_2=tokenizer_2)
   train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, ae_params, tuning)
   frozen = (ae_params,) if tuning is None else (ae_params, tuning.base)
   # The weights of the sample grids and evaluations: the EMA parameters, or the base with the EMA adapters.
@@ -104,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                else config.cond.num_classes if config.cond.kind == "class" else None)
 
   # The loop: step, log, sample, evaluate, checkpoint.
-  pending, t0, scalars, inputs = [], time.perf_counter(), {}, loop.InputMonitor()
+  pending, t0, scalars, inputs = [], time.perf_counter(), {}, loop.InputMonitor(buckets=bool(config.data.buckets))
   monitor = loop.NonFiniteMonitor(config.train.max_nonfinite_steps)
   progress = tqdm(total=num_steps, initial=start_step, desc="stage 2", disable=jax.process_index() != 0)
   with loop.running(progress, checkpointer, writer) as preemption:
