@@ -45,6 +45,7 @@ def compilation_cache(tmp_path_factory):
   path = _run_root(tmp_path_factory) / "jax_compilation_cache"
   path.mkdir(exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
+  os.environ["LDM_JAX_COMPILATION_CACHE"] = str(path)  # entry points run as subprocesses use it too
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   # A program's cache key includes its source locations, by default the whole Python stack: the
   # same train step reached from two test lines (a run, then its resume) would compile twice.

@@ -8,7 +8,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ldm_jax.precompute.encode import encode_dataset
-from ldm_jax.runtime import distributed
+from ldm_jax.runtime import compilation_cache, distributed
 from ldm_jax.runtime.logging import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A stage-2 config (`path.py[:arg]`): its data.*, "
@@ -25,6 +25,7 @@ distributed.define_flags()
 def main(argv):
   del argv
   setup_logging()
+  compilation_cache.enable()
   distributed.initialize_from_flags()
   manifest = encode_dataset(_CONFIG.value, _OUT.value, batch_size=_BATCH.value,
                             records_per_part=_PER_PART.value)

@@ -7,6 +7,8 @@ Bad input is what the user gave: a flag, a config key, a file or a folder. The l
 key or path; this module turns them into that line. `--verbose` (alias `--debug`) prints the
 full traceback first. Any other exception is a bug and keeps Python's traceback.
 
+`run(main)` also turns on the persistent compilation cache (`ldm_jax.runtime.compilation_cache`).
+
 `run(main)` replaces `absl.app.run(main)` for the absl entry points (train_*.py, sample.py,
 `python -m ldm_jax.eval`, `python -m ldm_jax.eval.classifier`); `guarded(fn, verbose)` serves
 argparse ones (`python -m ldm_jax.convert`).
@@ -19,6 +21,8 @@ import traceback
 from collections.abc import Callable
 
 from absl import app, flags
+
+from ldm_jax.runtime import compilation_cache
 
 EXIT_BAD_INPUT = 2
 INPUT_ERRORS = (ValueError, OSError, EOFError, app.UsageError)
@@ -78,6 +82,7 @@ def _list_library_flags_in_help() -> None:
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
   """`app.run(main)` with bad flags and bad input reported as one line and exit status 2."""
   _list_library_flags_in_help()
+  compilation_cache.enable()
 
   def main_guarded(args):
     sys.exit(guarded(lambda: main(args), _VERBOSE.value))
