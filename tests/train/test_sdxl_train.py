@@ -80,6 +80,18 @@ def test_the_config_and_its_smoke_variant():
   assert load_config("configs/ldm/sdxl_base.py:smoke,buckets").data.buckets == ((16, 16), (24, 16), (16, 24))
 
 
+def test_an_sdxl_refiner_is_refused_whatever_the_config_asks(tmp_path):
+  """The refiner's micro-conditioning is an aesthetic score per image, which no data source gives:
+  refused from what the imported model says, before its first batch would fail on the missing key."""
+  for wanted in ("none", "target_size", "aesthetic_score"):
+    config = load_config("configs/ldm/sdxl_base.py:smoke")
+    config.cond.micro_conditioning = wanted
+    config.init.pretrained = str(tmp_path / "refiner")
+    with pytest.raises(ValueError, match=r"init\.pretrained: .*refiner is an SDXL refiner .*not supported"):
+      finetune._check_micro_conditioning(config, str(tmp_path / "refiner"),  # pylint: disable=protected-access
+                                         {"micro_conditioning": "aesthetic_score"})
+
+
 @pytest.mark.extended
 def test_step_conditions_loss_and_gradient_equal_diffusers(sdxl, images, tmp_path):
   folder, pipe = sdxl

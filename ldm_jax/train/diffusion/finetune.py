@@ -87,8 +87,12 @@ SDXL_COMPONENTS = {"target_size": ("text_encoder", "text_encoder_2", "tokenizer"
 
 def _check_micro_conditioning(config, directory: str, cond: dict) -> None:
   """A config that asks for SDXL's micro-conditioning (`configs/ldm/sdxl_base.py`) needs a pretrained
-  SDXL model with the same kind of it; ValueError naming the keys and what the directory lacks."""
+  SDXL model with the same kind of it; ValueError naming the keys and what the directory lacks. An
+  SDXL refiner is refused whatever the config asks."""
   wanted, found = config.cond.micro_conditioning, cond.get("micro_conditioning", "none")
+  if found == "aesthetic_score":  # before the run's first batch, which would lack the score
+    raise ValueError(f"init.pretrained: {config.init.pretrained} is an SDXL refiner (micro-conditioning on an "
+                     "aesthetic score per image); fine-tuning it is not supported: no data source gives the score.")
   if wanted == "none" or wanted == found:
     return
   kind = {"target_size": "an SDXL base", "aesthetic_score": "an SDXL refiner"}[wanted]
