@@ -66,3 +66,13 @@ def sd_pipeline(diffusers_models, transformers_models, tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("sd_pipeline"))
   pipe.save_pretrained(folder)
   return folder, pipe
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipeline(tmp_path_factory):
+  """(folder, StableDiffusionXLPipeline) of the tiny random SDXL base (`tests.convert.sdxl_tiny`), DDIM scheduler."""
+  from tests.convert import sdxl_tiny  # pylint: disable=g-import-not-at-top
+  pipe = sdxl_tiny.build_pipeline()
+  folder = str(tmp_path_factory.mktemp("sdxl_pipeline"))
+  pipe.save_pretrained(folder)
+  return folder, pipe

@@ -23,7 +23,6 @@ from ldm_jax.sampling import SampleRequest, check_request, sample_to_dir  # noqa
 from ldm_jax.sampling.model import read_model, read_refiner  # noqa: E402
 from ldm_jax.sampling.plan import make_plan  # noqa: E402
 from ldm_jax.sampling.run import make_sample_fn, sampling_mesh  # noqa: E402
-from tests.convert import sdxl_tiny  # noqa: E402
 from tests.convert.reference import nchw, nhwc, perturb, state_numpy  # noqa: E402
 from tests.convert.sdxl_tiny import TINY_REFINER_UNET, TINY_UNET, TINY_VAE  # noqa: E402
 
@@ -98,15 +97,6 @@ def test_sdxl_unet_matches_diffusers(tmp_path):
   reloaded = diffusers.UNet2DConditionModel.from_pretrained(exported)
   for key, value in state_numpy(unet).items():
     np.testing.assert_array_equal(state_numpy(reloaded)[key], value, err_msg=key)
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipeline(tmp_path_factory):
-  """(folder, StableDiffusionXLPipeline) of a tiny random SDXL base pipeline with a DDIM scheduler."""
-  pipe = sdxl_tiny.build_pipeline()
-  folder = str(tmp_path_factory.mktemp("sdxl_pipeline"))
-  pipe.save_pretrained(folder)
-  return folder, pipe
 
 
 def test_sdxl_folder_imports_every_component(sdxl_pipeline):

@@ -28,7 +28,7 @@ from ldm_jax.train import diffusion  # noqa: E402
 from ldm_jax.train.diffusion import data, finetune, setup, step as step_lib  # noqa: E402
 from tests.conftest import load_config  # noqa: E402
 from tests.convert import sdxl_tiny  # noqa: E402
-from tests.convert.conftest import diffusers_models, sd_pipeline, transformers_models  # noqa: E402,F401
+from tests.convert.conftest import diffusers_models, sd_pipeline, sdxl_pipeline, transformers_models  # noqa: E402,F401
 from tests.convert.reference import nchw, nhwc, state_numpy  # noqa: E402
 from tests.train.runs import read_state  # noqa: E402
 
@@ -39,12 +39,9 @@ SIZE = 16
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-  """(folder, StableDiffusionXLPipeline) of the tiny SDXL base."""
-  pipe = sdxl_tiny.build_pipeline()
-  folder = str(tmp_path_factory.mktemp("sdxl"))
-  pipe.save_pretrained(folder)
-  return folder, pipe
+def sdxl(sdxl_pipeline):  # noqa: F811
+  """(folder, StableDiffusionXLPipeline) of the tiny SDXL base (tests/convert/conftest.py)."""
+  return sdxl_pipeline
 
 
 @pytest.fixture(scope="module")
