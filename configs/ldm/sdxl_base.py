@@ -21,8 +21,8 @@ a dropped caption zeroes both encoders' context and the pooled embedding, as sgm
 does with `ucg_rate`; the size and crop conditions are never dropped. Optimizer as that example:
 AdamW, lr 1e-6 constant, weight decay 1e-2, gradients clipped at 1, no EMA; 1024 px, random crop
 and flip. `:buckets` trains on aspect-ratio buckets instead of square crops (SDXL's multi-aspect
-fine-tuning, §2.3 of the paper: `data.buckets = aspect_buckets(1024)`, 512 × 2048 … 2048 × 512, each
-batch one bucket, the bucket as the target size; one process, `data.num_workers=0`).
+fine-tuning, §2.3 of the paper: `data.buckets = SDXL_BUCKETS`, the paper's 40 sizes from 512 × 2048
+to 2048 × 512, each batch one bucket, the bucket as the target size).
 
   python train_diffusion.py --config configs/ldm/sdxl_base.py --workdir runs/sdxl_ft \
       --config.init.pretrained=/models/stable-diffusion-xl-base-1.0 --config.data.path=/data/captioned_images
@@ -61,7 +61,7 @@ def get_config(arg=None):
   config.train.update(num_steps=10_000, batch_size=16, log_every=50, checkpoint_every=1_000, image_every=1_000,
                       dtype="bfloat16", remat=True)
   if "buckets" in options:  # multi-aspect training (SDXL §2.3): ~1024² pixels, sides multiples of 64
-    config.data.buckets = sections.aspect_buckets(1024)
+    config.data.buckets = sections.SDXL_BUCKETS
   if "smoke" in options:
     config.init.pretrained = "runs/sdxl_tiny"
     config.data.update(source="shapes", path="", random_flip=False)  # flips break the shapes' left/right words

@@ -7,12 +7,24 @@ from __future__ import annotations
 import ml_collections
 
 
+# SDXL's multi-aspect training buckets, (height, width), as listed in the paper's appendix
+# (Podell et al. 2023, "Multi-aspect training"): 40 sizes of about 1024² pixels, sides multiples of 64,
+# aspect ratios 1/4 … 4. The list is not symmetric (704 × 1344 has no 1344 × 704).
+SDXL_BUCKETS = (
+    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600),
+    (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152),
+    (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896),
+    (1152, 896), (1152, 832), (1216, 832), (1280, 768), (1344, 768), (1408, 704), (1472, 704), (1536, 640),
+    (1600, 640), (1664, 576), (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512),
+)
+
+
 def aspect_buckets(side: int, step: int = 64, max_ratio: float = 4.0) -> tuple[tuple[int, int], ...]:
-  """Aspect-ratio buckets by SDXL's rule (Podell et al. 2023, §2.3): (height, width) pairs, both
-  multiples of `step`, the longer side as long as the pixels stay within side², aspect ratios up to
-  `max_ratio`; each landscape bucket with its portrait transpose, from the widest to the tallest.
-  `aspect_buckets(1024)`: 512 × 2048, 576 × 1792, …, 1024 × 1024, …, 2048 × 512 (the paper's own list,
-  its appendix I, has a few more)."""
+  """Aspect-ratio buckets by SDXL's rule for any resolution (Podell et al. 2023, §2.3): (height, width)
+  pairs, both multiples of `step`, the longer side as long as the pixels stay within side², aspect
+  ratios up to `max_ratio`; each landscape bucket with its portrait transpose, from the widest to the
+  tallest. `aspect_buckets(1024)` gives 17 of `SDXL_BUCKETS` (the paper's list also has the
+  intermediate sizes whose pixels fall a little short of 1024², e.g. 512 × 1984)."""
   buckets = set()
   for short in range(step, side + 1, step):
     long = side * side // short // step * step
@@ -49,7 +61,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       'num_workers': 0,         # 0: load in-process (threads); > 0: grain worker processes
   })
   # Aspect-ratio bucketing of the stage-2 training batches: () = square crops of image_size; else
-  # ((height, width), …), e.g. aspect_buckets(1024): each image goes to the bucket nearest its aspect
+  # ((height, width), …), e.g. SDXL_BUCKETS: each image goes to the bucket nearest its aspect
   # ratio, is resized to cover it and cropped to it, and each batch holds one bucket.
   cfg.buckets = ml_collections.config_dict.FieldReference((), field_type=object)
   return cfg

@@ -24,9 +24,7 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.max_aspect_ratio: {data_cfg.max_aspect_ratio} is below 1 (long side / short side); '
                      'use 0 for no limit')
   checks.check_number('data.min_caption_length', data_cfg.min_caption_length, integer=True, ge=0)
-  if check_buckets(data_cfg.get('buckets', ())) and data_cfg.num_workers:
-    raise ValueError(f'data.buckets: aspect-ratio bucketing reads in the training process; data.num_workers '
-                     f'is {data_cfg.num_workers}, set it to 0.')
+  check_buckets(data_cfg.get('buckets', ()))
   splits = {'data.train_split': data_cfg.train_split, 'data.eval_split': data_cfg.eval_split}
 
   if data_cfg.source == 'shapes':

@@ -40,9 +40,10 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
-from ldm_jax.data.buckets import BucketBatches, check_buckets, nearest_bucket
+from ldm_jax.data.buckets import BucketBatches, check_buckets, nearest_bucket, one_process
 from ldm_jax.data.sources import HOST_SHARDED, make_source
 
 SKIP_REASONS = ('corrupt', 'min_side', 'aspect_ratio', 'caption_length')
@@ -220,10 +221,9 @@ def batched(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict, batch_siz
       _filter_and_preprocess, filters=filters, image_size=data_cfg.image_size, channels=data_cfg.channels,
       random_crop=random_crop, random_flip=random_flip, buckets=buckets))
   if buckets:
-    if data_cfg.num_workers or jax.process_count() > 1:
-      raise ValueError('data.buckets: aspect-ratio bucketing reads in this process on one host; set '
-                       'data.num_workers=0, and run on one process.')
-    return BucketBatches(ds, batch_size, len(buckets), collate, SKIP_REASONS, drop_remainder=drop_remainder)
+    gather = one_process if jax.process_count() == 1 else multihost_utils.process_allgather
+    return BucketBatches(ds, batch_size, len(buckets), collate, SKIP_REASONS, drop_remainder=drop_remainder,
+                         num_workers=data_cfg.num_workers, gather=gather)
   # Threads overlap file reads and PIL work (which releases the GIL); the buffer
   # holds about two batches of records so the next batch is ready on time.
   num_threads = min(8, os.cpu_count() or 1)
