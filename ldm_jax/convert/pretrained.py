@@ -208,7 +208,7 @@ def save_pretrained(directory: str, pretrained: Pretrained, *, autoencoder_workd
 
 def _save_autoencoder_workdir(directory: str, params) -> None:
   """An orbax checkpoint laid out as a stage-1 run's (state.params.autoencoder), step 0."""
-  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), async_save=False)
+  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), async_save=False, this_process_only=True)
   state = {"step": np.zeros((), np.int32), "params": {"autoencoder": jax.tree.map(np.asarray, params)}}
   checkpointer.save(0, state, force=True)
   checkpointer.close()

@@ -28,10 +28,17 @@ from jax.experimental import multihost_utils
 class Checkpointer:
   """Saves and restores (state, data iterator) pairs under `directory`, keeping the newest few."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, this_process_only: bool = False):
+    """`this_process_only`: host arrays written by this process alone, without waiting for the others
+    (e.g. process 0 writing a converted model while the others wait for it)."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    alone = {}
+    if this_process_only:  # orbax creates the directory only with every process taking part
+      os.makedirs(self.directory, exist_ok=True)
+      alone = {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+          primary_host=jax.process_index(), active_processes={jax.process_index()})}
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not this_process_only,
+                                           enable_async_checkpointing=async_save, **alone)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:

@@ -169,3 +169,54 @@ def test_an_ensemble_of_experts_matches_diffusers_handing_over_latents(setup, na
   np.testing.assert_allclose(_ours(name, model_fn, ours, timesteps=refiner_ts), nhwc(x), atol=TOL)
   with pytest.raises(ValueError, match=r"end_timestep: expected an integer in \[0, "):
     samplers.sample(name, model_fn, make_schedule("scaled_linear"), x_T, timesteps=ts, end_timestep=int(ts[-1]))
+
+
+def test_a_ddpm_ensemble_matches_diffusers_with_the_same_noise(setup, monkeypatch):
+  """DDPM hands over as DDIM does (its last base step lands on the refiner's first timestep, with
+  that step's noise), each expert drawing one noise per step from its own key."""
+  model_fn, torch_model, x_T = setup
+  make = lambda: diffusers.DDPMScheduler(**SD_SCHEDULE, variance_type="fixed_small", clip_sample=False)
+  base_scheduler, refiner_scheduler = make(), make()
+  base_scheduler.set_timesteps(STEPS)
+  refiner_scheduler.set_timesteps(STEPS)
+  ts, refiner_ts = samplers.expert_timesteps(1000, base_scheduler.timesteps.numpy(), 0.65)
+  keys = jax.random.key(3), jax.random.key(4)
+  noise = [nchw(jax.random.normal(k, x_T.shape, jnp.float32))
+           for key, n in zip(keys, (len(ts), len(refiner_ts))) for k in jax.random.split(key, n)]
+  from diffusers.schedulers import scheduling_ddpm
+  monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *args, **kwargs: noise.pop(0))
+  x = nchw(x_T)
+  for t in base_scheduler.timesteps[:len(ts)]:
+    x = base_scheduler.step(torch_model(x, t), t, x).prev_sample
+  handed_over = nhwc(x)
+  for t in refiner_scheduler.timesteps[len(ts):]:
+    x = refiner_scheduler.step(torch_model(x, t), t, x).prev_sample
+  assert not noise
+  ours = _ours("ddpm", model_fn, x_T, keys[0], timesteps=ts, end_timestep=int(refiner_ts[0]))
+  np.testing.assert_allclose(ours, handed_over, atol=TOL)
+  np.testing.assert_allclose(_ours("ddpm", model_fn, ours, keys[1], timesteps=refiner_ts), nhwc(x), atol=TOL)
+
+
+def test_a_plms_ensemble_hands_over_as_diffusers_pndm_and_the_refiner_starts_afresh(setup):
+  """PLMS: the base part is StableDiffusionXLPipeline's loop over PNDM's timesteps ≥ the cut-off (its
+  warm-up step listed twice), landing on the refiner's first timestep; the refiner is a fresh PLMS
+  run from there — the same as a fresh PNDMScheduler over those timesteps, with their warm-up."""
+  model_fn, torch_model, x_T = setup
+  make = lambda: diffusers.PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
+  base_scheduler, refiner_scheduler = make(), make()
+  base_scheduler.set_timesteps(STEPS)
+  refiner_scheduler.set_timesteps(STEPS)
+  listed = base_scheduler.timesteps.numpy()  # t0, t1, t1, t2, …
+  ts, refiner_ts = samplers.expert_timesteps(1000, np.concatenate([listed[:1], listed[2:]]), 0.65)
+  assert len(ts) >= 2 and len(refiner_ts) >= 2, (ts, refiner_ts)
+  cutoff = int(round(1000 - 0.65 * 1000))
+  x = nchw(x_T)
+  for t in [t for t in base_scheduler.timesteps if t >= cutoff]:  # the base pipeline's `denoising_end`
+    x = base_scheduler.step(torch_model(x, t), t, x).prev_sample
+  handed_over = nhwc(x)
+  for t in [refiner_ts[0], refiner_ts[1], *refiner_ts[1:]]:
+    t = torch.tensor(int(t))
+    x = refiner_scheduler.step(torch_model(x, t), t, x).prev_sample
+  ours = _ours("plms", model_fn, x_T, timesteps=ts, end_timestep=int(refiner_ts[0]))
+  np.testing.assert_allclose(ours, handed_over, atol=TOL)
+  np.testing.assert_allclose(_ours("plms", model_fn, ours, timesteps=refiner_ts), nhwc(x), atol=TOL)

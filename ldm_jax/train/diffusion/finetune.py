@@ -27,6 +27,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -53,7 +54,10 @@ def _pretrained_directory(src: str, workdir: str) -> str:
   if load.is_pretrained_directory(src):
     return src
   target = os.path.join(os.path.abspath(workdir), "pretrained")
-  if not os.path.isfile(os.path.join(target, pretrained_lib.FORMAT_FILE)):
+  needed = not os.path.isfile(os.path.join(target, pretrained_lib.FORMAT_FILE))
+  if jax.process_count() > 1:  # process 0's answer: the others could look after it has written the target
+    needed = bool(multihost_utils.broadcast_one_to_all(np.int32(needed)))
+  if needed:
     logging.info("init.pretrained: importing %s into %s", src, target)
     if jax.process_index() == 0:
       try:
