@@ -10,11 +10,15 @@ On disk: `python -m ldm_jax.precompute` writes a directory
     manifest.json                  what the cache was made with (MANIFEST_IDENTITY) and its parts
     part-00000.array_record …      one record per image: a msgpack map (`encode_record`) of
                                    'latent_moments' float32 [h, w, 2c] (KL: mean ⊕ logvar) or 'latent'
-                                   float32 [h, w, c] (VQ), 'caption', 'label', 'original_size' int32 [2],
-                                   and with a frozen text encoder 'context' float32 [L, D]
+                                   float32 [h, w, c] (VQ), 'caption', 'label', 'original_size' int32 [2]
+                                   and 'crop_coords_top_left' int32 [2] (of the centre crop, as the image
+                                   pipeline records them), and with frozen text encoders their outputs:
+                                   'context' float32 [L, D] (SDXL: both encoders', D = 2048) and, when
+                                   the U-Net takes it, the pooled 'text_embeds' float32 [P]
 
-which a run names with `latent.cache_dir`: `check_manifest` refuses a cache made with another
-autoencoder, text encoder or tokenizer (another path, or other files) or image size, and
+The manifest lists these keys as 'columns'. A run names the cache with `latent.cache_dir`:
+`check_manifest` refuses a cache made with another autoencoder, text encoder(s) or tokenizer(s)
+(another path, or other files) or image size, or one that lacks a column the run needs, and
 `disk_cache_loader` reads it through grain (hosts read disjoint records, shuffled, deterministic
 given the seed, its position checkpointable)
 into per-host batches of those fields. Each step still draws a fresh posterior sample.
@@ -35,18 +39,25 @@ from ldm_jax.data.pipeline import host_batch_size
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ldm_jax latent cache"
-MANIFEST_VERSION = 2
-# What a cache was made with; a run that differs in any of these cannot use it. The text encoder and
-# tokenizer are named by path and by the digest of their files (`files_digest`): a directory whose
-# text encoder was replaced after the cache was written is another text encoder.
+MANIFEST_VERSION = 3
+# What a cache was made with; a run that differs in any of these cannot use it. The text encoders and
+# tokenizers are named by path and by the digest of their files (`files_digest`): a directory whose
+# text encoder was replaced after the cache was written is another text encoder. SDXL's second
+# encoder and tokenizer are `text_encoder_2` and `tokenizer_2`.
 MANIFEST_IDENTITY = ("autoencoder", "autoencoder_step", "image_size", "channels", "latent_shape", "text_encoder",
-                     "text_encoder_sha256", "tokenizer", "tokenizer_sha256", "max_length")
-# Identity keys added in version 2, as a version-1 manifest (which has none) implies them.
-_VERSION_1_IDENTITY = {"text_encoder_sha256": "", "tokenizer_sha256": ""}
+                     "text_encoder_sha256", "tokenizer", "tokenizer_sha256", "text_encoder_2",
+                     "text_encoder_2_sha256", "tokenizer_2", "tokenizer_2_sha256", "max_length")
+# Identity keys added after version 1, as an older manifest (which has none) implies them: version 1
+# named no digests, versions 1 and 2 no second encoder (the job refused SDXL).
+_IMPLIED_IDENTITY = {"text_encoder_sha256": "", "tokenizer_sha256": "", "text_encoder_2": "",
+                     "text_encoder_2_sha256": "", "tokenizer_2": "", "tokenizer_2_sha256": ""}
 PART_SUFFIX = ".array_record"
 
 # What a latent cache holds per image: the KL posterior's moments or VQ's pre-quantization latent.
 CACHED_LATENT_KEYS = ("latent_moments", "latent")
+# What it holds of frozen text encoders: the cross-attention context and the pooled embedding, under
+# the names of the conditioner's outputs that they replace.
+CACHED_TEXT_KEYS = ("context", "text_embeds")
 
 
 class ArraySource:
@@ -118,13 +129,29 @@ def files_digest(directories: list[str]) -> str:
   return digest.hexdigest() if found else ""
 
 
-def check_manifest(manifest: dict, expected: dict, cache_dir: str, key: str = "latent.cache_dir") -> None:
-  """ValueError naming the first identity key (`MANIFEST_IDENTITY`) whose value differs, with both."""
+def manifest_columns(manifest: dict) -> list[str]:
+  """The per-record keys of a cache: its manifest's 'columns', or what a version-2 job wrote (no crop
+  offsets, no pooled embedding; 'context' with a text encoder; the latent key is not known)."""
+  if "columns" in manifest:
+    return list(manifest["columns"])
+  return ["caption", "label", "original_size"] + (["context"] if manifest.get("text_encoder") else [])
+
+
+def check_manifest(manifest: dict, expected: dict, cache_dir: str, key: str = "latent.cache_dir", *,
+                   columns: dict[str, str] | None = None) -> None:
+  """ValueError naming the first identity key (`MANIFEST_IDENTITY`) whose value differs, with both;
+  then the first of `columns` (column → what needs it) that the cache lacks (`manifest_columns`)."""
   for name in MANIFEST_IDENTITY:
-    if name in expected and manifest.get(name, _VERSION_1_IDENTITY.get(name)) != expected[name]:
+    if name in expected and manifest.get(name, _IMPLIED_IDENTITY.get(name)) != expected[name]:
       raise ValueError(f"{key}: the cache in {cache_dir} was made with {name}={manifest.get(name)!r}, but this run "
                        f"has {name}={expected[name]!r}; write a cache for this run (python -m ldm_jax.precompute) "
                        "or point latent.cache_dir at one made for it")
+  has = manifest_columns(manifest)
+  for name, needed_by in (columns or {}).items():
+    if name not in has:
+      raise ValueError(f"{key}: the cache in {cache_dir} has no {name!r} column (it has {', '.join(has)}); this run "
+                       f"needs it for {needed_by}. Write the cache again, to a new directory, with this version of "
+                       "python -m ldm_jax.precompute")
 
 
 class DiskCacheSource:

@@ -5,15 +5,19 @@
 
 reads the stage-2 config's data (`data.*`: source, filters, image size; no augmentation: center crop,
 no flip), encodes every image with the frozen autoencoder of `autoencoder.workdir` — the KL
-posterior's moments, or VQ's pre-quantization latent — and, when the config's text encoder is the
-frozen one of `init.pretrained` (`cond.text_encoder='pretrained'`), each caption's context
-embeddings; it writes array_record parts and a manifest (`ldm_jax.data.latent_cache`).
+posterior's moments, or VQ's pre-quantization latent — keeps its caption, label, `original_size`
+and `crop_coords_top_left` (the centre crop's offsets, as the image pipeline records them: SDXL's
+micro-conditioning), and, when the run's text encoders stay frozen (`uses_frozen_text_encoder`),
+what its conditioner makes of each caption: the context and, when the U-Net takes one, the pooled
+embedding ('text_embeds'). For SDXL that is the context of both encoders (penultimate hidden
+states, concatenated to 2048 channels) and bigG's projected pooled output. It writes array_record
+parts and a manifest (`ldm_jax.data.latent_cache`) that lists these columns.
 
 With `init.pretrained` (a directory written by `python -m ldm_jax.convert import`) the config is
 first resolved as the fine-tuning trainer resolves it (`load.pretrained_config`): its autoencoder
-is the directory's, and its text encoder, when it has one, the frozen pretrained encoder with the
-directory's tokenizer and `max_length`; the run then names the same directory. SDXL's two text
-encoders (and pooled embedding) are not cached: the trainer fine-tunes single-encoder models.
+is the directory's, and its text encoders, when it has them, the frozen pretrained encoders (SDXL:
+both) with the directory's tokenizers and `max_length`; the run then names the same directory. An
+SDXL refiner is refused, as the trainer refuses it.
 
 Parts: one per tar shard (`shards` source), else one per `--records_per_part` records. Process i
 of n encodes parts i::n on its own devices (a data-parallel mesh of its local devices, no
@@ -49,25 +53,59 @@ from ldm_jax.models import conditioning
 
 
 def uses_frozen_text_encoder(config: ml_collections.ConfigDict) -> bool:
-  return conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained"
+  """Whether the (resolved) run's text encoders stay frozen, so that their outputs can be cached: the
+  pretrained encoders of `init.pretrained` (`cond.text_encoder='pretrained'`; SDXL: both), or an
+  exported ldm_jax conditioner of `init.pretrained` under a LoRA that adapts the U-Net alone (without
+  `cond.text_dropout`, which would make its outputs random)."""
+  if not conditioning.uses_text(config.cond):
+    return False
+  if config.cond.text_encoder == "pretrained":
+    return True
+  return bool(config.init.pretrained) and "lora" in config and not config.lora.text_encoder_targets and (
+      config.cond.text_dropout == 0)
 
 
-def resolve_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config`, or with `init.pretrained` a copy resolved against it as the trainer resolves it
-  (`load.pretrained_config`: its autoencoder, its frozen text encoder and tokenizer)."""
+def takes_pooled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the U-Net takes a pooled text embedding (`cond.pooled`'s 'text', SDXL's 'text_time')."""
+  return config.model.addition_embed_type in ("text", "text_time")
+
+
+def text_columns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The conditioner outputs a cache for the (resolved) `config` holds (`latent_cache.CACHED_TEXT_KEYS`)."""
+  if not uses_frozen_text_encoder(config):
+    return ()
+  return ("context", "text_embeds") if takes_pooled(config) else ("context",)
+
+
+def needed_columns(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The cache columns a run of the (resolved) `config` reads besides the latents: column → the key
+  that needs it (for `latent_cache.check_manifest`)."""
+  needed = {name: (f"the {'pooled embedding' if name == 'text_embeds' else 'context'} of its frozen text encoders "
+                   f"(init.pretrained={config.init.pretrained})") for name in text_columns(config)}
+  if config.cond.micro_conditioning != "none":
+    for name in ("original_size", "crop_coords_top_left"):
+      needed[name] = f"SDXL's time ids (cond.micro_conditioning={config.cond.micro_conditioning!r})"
+  return needed
+
+
+def resolve_pretrained(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict | None]:
+  """`(config, None)`, or with `init.pretrained` a copy resolved against it as the trainer resolves it
+  (`load.pretrained_config`: its autoencoder, its frozen text encoders and tokenizers) and the
+  parameters of its conditioner (host arrays)."""
   if not config.init.pretrained:
-    return config
+    return config, None
   directory = os.path.abspath(config.init.pretrained)
   if not load.is_pretrained_directory(directory):
     raise ValueError(f"init.pretrained: {directory} is not a pretrained directory with a stage-1 autoencoder "
                      "workdir; import it once (python -m ldm_jax.convert import --src … --out DIR) and name DIR "
                      "both here and in the runs that train from this cache.")
-  if any(os.path.isdir(os.path.join(directory, name)) for name in ("text_encoder_2", "tokenizer_2")):
-    raise ValueError(f"init.pretrained: {directory} has two text encoders (SDXL); the cache holds the context of "
-                     "one frozen text encoder (SD 1.x / 2.x).")
+  found, params = load.pretrained_config(directory)
+  if found["cond"].get("micro_conditioning") == "aesthetic_score":
+    raise ValueError(f"init.pretrained: {directory} is an SDXL refiner (micro-conditioning on an aesthetic score "
+                     "per image), which the trainer does not fine-tune: no data source gives the score.")
   config = ml_collections.ConfigDict(config.to_dict())
-  load.set_sections(config, load.pretrained_config(directory)[0], directory)
-  return config
+  load.set_sections(config, found, directory)
+  return config, params["cond"]
 
 
 def cache_identity(config: ml_collections.ConfigDict, ae_config: ml_collections.ConfigDict) -> dict:
@@ -75,17 +113,31 @@ def cache_identity(config: ml_collections.ConfigDict, ae_config: ml_collections.
   workdir = os.path.abspath(config.autoencoder.workdir)
   steps = load.checkpoint_steps(os.path.join(workdir, "checkpoints"))
   frozen = uses_frozen_text_encoder(config)
-  text_encoder = os.path.abspath(config.init.pretrained) if frozen else ""
+  directory = os.path.abspath(config.init.pretrained) if frozen else ""
+  # The first encoder's weights: a pretrained text encoder's folder, or an exported ldm_jax conditioner's.
+  first = os.path.join(directory, "text_encoder" if config.cond.text_encoder == "pretrained" else "conditioner")
+  second = os.path.join(directory, "text_encoder_2")
   tokenizer = os.path.abspath(config.cond.tokenizer_dir) if frozen and config.cond.tokenizer_dir else ""
+  tokenizer_2 = os.path.join(directory, "tokenizer_2")
+  has_second = frozen and os.path.isdir(second)
   return {
       "autoencoder": workdir, "autoencoder_step": steps[-1] if steps else None,
       "image_size": int(config.data.image_size), "channels": int(config.data.channels),
       "latent_shape": list(ae_lib.latent_shape(ae_config.model, config.data.image_size)),
-      "text_encoder": text_encoder,
-      "text_encoder_sha256": latent_cache.files_digest([os.path.join(text_encoder, "text_encoder")]) if frozen else "",
+      "text_encoder": directory, "text_encoder_sha256": latent_cache.files_digest([first]) if frozen else "",
       "tokenizer": tokenizer, "tokenizer_sha256": latent_cache.files_digest([tokenizer]) if tokenizer else "",
+      "text_encoder_2": second if has_second else "",
+      "text_encoder_2_sha256": latent_cache.files_digest([second]) if has_second else "",
+      "tokenizer_2": tokenizer_2 if has_second else "",
+      "tokenizer_2_sha256": latent_cache.files_digest([tokenizer_2]) if has_second else "",
       "max_length": int(config.cond.max_length) if frozen else 0,
   }
+
+
+def cache_columns(config: ml_collections.ConfigDict, ae_config: ml_collections.ConfigDict) -> list[str]:
+  """What each record of a cache for the (resolved) `config` holds (`latent_cache` module docstring)."""
+  latent = "latent_moments" if ae_config.model.kind == "kl" else "latent"
+  return [latent, "caption", "label", "original_size", "crop_coords_top_left", *text_columns(config)]
 
 
 def plan_parts(data_cfg: ml_collections.ConfigDict, records_per_part: int) -> list[dict]:
@@ -114,9 +166,13 @@ def _write_json(path: str, value: dict) -> None:
 
 
 class Encoder:
-  """The jitted encoders of one process, on a data-parallel mesh of its local devices."""
+  """The jitted encoders of one process, on a data-parallel mesh of its local devices.
 
-  def __init__(self, config, batch_size: int):
+  `cond_params`: the parameters of the (resolved) config's frozen conditioner (`resolve_pretrained`),
+  which encodes the captions when `text_columns(config)` is not empty.
+  """
+
+  def __init__(self, config, batch_size: int, cond_params: dict | None = None):
     self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
     if batch_size % len(jax.local_devices()):
       raise ValueError(f"--batch_size: {batch_size} is not a multiple of this process's "
@@ -134,27 +190,38 @@ class Encoder:
       return {"latent": out.astype(jax.numpy.float32)}
 
     self._encode_images = jax.jit(encode_images, out_shardings=self.batch_sharding)
-    self.tokenizer = self._encode_text = None
-    if uses_frozen_text_encoder(config):
-      modules, params, _ = load.load_pretrained(config.init.pretrained)
-      text_encoder = modules["text_encoder"]
+    self.columns = text_columns(config)
+    if self.columns:
+      # The trainer's conditioner on the trainer's tokens (`setup.get_tokenizer`, `get_tokenizer_2`); the
+      # time ids of micro-conditioning are not the encoders' and are made from the record at every step.
+      self.cond_cfg = ml_collections.ConfigDict({**config.cond.to_dict(), "micro_conditioning": "none"})
       self.tokenizer = load_tokenizer(config.cond.tokenizer_dir, max_length=config.cond.max_length)
-      text_params = jax.device_put(params["text_encoder"], replicated)
-      self._encode_text = jax.jit(
-          lambda tokens: text_encoder.apply({"params": text_params}, tokens).astype(jax.numpy.float32),
-          out_shardings=self.batch_sharding)
+      second = os.path.join(config.init.pretrained, "tokenizer_2")
+      self.tokenizer_2 = load_tokenizer(second, max_length=config.cond.max_length) if os.path.isdir(second) else None
+      conditioner = load.make_conditioner(config, self.tokenizer, jax.numpy.dtype(config.train.dtype))
+      cond_params = jax.device_put(cond_params, replicated)
+      columns = self.columns
+
+      def encode_text(batch_cond):
+        out = conditioner.apply({"params": cond_params}, batch_cond, deterministic=True)
+        return {k: out[k].astype(jax.numpy.float32) for k in columns}
+
+      self._encode_text = jax.jit(encode_text, out_shardings=self.batch_sharding)
 
   def __call__(self, batch: dict) -> list[dict]:
     """A batch of the pipeline → one cache record per image (padded to the compiled batch size)."""
     n = len(batch["image"])
     pad = lambda x: np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)]) if n < self.batch_size else x
     out = self._encode_images(self.ae_params, jax.device_put(pad(batch["image"]), self.batch_sharding))
-    if self._encode_text is not None:
-      tokens = self.tokenizer.tokenize(list(batch["caption"]))
-      out["context"] = self._encode_text(jax.device_put(pad(np.asarray(tokens)), self.batch_sharding))
+    if self.columns:
+      batch_cond = conditioning.prepare_condition(self.cond_cfg, {"caption": list(batch["caption"])}, self.tokenizer,
+                                                  tokenizer_2=self.tokenizer_2)
+      out.update(self._encode_text(jax.device_put({k: pad(np.asarray(v)) for k, v in batch_cond.items()},
+                                                  self.batch_sharding)))
     out = {k: np.asarray(jax.device_get(v))[:n] for k, v in out.items()}
     return [{**{k: v[i] for k, v in out.items()}, "caption": str(batch["caption"][i]),
-             "label": np.int32(batch["label"][i]), "original_size": batch["original_size"][i]} for i in range(n)]
+             "label": np.int32(batch["label"][i]), "original_size": batch["original_size"][i],
+             "crop_coords_top_left": batch["crop_coords_top_left"][i]} for i in range(n)]
 
 
 def encode_dataset(config: ml_collections.ConfigDict, out_dir: str, *, batch_size: int = 0,
@@ -164,21 +231,23 @@ def encode_dataset(config: ml_collections.ConfigDict, out_dir: str, *, batch_siz
   `batch_size`: images per encoder call on this process (default: the per-process share of
   `train.batch_size`).
   """
-  config = resolve_pretrained(config)
+  config, cond_params = resolve_pretrained(config)
   data_lib.validate_data_config(config.data)
   _, ae_config = load.autoencoder_run(config.autoencoder.workdir)
   for key in ("image_size", "channels"):
     if config.data[key] != ae_config.data[key] and not (key == "image_size" and config.init.pretrained):
       raise ValueError(f"data.{key}: {config.data[key]}, but the autoencoder in {config.autoencoder.workdir} was "
                        f"trained with data.{key}={ae_config.data[key]}.")
-  identity = cache_identity(config, ae_config)
+  identity, columns = cache_identity(config, ae_config), cache_columns(config, ae_config)
   parts = plan_parts(config.data, records_per_part)
   os.makedirs(out_dir, exist_ok=True)
   manifest_path = os.path.join(out_dir, latent_cache.MANIFEST)
-  if os.path.exists(manifest_path):
+  if os.path.exists(manifest_path):  # resuming: the parts written so far must be what this job writes
     with open(manifest_path, encoding="utf-8") as f:
-      latent_cache.check_manifest(json.load(f), identity, out_dir, key="--out")
+      latent_cache.check_manifest(json.load(f), identity, out_dir, key="--out",
+                                  columns={c: "this job's records" for c in columns})
   manifest = {"format": latent_cache.MANIFEST_FORMAT, "version": latent_cache.MANIFEST_VERSION, **identity,
+              "columns": columns,
               "scale_factor": float(config.latent.scale_factor),
               "data": {k: config.data[k] for k in ("source", "path", "train_split", "caption_key", "min_side",
                                                    "max_aspect_ratio", "min_caption_length")},
@@ -187,7 +256,7 @@ def encode_dataset(config: ml_collections.ConfigDict, out_dir: str, *, batch_siz
     _write_json(manifest_path, manifest)
 
   encoder = Encoder(config, batch_size or max(len(jax.local_devices()),
-                                             config.train.batch_size // jax.process_count()))
+                                             config.train.batch_size // jax.process_count()), cond_params)
   mine = range(jax.process_index(), len(parts), jax.process_count())
   for index in mine:
     path = os.path.join(out_dir, latent_cache.part_name(index))

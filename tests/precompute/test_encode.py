@@ -97,7 +97,7 @@ def test_loader_is_seeded_host_disjoint_and_resumable(cache, monkeypatch):
   out = str(root / "out")
   take = lambda it, n: [next(it) for _ in range(n)]
   first = take(latent_cache.disk_cache_loader(out, 4, seed=2), 5)
-  assert set(first[0]) == {"latent_moments", "caption", "label", "original_size"}
+  assert set(first[0]) == {"latent_moments", "caption", "label", "original_size", "crop_coords_top_left"}
   assert first[0]["latent_moments"].shape == (4, 8, 8, 6)
   iterator = latent_cache.disk_cache_loader(out, 4, seed=2)
   take(iterator, 2)

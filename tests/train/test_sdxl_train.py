@@ -99,7 +99,8 @@ def test_step_conditions_loss_and_gradient_equal_diffusers(sdxl, images, tmp_pat
   pretrained = finetune.apply_pretrained(config, workdir)
   ae_config = load.autoencoder_run(config.autoencoder.workdir)[1]
   config.latent.cache = True
-  with pytest.raises(ValueError, match=r"latent\.cache: the latent caches keep no crop offsets"):
+  with pytest.raises(ValueError, match=r"latent\.cache: the in-memory latent cache keeps no original sizes or crop "
+                                       "offsets"):
     setup.resolve_config(config, ae_config)
   config.latent.cache = False
   setup.resolve_config(config, ae_config)

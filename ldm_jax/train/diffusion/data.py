@@ -5,7 +5,9 @@ training split is encoded once into an in-memory latent cache (`ldm_jax.data.lat
 batches are drawn from that; with `latent.cache_dir` from an on-disk cache written by
 `python -m ldm_jax.precompute`, after `check_disk_cache` has compared its manifest with the run.
 `prepare_batch` turns a batch into the step's input on the host: the image or cached latents, the
-conditioner's inputs under 'cond/…', and cached text embeddings as 'cond/context'.
+conditioner's inputs under 'cond/…' (SDXL's time ids from the cached original sizes and crop
+offsets too), and the cached outputs of frozen text encoders as 'cond/context' and
+'cond/text_embeds' (the pooled embedding).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from ldm_jax import data as data_lib
 from ldm_jax.data import latent_cache
-from ldm_jax.data.latent_cache import CACHED_LATENT_KEYS, ArraySource, cached_batches
+from ldm_jax.data.latent_cache import CACHED_LATENT_KEYS, CACHED_TEXT_KEYS, ArraySource, cached_batches
 from ldm_jax.diffusion.latent_diffusion import first_stage_latent
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.models import conditioning
@@ -30,8 +32,9 @@ from ldm_jax.runtime import sharding
 
 def check_disk_cache(config, ae_config) -> dict | None:
   """The manifest of `latent.cache_dir` once it is known to match this run (autoencoder and its
-  checkpoint, image size, channels, latent shape, frozen text encoder and tokenizer), else
-  ValueError naming the key and both values; None without a cache_dir. Reads no array."""
+  checkpoint, image size, channels, latent shape, frozen text encoders and tokenizers) and to hold
+  the columns the run reads (the frozen encoders' context and pooled embedding, SDXL's sizes and crop
+  offsets), else ValueError naming the key; None without a cache_dir. Reads no array."""
   cache_dir = config.latent.cache_dir
   if not cache_dir:
     return None
@@ -41,7 +44,8 @@ def check_disk_cache(config, ae_config) -> dict | None:
   if config.cond.kind in ("concat", "hybrid"):
     raise ValueError("latent.cache_dir: concat conditioning needs the images at every step; unset it.")
   manifest = latent_cache.read_manifest(cache_dir)
-  latent_cache.check_manifest(manifest, precompute.cache_identity(config, ae_config), cache_dir)
+  latent_cache.check_manifest(manifest, precompute.cache_identity(config, ae_config), cache_dir,
+                              columns=precompute.needed_columns(config))
   return manifest
 
 
@@ -88,10 +92,11 @@ def make_train_iterator(config, source=None):
 
 
 def uses_cached_context(config, tuning=None) -> bool:
-  """Whether the step takes the text context from the cache of `latent.cache_dir` (when it holds one):
-  while the text encoder stays frozen and the captions are the data's. Textual inversion and a LoRA
-  of the text encoder (`tuning.trains_text_encoder`) train it, DreamBooth replaces the captions by
-  its prompts: those runs encode the captions at every step."""
+  """Whether the step takes the text context and pooled embedding from the cache of `latent.cache_dir`
+  (when it holds them: the run's encoders are frozen, `precompute.uses_frozen_text_encoder`): while
+  the text encoders stay frozen and the captions are the data's. Textual inversion and a LoRA of the
+  text encoder (`tuning.trains_text_encoder`) train it, DreamBooth replaces the captions by its
+  prompts: those runs encode the captions at every step."""
   return bool(config.latent.cache_dir) and "dreambooth" not in config and not (
       tuning is not None and tuning.trains_text_encoder)
 
@@ -99,26 +104,29 @@ def uses_cached_context(config, tuning=None) -> bool:
 def prepare_batch(config, tokenizer, latent_shape, batch: dict, step: int, *, transform=None,
                   cached_context: bool = True, tokenizer_2=None) -> dict:
   """Host side: the conditioner's inputs under 'cond/…' next to the image or cached latents
-  (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists), a cached 'context' as
-  'cond/context' unless not `cached_context` (`uses_cached_context`), and a per-example
-  'loss_weight' when the batch has one. `transform(batch, step)` first changes the batch (a
-  fine-tuning method's captions, `finetune.batch_transform`).
+  (as `LatentDiffusion.prepare`, before the run's LatentDiffusion exists), the cached 'context' and
+  'text_embeds' as 'cond/context' and 'cond/text_embeds' unless not `cached_context`
+  (`uses_cached_context`), and a per-example 'loss_weight' when the batch has one.
+  `transform(batch, step)` first changes the batch (a fine-tuning method's captions,
+  `finetune.batch_transform`).
 
   SDXL (`tokenizer_2`, `cond.micro_conditioning='target_size'`): 'cond/time_ids' are each image's
-  original size and crop offsets, as the pipeline recorded them, and the size of the training image
-  as the target size (diffusers' train_text_to_image_sdxl.py)."""
+  original size and crop offsets, as the pipeline (or the cache) recorded them, and the size of the
+  training image (a cached one: `data.image_size`) as the target size (diffusers'
+  train_text_to_image_sdxl.py)."""
   if transform is not None:
     batch = transform(batch, step)
   if config.cond.micro_conditioning == "target_size" and "target_size" not in batch:
-    batch = {**batch, "target_size": np.asarray(batch["image"].shape[1:3], np.int32)}
+    size = batch["image"].shape[1:3] if "image" in batch else (config.data.image_size,) * 2
+    batch = {**batch, "target_size": np.asarray(size, np.int32)}
   rng = np.random.default_rng((config.train.seed, step))  # random inpainting masks, reproducible
   cond = conditioning.prepare_condition(config.cond, batch, tokenizer, latent_size=tuple(latent_shape[:2]), rng=rng,
                                         tokenizer_2=tokenizer_2)
   cached = [k for k in CACHED_LATENT_KEYS if k in batch]
   out = {k: batch[k] for k in (cached or ["image"]) + (["loss_weight"] if "loss_weight" in batch else [])}
   out.update({f"cond/{k}": v for k, v in cond.items()})
-  if cached_context and "context" in batch:  # a frozen text encoder's embeddings from the on-disk cache
-    out["cond/context"] = batch["context"]
+  if cached_context:  # frozen text encoders' outputs from the on-disk cache
+    out.update({f"cond/{k}": batch[k] for k in CACHED_TEXT_KEYS if k in batch})
   return out
 
 

@@ -68,10 +68,15 @@ def resolve_config(config: ml_collections.ConfigDict, ae_config: ml_collections.
   if config.diffusion.loss_type not in schedule_lib.LOSS_TYPES:
     raise ValueError(f"diffusion.loss_type: {config.diffusion.loss_type!r} is not one of {schedule_lib.LOSS_TYPES}.")
   _check_buckets(config, ae_config)
-  if config.cond.micro_conditioning != "none" and (config.latent.cache or config.latent.cache_dir):
-    raise ValueError(f"latent.cache{'_dir' if config.latent.cache_dir else ''}: the latent caches keep no crop offsets, "
-                     f"which SDXL's micro-conditioning (cond.micro_conditioning={config.cond.micro_conditioning!r}) "
-                     "needs at every step; train from the images.")
+  if config.cond.micro_conditioning != "none" and config.latent.cache:
+    raise ValueError("latent.cache: the in-memory latent cache keeps no original sizes or crop offsets, which "
+                     f"SDXL's micro-conditioning (cond.micro_conditioning={config.cond.micro_conditioning!r}) needs at "
+                     "every step; write an on-disk cache (python -m ldm_jax.precompute) and name it in "
+                     "latent.cache_dir, or train from the images.")
+  for key in ("random_crop", "random_flip"):
+    if config.latent.cache_dir and config.data[key]:
+      raise ValueError(f"data.{key}: True, but the cache of latent.cache_dir holds one centre crop of each image, "
+                       f"unflipped (python -m ldm_jax.precompute); set data.{key}=False, or train from the images.")
   stage2_config.check_values(config)
   schedule_lib.schedule_from_config(config.diffusion)  # raises on bad schedule keys
   evaluation.validate_eval_config(config)

@@ -2,7 +2,8 @@
 
 One jitted step: encodes the images (or draws from cached KL moments), scales them by the run's
 `LatentDiffusion.scale_factor`, samples t and ε, noises the latents, drops conditions to the null
-condition with probability `cond.dropout_prob` (for classifier-free guidance), and updates U-Net and
+condition with probability `cond.dropout_prob` (for classifier-free guidance; cached outputs of
+frozen text encoders to the conditioner's outputs for the null condition), and updates U-Net and
 conditioner with AdamW (micro-batches accumulated, non-finite steps skipped), followed by the EMA.
 A LoRA run (`ldm_jax.train.diffusion.lora`) updates adapters instead: the step gets the frozen base
 as a fourth argument and differentiates the loss of the composed weights with respect to the
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax.data.latent_cache import CACHED_TEXT_KEYS
 from ldm_jax.diffusion import schedule as schedule_lib
 from ldm_jax.diffusion.latent_diffusion import LatentDiffusion, TextEncoderConditioner
 from ldm_jax.models import conditioning
@@ -43,11 +45,13 @@ def loss_fn(config, ldm: LatentDiffusion, params, batch, rng, ae_params, *, froz
   else:
     z = ldm.encode(ae_params, batch["image"], rng_enc)
   batch_cond = {k[len("cond/"):]: v for k, v in batch.items() if k.startswith("cond/")}
-  if "context" in batch_cond:  # cached embeddings of the frozen text encoder; "" gives the null context
-    null_context = ldm.conditioner.apply({"params": params["cond"]}, ldm.null(1), deterministic=True)["context"]
-    context = conditioning.drop_condition(rng_drop, {"context": batch_cond["context"]}, {"context": null_context},
-                                          config.cond.dropout_prob)["context"]
-    cond = {"context": context, "y": None, "concat": None}
+  if "context" in batch_cond:  # cached outputs of the frozen text encoders; dropped, the null condition's
+    cached = {k: batch_cond[k] for k in CACHED_TEXT_KEYS if k in batch_cond}
+    null = ldm.conditioner.apply({"params": params["cond"]}, ldm.null(1), deterministic=True)
+    cond = conditioning.drop_condition(rng_drop, cached, {k: null[k] for k in cached}, config.cond.dropout_prob)
+    cond.update(y=None, concat=None)
+    if "time_ids" in batch_cond:  # SDXL's sizes and crop offsets, never dropped
+      cond["time_ids"] = jnp.asarray(batch_cond["time_ids"], jnp.float32)
   else:
     batch_cond = conditioning.drop_condition(rng_drop, batch_cond, ldm.null(1), config.cond.dropout_prob)
     if "masked_image" in batch_cond:
