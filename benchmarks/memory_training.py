@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/memory_training.py --table              # every row below (subprocesses)
   .venv/bin/python benchmarks/memory_training.py --model unet --devices 64 --fsdp --remat --dtype bfloat16
+  .venv/bin/python benchmarks/memory_training.py --model sdxl --devices 8 --fsdp --remat --dtype bfloat16
 
 Nothing runs: the real trainer step (`Stage2.train_step` / `Stage1.train_step`) is lowered with
 abstract, sharded arguments on `--devices` simulated CPU devices and compiled, and XLA's
@@ -15,7 +16,21 @@ Models: `unet` is Stable Diffusion 1.5's U-Net (860M parameters, 64×64×4 laten
 [B, 77, 768]) trained with AdamW and an EMA on cached latents; a 1-layer 768-wide text encoder
 stands in for the frozen CLIP text encoder (which adds 123M frozen parameters, 0.5 GB in float32
 when replicated). `autoencoder` is the KL-f8 autoencoder at 256 px with LPIPS and the PatchGAN
-discriminator (the step after `loss.disc_start`). Attention is chunked (`--query_chunk_size`);
+discriminator (the step after `loss.disc_start`).
+
+`sdxl` is the step `configs/ldm/sdxl_base.py` fine-tunes SDXL base with, its `model.*` the published
+U-Net (2,567,463,684 parameters, checked here; `tests/convert/test_sdxl.py` checks the config file
+against diffusers' config) at 1024 px (128×128×4 latents), one image per device by default as
+diffusers' `train_text_to_image_sdxl.py` examples (`--train_batch_size=1`), AdamW + the state's EMA.
+Built without a pretrained directory: the two frozen text encoders are SDXL's (CLIP ViT-L, 123M
+parameters, and OpenCLIP bigG with projection, 695M, from their published transformers configs)
+with abstract weights. They are not a stand-in here, because this trainer runs them inside the step:
+SDXL's micro-conditioning refuses the latent caches, so every step encodes the 1024-px images with the
+frozen VAE encoder and the captions with both encoders (forward only, no gradients, no optimizer
+state; their weights sit in the state's parameters and its EMA, 6.1 GiB in float32 when replicated).
+On the 2-core development machine one SDXL row did not finish compiling in 25 minutes (~6 GiB of RAM,
+in XLA's HLO passes and LLVM); give it a larger machine or more time.
+Attention is chunked (`--query_chunk_size`);
 XLA's CPU compiler makes its own fusion and scheduling choices, so TPU/GPU numbers differ by tens
 of percent — read the table for its ratios and orders of magnitude.
 """
@@ -27,12 +42,12 @@ import sys
 
 from absl import app, flags
 
-_MODEL = flags.DEFINE_enum("model", "unet", ["unet", "autoencoder"], "Which training step.")
+_MODEL = flags.DEFINE_enum("model", "unet", ["unet", "sdxl", "autoencoder"], "Which training step.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices.")
 _FSDP = flags.DEFINE_bool("fsdp", False, "Shard parameters and optimizer state over all devices (mesh.fsdp=-1).")
 _REMAT = flags.DEFINE_bool("remat", False, "train.remat.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "train.dtype.")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: 256 for the U-Net, 12 per device for the autoencoder).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: 256 for the SD U-Net, 1 per device for SDXL, 12 per device for the autoencoder).")
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "train.grad_accum_steps.")
 _CHUNK = flags.DEFINE_integer("query_chunk_size", 1024, "Attention query chunk (0: unchunked).")
 _TABLE = flags.DEFINE_bool("table", False, "Run the table's rows, each in a subprocess.")
@@ -48,12 +63,29 @@ TABLE = [
     dict(model="unet", devices=64, remat=True, dtype="bfloat16"),
     dict(model="unet", devices=64, fsdp=True),
     dict(model="unet", devices=64, fsdp=True, remat=True, dtype="bfloat16"),
+    dict(model="sdxl", devices=8),
+    dict(model="sdxl", devices=8, fsdp=True),
+    dict(model="sdxl", devices=8, fsdp=True, remat=True, dtype="bfloat16"),
+    dict(model="sdxl", devices=64),
+    dict(model="sdxl", devices=64, fsdp=True),
+    dict(model="sdxl", devices=64, fsdp=True, remat=True, dtype="bfloat16"),
     dict(model="autoencoder", devices=8),
     dict(model="autoencoder", devices=8, remat=True, dtype="bfloat16"),
     dict(model="autoencoder", devices=8, fsdp=True),
     dict(model="autoencoder", devices=64, fsdp=True, remat=True, dtype="bfloat16"),
 ]
 GIB = 2**30
+SDXL_BASE_UNET_PARAMS = 2_567_463_684  # diffusers' UNet2DConditionModel of stable-diffusion-xl-base-1.0
+# The published text encoders of stable-diffusion-xl-base-1.0 (text_encoder/, text_encoder_2/ config.json).
+SDXL_TEXT_ENCODERS = {
+    "text_encoder": dict(model_type="clip_text_model", architectures=["CLIPTextModel"], vocab_size=49408,
+                         max_position_embeddings=77, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, hidden_act="quick_gelu", eos_token_id=2),
+    "text_encoder_2": dict(model_type="clip_text_model", architectures=["CLIPTextModelWithProjection"],
+                           vocab_size=49408, max_position_embeddings=77, hidden_size=1280, num_hidden_layers=32,
+                           num_attention_heads=20, intermediate_size=5120, hidden_act="gelu", projection_dim=1280,
+                           eos_token_id=2),
+}
 
 
 class _Tokenizer:
@@ -63,6 +95,10 @@ class _Tokenizer:
   def tokenize(self, texts):
     import numpy as np
     return np.zeros((len(texts), self.max_length), np.int32)
+
+
+def _batch_size() -> int:
+  return _BATCH.value or {"unet": 256, "sdxl": _DEVICES.value, "autoencoder": 12 * _DEVICES.value}[_MODEL.value]
 
 
 def _mesh_config(config):
@@ -89,7 +125,7 @@ def unet_step():
   config.latent.cache = True
   config.cond.update(kind="text", dim=768, depth=1, num_heads=12, head_dim=64, vocab_size=1000, max_length=77)
   config.model.query_chunk_size = _CHUNK.value or None
-  config.train.batch_size = _BATCH.value or 256
+  config.train.batch_size = _batch_size()
   _mesh_config(config)
   setup.resolve_config(config, ae_config)
   mesh = sharding.make_mesh(config.mesh)
@@ -107,6 +143,66 @@ def unet_step():
   return train_step.lower(builder.abstract_state, batch, {}).compile(), builder.abstract_state.params
 
 
+def sdxl_step():
+  """(compiled step, abstract U-Net params) of SDXL base fine-tuning at 1024 px, images and captions
+  encoded in the step by the frozen VAE and text encoders, as `configs/ldm/sdxl_base.py` trains."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ldm_jax import load
+  from ldm_jax.config import autoencoder as ae_defaults
+  from ldm_jax.config import common as config_lib
+  from ldm_jax.convert import components, pretrained as pretrained_lib, transformers_text
+  from ldm_jax.diffusion.latent_diffusion import TextEncoderConditioner
+  from ldm_jax.models import autoencoder as ae_lib
+  from ldm_jax.models.clip import make_clip_text_encoder
+  from ldm_jax.runtime import checkpoint as ckpt_lib
+  from ldm_jax.runtime import sharding
+  from ldm_jax.train.diffusion import setup, state as state_lib, step as step_lib
+
+  config = config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "ldm", "sdxl_base.py"))
+  config.init.pretrained = "(abstract SDXL base: compile only, nothing is read)"
+  config.data.update(source="shapes", random_crop=False)  # no files are read; the shapes are what count
+  config.latent.scale_factor = 0.13025
+  ae_config = ae_defaults.default_config()  # SDXL's VAE has SD's KL-f8 architecture
+  ae_config.data.image_size = config.data.image_size
+  config.model.query_chunk_size = _CHUNK.value or None
+  config.train.batch_size = _batch_size()
+  _mesh_config(config)
+  setup.resolve_config(config, ae_config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
+  # The encoders as `convert import` configures an SDXL base: penultimate hidden states, no final norm.
+  encoders = {name: transformers_text.clip_config_from_transformers(cfg) for name, cfg in SDXL_TEXT_ENCODERS.items()}
+  encoders["unet"] = config.model.to_dict()
+  pretrained_lib.sdxl_conditioning(encoders, {"force_zeros_for_empty_prompt": True})
+  assert (encoders["cond"]["null_text"], encoders["cond"]["micro_conditioning"]) == (
+      config.cond.null_text, config.cond.micro_conditioning), encoders["cond"]
+  conditioner = TextEncoderConditioner(make_clip_text_encoder(encoders["text_encoder"]),
+                                       make_clip_text_encoder(encoders["text_encoder_2"]))
+  autoencoder = ae_lib.make_autoencoder(ae_config.model).clone(dtype=jnp.dtype(config.train.dtype))
+  ldm = load.build_ldm(config, autoencoder, ae_config, _Tokenizer(), config.latent.scale_factor, for_training=True,
+                       conditioner=conditioner, tokenizer_2=_Tokenizer())
+  optimizer = state_lib.make_optimizer(config, frozen_cond=True)
+  b, size = config.train.batch_size, config.data.image_size
+  example = {"tokens": np.zeros((1, 77), np.int32), "tokens_2": np.zeros((1, 77), np.int32),
+             "text_scale": np.ones((1,), np.float32), "time_ids": np.zeros((1, 6), np.float32)}
+  builder = state_lib.StateBuilder(config, mesh, ldm.unet, conditioner, ldm.latent_shape, example, optimizer)
+  unet_params = sum(x.size for x in jax.tree.leaves(builder.abstract_state.params["unet"]))
+  if unet_params != SDXL_BASE_UNET_PARAMS:
+    raise ValueError(f"configs/ldm/sdxl_base.py builds a U-Net of {unet_params:,} parameters, not SDXL base's "
+                     f"{SDXL_BASE_UNET_PARAMS:,}.")
+  ae_params = components.abstract_params("autoencoder", ae_config.model)  # placed as the trainer places it
+  ae_params = ckpt_lib.abstract_like(ae_params, sharding.tree_sharding(mesh, ae_params, prefix="autoencoder",
+                                                                       **sharding.rules_of(config.mesh)))
+  train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, ae_params)
+  batch_sh = sharding.batch_sharding(mesh)
+  batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=batch_sh),
+           **{f"cond/{k}": jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype, sharding=batch_sh)
+              for k, v in example.items()}}
+  return train_step.lower(builder.abstract_state, batch, ae_params).compile(), builder.abstract_state.params["unet"]
+
+
 def autoencoder_step():
   """(compiled step, abstract params) of KL-f8 training at 256 px with LPIPS and the GAN."""
   import jax
@@ -118,7 +214,7 @@ def autoencoder_step():
   config = config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "autoencoder", "kl_f8.py"))
   config.data.update(source="shapes", random_crop=False)  # no files are read; the shapes are what count
   config.model.query_chunk_size = _CHUNK.value or None
-  config.train.batch_size = _BATCH.value or 12 * _DEVICES.value
+  config.train.batch_size = _batch_size()
   _mesh_config(config)
   autoencoder.validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -133,12 +229,11 @@ def measure() -> dict:
   import time
   import jax
   t0 = time.perf_counter()
-  compiled, params = unet_step() if _MODEL.value == "unet" else autoencoder_step()
+  compiled, params = {"unet": unet_step, "sdxl": sdxl_step, "autoencoder": autoencoder_step}[_MODEL.value]()
   m = compiled.memory_analysis()
   peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
   return dict(model=_MODEL.value, devices=jax.device_count(), fsdp=_FSDP.value, remat=_REMAT.value,
-              dtype=_DTYPE.value, grad_accum_steps=_ACCUM.value, batch_size=_BATCH.value or (
-                  256 if _MODEL.value == "unet" else 12 * _DEVICES.value),
+              dtype=_DTYPE.value, grad_accum_steps=_ACCUM.value, batch_size=_batch_size(),
               params=sum(x.size for x in jax.tree.leaves(params)),
               state_gib=m.argument_size_in_bytes / GIB, temp_gib=m.temp_size_in_bytes / GIB, peak_gib=peak / GIB,
               compile_s=time.perf_counter() - t0)

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from ldm_jax.config import common as config_lib  # noqa: E402
 from ldm_jax.convert import components, save_pretrained, write_diffusers  # noqa: E402
 from ldm_jax.convert.diffusers_format import unet_config_from_diffusers  # noqa: E402
 from ldm_jax.load import load_pretrained, read_source  # noqa: E402
@@ -67,6 +68,18 @@ def test_unet_parameter_count_equals_diffusers(name, config):
   assert _count(ours) == theirs
   assert ours["add_embedding"]["linear_1"]["kernel"].shape == (config["projection_class_embeddings_input_dim"],
                                                               4 * config["block_out_channels"][0])
+
+
+def test_sdxl_base_config_is_the_published_unet():
+  """`configs/ldm/sdxl_base.py` (what `benchmarks/memory_training.py --model sdxl` compiles) asks for the
+  published base U-Net: every key the import derives from its config, the channels from the VAE's latents."""
+  config = config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ldm", "sdxl_base.py"))
+  published = unet_config_from_diffusers(dict(SDXL_BASE_UNET, _class_name="UNet2DConditionModel"))
+  plain = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+  assert {k: plain(v) for k, v in published.items() if k not in ("in_channels", "out_channels")} == {
+      k: plain(config.model[k]) for k in published if k not in ("in_channels", "out_channels")}
+  assert (published["in_channels"], published["out_channels"]) == (4, 4)
+  assert (config.model.in_channels, config.model.out_channels) == (-1, -1)  # derived: 4 latent channels
 
 
 def test_sdxl_unet_matches_diffusers(tmp_path):
