@@ -24,10 +24,11 @@ against diffusers' config) at 1024 px (128×128×4 latents), one image per devic
 diffusers' `train_text_to_image_sdxl.py` examples (`--train_batch_size=1`), AdamW + the state's EMA.
 Built without a pretrained directory: the two frozen text encoders are SDXL's (CLIP ViT-L, 123M
 parameters, and OpenCLIP bigG with projection, 695M, from their published transformers configs)
-with abstract weights. They are not a stand-in here, because this trainer runs them inside the step:
-SDXL's micro-conditioning refuses the latent caches, so every step encodes the 1024-px images with the
-frozen VAE encoder and the captions with both encoders (forward only, no gradients, no optimizer
-state; their weights sit in the state's parameters and its EMA, 6.1 GiB in float32 when replicated).
+with abstract weights. They are not a stand-in here: the row is fine-tuning from images, where every
+step encodes the 1024-px images with the frozen VAE encoder and the captions with both encoders
+(forward only, no gradients, no optimizer state; their weights sit in the state's parameters and its
+EMA, 6.1 GiB in float32 when replicated). Training from a precomputed `latent.cache_dir` (latents,
+both contexts, pooled embedding, sizes and crops) runs neither in the step.
 On the 2-core development machine one SDXL row did not finish compiling in 25 minutes (~6 GiB of RAM,
 in XLA's HLO passes and LLVM); give it a larger machine or more time.
 Attention is chunked (`--query_chunk_size`);
