@@ -117,7 +117,7 @@ def unet_step():
   from ldm_jax.config import diffusion as ldm_defaults
   from ldm_jax.models import autoencoder as ae_lib
   from ldm_jax.runtime import sharding
-  from ldm_jax.train.diffusion import setup, state as state_lib, step as step_lib
+  from ldm_jax.train.diffusion import state as state_lib, step as step_lib
 
   ae_config = ae_defaults.default_config()
   ae_config.data.image_size = 512
@@ -125,12 +125,7 @@ def unet_step():
   config.data.image_size = 512
   config.latent.cache = True
   config.cond.update(kind="text", dim=768, depth=1, num_heads=12, head_dim=64, vocab_size=1000, max_length=77)
-  config.model.query_chunk_size = _CHUNK.value or None
-  config.train.batch_size = _batch_size()
-  _mesh_config(config)
-  setup.resolve_config(config, ae_config)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
+  mesh = _resolved_mesh(config, ae_config)
   ldm = load.build_ldm(config, ae_lib.make_autoencoder(ae_config.model), ae_config, _Tokenizer(), 1.0,
                        for_training=True)
   optimizer = state_lib.make_optimizer(config)
@@ -142,6 +137,20 @@ def unet_step():
   batch = {"latent_moments": jax.ShapeDtypeStruct((b, 64, 64, 8), jnp.float32, sharding=batch_sh),
            "cond/tokens": jax.ShapeDtypeStruct((b, 77), jnp.int32, sharding=batch_sh)}
   return train_step.lower(builder.abstract_state, batch, {}).compile(), builder.abstract_state.params
+
+
+def _resolved_mesh(config, ae_config):
+  """The flags' attention chunk, batch size and mesh applied to the stage-2 `config`, resolved; its mesh."""
+  from ldm_jax.runtime import sharding
+  from ldm_jax.train.diffusion import setup
+
+  config.model.query_chunk_size = _CHUNK.value or None
+  config.train.batch_size = _batch_size()
+  _mesh_config(config)
+  setup.resolve_config(config, ae_config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
+  return mesh
 
 
 def sdxl_step():
@@ -159,7 +168,7 @@ def sdxl_step():
   from ldm_jax.models.clip import make_clip_text_encoder
   from ldm_jax.runtime import checkpoint as ckpt_lib
   from ldm_jax.runtime import sharding
-  from ldm_jax.train.diffusion import setup, state as state_lib, step as step_lib
+  from ldm_jax.train.diffusion import state as state_lib, step as step_lib
 
   config = config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "ldm", "sdxl_base.py"))
   config.init.pretrained = "(abstract SDXL base: compile only, nothing is read)"
@@ -167,12 +176,7 @@ def sdxl_step():
   config.latent.scale_factor = 0.13025
   ae_config = ae_defaults.default_config()  # SDXL's VAE has SD's KL-f8 architecture
   ae_config.data.image_size = config.data.image_size
-  config.model.query_chunk_size = _CHUNK.value or None
-  config.train.batch_size = _batch_size()
-  _mesh_config(config)
-  setup.resolve_config(config, ae_config)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
+  mesh = _resolved_mesh(config, ae_config)
   # The encoders as `convert import` configures an SDXL base: penultimate hidden states, no final norm.
   encoders = {name: transformers_text.clip_config_from_transformers(cfg) for name, cfg in SDXL_TEXT_ENCODERS.items()}
   encoders["unet"] = config.model.to_dict()
