@@ -496,6 +496,30 @@ def pretrained_config(directory: str, flag: str = "init.pretrained") -> tuple[di
   return found, jax.tree.map(lambda x: np.asarray(x, np.float32), {"unet": params["unet"], "cond": cond_params})
 
 
+# What an SDXL model holds besides its U-Net and autoencoder, by its micro-conditioning.
+SDXL_COMPONENTS = {"target_size": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+                   "aesthetic_score": ("text_encoder_2", "tokenizer_2")}
+
+
+def check_micro_conditioning(config, directory: str, cond: dict) -> None:
+  """A stage-2 config resolved against `directory` (its `pretrained_config` conditioning `cond`), for
+  the trainer and the precompute job: a config that asks for SDXL's micro-conditioning
+  (`configs/ldm/sdxl_base.py`) needs a pretrained SDXL model with the same kind of it; ValueError
+  naming the keys and what the directory lacks. An SDXL refiner is refused whatever the config asks."""
+  wanted, found = config.cond.micro_conditioning, cond.get("micro_conditioning", "none")
+  if found == "aesthetic_score":  # before the run's first batch, which would lack the score
+    raise ValueError(f"init.pretrained: {config.init.pretrained} is an SDXL refiner (micro-conditioning on an "
+                     "aesthetic score per image); fine-tuning it is not supported: no data source gives the score.")
+  if wanted == "none" or wanted == found:
+    return
+  kind = {"target_size": "an SDXL base", "aesthetic_score": "an SDXL refiner"}[wanted]
+  missing = [c for c in SDXL_COMPONENTS[wanted] if not os.path.isdir(os.path.join(directory, c))]
+  has = f"lacks {', '.join(f'{c}/' for c in missing)}" if missing else f"has micro_conditioning {found!r}"
+  raise ValueError(f"init.pretrained: cond.micro_conditioning={wanted!r} fine-tunes {kind} model (a U-Net with "
+                   f"addition_embed_type='text_time', {', '.join(SDXL_COMPONENTS[wanted])}), but {config.init.pretrained} "
+                   f"{has}.")
+
+
 def set_sections(config: ml_collections.ConfigDict, found: dict, source: str) -> None:
   """Sets the sections `pretrained_config` found in `source` (the whole `model` section, the given
   keys of the others), logging the keys that change."""

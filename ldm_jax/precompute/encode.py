@@ -100,9 +100,7 @@ def resolve_pretrained(config: ml_collections.ConfigDict) -> tuple[ml_collection
                      "workdir; import it once (python -m ldm_jax.convert import --src … --out DIR) and name DIR "
                      "both here and in the runs that train from this cache.")
   found, params = load.pretrained_config(directory)
-  if found["cond"].get("micro_conditioning") == "aesthetic_score":
-    raise ValueError(f"init.pretrained: {directory} is an SDXL refiner (micro-conditioning on an aesthetic score "
-                     "per image), which the trainer does not fine-tune: no data source gives the score.")
+  load.check_micro_conditioning(config, directory, found["cond"])  # as the trainer: an SDXL refiner is refused
   config = ml_collections.ConfigDict(config.to_dict())
   load.set_sections(config, found, directory)
   return config, params["cond"]

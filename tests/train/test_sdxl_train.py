@@ -85,8 +85,7 @@ def test_an_sdxl_refiner_is_refused_whatever_the_config_asks(tmp_path):
     config.cond.micro_conditioning = wanted
     config.init.pretrained = str(tmp_path / "refiner")
     with pytest.raises(ValueError, match=r"init\.pretrained: .*refiner is an SDXL refiner .*not supported"):
-      finetune._check_micro_conditioning(config, str(tmp_path / "refiner"),  # pylint: disable=protected-access
-                                         {"micro_conditioning": "aesthetic_score"})
+      load.check_micro_conditioning(config, str(tmp_path / "refiner"), {"micro_conditioning": "aesthetic_score"})
 
 
 @pytest.mark.extended
