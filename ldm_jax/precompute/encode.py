@@ -194,8 +194,7 @@ class Encoder:
       # time ids of micro-conditioning are not the encoders' and are made from the record at every step.
       self.cond_cfg = ml_collections.ConfigDict({**config.cond.to_dict(), "micro_conditioning": "none"})
       self.tokenizer = load_tokenizer(config.cond.tokenizer_dir, max_length=config.cond.max_length)
-      second = os.path.join(config.init.pretrained, "tokenizer_2")
-      self.tokenizer_2 = load_tokenizer(second, max_length=config.cond.max_length) if os.path.isdir(second) else None
+      self.tokenizer_2 = load.run_tokenizer_2(config.init.pretrained, config)  # SDXL's, else None
       conditioner = load.make_conditioner(config, self.tokenizer, jax.numpy.dtype(config.train.dtype))
       cond_params = jax.device_put(cond_params, replicated)
       columns = self.columns
