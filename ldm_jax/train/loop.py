@@ -176,8 +176,9 @@ class InputMonitor:
   (records dropped in the window, all processes), and starts the next window; `restart()` starts
   one without reporting (after sampling or evaluation, whose time is not the step's).
 
-  With `buckets` (aspect-ratio bucketing; every process has the same bucket) it also counts the window's batches by image
-  size: `data/bucket_<H>x<W>`, the histogram of the buckets trained on, logged as well.
+  With `buckets` (aspect-ratio bucketing; every process has the same bucket) it also counts the
+  window's batches by image size: `data/bucket_<H>x<W>`, the histogram of the buckets trained on,
+  logged as well.
   """
 
   def __init__(self, buckets: bool = False):
