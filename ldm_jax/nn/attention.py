@@ -8,16 +8,19 @@ Implementations (`model.attention`, `sample.py --attention`):
   xla      `jax.nn.dot_product_attention`'s XLA path (logits [B, H, Lq, Lk] in float32), optionally
            with `query_chunk_size` queries at a time (`lax.map`), bounding the logits to
            [B, H, chunk, Lk]. Right for short sequences, and the fallback everywhere.
+  fused    `fused_attention`: a C++ kernel (XLA FFI, built on first use for this CPU) that keeps
+           each query's logits in registers, with `blocked`'s backward; CPU only. float32 without
+           mask or causality, head sizes in `fused_attention.HEAD_DIMS`; other calls take `blocked`.
   blocked  `blocked_attention`: cache-sized blocks with a recomputing backward; memory linear in
-           the tokens. Pure JAX, so it runs on every backend; the fastest on CPU for long sequences.
+           the tokens. Pure JAX, so it runs on every backend.
   cudnn    cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`); GPU only,
            float16/bfloat16, head_dim a multiple of 8 and ≤ 128.
   pallas   the Pallas flash-attention kernel shipped with JAX (`jax.experimental.pallas.ops.tpu`);
            TPU only, sequence lengths multiples of 128.
 
-`auto` takes `blocked` on CPU once the logits of one call would pass `CPU_BLOCKED_MIN_BYTES`,
-`cudnn` on GPU and `pallas` on TPU where their conditions hold, and `xla` otherwise
-(`select_implementation`, unit-tested per backend). Logits and softmax are float32 in every
+`auto` takes `fused` on CPU where it applies and could be built, else `blocked` once the logits
+of one call would pass `CPU_BLOCKED_MIN_BYTES`; `cudnn` on GPU and `pallas` on TPU where their
+conditions hold; and `xla` otherwise (`select_implementation`, unit-tested per backend). Logits and softmax are float32 in every
 implementation, also for bfloat16 inputs.
 """
 
@@ -31,10 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.nn import fused_attention as fused_lib
 from ldm_jax.nn.blocked_attention import blocked_attention
 
-IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas")
-_BACKEND_OF = {"cudnn": "gpu", "pallas": "tpu"}
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "fused", "cudnn", "pallas")
+_BACKEND_OF = {"fused": "cpu", "cudnn": "gpu", "pallas": "tpu"}
 
 # Below this many bytes of float32 logits per call the XLA path's few large ops beat the loops of
 # `blocked` on CPU (benchmarks/attention.py: the two meet between 1 and 4 MiB).
@@ -64,14 +68,29 @@ def check_implementation(implementation: str, key: str = "model.attention", back
   if needed is not None and backend != needed:
     raise ValueError(f"{key}: {implementation!r} needs a {needed.upper()}, but JAX runs on {backend}; "
                      "use 'auto' (picks the fastest available), 'blocked' or 'xla'.")
+  if implementation == "fused" and (reason := fused_lib.unavailable_reason()) is not None:
+    raise ValueError(f"{key}: 'fused' is unavailable here: {reason}. Use 'auto' or 'blocked'.")
 
 
 def select_implementation(implementation: str, *, backend: str, batch: int, heads: int, q_len: int,
-                          k_len: int, head_dim: int, dtype: Any, has_mask: bool) -> str:
-  """The implementation `dot_product_attention` runs for this call (resolves 'auto')."""
+                          k_len: int, head_dim: int, dtype: Any, has_mask: bool, causal: bool = False,
+                          fused_available: bool | None = None) -> str:
+  """The implementation `dot_product_attention` runs for this call (resolves 'auto', and 'fused'
+  where the kernel does not apply). `fused_available`: whether the CPU kernel could be built
+  (None: find out)."""
+  fused_applies = fused_lib.supports(head_dim=head_dim, dtype=dtype, has_mask=has_mask, causal=causal)
+  if implementation == "fused":
+    return "fused" if fused_applies else "blocked"
   if implementation != "auto":
     return implementation
   if backend == "cpu":
+    if fused_applies:
+      if fused_available is None:
+        fused_available = fused_lib.available()
+        if not fused_available:
+          fused_lib.warn_unavailable_once(fused_lib.unavailable_reason())
+      if fused_available:
+        return "fused"
     logits_bytes = 4 * batch * heads * q_len * k_len
     return "blocked" if logits_bytes >= CPU_BLOCKED_MIN_BYTES else "xla"
   if backend == "gpu":
@@ -109,7 +128,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask:
   b, q_len, heads, head_dim = q.shape
   chosen = select_implementation(implementation, backend=jax.default_backend(), batch=b, heads=heads,
                                  q_len=q_len, k_len=k.shape[1], head_dim=head_dim, dtype=q.dtype,
-                                 has_mask=key_mask is not None)
+                                 has_mask=key_mask is not None, causal=causal)
+  if chosen == "fused":
+    return fused_lib.fused_attention(q, k, v)
   if chosen == "blocked":
     return blocked_attention(q, k, v, key_mask=key_mask, causal=causal)
   if chosen == "cudnn":

@@ -8,6 +8,7 @@ import pytest
 
 from ldm_jax.nn import AttentionConfig, MultiHeadSelfAttention, SpatialSelfAttention, dot_product_attention
 from ldm_jax.nn import attention as attention_lib
+from ldm_jax.nn import fused_attention as fused_lib
 from ldm_jax.nn.blocked_attention import blocked_attention, block_sizes
 
 
@@ -110,10 +111,19 @@ def test_pallas_flash_attention_in_interpret_mode_equals_the_formula(causal):
 
 
 @pytest.mark.parametrize("backend,kwargs,expected", [
-    ("cpu", dict(batch=16, heads=8, q_len=1024, k_len=1024, head_dim=8), "blocked"),   # 512 MiB of logits
-    ("cpu", dict(batch=2, heads=8, q_len=1024, k_len=77, head_dim=40), "blocked"),     # cross-attention, 5 MiB
-    ("cpu", dict(batch=2, heads=8, q_len=77, k_len=77, head_dim=64), "xla"),           # a text encoder
+    ("cpu", dict(batch=16, heads=8, q_len=1024, k_len=1024, head_dim=8), "fused"),
+    ("cpu", dict(batch=16, heads=8, q_len=1024, k_len=77, head_dim=8), "fused"),       # cross-attention
+    ("cpu", dict(batch=1, heads=1, q_len=64, k_len=64, head_dim=4), "fused"),
+    ("cpu", dict(batch=16, heads=8, q_len=256, k_len=256, head_dim=16), "blocked"),    # 32 MiB; heads of 16
+    ("cpu", dict(batch=2, heads=8, q_len=1024, k_len=77, head_dim=40), "blocked"),     # SD cross-attention, 5 MiB
     ("cpu", dict(batch=1, heads=1, q_len=64, k_len=64, head_dim=64), "xla"),
+    ("cpu", dict(batch=2, heads=8, q_len=77, k_len=77, head_dim=64, causal=True), "xla"),  # a text encoder
+    ("cpu", dict(batch=2, heads=8, q_len=77, k_len=77, head_dim=64, has_mask=True), "xla"),
+    ("cpu", dict(batch=1, heads=1, q_len=256, k_len=256, head_dim=512), "xla"),        # SD VAE mid-block, 128 px
+    ("cpu", dict(batch=4, heads=1, q_len=1024, k_len=1024, head_dim=512), "blocked"),  # 16 MiB, not compiled in
+    ("cpu", dict(batch=16, heads=8, q_len=1024, k_len=1024, head_dim=8, dtype=jnp.bfloat16), "blocked"),
+    ("cpu", dict(batch=16, heads=8, q_len=1024, k_len=1024, head_dim=8, fused_available=False), "blocked"),
+    ("cpu", dict(batch=1, heads=1, q_len=64, k_len=64, head_dim=4, fused_available=False), "xla"),
     ("gpu", dict(batch=2, heads=8, q_len=4096, k_len=4096, head_dim=40, dtype=jnp.bfloat16), "cudnn"),
     ("gpu", dict(batch=2, heads=8, q_len=4096, k_len=4096, head_dim=40), "xla"),       # float32: no cuDNN flash
     ("gpu", dict(batch=2, heads=8, q_len=4096, k_len=77, head_dim=36, dtype=jnp.float16), "xla"),  # 36 % 8
@@ -124,9 +134,14 @@ def test_pallas_flash_attention_in_interpret_mode_equals_the_formula(causal):
     ("tpu", dict(batch=2, heads=8, q_len=4096, k_len=256, head_dim=64, has_mask=True), "pallas"),
 ])
 def test_auto_selects_per_backend_and_shape(backend, kwargs, expected):
-  kwargs = {"dtype": jnp.float32, "has_mask": False, **kwargs}
+  kwargs = {"dtype": jnp.float32, "has_mask": False, "fused_available": True, **kwargs}
   assert attention_lib.select_implementation("auto", backend=backend, **kwargs) == expected
   assert attention_lib.select_implementation("xla", backend=backend, **kwargs) == "xla"
+  # A forced 'fused' runs the kernel where it applies and 'blocked' elsewhere.
+  applies = kwargs["dtype"] == jnp.float32 and not kwargs["has_mask"] and not kwargs.get("causal") and (
+      kwargs["head_dim"] in fused_lib.HEAD_DIMS)
+  assert attention_lib.select_implementation("fused", backend=backend, **kwargs) == (
+      "fused" if applies else "blocked")
 
 
 def test_unknown_or_unavailable_implementation_names_the_key():
@@ -137,6 +152,56 @@ def test_unknown_or_unavailable_implementation_names_the_key():
   with pytest.raises(ValueError, match=r"model\.attention: 'pallas' needs a TPU"):
     attention_lib.check_implementation("pallas", backend="gpu")
   attention_lib.check_implementation("blocked", backend="tpu")  # pure JAX: runs everywhere
+  with pytest.raises(ValueError, match=r"model\.attention: 'fused' needs a CPU, but JAX runs on tpu"):
+    attention_lib.check_implementation("fused", backend="tpu")
+
+
+def test_fused_kernel_without_a_compiler_is_a_clear_error_and_auto_falls_back(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  monkeypatch.setenv("LDM_JAX_KERNEL_CACHE", str(tmp_path / "kernels"))
+  fused_lib._build.cache_clear()
+  try:
+    assert "no-such-compiler" in fused_lib.unavailable_reason()
+    with pytest.raises(ValueError, match=r"sample\.attention: 'fused' is unavailable here: .*no-such-compiler"):
+      attention_lib.check_implementation("fused", key="sample.attention", backend="cpu")
+    assert attention_lib.select_implementation(
+        "auto", backend="cpu", batch=16, heads=8, q_len=1024, k_len=1024, head_dim=8, dtype=jnp.float32,
+        has_mask=False) == "blocked"
+  finally:
+    fused_lib._build.cache_clear()
+
+
+_FUSED_SHAPES = {  # (q_len, k_len, heads, head_dim): lengths not multiples of the kernel's 16 lanes
+    "D2 37x29": (37, 29, 3, 2), "D4 70x29": (70, 29, 2, 4), "D8 self 37": (37, 37, 2, 8),
+    "D8 cross 40x77": (40, 77, 2, 8), "D8 one key": (5, 1, 1, 8),
+}
+
+
+@pytest.mark.parametrize("shape", _FUSED_SHAPES.values(), ids=_FUSED_SHAPES.keys())
+def test_fused_attention_equals_the_formula_with_gradients(shape):
+  q_len, k_len, heads, dim = shape
+  q, k, v = _qkv(21, q_len, k_len, heads=heads, dim=dim)
+  out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, implementation="fused"))(q, k, v)
+  np.testing.assert_allclose(out, naive_attention(q, k, v), atol=2e-5, rtol=1e-5)
+  weights = jax.random.normal(jax.random.key(22), out.shape)
+  loss = lambda impl: lambda q, k, v: jnp.sum(weights * dot_product_attention(q, k, v, implementation=impl))
+  grads = jax.grad(loss("fused"), argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  for name, got, want in zip("qkv", grads, expected):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dim", [4, 8])
+def test_fused_attention_exact_where_its_logit_bound_is_loose(dim):
+  """The kernel shifts the logits by |q|·max|k|; a query nearly orthogonal to a huge key makes that
+  bound hundreds of units too high (every exponential would underflow): redone with the true max."""
+  q, k, v = (np.array(a) for a in _qkv(23, 6, 50, heads=1, dim=dim, batch=1))
+  q[0, :3, 0] = 0.0
+  q[0, :3, 0, 0] = 30.0
+  k[0, 7, 0, 1:] = 60.0  # orthogonal to the first three queries, |k| ≈ 60·√D
+  k[0, :, 0, 0] = np.clip(k[0, :, 0, 0], -1, 1)
+  out = dot_product_attention(q, k, v, implementation="fused")
+  np.testing.assert_allclose(out, naive_attention(q, k, v), atol=2e-5, rtol=1e-5)
 
 
 def naive_group_norm(x, scale, bias, groups, eps):

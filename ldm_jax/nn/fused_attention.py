@@ -1,0 +1,148 @@
+"""Fused attention for CPUs and small heads: C++ kernels called through the XLA FFI.
+
+With 2–8 channels per head (the first level of a small U-Net: 64 channels in 8 heads) the
+products q·kᵀ and p·v are too thin for matmuls, and `blocked` spends its time in them and in
+the exponentials' memory traffic. `kernels/attention_cpu.cc` computes softmax(q kᵀ/√D) v with
+16 queries in the lanes of a vector register, in one sweep over the keys that writes no logit to
+memory, and returns each query's log-sum-exp; its backward kernel recomputes the probabilities
+from it (dq with the queries in the lanes, dk and dv with the keys). From 16 channels per head on
+`blocked` is faster, and `dot_product_attention` uses it.
+
+The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) for the
+machine they run on (`-march=native`), into `$LDM_JAX_KERNEL_CACHE` (default
+`~/.cache/ldm_jax/kernels`), one file per source, flags and CPU; later processes load that file.
+Without a compiler `available()` is False and `dot_product_attention` uses `blocked` instead,
+saying why once (`unavailable_reason()`). float32, no mask, not causal; head sizes in
+`HEAD_DIMS`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("kernels") / "attention_cpu.cc"
+_TARGETS = {"ldm_fused_attention_forward": "LdmFusedAttentionForward",
+            "ldm_fused_attention_backward": "LdmFusedAttentionBackward"}
+_FLAGS = ("-w", "-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-pthread")
+_REGISTERED: list[Path] = []
+HEAD_DIMS = (2, 4, 8)  # LDM_HEAD_DIMS in the source: from 16 channels on, `blocked` is faster
+
+
+def _cache_dir() -> Path:
+  return Path(os.environ.get("LDM_JAX_KERNEL_CACHE", Path.home() / ".cache" / "ldm_jax" / "kernels"))
+
+
+def _cpu_signature() -> str:
+  """What `-march=native` depends on: the CPU's model and feature flags."""
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor() or platform.machine()
+  lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+  return "\n".join(sorted(set(lines)))
+
+
+@functools.cache
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+  """(the loaded kernel library, None) or (None, why it could not be built)."""
+  compiler = os.environ.get("CXX", "c++")
+  flags = (*_FLAGS, f"-I{jax.ffi.include_dir()}")
+  source = _SOURCE.read_bytes()
+  key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+                                   jax.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+  library = _cache_dir() / f"attention_cpu-{key}.so"
+  if not library.exists():
+    try:
+      library.parent.mkdir(parents=True, exist_ok=True)
+      with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        built = Path(tmp) / library.name
+        result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built)], capture_output=True, text=True,
+                                check=False)
+        if result.returncode != 0:
+          return None, f"{compiler} could not build {_SOURCE.name}: {_errors(result.stderr)}"
+        os.replace(built, library)  # atomic: concurrent processes each build, one file wins
+    except (OSError, subprocess.SubprocessError) as e:
+      return None, f"could not build {_SOURCE.name} with {compiler!r} into {library.parent}: {e}"
+  try:
+    lib = ctypes.CDLL(str(library))
+  except OSError as e:
+    return None, f"could not load {library}: {e}"
+  if not _REGISTERED:  # once per process (a rebuilt library would be the same kernel)
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    _REGISTERED.append(library)
+  return lib, None
+
+
+def _errors(stderr: str) -> str:
+  lines = [line for line in stderr.splitlines() if "error" in line]
+  return "\n".join(lines[:10]) or stderr.strip()[-2000:]
+
+
+def unavailable_reason() -> str | None:
+  """None if the kernel runs here, else why not."""
+  if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+    return f"the fused CPU kernel is built for x86_64/aarch64, not {platform.machine()}"
+  return _build()[1]
+
+
+def available() -> bool:
+  return unavailable_reason() is None
+
+
+def supports(*, head_dim: int, dtype, has_mask: bool, causal: bool) -> bool:
+  """Whether the kernel computes this call (it also needs `available()`)."""
+  return head_dim in HEAD_DIMS and jnp.dtype(dtype) == jnp.float32 and not has_mask and not causal
+
+
+@functools.cache
+def warn_unavailable_once(reason: str) -> None:
+  logging.warning("fused CPU attention unavailable, using 'blocked': %s", reason)
+
+
+def _forward(q, k, v, threads):
+  if not available():
+    raise RuntimeError(f"attention implementation 'fused': {unavailable_reason()}")
+  b, q_len, heads, dim = q.shape
+  call = jax.ffi.ffi_call("ldm_fused_attention_forward", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                    jax.ShapeDtypeStruct((b, heads, q_len), jnp.float32)),
+                          vmap_method="sequential")
+  return call(q, k, v, scale=np.float32(1.0 / math.sqrt(dim)), threads=np.int64(threads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, threads: int = 0) -> jax.Array:
+  """softmax(q kᵀ/√D) v for float32 q [B, Lq, H, D], k, v [B, Lk, H, D] by the C++ kernel.
+
+  `threads`: kernel threads per call, 0 = the CPUs this process may run on.
+  """
+  return _forward(q, k, v, threads)[0]
+
+
+def _fused_fwd(q, k, v, threads):
+  out, lse = _forward(q, k, v, threads)
+  return out, (q, k, v, out, lse)
+
+
+def _fused_bwd(threads, residuals, d_out):
+  q, k, v, out, lse = residuals
+  call = jax.ffi.ffi_call("ldm_fused_attention_backward", tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
+                                                             for x in (q, k, v)), vmap_method="sequential")
+  return call(q, k, v, out, lse, d_out.astype(jnp.float32), scale=np.float32(1.0 / math.sqrt(q.shape[-1])),
+              threads=np.int64(threads))
+
+
+fused_attention.defvjp(_fused_fwd, _fused_bwd)

@@ -1,0 +1,439 @@
+// Fused attention forward for CPUs and small heads (2, 4 or 8 channels): softmax(q kᵀ·scale) v
+// for float32 q, k, v of [B, L, H, D] in one sweep over the keys that never writes a logit to memory.
+//
+// Called from JAX through the XLA FFI (ldm_jax/nn/fused_attention.py builds this file with the
+// system C++ compiler for the machine it runs on). With head_dim 8 the products q·k and p·v are
+// too thin for matmuls: XLA's blocked attention spends its time in them and in the exponentials'
+// memory traffic. Here 16 queries sit in the lanes of one vector register (QueryLanes); logits are
+// in log2 units (q is pre-scaled by scale·log2(e)), so the exponential is a 2^x polynomial. Work
+// items (example·head pair, 64 queries) are shared by a few threads.
+//
+// Outputs: the attention output [B, Lq, H, D] and each query's log-sum-exp of the scaled logits
+// (natural log) [B, H, Lq], from which the backward pass (below, also fused) recomputes the
+// probabilities.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include <sched.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vf splat(float x) { return vf{} + x; }
+
+// Lane-wise float → int (truncating) and int → float; GCC turns the loops into one instruction.
+inline vi to_int(vf a) {
+  vi r;
+  for (int i = 0; i < kLanes; ++i) r[i] = static_cast<int32_t>(a[i]);
+  return r;
+}
+
+inline vf to_float(vi a) {
+  vf r;
+  for (int i = 0; i < kLanes; ++i) r[i] = static_cast<float>(a[i]);
+  return r;
+}
+
+// 2^x for x ≤ 0 (x below −126 gives 0): 2^n · 2^f with n = round(x), f = x − n in [−0.5, 0.5] by a
+// degree-6 polynomial (Cephes' exp2f; relative error about 2e-7, the float32 rounding of exp).
+inline vf exp2_poly(vf f) {
+  vf p = splat(1.535336188319500e-4f);
+  p = p * f + splat(1.339887440266574e-3f);
+  p = p * f + splat(9.618437357674640e-3f);
+  p = p * f + splat(5.550332471162809e-2f);
+  p = p * f + splat(2.402264791363012e-1f);
+  p = p * f + splat(6.931472028550421e-1f);
+  return p * f + splat(1.0f);
+}
+
+#ifdef __AVX512F__
+// AVX-512: round and scale by 2^n in one instruction each (vrndscaleps, vscalefps; scalef flushes
+// 2^n below the float range to 0 by itself).
+inline vf exp2_nonpositive(vf x) {
+  const __m512 xm = reinterpret_cast<__m512>(x);
+  const __m512 n = _mm512_roundscale_ps(xm, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf p = exp2_poly(reinterpret_cast<vf>(_mm512_sub_ps(xm, n)));
+  return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), n));
+}
+#else
+inline vf exp2_nonpositive(vf x) {
+  x = x > splat(-126.f) ? x : splat(-126.f);
+  const vi ni = to_int(x - splat(0.5f));  // truncated toward 0: round half down for x ≤ 0.5
+  const vf p = exp2_poly(x - to_float(ni));
+  const vi bits = (ni + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const vf result = p * scale;
+  return x > splat(-126.f) ? result : splat(0.f);
+}
+#endif
+
+struct Problem {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  float* lse;
+  int64_t batch, q_len, k_len, heads, dim;
+  float scale;
+};
+
+constexpr int kQueryTile = 64;  // queries per work item
+
+// One (example, head) pair's keys and values, row-major [k_len][D], and the largest key norm.
+struct PairBuffers {
+  std::vector<float> k, v;
+  float max_key_norm = 0.f;
+  int64_t packed_pair = -1;
+};
+
+template <int D>
+void PackPair(const Problem& pb, int64_t pair, PairBuffers& buf) {
+  const int64_t b = pair / pb.heads, h = pair % pb.heads;
+  const int64_t row = pb.heads * D;
+  const float* k = pb.k + b * pb.k_len * row + h * D;
+  const float* v = pb.v + b * pb.k_len * row + h * D;
+  buf.k.resize(pb.k_len * D);
+  buf.v.resize(pb.k_len * D);
+  float max_sq = 0.f;
+  for (int64_t j = 0; j < pb.k_len; ++j) {
+    float sq = 0.f;
+    for (int d = 0; d < D; ++d) {
+      buf.k[j * D + d] = k[j * row + d];
+      buf.v[j * D + d] = v[j * row + d];
+      sq += k[j * row + d] * k[j * row + d];
+    }
+    max_sq = std::max(max_sq, sq);
+  }
+  buf.max_key_norm = std::sqrt(max_sq) * (1.f + 1e-5f);  // rounded up: a true bound
+  buf.packed_pair = pair;
+}
+
+// Query i of a pair the plain way, shifted by its true maximum logit (double sums; rare, see below).
+template <int D>
+void ExactQuery(const Problem& pb, int64_t pair, int64_t i, const PairBuffers& buf) {
+  const int64_t b = pair / pb.heads, h = pair % pb.heads;
+  const int64_t row = pb.heads * D;
+  const float* q = pb.q + (b * pb.q_len + i) * row + h * D;
+  std::vector<double> s(pb.k_len);
+  double m = -INFINITY;
+  for (int64_t j = 0; j < pb.k_len; ++j) {
+    double dot = 0.0;
+    for (int d = 0; d < D; ++d) dot += static_cast<double>(q[d]) * buf.k[j * D + d];
+    s[j] = dot * pb.scale;
+    m = std::max(m, s[j]);
+  }
+  double sum = 0.0, acc[D] = {};
+  for (int64_t j = 0; j < pb.k_len; ++j) {
+    const double p = std::exp(s[j] - m);
+    sum += p;
+    for (int d = 0; d < D; ++d) acc[d] += p * buf.v[j * D + d];
+  }
+  float* o = pb.out + (b * pb.q_len + i) * row + h * D;
+  for (int d = 0; d < D; ++d) o[d] = static_cast<float>(acc[d] / sum);
+  pb.lse[(b * pb.heads + h) * pb.q_len + i] = static_cast<float>(m + std::log(sum));
+}
+
+// Queries [i0, i1) of one pair, 16 at a time in the lanes: their q, running sums and weighted
+// values stay in registers for the whole sweep over the keys, each key's channels are broadcast,
+// and nothing is summed across lanes. The logits are shifted not by each query's maximum (which
+// would take a second sweep) but by an upper bound of it, |q|·max_j |k_j| (Cauchy–Schwarz):
+// exponentials of logits up to 2^40 below the shift keep full float precision, and a query whose
+// sum of exponentials comes out below 2^-40 (its bound was that loose) is redone by ExactQuery.
+template <int D>
+void QueryLanes(const Problem& pb, int64_t pair, int64_t i0, int64_t i1, const PairBuffers& buf) {
+  const int64_t b = pair / pb.heads, h = pair % pb.heads;
+  const int64_t row = pb.heads * D;
+  const float to_log2 = pb.scale * 1.4426950408889634f;
+  const float* k = buf.k.data();
+  const float* v = buf.v.data();
+  for (int64_t i = i0; i < i1; i += kLanes) {
+    const int rows = static_cast<int>(std::min<int64_t>(kLanes, i1 - i));
+    vf qt[D];
+    for (int d = 0; d < D; ++d) qt[d] = vf{};
+    for (int r = 0; r < rows; ++r)
+      for (int d = 0; d < D; ++d) qt[d][r] = pb.q[(b * pb.q_len + i + r) * row + h * D + d] * to_log2;
+    vf sq{};
+    for (int d = 0; d < D; ++d) sq += qt[d] * qt[d];
+    vf m;
+    for (int r = 0; r < kLanes; ++r) m[r] = std::sqrt(sq[r]) * (1.f + 1e-5f) * buf.max_key_norm;
+
+    vf l{}, acc[D];
+    for (int d = 0; d < D; ++d) acc[d] = vf{};
+    for (int64_t j = 0; j < pb.k_len; ++j) {
+      vf s = -m;  // the logits (log2 units) minus the shift
+      for (int d = 0; d < D; ++d) s += qt[d] * k[j * D + d];
+      const vf p = exp2_nonpositive(s);
+      l += p;
+      for (int d = 0; d < D; ++d) acc[d] += p * v[j * D + d];
+    }
+
+    for (int r = 0; r < rows; ++r) {
+      if (!(l[r] >= 0x1p-40f)) {
+        ExactQuery<D>(pb, pair, i + r, buf);
+        continue;
+      }
+      const float inv = 1.f / l[r];
+      float* o = pb.out + (b * pb.q_len + i + r) * row + h * D;
+      for (int d = 0; d < D; ++d) o[d] = acc[d][r] * inv;
+      // log Σ exp(scale·s) = ln2 · (shift in log2 units + log2 Σ 2^(s' − shift)).
+      pb.lse[(b * pb.heads + h) * pb.q_len + i + r] = m[r] * 0.6931471805599453f + std::log(l[r]);
+    }
+  }
+}
+
+int NumThreads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs work(item, state) for items 0..items-1 on `threads` threads (this one included), each with
+// its own State; items are handed out in order, so consecutive items of one pair share a State.
+template <typename State, typename Work>
+void ParallelFor(int64_t items, int threads, Work work) {
+  std::atomic<int64_t> next{0};
+  auto run = [&] {
+    State state;
+    for (int64_t item = next++; item < items; item = next++) work(item, state);
+  };
+  threads = static_cast<int>(std::min<int64_t>(threads, items));
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(run);
+  run();
+  for (auto& th : pool) th.join();
+}
+
+template <int D>
+void Forward(const Problem& pb, int threads) {
+  const int64_t tiles = (pb.q_len + kQueryTile - 1) / kQueryTile;
+  ParallelFor<PairBuffers>(pb.batch * pb.heads * tiles, threads, [&](int64_t item, PairBuffers& buf) {
+    const int64_t pair = item / tiles, i0 = item % tiles * kQueryTile;
+    if (buf.packed_pair != pair) PackPair<D>(pb, pair, buf);
+    QueryLanes<D>(pb, pair, i0, std::min(pb.q_len, i0 + kQueryTile), buf);
+  });
+}
+
+// ---- Backward: dq, dk, dv from q, k, v, the output, its gradient and the log-sum-exp. ----
+//
+// With P = exp(scale·q kᵀ − lse) recomputed exactly (lse known, no shift to find), dP = dO vᵀ,
+// Δ_i = dO_i · O_i and dS = P ∘ (dP − Δ):  dq = scale·dS k,  dk = scale·dSᵀ q,  dv = Pᵀ dO.
+// Two sweeps, each with its outputs in registers: queries in the lanes for dq (looping over the
+// keys), keys in the lanes for dk and dv (looping over the queries).
+
+struct Backward {
+  const float *q, *k, *v, *out, *lse, *d_out;
+  float *dq, *dk, *dv;
+  int64_t batch, q_len, k_len, heads;
+  float scale;
+};
+
+// One pair's rows, [L][D] each: q in log2 units (q·scale·log2 e), k, v, dO; per query lse in
+// log2 units and Δ.
+struct BackwardBuffers {
+  std::vector<float> q, k, v, d_out, lse2, delta;
+  int64_t packed_pair = -1;
+};
+
+template <int D>
+void PackBackward(const Backward& pb, int64_t pair, BackwardBuffers& buf) {
+  const int64_t b = pair / pb.heads, h = pair % pb.heads;
+  const int64_t row = pb.heads * D;
+  const float to_log2 = pb.scale * 1.4426950408889634f;
+  buf.q.resize(pb.q_len * D);
+  buf.d_out.resize(pb.q_len * D);
+  buf.lse2.resize(pb.q_len);
+  buf.delta.resize(pb.q_len);
+  for (int64_t i = 0; i < pb.q_len; ++i) {
+    const int64_t at = (b * pb.q_len + i) * row + h * D;
+    float delta = 0.f;
+    for (int d = 0; d < D; ++d) {
+      buf.q[i * D + d] = pb.q[at + d] * to_log2;
+      buf.d_out[i * D + d] = pb.d_out[at + d];
+      delta += pb.d_out[at + d] * pb.out[at + d];
+    }
+    buf.delta[i] = delta;
+    buf.lse2[i] = pb.lse[(b * pb.heads + h) * pb.q_len + i] * 1.4426950408889634f;
+  }
+  buf.k.resize(pb.k_len * D);
+  buf.v.resize(pb.k_len * D);
+  for (int64_t j = 0; j < pb.k_len; ++j) {
+    const int64_t at = (b * pb.k_len + j) * row + h * D;
+    for (int d = 0; d < D; ++d) {
+      buf.k[j * D + d] = pb.k[at + d];
+      buf.v[j * D + d] = pb.v[at + d];
+    }
+  }
+  buf.packed_pair = pair;
+}
+
+// dq of queries [i0, i1), 16 per vector.
+template <int D>
+void QueryGradients(const Backward& pb, int64_t pair, int64_t i0, int64_t i1, const BackwardBuffers& buf) {
+  const int64_t b = pair / pb.heads, h = pair % pb.heads;
+  const int64_t row = pb.heads * D;
+  const float* k = buf.k.data();
+  const float* v = buf.v.data();
+  for (int64_t i = i0; i < i1; i += kLanes) {
+    const int rows = static_cast<int>(std::min<int64_t>(kLanes, i1 - i));
+    vf qt[D], dot[D], dq[D], lse2{}, delta{};
+    for (int d = 0; d < D; ++d) qt[d] = dot[d] = dq[d] = vf{};
+    for (int r = 0; r < rows; ++r) {
+      for (int d = 0; d < D; ++d) {
+        qt[d][r] = buf.q[(i + r) * D + d];
+        dot[d][r] = buf.d_out[(i + r) * D + d];
+      }
+      lse2[r] = buf.lse2[i + r];
+      delta[r] = buf.delta[i + r];
+    }
+    for (int64_t j = 0; j < pb.k_len; ++j) {
+      vf s = -lse2, dp = -delta;
+      for (int d = 0; d < D; ++d) s += qt[d] * k[j * D + d];
+      for (int d = 0; d < D; ++d) dp += dot[d] * v[j * D + d];
+      const vf ds = exp2_nonpositive(s) * dp;
+      for (int d = 0; d < D; ++d) dq[d] += ds * k[j * D + d];
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int d = 0; d < D; ++d) pb.dq[(b * pb.q_len + i + r) * row + h * D + d] = dq[d][r] * pb.scale;
+  }
+}
+
+// dk and dv of keys [j0, j1), 16 per vector.
+template <int D>
+void KeyGradients(const Backward& pb, int64_t pair, int64_t j0, int64_t j1, const BackwardBuffers& buf) {
+  const int64_t b = pair / pb.heads, h = pair % pb.heads;
+  const int64_t row = pb.heads * D;
+  const float* q = buf.q.data();
+  const float* d_out = buf.d_out.data();
+  for (int64_t j = j0; j < j1; j += kLanes) {
+    const int keys = static_cast<int>(std::min<int64_t>(kLanes, j1 - j));
+    vf kt[D], vt[D], dk[D], dv[D];
+    for (int d = 0; d < D; ++d) kt[d] = vt[d] = dk[d] = dv[d] = vf{};
+    for (int c = 0; c < keys; ++c)
+      for (int d = 0; d < D; ++d) {
+        kt[d][c] = buf.k[(j + c) * D + d];
+        vt[d][c] = buf.v[(j + c) * D + d];
+      }
+    for (int64_t i = 0; i < pb.q_len; ++i) {
+      vf s = splat(-buf.lse2[i]), dp = splat(-buf.delta[i]);
+      for (int d = 0; d < D; ++d) s += kt[d] * q[i * D + d];
+      for (int d = 0; d < D; ++d) dp += vt[d] * d_out[i * D + d];
+      const vf p = exp2_nonpositive(s);
+      const vf ds = p * dp;
+      for (int d = 0; d < D; ++d) dv[d] += p * d_out[i * D + d];
+      for (int d = 0; d < D; ++d) dk[d] += ds * q[i * D + d];
+    }
+    // dk = scale·Σ ds·q = Σ ds·q' / log2 e, as q' = q·scale·log2 e.
+    for (int c = 0; c < keys; ++c)
+      for (int d = 0; d < D; ++d) {
+        const int64_t at = (b * pb.k_len + j + c) * row + h * D + d;
+        pb.dk[at] = dk[d][c] * 0.6931471805599453f;
+        pb.dv[at] = dv[d][c];
+      }
+  }
+}
+
+template <int D>
+void BackwardPass(const Backward& pb, int threads) {
+  const int64_t q_tiles = (pb.q_len + kQueryTile - 1) / kQueryTile;
+  const int64_t k_tiles = (pb.k_len + kQueryTile - 1) / kQueryTile;
+  const int64_t tiles = q_tiles + k_tiles;  // per pair: its query tiles, then its key tiles
+  ParallelFor<BackwardBuffers>(pb.batch * pb.heads * tiles, threads, [&](int64_t item, BackwardBuffers& buf) {
+    const int64_t pair = item / tiles, tile = item % tiles;
+    if (buf.packed_pair != pair) PackBackward<D>(pb, pair, buf);
+    if (tile < q_tiles) {
+      const int64_t i0 = tile * kQueryTile;
+      QueryGradients<D>(pb, pair, i0, std::min(pb.q_len, i0 + kQueryTile), buf);
+    } else {
+      const int64_t j0 = (tile - q_tiles) * kQueryTile;
+      KeyGradients<D>(pb, pair, j0, std::min(pb.k_len, j0 + kQueryTile), buf);
+    }
+  });
+}
+
+}  // namespace
+
+// Head sizes compiled in: small heads, whose q·k and p·v products are too thin for matmuls (the
+// blocked XLA implementation is faster from 16 channels per head on; Python side).
+#define LDM_HEAD_DIMS(X) X(2) X(4) X(8)
+
+static ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
+                                   int64_t threads) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("q, k, v must be [B, L, H, D]");
+  Problem pb{q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data(),
+             qd[0], qd[1], kd[1], qd[2], qd[3], scale};
+  if (pb.k_len == 0) return ffi::Error::InvalidArgument("no keys");
+  const int n = threads > 0 ? static_cast<int>(threads) : NumThreads();
+#define CASE(N)                   \
+  if (pb.dim == N) {              \
+    Forward<N>(pb, n);            \
+    return ffi::Error::Success(); \
+  }
+  LDM_HEAD_DIMS(CASE)
+#undef CASE
+  return ffi::Error::InvalidArgument("head_dim not compiled into the fused attention kernel");
+}
+
+static ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                                    ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> dq,
+                                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale,
+                                    int64_t threads) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("q, k, v must be [B, L, H, D]");
+  Backward pb{q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(), lse.typed_data(),
+              d_out.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(),
+              qd[0], qd[1], kd[1], qd[2], scale};
+  const int n = threads > 0 ? static_cast<int>(threads) : NumThreads();
+#define CASE(N)                   \
+  if (qd[3] == N) {               \
+    BackwardPass<N>(pb, n);       \
+    return ffi::Error::Success(); \
+  }
+  LDM_HEAD_DIMS(CASE)
+#undef CASE
+  return ffi::Error::InvalidArgument("head_dim not compiled into the fused attention kernel");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmFusedAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmFusedAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("threads"));
