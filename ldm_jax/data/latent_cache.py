@@ -22,7 +22,8 @@ text encoder(s) or tokenizer(s) (other files) or image size, or one that lacks a
 needs. What made a cache is named by content, not by path: a cache made from a workdir stays valid
 when the workdir is moved or copied, or mounted elsewhere on another host. `disk_cache_loader`
 reads it through grain (hosts read disjoint records, shuffled, deterministic given the seed, its
-position checkpointable) into per-host batches of those fields. Each step still draws a fresh posterior sample.
+position checkpointable) into per-host batches of those fields. Each step still draws a fresh
+posterior sample.
 """
 
 from __future__ import annotations
@@ -145,9 +146,10 @@ def files_digest(directories: list[str]) -> str:
 def tree_digest(tree) -> str:
   """sha256 of a pytree of arrays: each leaf's path, dtype, shape and bytes, in path order."""
   digest = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0], key=lambda item: jax.tree_util.keystr(item[0])):
-    leaf = np.ascontiguousarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}\0{leaf.dtype.str}\0{leaf.shape}\0".encode())
+  leaves = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  for path in sorted(leaves):
+    leaf = np.ascontiguousarray(leaves[path])
+    digest.update(f"{path}\0{leaf.dtype.str}\0{leaf.shape}\0".encode())
     digest.update(leaf.tobytes())
   return digest.hexdigest()
 
@@ -169,7 +171,7 @@ def manifest_columns(manifest: dict) -> list[str]:
 
 
 def _with_sources(values: dict, name: str) -> str:
-  sources = ", ".join(f"{k}={values.get(k)!r}" for k in MANIFEST_SOURCES.get(name, ()) if values.get(k) not in (None, ""))
+  sources = ", ".join(f"{k}={values[k]!r}" for k in MANIFEST_SOURCES.get(name, ()) if values.get(k) not in (None, ""))
   return f" ({sources})" if sources else ""
 
 

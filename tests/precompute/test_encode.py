@@ -150,10 +150,10 @@ def test_a_run_with_another_autoencoder_refuses_the_cache_before_compiling(cache
   config = cache_config(other, root / "shards")
   config.train.batch_size = 8
   config.latent.cache_dir = str(root / "out")
-  digest = "'[0-9a-f]{64}'"
+  digest, made, has = "'[0-9a-f]{64}'", f"autoencoder='{smoke_autoencoder}'", f"autoencoder='{other}'"
   with pytest.raises(ValueError, match=rf"latent.cache_dir: the cache in .* was made with autoencoder_sha256={digest} "
-                                       rf"\(autoencoder='{smoke_autoencoder}', autoencoder_step={step}\), but this run has "
-                                       rf"autoencoder_sha256={digest} \(autoencoder='{other}', autoencoder_step={step}\);"):
+                                       rf"\({made}, autoencoder_step={step}\), but this run has "
+                                       rf"autoencoder_sha256={digest} \({has}, autoencoder_step={step}\);"):
     diffusion.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
@@ -175,6 +175,7 @@ def test_a_manifest_before_content_digests_is_compared_by_path(cache, smoke_auto
   moved = str(tmp_path / "moved_ae")
   shutil.copytree(smoke_autoencoder, moved)
   config.autoencoder.workdir = moved
-  with pytest.raises(ValueError, match=rf"was made with autoencoder='{os.path.abspath(smoke_autoencoder)}', but this "
-                                       rf"run has autoencoder='{moved}' \(its manifest, version 3, names what made it by path"):
+  with pytest.raises(ValueError, match=rf"was made with autoencoder='{os.path.abspath(smoke_autoencoder)}', but "
+                                       rf"this run has autoencoder='{moved}' \(its manifest, version 3, names what "
+                                       "made it by path"):
     diffusion_data.check_disk_cache(config, ae_config)
