@@ -17,11 +17,13 @@ On disk: `python -m ldm_jax.precompute` writes a directory
                                    the U-Net takes it, the pooled 'text_embeds' float32 [P]
 
 The manifest lists these keys as 'columns'. A run names the cache with `latent.cache_dir`:
-`check_manifest` refuses a cache made with another autoencoder, text encoder(s) or tokenizer(s)
-(another path, or other files) or image size, or one that lacks a column the run needs, and
-`disk_cache_loader` reads it through grain (hosts read disjoint records, shuffled, deterministic
-given the seed, its position checkpointable)
-into per-host batches of those fields. Each step still draws a fresh posterior sample.
+`check_manifest` refuses a cache made with another autoencoder (other weights or architecture),
+text encoder(s) or tokenizer(s) (other files) or image size, or one that lacks a column the run
+needs. What made a cache is named by content, not by path: a cache made from a workdir stays valid
+when the workdir is moved or copied, or mounted elsewhere on another host. `disk_cache_loader`
+reads it through grain (hosts read disjoint records, shuffled, deterministic given the seed, its
+position checkpointable) into per-host batches of those fields. Each step still draws a fresh
+posterior sample.
 """
 
 from __future__ import annotations
@@ -33,20 +35,32 @@ import os
 import grain
 import jax
 import numpy as np
+from absl import logging
 from flax import serialization
 
 from ldm_jax.data.pipeline import host_batch_size
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ldm_jax latent cache"
-MANIFEST_VERSION = 3
-# What a cache was made with; a run that differs in any of these cannot use it. The text encoders and
-# tokenizers are named by path and by the digest of their files (`files_digest`): a directory whose
-# text encoder was replaced after the cache was written is another text encoder. SDXL's second
-# encoder and tokenizer are `text_encoder_2` and `tokenizer_2`.
-MANIFEST_IDENTITY = ("autoencoder", "autoencoder_step", "image_size", "channels", "latent_shape", "text_encoder",
-                     "text_encoder_sha256", "tokenizer", "tokenizer_sha256", "text_encoder_2",
-                     "text_encoder_2_sha256", "tokenizer_2", "tokenizer_2_sha256", "max_length")
+MANIFEST_VERSION = 4
+# What a cache was made with, by content: a run that differs in any of these cannot use it. The
+# autoencoder is its architecture and parameters (`autoencoder_digest`), the text encoders and
+# tokenizers their files (`files_digest`), so a copied or moved workdir, or the same run on another
+# host with another mount point, is the same autoencoder, and a directory whose text encoder was
+# replaced after the cache was written is another one. SDXL's second encoder and tokenizer are
+# `text_encoder_2` and `tokenizer_2`; an empty digest means none.
+MANIFEST_IDENTITY = ("autoencoder_sha256", "image_size", "channels", "latent_shape", "text_encoder_sha256",
+                     "tokenizer_sha256", "text_encoder_2_sha256", "tokenizer_2_sha256", "max_length")
+# Where each digest's content was read (absolute paths, the autoencoder's checkpoint step): recorded
+# and shown in errors, never compared.
+MANIFEST_SOURCES = {"autoencoder_sha256": ("autoencoder", "autoencoder_step"), "text_encoder_sha256": ("text_encoder",),
+                    "tokenizer_sha256": ("tokenizer",), "text_encoder_2_sha256": ("text_encoder_2",),
+                    "tokenizer_2_sha256": ("tokenizer_2",)}
+# A manifest of versions 1–3 has no autoencoder digest and named its autoencoder, text encoders and
+# tokenizers by path (and step); it is compared as it was written to be (`check_manifest`).
+PATH_IDENTITY = ("autoencoder", "autoencoder_step", "image_size", "channels", "latent_shape", "text_encoder",
+                 "text_encoder_sha256", "tokenizer", "tokenizer_sha256", "text_encoder_2", "text_encoder_2_sha256",
+                 "tokenizer_2", "tokenizer_2_sha256", "max_length")
 # Identity keys added after version 1, as an older manifest (which has none) implies them: version 1
 # named no digests, versions 1 and 2 no second encoder (the job refused SDXL).
 _IMPLIED_IDENTITY = {"text_encoder_sha256": "", "tokenizer_sha256": "", "text_encoder_2": "",
@@ -129,6 +143,25 @@ def files_digest(directories: list[str]) -> str:
   return digest.hexdigest() if found else ""
 
 
+def tree_digest(tree) -> str:
+  """sha256 of a pytree of arrays: each leaf's path, dtype, shape and bytes, in path order."""
+  digest = hashlib.sha256()
+  leaves = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  for path in sorted(leaves):
+    leaf = np.ascontiguousarray(leaves[path])
+    digest.update(f"{path}\0{leaf.dtype.str}\0{leaf.shape}\0".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def autoencoder_digest(model_config: dict, params) -> str:
+  """sha256 of what turns an image into its cached latent: the autoencoder's architecture (its run
+  config's `model` section) and its parameters."""
+  digest = hashlib.sha256(json.dumps(model_config, sort_keys=True).encode())
+  digest.update(tree_digest(params).encode())
+  return digest.hexdigest()
+
+
 def manifest_columns(manifest: dict) -> list[str]:
   """The per-record keys of a cache: its manifest's 'columns', or what a version-2 job wrote (no crop
   offsets, no pooled embedding; 'context' with a text encoder; the latent key is not known)."""
@@ -137,15 +170,35 @@ def manifest_columns(manifest: dict) -> list[str]:
   return ["caption", "label", "original_size"] + (["context"] if manifest.get("text_encoder") else [])
 
 
+def _with_sources(values: dict, name: str) -> str:
+  sources = ", ".join(f"{k}={values[k]!r}" for k in MANIFEST_SOURCES.get(name, ()) if values.get(k) not in (None, ""))
+  return f" ({sources})" if sources else ""
+
+
 def check_manifest(manifest: dict, expected: dict, cache_dir: str, key: str = "latent.cache_dir", *,
                    columns: dict[str, str] | None = None) -> None:
-  """ValueError naming the first identity key (`MANIFEST_IDENTITY`) whose value differs, with both;
-  then the first of `columns` (column → what needs it) that the cache lacks (`manifest_columns`)."""
-  for name in MANIFEST_IDENTITY:
-    if name in expected and manifest.get(name, _IMPLIED_IDENTITY.get(name)) != expected[name]:
-      raise ValueError(f"{key}: the cache in {cache_dir} was made with {name}={manifest.get(name)!r}, but this run "
-                       f"has {name}={expected[name]!r}; write a cache for this run (python -m ldm_jax.precompute) "
-                       "or point latent.cache_dir at one made for it")
+  """ValueError naming the first identity key (`MANIFEST_IDENTITY`) whose value differs, with both
+  values and where each was read; then the first of `columns` (column → what needs it) that the
+  cache lacks (`manifest_columns`).
+
+  A manifest of versions 1–3 (no 'autoencoder_sha256') cannot be verified by content: it is compared
+  by the paths it names (`PATH_IDENTITY`), as when it was written, and accepted with a warning when
+  they match, so it keeps working where it worked and stays refused where it was refused.
+  """
+  by_path = "autoencoder_sha256" not in manifest
+  for name in PATH_IDENTITY if by_path else MANIFEST_IDENTITY:
+    made = manifest.get(name, _IMPLIED_IDENTITY.get(name))
+    if name in expected and made != expected[name]:
+      hint = (f" (its manifest, version {manifest.get('version')}, names what made it by path; a cache written by "
+              "this version names it by content and may be moved)") if by_path else ""
+      raise ValueError(f"{key}: the cache in {cache_dir} was made with {name}={made!r}{_with_sources(manifest, name)}, "
+                       f"but this run has {name}={expected[name]!r}{_with_sources(expected, name)}{hint}; write a "
+                       "cache for this run (python -m ldm_jax.precompute) or point latent.cache_dir at one made for it")
+  if by_path:
+    logging.warning("%s: the cache in %s (manifest version %s) names its autoencoder by path, not by content; "
+                    "accepted because this run's autoencoder is %s at step %s, as when it was written. Write it "
+                    "again with this version to be able to move or copy it.", key, cache_dir,
+                    manifest.get("version"), manifest.get("autoencoder"), manifest.get("autoencoder_step"))
   has = manifest_columns(manifest)
   for name, needed_by in (columns or {}).items():
     if name not in has:

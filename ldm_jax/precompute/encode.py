@@ -24,8 +24,10 @@ of n encodes parts i::n on its own devices (a data-parallel mesh of its local de
 collective between hosts), so every host of a pod or cluster works at once and writes its own
 parts. A part is written to a temporary file and renamed when complete: run the same command
 again after an interruption and it encodes only the parts that are missing. The manifest names
-what the cache was made with (`cache_identity`); the trainer (`latent.cache_dir`) refuses a cache
-whose identity differs from its run's.
+what the cache was made with by content (`cache_identity`: digests of the autoencoder's architecture
+and parameters, of the text encoders' and tokenizers' files) and, for information, where it was
+read; the trainer (`latent.cache_dir`) refuses a cache whose identity differs from its run's, and
+accepts one whose autoencoder workdir was moved or copied since.
 """
 
 from __future__ import annotations
@@ -107,7 +109,9 @@ def resolve_pretrained(config: ml_collections.ConfigDict) -> tuple[ml_collection
 
 
 def cache_identity(config: ml_collections.ConfigDict, ae_config: ml_collections.ConfigDict) -> dict:
-  """What a cache for the (resolved) stage-2 `config` is made with (`latent_cache.MANIFEST_IDENTITY`)."""
+  """What a cache for the (resolved) stage-2 `config` is made with: the content digests of
+  `latent_cache.MANIFEST_IDENTITY` (the autoencoder's reads its parameters from the newest checkpoint:
+  about a second for Stable Diffusion's) and where that content was read (`MANIFEST_SOURCES`)."""
   workdir = os.path.abspath(config.autoencoder.workdir)
   steps = load.checkpoint_steps(os.path.join(workdir, "checkpoints"))
   frozen = uses_frozen_text_encoder(config)
@@ -118,8 +122,10 @@ def cache_identity(config: ml_collections.ConfigDict, ae_config: ml_collections.
   tokenizer = os.path.abspath(config.cond.tokenizer_dir) if frozen and config.cond.tokenizer_dir else ""
   tokenizer_2 = os.path.join(directory, "tokenizer_2")
   has_second = frozen and os.path.isdir(second)
+  ae_params = load.restore(workdir, ("params", "autoencoder"))
   return {
       "autoencoder": workdir, "autoencoder_step": steps[-1] if steps else None,
+      "autoencoder_sha256": latent_cache.autoencoder_digest(ae_config.model.to_dict(), ae_params),
       "image_size": int(config.data.image_size), "channels": int(config.data.channels),
       "latent_shape": list(ae_lib.latent_shape(ae_config.model, config.data.image_size)),
       "text_encoder": directory, "text_encoder_sha256": latent_cache.files_digest([first]) if frozen else "",

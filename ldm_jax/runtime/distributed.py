@@ -12,7 +12,10 @@ After that `jax.devices()` lists the devices of all processes, meshes span them,
 loads its own shard of the data (`jax.process_index()`), process 0 writes logs and images, and
 all processes take part in every checkpoint. If a process dies, the coordination service misses
 its heartbeats and, after `--heartbeat_timeout` seconds, terminates the others with an error
-instead of letting them wait in a collective forever.
+instead of letting them wait in a collective forever. On CPU devices the persistent compilation
+cache is turned off (`compilation_cache.agree_across_processes`): gloo gives the processes 30 s
+to meet at each program's first collective, and the cache would let some load a program that
+others compile.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import os
 
 import jax
 from absl import flags, logging
+
+from ldm_jax.runtime import compilation_cache
 
 _FLAGS = {}
 
@@ -95,4 +100,5 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              heartbeat_timeout_seconds=heartbeat_timeout)
   logging.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", source,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  compilation_cache.agree_across_processes(jax.process_count(), jax.default_backend())
   return True

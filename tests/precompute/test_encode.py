@@ -2,6 +2,7 @@
 hosts, and refused by a run with another autoencoder before anything compiles."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -11,9 +12,11 @@ import pytest
 
 from ldm_jax.data import latent_cache
 from ldm_jax.data.pipeline import batched
-from ldm_jax.load import load_autoencoder
+from ldm_jax.load import autoencoder_run, checkpoint_steps, load_autoencoder, restore
 from ldm_jax.precompute import encode
+from ldm_jax.runtime.checkpoint import Checkpointer
 from ldm_jax.train import diffusion
+from ldm_jax.train.diffusion import data as diffusion_data
 from tests.conftest import load_config
 from tests.data.test_shards import make_shards
 
@@ -113,14 +116,66 @@ def test_loader_is_seeded_host_disjoint_and_resumable(cache, monkeypatch):
   assert not seen[0] & seen[1]
 
 
+def test_a_cache_is_accepted_after_its_autoencoder_workdir_is_moved(cache, smoke_autoencoder, tmp_path):
+  """The cache names its autoencoder by content: the same workdir under another path (copied, moved,
+  or mounted elsewhere on another host) is the same autoencoder."""
+  config, root, manifest = cache
+  moved = str(tmp_path / "moved_ae")
+  shutil.copytree(smoke_autoencoder, moved)
+  config = cache_config(moved, root / "shards")
+  config.latent.cache_dir = str(root / "out")
+  _, ae_config = autoencoder_run(moved)
+  assert diffusion_data.check_disk_cache(config, ae_config) == manifest
+  assert manifest["autoencoder"] == os.path.abspath(smoke_autoencoder) != moved  # where it was, for information
+
+
+def other_autoencoder(smoke_autoencoder, directory):
+  """A workdir like `smoke_autoencoder` (its config, its checkpoint step) with other weights."""
+  os.makedirs(directory)
+  shutil.copy(os.path.join(smoke_autoencoder, "config.json"), directory)
+  params = restore(smoke_autoencoder, ("params", "autoencoder"))
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [leaves[0] + 0.01, *leaves[1:]])
+  step = checkpoint_steps(os.path.join(smoke_autoencoder, "checkpoints"))[-1]
+  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), async_save=False, this_process_only=True)
+  checkpointer.save(step, {"step": np.asarray(step, np.int32), "params": {"autoencoder": params}}, force=True)
+  checkpointer.close()
+  return step
+
+
 def test_a_run_with_another_autoencoder_refuses_the_cache_before_compiling(cache, smoke_autoencoder, tmp_path):
   config, root, _ = cache
-  other = tmp_path / "other_ae"
-  shutil.copytree(smoke_autoencoder, other)
-  config = cache_config(str(other), root / "shards")
+  other = str(tmp_path / "other_ae")
+  step = other_autoencoder(smoke_autoencoder, other)
+  config = cache_config(other, root / "shards")
   config.train.batch_size = 8
   config.latent.cache_dir = str(root / "out")
-  with pytest.raises(ValueError, match=rf"latent.cache_dir: the cache in .* was made with autoencoder="
-                                       rf"'{smoke_autoencoder}', but this run has autoencoder='{other}'"):
+  digest, made, has = "'[0-9a-f]{64}'", f"autoencoder='{smoke_autoencoder}'", f"autoencoder='{other}'"
+  with pytest.raises(ValueError, match=rf"latent.cache_dir: the cache in .* was made with autoencoder_sha256={digest} "
+                                       rf"\({made}, autoencoder_step={step}\), but this run has "
+                                       rf"autoencoder_sha256={digest} \({has}, autoencoder_step={step}\);"):
     diffusion.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_manifest_before_content_digests_is_compared_by_path(cache, smoke_autoencoder, tmp_path, caplog):
+  """A version-3 manifest has no autoencoder digest: accepted, with a warning, where its paths match
+  (as it was before), refused with the path key where they do not."""
+  config, root, manifest = cache
+  old = tmp_path / "old_cache"
+  old.mkdir()
+  with open(old / latent_cache.MANIFEST, "w") as f:
+    json.dump({**{k: v for k, v in manifest.items() if k != "autoencoder_sha256"}, "version": 3}, f)
+  config = cache_config(smoke_autoencoder, root / "shards")
+  config.latent.cache_dir = str(old)
+  _, ae_config = autoencoder_run(smoke_autoencoder)
+  with caplog.at_level(logging.WARNING):
+    assert diffusion_data.check_disk_cache(config, ae_config)["version"] == 3
+  assert "names its autoencoder by path" in caplog.text
+  moved = str(tmp_path / "moved_ae")
+  shutil.copytree(smoke_autoencoder, moved)
+  config.autoencoder.workdir = moved
+  with pytest.raises(ValueError, match=rf"was made with autoencoder='{os.path.abspath(smoke_autoencoder)}', but "
+                                       rf"this run has autoencoder='{moved}' \(its manifest, version 3, names what "
+                                       "made it by path"):
+    diffusion_data.check_disk_cache(config, ae_config)

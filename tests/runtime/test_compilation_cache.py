@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from ldm_jax.runtime import compilation_cache
 from tests.conftest import ROOT
 
 # Caches any program (a real one taking > 1 s to compile would slow the test down); JAX logs each hit.
@@ -47,3 +49,16 @@ def test_cache_directory_from_the_environment_and_a_second_process_reuses_it(val
   assert directory == str(tmp_path / where)
   assert any(name.startswith("jit_") for name in os.listdir(directory))
   assert run(value, tmp_path) == (directory, True)  # the second process loads what the first compiled
+
+
+def test_a_multi_process_cpu_run_turns_the_cache_off():
+  """Only there: gloo's 30 s at a program's first collective, and entries only process 0 can use
+  (`compilation_cache` module docstring); tests/multihost runs two processes."""
+  assert jax.config.jax_enable_compilation_cache
+  try:
+    assert compilation_cache.agree_across_processes(1, "cpu")
+    assert compilation_cache.agree_across_processes(2, "gpu") and compilation_cache.agree_across_processes(4, "tpu")
+    assert not compilation_cache.agree_across_processes(2, "cpu")
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)

@@ -31,10 +31,11 @@ from ldm_jax.runtime import sharding
 
 
 def check_disk_cache(config, ae_config) -> dict | None:
-  """The manifest of `latent.cache_dir` once it is known to match this run (autoencoder and its
-  checkpoint, image size, channels, latent shape, frozen text encoders and tokenizers) and to hold
-  the columns the run reads (the frozen encoders' context and pooled embedding, SDXL's sizes and crop
-  offsets), else ValueError naming the key; None without a cache_dir. Reads no array."""
+  """The manifest of `latent.cache_dir` once it is known to match this run (by content: the
+  autoencoder's architecture and parameters, image size, channels, latent shape, frozen text encoders
+  and tokenizers) and to hold the columns the run reads (the frozen encoders' context and pooled
+  embedding, SDXL's sizes and crop offsets), else ValueError naming the key; None without a
+  cache_dir. Reads the autoencoder's parameters (to digest them), no array of the cache."""
   cache_dir = config.latent.cache_dir
   if not cache_dir:
     return None
