@@ -37,8 +37,16 @@ class Checkpointer:
       os.makedirs(self.directory, exist_ok=True)
       alone = {"multiprocessing_options": ocp.options.MultiprocessingOptions(
           primary_host=jax.process_index(), active_processes={jax.process_index()})}
+    # The directories of a step are created before `save` returns, the other processes waiting in a
+    # barrier until process 0 has made them. With orbax's default (created in the background) a
+    # process waits instead for a signal keyed by its own count of orbax saves, and a save made by
+    # one process alone (`this_process_only`: the import of a pretrained model on process 0) puts
+    # process 0 one save ahead: the others then waited for nothing and wrote their data position
+    # into a directory that did not exist yet (ENOENT under load; tests/multihost/test_checkpoint_race.py).
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not this_process_only,
-                                           enable_async_checkpointing=async_save, **alone)
+                                           enable_async_checkpointing=async_save,
+                                           async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+                                           **alone)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
