@@ -192,7 +192,8 @@ def sdxl_step():
   b, size = config.train.batch_size, config.data.image_size
   example = {"tokens": np.zeros((1, 77), np.int32), "tokens_2": np.zeros((1, 77), np.int32),
              "text_scale": np.ones((1,), np.float32), "time_ids": np.zeros((1, 6), np.float32)}
-  builder = state_lib.StateBuilder(config, mesh, ldm.unet, conditioner, ldm.latent_shape, example, optimizer)
+  builder = state_lib.StateBuilder(config, mesh, ldm.unet, conditioner, ldm.latent_shape, example, optimizer,
+                                   frozen_cond=True)
   unet_params = sum(x.size for x in jax.tree.leaves(builder.abstract_state.params["unet"]))
   if unet_params != SDXL_BASE_UNET_PARAMS:
     raise ValueError(f"configs/ldm/sdxl_base.py builds a U-Net of {unet_params:,} parameters, not SDXL base's "
