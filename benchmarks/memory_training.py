@@ -26,8 +26,8 @@ Built without a pretrained directory: the two frozen text encoders are SDXL's (C
 parameters, and OpenCLIP bigG with projection, 695M, from their published transformers configs)
 with abstract weights. They are not a stand-in here: the row is fine-tuning from images, where every
 step encodes the 1024-px images with the frozen VAE encoder and the captions with both encoders
-(forward only, no gradients, no optimizer state; their weights sit in the state's parameters and its
-EMA, 6.1 GiB in float32 when replicated). Training from a precomputed `latent.cache_dir` (latents,
+(forward only, no gradients, no optimizer state, no EMA; their weights sit once in the state's
+parameters, 3.0 GiB in float32 when replicated). Training from a precomputed `latent.cache_dir` (latents,
 both contexts, pooled embedding, sizes and crops) runs neither in the step.
 On the 2-core development machine one SDXL row did not finish compiling in 25 minutes (~6 GiB of RAM,
 in XLA's HLO passes and LLVM); give it a larger machine or more time.
