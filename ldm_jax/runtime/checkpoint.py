@@ -67,8 +67,9 @@ class Checkpointer:
     and shardings; None when there is no checkpoint.
 
     `unread`: key paths (tuples) of subtrees that checkpoints of an older layout hold and
-    `abstract_state` no longer has (the EMA of frozen text encoders): left on disk, unread. Any
-    other difference of layout fails (ValueError naming the path).
+    `abstract_state` no longer has (the EMA of frozen text encoders). A checkpoint holding one of
+    them is read partially: the subtrees of `abstract_state` (a missing one fails), nothing else.
+    Without it, any difference of layout fails (ValueError naming the path).
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with shardings (from `jax.eval_shape`);
     the data iterator, when given, is moved in place to the saved position. The shardings may
