@@ -26,8 +26,8 @@ Built without a pretrained directory: the two frozen text encoders are SDXL's (C
 parameters, and OpenCLIP bigG with projection, 695M, from their published transformers configs)
 with abstract weights. They are not a stand-in here: the row is fine-tuning from images, where every
 step encodes the 1024-px images with the frozen VAE encoder and the captions with both encoders
-(forward only, no gradients, no optimizer state; their weights sit in the state's parameters and its
-EMA, 6.1 GiB in float32 when replicated). Training from a precomputed `latent.cache_dir` (latents,
+(forward only, no gradients, no optimizer state, no EMA; their weights sit once in the state's
+parameters, 3.0 GiB in float32 when replicated). Training from a precomputed `latent.cache_dir` (latents,
 both contexts, pooled embedding, sizes and crops) runs neither in the step.
 On the 2-core development machine one SDXL row did not finish compiling in 25 minutes (~6 GiB of RAM,
 in XLA's HLO passes and LLVM); give it a larger machine or more time.
@@ -192,7 +192,8 @@ def sdxl_step():
   b, size = config.train.batch_size, config.data.image_size
   example = {"tokens": np.zeros((1, 77), np.int32), "tokens_2": np.zeros((1, 77), np.int32),
              "text_scale": np.ones((1,), np.float32), "time_ids": np.zeros((1, 6), np.float32)}
-  builder = state_lib.StateBuilder(config, mesh, ldm.unet, conditioner, ldm.latent_shape, example, optimizer)
+  builder = state_lib.StateBuilder(config, mesh, ldm.unet, conditioner, ldm.latent_shape, example, optimizer,
+                                   frozen_cond=True)
   unet_params = sum(x.size for x in jax.tree.leaves(builder.abstract_state.params["unet"]))
   if unet_params != SDXL_BASE_UNET_PARAMS:
     raise ValueError(f"configs/ldm/sdxl_base.py builds a U-Net of {unet_params:,} parameters, not SDXL base's "

@@ -228,12 +228,15 @@ def load_diffusion_run(workdir: str, mesh: jax.sharding.Mesh, *, use_ema: bool =
   """(ldm, params {'unet', 'cond'}, ae_params) of a stage-2 run's newest checkpoint, replicated on `mesh`.
 
   `use_ema` picks the EMA weights (what the trainer's sample grids show) or the raw ones; the
-  latent `scale_factor` is the one the run estimated.
+  latent `scale_factor` is the one the run estimated. Frozen text encoders have no EMA: their
+  weights come from the parameters.
   """
   config, _, step, tokenizer = read_diffusion_run(workdir)
   rep = sharding.replicated(mesh)
   model, ae_config, ae_params = load_autoencoder(config.autoencoder.workdir, rep)
   params = restore(workdir, ("ema_params" if use_ema else "params",), rep, step=step)
+  if "cond" not in params:
+    params["cond"] = restore(workdir, ("params", "cond"), rep, step=step, optional=True)
   scale_factor = restore(workdir, ("scale_factor",), rep, step=step)
   ldm = build_ldm(config, model, ae_config, tokenizer, float(jax.device_get(scale_factor)),
                   tokenizer_2=run_tokenizer_2(workdir, config))
@@ -272,8 +275,9 @@ def read_workdir(workdir: str, *, ema: bool = True, step: int | None = None) -> 
   }
   params = {"unet": restore(workdir, (tree, "unet"), step=step), "autoencoder": stage1.params["autoencoder"]}
   if conditioning.uses_text(config.cond) and config.cond.text_encoder == "pretrained":
-    # Frozen text encoders (fine-tuning SD / SDXL) export as the components they came from.
-    cond_params = restore(workdir, (tree, "cond"), step=step)
+    # Frozen text encoders (fine-tuning SD / SDXL) export as the components they came from; they
+    # have no EMA (checkpoints written before it was left out hold an exact copy of `params` there).
+    cond_params = restore(workdir, ("params", "cond"), step=step)
     for encoder in pretrained_text_encoders(config.init.pretrained):
       configs[encoder] = config_lib.lists_to_tuples(
           dconv.read_json(os.path.join(config.init.pretrained, encoder, "config.json"))["model"])

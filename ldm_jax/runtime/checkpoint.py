@@ -37,8 +37,16 @@ class Checkpointer:
       os.makedirs(self.directory, exist_ok=True)
       alone = {"multiprocessing_options": ocp.options.MultiprocessingOptions(
           primary_host=jax.process_index(), active_processes={jax.process_index()})}
+    # The directories of a step are created before `save` returns, the other processes waiting in a
+    # barrier until process 0 has made them. With orbax's default (created in the background) a
+    # process waits instead for a signal keyed by its own count of orbax saves, and a save made by
+    # one process alone (`this_process_only`: the import of a pretrained model on process 0) puts
+    # process 0 one save ahead: the others then waited for nothing and wrote their data position
+    # into a directory that did not exist yet (ENOENT under load; tests/multihost/test_checkpoint_race.py).
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not this_process_only,
-                                           enable_async_checkpointing=async_save, **alone)
+                                           enable_async_checkpointing=async_save,
+                                           async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+                                           **alone)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -54,9 +62,14 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, abstract_state, data_iterator=None, step: int | None = None):
+  def restore(self, abstract_state, data_iterator=None, step: int | None = None, *, unread: tuple = ()):
     """Restores checkpoint `step` (default: the newest good one) into `abstract_state`'s shapes
     and shardings; None when there is no checkpoint.
+
+    `unread`: key paths (tuples) of subtrees that checkpoints of an older layout hold and
+    `abstract_state` no longer has (the EMA of frozen text encoders). A checkpoint holding one of
+    them is read partially: the subtrees of `abstract_state` (a missing one fails), nothing else.
+    Without it, any difference of layout fails (ValueError naming the path).
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with shardings (from `jax.eval_shape`);
     the data iterator, when given, is moved in place to the saved position. The shardings may
@@ -69,13 +82,13 @@ class Checkpointer:
     one's error.
     """
     if step is not None:
-      return self._restore(step, abstract_state, data_iterator)
+      return self._restore(step, abstract_state, data_iterator, unread)
     failed = []
     for candidate in sorted(self.all_steps(), reverse=True):
       problem = self._agree(self._check_readable(candidate) or self._check_params(candidate, abstract_state))
       if problem is None:
         try:
-          state = self._restore(candidate, abstract_state, data_iterator)
+          state = self._restore(candidate, abstract_state, data_iterator, unread)
         except Exception as e:  # noqa: BLE001 — any damage must fall back to the previous step
           if jax.process_count() > 1:
             raise  # the other processes wait in orbax's barrier: no consistent fallback possible
@@ -92,22 +105,39 @@ class Checkpointer:
                        f"{failed[0][1][:2000]}")
     return None
 
-  def restore_or_close(self, abstract_state, data_iterator=None):
+  def restore_or_close(self, abstract_state, data_iterator=None, *, unread: tuple = ()):
     """`restore`, closing the checkpointer when it raises: a caller that stops on the error leaves
     no background thread of orbax behind to fail noisily at exit."""
     try:
-      return self.restore(abstract_state, data_iterator)
+      return self.restore(abstract_state, data_iterator, unread=unread)
     except BaseException:
       self.close()
       raise
 
-  def _restore(self, step: int, abstract_state, data_iterator):
+  def _restore(self, step: int, abstract_state, data_iterator, unread: tuple = ()):
     items = {"state": ocp.args.StandardRestore(abstract_state)}
+    older = bool(unread) and self._holds_any(step, unread)
+    if older:  # an older layout: the state's own subtrees are read by the item's handler directly
+      logging.info("Checkpoint %d in %s: not reading %s (no longer part of the state).", step, self.directory,
+                   ", ".join(".".join(path) for path in unread))
+      state = _restore_tree(epath.Path(self.directory) / str(step) / "state", abstract_state)
+      del items["state"]
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
     logging.info("Restored checkpoint %d from %s", step, self.directory)
-    return restored["state"]
+    return state if older else restored["state"]
+
+  def _holds_any(self, step: int, paths: tuple) -> bool:
+    """Whether the `state` item of checkpoint `step` has a subtree at any of the key `paths`."""
+    tree = _metadata(os.path.join(self.directory, str(step), "state"))
+    for path in paths:
+      node = tree
+      for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+      if node is not None:
+        return True
+    return False
 
   def _check_readable(self, step: int) -> str | None:
     """Cheap local checks every process can make before the collective restore: the metadata
@@ -173,7 +203,6 @@ class Checkpointer:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore.")
     path = epath.Path(self.directory) / str(step) / "state"
     tree = _metadata(path)
-    handler = ocp.PyTreeCheckpointHandler()
     for key in keys:
       tree = tree[key]
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
@@ -181,12 +210,7 @@ class Checkpointer:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     for key in reversed(keys):
       abstract = {key: abstract}
-    try:
-      restored = handler.restore(path, args=ocp.args.PyTreeRestore(
-          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-          partial_restore=True))
-    finally:
-      handler.close()
+    restored = _restore_tree(path, abstract)
     for key in keys:
       restored = restored[key]
     return restored
@@ -198,6 +222,17 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _restore_tree(path, abstract):
+  """The arrays of `abstract` (ShapeDtypeStructs with shardings) from a saved `state` item, leaving the
+  item's other subtrees unread."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(path, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+  finally:
+    handler.close()
 
 
 def _metadata(path) -> dict:

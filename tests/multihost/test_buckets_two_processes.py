@@ -17,8 +17,6 @@ from tests.train.test_sdxl_train import images  # noqa: E402,F401
 
 @pytest.mark.slow
 @pytest.mark.extended
-@pytest.mark.skip(reason="passed alone (207 s); under a loaded machine process 1's data position failed to write "
-                  "into orbax's checkpoint tmp dir (ENOENT) once: a multi-host checkpoint race to find (issue 15 note)")
 def test_two_processes_train_sdxl_on_buckets(sdxl_pipeline, images, tmp_path, jax_cache):  # noqa: F811
   env = cpu_env(2, jax_cache)
   workdir = tmp_path / "run"

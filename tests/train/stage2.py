@@ -21,9 +21,10 @@ class Stage2:
     latent_shape = ae_lib.latent_shape(ae_config.model, config.data.image_size)
     unet = load.make_unet(config, for_training=True)
     conditioner = load.make_conditioner(config, tokenizer, jnp.dtype(config.train.dtype))
-    optimizer = optimizer or state_lib.make_optimizer(config, frozen_cond=step_lib.is_frozen(conditioner))
+    frozen_cond = step_lib.is_frozen(conditioner)
+    optimizer = optimizer or state_lib.make_optimizer(config, frozen_cond=frozen_cond)
     builder = state_lib.StateBuilder(config, mesh, unet, conditioner, latent_shape, cond_inputs(example_batch),
-                                     optimizer)
+                                     optimizer, frozen_cond=frozen_cond)
     self.state_sharding, self.init = builder.state_sharding, builder.init
     self.ldm = load.build_ldm(config, ae_model, ae_config, tokenizer, scale_factor, for_training=True, unet=unet,
                               conditioner=conditioner)

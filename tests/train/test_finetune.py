@@ -47,10 +47,21 @@ def test_finetunes_an_imported_sd_folder_and_samples_from_the_run(sd_pipeline, t
   jax.tree.map(np.testing.assert_array_equal, read_state(workdir, ("params", "unet"), step=1), params["unet"])
   trained = read_state(workdir, ("params", "unet"), step=3)
   assert max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(params["unet"]))) > 0
-  # The text encoder is frozen, in the parameters and in the EMA.
-  for tree in ("params", "ema_params"):
-    jax.tree.map(np.testing.assert_array_equal, read_state(workdir, (tree, "cond", "text_encoder"), step=3),
-                 params["text_encoder"])
+  # The text encoder is frozen: kept once, in the parameters; the EMA and AdamW's moments are the U-Net's alone.
+  jax.tree.map(np.testing.assert_array_equal, read_state(workdir, ("params", "cond", "text_encoder"), step=3),
+               params["text_encoder"])
+  ema = read_state(workdir, ("ema_params",), step=3)
+  assert set(ema) == {"unet"}
+  unet_size = sum(x.size for x in jax.tree.leaves(trained))
+  assert sum(x.size for x in jax.tree.leaves(read_state(workdir, ("opt_state",), step=3)) if x.ndim) == 2 * unet_size
+  # Sampling and export take the EMA U-Net and the frozen text encoder.
+  from ldm_jax import load
+  _, sample_params, _ = load.load_diffusion_run(workdir, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
+  exported = load.read_workdir(workdir).params
+  for got in (jax.device_get(sample_params["unet"]), exported["unet"]):
+    jax.tree.map(np.testing.assert_array_equal, got, ema["unet"])
+  for got in (jax.device_get(sample_params["cond"]["text_encoder"]), exported["text_encoder"]):
+    jax.tree.map(np.testing.assert_array_equal, got, params["text_encoder"])
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [json.loads(line)["train/loss"] for line in f]
   assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

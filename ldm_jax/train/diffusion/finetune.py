@@ -11,7 +11,7 @@ pretrained text encoder stays frozen (`cond.kind='text'`, `cond.text_encoder='pr
 tokenizer, `cond.dim` and `cond.max_length`; SDXL: both encoders and tokenizers, `cond.null_text` and
 `cond.micro_conditioning` — a config that asks for micro-conditioning must name an SDXL model), an
 exported ldm_jax conditioner is fine-tuned with the U-Net (its `cond.*`), none means unconditional. U-Net and conditioner start from the pretrained
-weights (EMA too); the training keys (`data.*`, `optim.*`, `train.*`, `cond.dropout_prob`,
+weights (the EMA of what trains too; a frozen text encoder has no EMA); the training keys (`data.*`, `optim.*`, `train.*`, `cond.dropout_prob`,
 `diffusion.loss_type`, …) stay the config's. `data.image_size` may differ from the size the model
 was trained at.
 

@@ -1,6 +1,6 @@
 """The state of a stage-2 run: parameters of U-Net and conditioner, their EMA, AdamW, and its init.
 
-    builder = StateBuilder(config, mesh, unet, conditioner, latent_shape, example_cond, optimizer)
+    builder = StateBuilder(config, mesh, unet, conditioner, latent_shape, example_cond, optimizer, frozen_cond=…)
     state = checkpointer.restore_or_close(builder.abstract_state, …) or builder.init(rng, scale_factor)
 """
 
@@ -19,7 +19,9 @@ from ldm_jax.runtime import sharding
 
 @flax.struct.dataclass
 class DiffusionState:
-  """params / ema_params: {'unet': …, 'cond': …}.
+  """params: {'unet': …, 'cond': …}; ema_params: the EMA of the parameters that train — the same keys,
+  or {'unet': …} alone when the conditioner is a frozen pretrained text encoder (`init.pretrained`:
+  its weights, 3 GiB for SDXL's two, are kept once, in `params`). `ema_weights(state)` is both.
 
   scale_factor (f32 scalar) is the run's latent scale as checkpointed (sampling and export read it
   there): estimated once, before the first step. The trainer builds its `LatentDiffusion` from it
@@ -54,6 +56,12 @@ def make_optimizer(config: ml_collections.ConfigDict, *, frozen_cond: bool = Fal
   return optimizer
 
 
+def ema_weights(state: DiffusionState) -> dict:
+  """The weights that sample grids, evaluation and export use: the EMA of what trains, and the frozen
+  text encoders (which have no EMA) from the parameters."""
+  return {**state.params, **state.ema_params}
+
+
 def ema_decay(num_updates, decay: float):
   """LDM's LitEma warm-up: min(decay, (1 + n) / (10 + n)) for the n-th update, n = 1 the first
   (LitEma increments its counter before it computes the decay): 2/11, 3/12, 4/13, …"""
@@ -66,13 +74,14 @@ class StateBuilder:
 
   `example_cond`: one prepared batch's conditioner inputs (shapes only); `in_channels`: the
   U-Net's input channels (latent + concat channels). `init_params(rng)`, when given, makes the
-  trained parameters instead of U-Net and conditioner (a LoRA run's adapters).
+  trained parameters instead of U-Net and conditioner (a LoRA run's adapters). With `frozen_cond`
+  (a pretrained text encoder, as for `make_optimizer`) the EMA leaves the conditioner out.
   """
 
   def __init__(self, config, mesh, unet, conditioner, latent_shape, example_cond: dict,
-               optimizer: optax.GradientTransformation, init_params=None):
+               optimizer: optax.GradientTransformation, init_params=None, *, frozen_cond: bool = False):
     self.unet, self.conditioner, self.optimizer = unet, conditioner, optimizer
-    self._init_params = init_params
+    self._init_params, self._frozen_cond = init_params, frozen_cond
     self.latent_shape, self.in_channels = tuple(latent_shape), config.model.in_channels
     self._example = jax.tree.map(lambda x: np.asarray(x)[:1], example_cond)
     abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0), jnp.float32(1.0))
@@ -96,6 +105,7 @@ class StateBuilder:
                                    y=cond["y"], text_embeds=cond.get("text_embeds"),
                                    time_ids=cond.get("time_ids"))["params"]
       params = {"unet": unet_params, "cond": cond_params}
-    return DiffusionState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+    ema_params = {k: v for k, v in params.items() if k != "cond"} if self._frozen_cond else params
+    return DiffusionState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
                           opt_state=self.optimizer.init(params), rng=rng,
                           scale_factor=jnp.asarray(scale_factor, jnp.float32))

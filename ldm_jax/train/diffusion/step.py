@@ -79,8 +79,10 @@ def train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, tu
   With a LoRA `tuning`, `state.params` are its adapters and `base` the frozen weights they adapt.
   """
   rng, step_rng = jax.random.split(state.rng)
+  # What trains is what has an EMA: without a frozen text encoder's 'cond', which gets no gradients.
+  trained = lambda tree: {k: tree[k] for k in state.ema_params}
   if tuning is None:
-    compose, frozen_cond = (lambda params: params), None
+    compose, frozen_cond = (lambda params: {**state.params, **params}), None
   else:
     compose, frozen_cond = functools.partial(tuning.compose, base=base), not tuning.trains_text_encoder
 
@@ -89,15 +91,15 @@ def train_step(config, mesh, ldm: LatentDiffusion, optimizer, state_sharding, tu
                                                        frozen_cond=frozen_cond))(params)
     return grads, {"loss": loss}
 
-  grads, metrics = loop.accumulate_gradients(grads_fn, state.params, batch, step_rng,
+  grads, metrics = loop.accumulate_gradients(grads_fn, trained(state.params), batch, step_rng,
                                              config.train.grad_accum_steps, mesh=mesh,
-                                             grad_sharding=state_sharding.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+                                             grad_sharding=trained(state_sharding.params))
+  # The optimizer's frozen partition (`make_optimizer(frozen_cond=True)`) takes zeros and returns zeros.
+  updates, opt_state = optimizer.update({**jax.tree.map(jnp.zeros_like, state.params), **grads}, state.opt_state,
+                                        state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay(state.step + 1, config.optim.ema_decay)
-  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  if tuning is None and is_frozen(ldm.conditioner):
-    ema = {**ema, "cond": params["cond"]}  # exactly the pretrained weights, not a rounded average
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, trained(params))
   ok = loop.all_finite(metrics["loss"], grads, updates)
   params, ema, opt_state = loop.keep_if(ok, (params, ema, opt_state),
                                         (state.params, state.ema_params, state.opt_state))

@@ -66,14 +66,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = finetune.train_iterator(config, workdir, data.make_train_iterator(config, source))
   first = prepare(next(data.make_train_iterator(config, source)), 0)
   unet = load.make_unet(config, for_training=True)
-  optimizer = state_lib.make_optimizer(config, frozen_cond=tuning is None and step_lib.is_frozen(conditioner))
+  frozen_cond = tuning is None and step_lib.is_frozen(conditioner)  # no gradients, no optimizer state, no EMA
+  optimizer = state_lib.make_optimizer(config, frozen_cond=frozen_cond)
   builder = state_lib.StateBuilder(config, mesh, unet, conditioner, latent_shape,
                                    {k[len("cond/"):]: v for k, v in first.items() if k.startswith("cond/")}, optimizer,
-                                   init_params=tuning.init if tuning else None)
+                                   init_params=tuning.init if tuning else None, frozen_cond=frozen_cond)
 
   # Restore, or initialise with a scale_factor estimated on the first batch; then the model, once.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_checkpoints)
-  state = checkpointer.restore_or_close(builder.abstract_state, train_iter)
+  # Checkpoints written before the EMA left the frozen text encoders out hold a copy of them there.
+  state = checkpointer.restore_or_close(builder.abstract_state, train_iter,
+                                        unread=(("ema_params", "cond"),) if frozen_cond else ())
   if state is None:
     scale_factor = data.estimate_scale_factor(config, ae_model, ae_params, first, mesh)
     state = builder.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor),
@@ -82,9 +85,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        for_training=True, unet=unet, conditioner=conditioner, tokenizer_2=tokenizer_2)
   train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, ae_params, tuning)
   frozen = (ae_params,) if tuning is None else (ae_params, tuning.base)
-  # The weights of the sample grids and evaluations: the EMA parameters, or the base with the EMA adapters.
+  # The weights of the sample grids and evaluations: the EMA weights (with the frozen text encoders),
+  # or the base with the EMA adapters.
   compose = jax.jit(tuning.compose) if tuning else None
-  sample_params = (lambda s: s.ema_params) if tuning is None else (lambda s: compose(s.ema_params, tuning.base))
+  sample_params = state_lib.ema_weights if tuning is None else (lambda s: compose(s.ema_params, tuning.base))
   start_step, num_steps = int(jax.device_get(state.step)), config.train.num_steps
   logging.info("Stage 2: steps %d → %d, scale_factor %.5f, %s %s params%s", start_step, num_steps,
                ldm.scale_factor, "trained (adapters or embeddings):" if tuning else "U-Net",
