@@ -26,7 +26,7 @@ _TOKENS = flags.DEFINE_list("tokens", ["1024", "4096"], "Sequence lengths (self-
 _BATCH = flags.DEFINE_integer("batch", 2, "Batch (2 = one image with classifier-free guidance).")
 _HEADS = flags.DEFINE_integer("heads", 8, "Heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 40, "Channels per head.")
-_IMPLS = flags.DEFINE_list("implementations", ["xla", "blocked"], "Implementations to compare.")
+_IMPLS = flags.DEFINE_list("implementations", ["xla", "blocked", "fused"], "Implementations to compare.")
 _GRAD = flags.DEFINE_bool("grad", False, "Time forward + backward instead of the forward.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions.")
 _TIME_LIMIT = flags.DEFINE_integer("max_time_tokens", 8192, "Above this length only memory is reported.")
@@ -42,6 +42,10 @@ def main(argv):
     shape = (_BATCH.value, tokens, _HEADS.value, _HEAD_DIM.value)
     q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
     for impl in _IMPLS.value:
+      ran = attention.select_implementation(impl, backend=jax.default_backend(), batch=shape[0], heads=shape[2],
+                                            q_len=tokens, k_len=tokens, head_dim=shape[3], dtype=q.dtype,
+                                            has_mask=False)
+      label = impl if ran == impl else f"{impl}->{ran}"  # 'fused' for heads it does not cover runs 'blocked'
       fn = lambda q, k, v, impl=impl: attention.dot_product_attention(q, k, v, implementation=impl)
       if _GRAD.value:
         fn = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))
@@ -55,7 +59,7 @@ def main(argv):
           t0 = time.perf_counter()
           jax.block_until_ready(compiled(q, k, v))
           times.append(time.perf_counter() - t0)
-      print(f"{tokens:8d}{impl:>16s}{min(times):10.4f}{np.median(times):10.4f}{temp:11.1f}", flush=True)
+      print(f"{tokens:8d}{label:>16s}{min(times):10.4f}{np.median(times):10.4f}{temp:11.1f}", flush=True)
 
 
 if __name__ == "__main__":
