@@ -11,7 +11,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-extended venv fmnist clean
+.PHONY: demo test test-extended venv fmnist compiler clean
 
 venv: $(STAMP)
 
@@ -30,14 +30,20 @@ fmnist:
 	@test -d $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
 	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"
 
+# A C++ compiler for the fused CPU attention kernels (built on first use; without one, attention
+# falls back to the pure-JAX 'blocked' implementation and the kernel's tests are skipped).
+compiler:
+	@command -v $${CXX:-c++} >/dev/null || { apt-get update -qq && apt-get install -y -qq g++; } \
+	  || echo "warning: no C++ compiler; the fused attention kernels will not be built"
+
 demo: $(RUNTIME_STAMP)
 	$(PY) -m ldm_jax.demo --workdir $(DEMO_DIR)
 
-test: $(STAMP) fmnist
+test: $(STAMP) fmnist compiler
 	$(PY) -m pytest -n $(TEST_WORKERS) -m "not extended" tests
 
 # The long runs left out of make test (their code paths are covered there too); CI runs both.
-test-extended: $(STAMP) fmnist
+test-extended: $(STAMP) fmnist compiler
 	$(PY) -m pytest -n $(TEST_WORKERS) -m extended tests
 
 clean:

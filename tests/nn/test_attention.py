@@ -171,12 +171,17 @@ def test_fused_kernel_without_a_compiler_is_a_clear_error_and_auto_falls_back(mo
     fused_lib._build.cache_clear()
 
 
+needs_fused = pytest.mark.skipif(fused_lib.unavailable_reason() is not None,
+                                 reason=f"fused kernels unavailable: {fused_lib.unavailable_reason()}")
+
+
 _FUSED_SHAPES = {  # (q_len, k_len, heads, head_dim): lengths not multiples of the kernel's 16 lanes
     "D2 37x29": (37, 29, 3, 2), "D4 70x29": (70, 29, 2, 4), "D8 self 37": (37, 37, 2, 8),
     "D8 cross 40x77": (40, 77, 2, 8), "D8 one key": (5, 1, 1, 8),
 }
 
 
+@needs_fused
 @pytest.mark.parametrize("shape", _FUSED_SHAPES.values(), ids=_FUSED_SHAPES.keys())
 def test_fused_attention_equals_the_formula_with_gradients(shape):
   q_len, k_len, heads, dim = shape
@@ -191,6 +196,7 @@ def test_fused_attention_equals_the_formula_with_gradients(shape):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
 
 
+@needs_fused
 @pytest.mark.parametrize("dim", [4, 8])
 def test_fused_attention_exact_where_its_logit_bound_is_loose(dim):
   """The kernel shifts the logits by |q|·max|k|; a query nearly orthogonal to a huge key makes that
@@ -292,6 +298,7 @@ def test_spatial_self_attention_matches_numpy(attention):
   np.testing.assert_allclose(out, expected, atol=5e-5, rtol=1e-5)
 
 
+@needs_fused
 def test_fused_attention_on_a_mesh_runs_per_device_without_gathering():
   """With the batch split over devices each device runs the kernels on its examples: no all-gather
   in the compiled program, the output keeps the batch sharding, values and gradients as unsharded."""
