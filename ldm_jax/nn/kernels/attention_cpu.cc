@@ -1,4 +1,4 @@
-// Fused attention forward for CPUs and small heads (2, 4 or 8 channels): softmax(q kᵀ·scale) v
+// Fused attention for CPUs and small heads (2, 4 or 8 channels), forward and backward: softmax(q kᵀ·scale) v
 // for float32 q, k, v of [B, L, H, D] in one sweep over the keys that never writes a logit to memory.
 //
 // Called from JAX through the XLA FFI (ldm_jax/nn/fused_attention.py builds this file with the
