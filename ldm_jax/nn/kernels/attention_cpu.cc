@@ -1,5 +1,6 @@
-// Fused attention for CPUs and small heads (2, 4 or 8 channels), forward and backward: softmax(q kᵀ·scale) v
-// for float32 q, k, v of [B, L, H, D] in one sweep over the keys that never writes a logit to memory.
+// Fused attention for CPUs and small heads (2, 4 or 8 channels), forward and backward:
+// softmax(q kᵀ·scale) v for float32 q, k, v of [B, L, H, D] in one sweep over the keys that never
+// writes a logit to memory.
 //
 // Called from JAX through the XLA FFI (ldm_jax/nn/fused_attention.py builds this file with the
 // system C++ compiler for the machine it runs on). With head_dim 8 the products q·k and p·v are
