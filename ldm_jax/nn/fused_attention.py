@@ -1,11 +1,11 @@
 """Fused attention for CPUs and small heads: C++ kernels called through the XLA FFI.
 
-With 2–8 channels per head (the first level of a small U-Net: 64 channels in 8 heads) the
+With 2–16 channels per head (the first levels of a small U-Net: 64 or 128 channels in 8 heads) the
 products q·kᵀ and p·v are too thin for matmuls, and `blocked` spends its time in them and in
 the exponentials' memory traffic. `kernels/attention_cpu.cc` computes softmax(q kᵀ/√D) v with
 16 queries in the lanes of a vector register, in one sweep over the keys that writes no logit to
 memory, and returns each query's log-sum-exp; its backward kernel recomputes the probabilities
-from it (dq with the queries in the lanes, dk and dv with the keys). From 16 channels per head on
+from it (dq with the queries in the lanes, dk and dv with the keys). From 32 channels per head on
 `blocked` is faster, and `dot_product_attention` uses it.
 
 The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) for the
@@ -41,7 +41,7 @@ _TARGETS = {"ldm_fused_attention_forward": "LdmFusedAttentionForward",
             "ldm_fused_attention_backward": "LdmFusedAttentionBackward"}
 _FLAGS = ("-w", "-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-pthread")
 _REGISTERED: list[Path] = []
-HEAD_DIMS = (2, 4, 8)  # LDM_HEAD_DIMS in the source: from 16 channels on, `blocked` is faster
+HEAD_DIMS = (2, 4, 8, 16)  # LDM_HEAD_DIMS in the source: from 32 channels on `blocked` is as fast
 
 
 def _cache_dir() -> Path:
