@@ -8,9 +8,10 @@ Implementations (`model.attention`, `sample.py --attention`):
   xla      `jax.nn.dot_product_attention`'s XLA path (logits [B, H, Lq, Lk] in float32), optionally
            with `query_chunk_size` queries at a time (`lax.map`), bounding the logits to
            [B, H, chunk, Lk]. Right for short sequences, and the fallback everywhere.
-  fused    `fused_attention`: a C++ kernel (XLA FFI, built on first use for this CPU) that keeps
-           each query's logits in registers, with `blocked`'s backward; CPU only. float32 without
-           mask or causality, head sizes in `fused_attention.HEAD_DIMS`; other calls take `blocked`.
+  fused    `fused_attention`: C++ kernels (XLA FFI, built on first use for this CPU), forward and
+           backward, that keep the logits in registers; CPU only. float32 without mask or
+           causality, heads of 2–16 channels (`fused_attention.HEAD_DIMS`); other calls take
+           `blocked`.
   blocked  `blocked_attention`: cache-sized blocks with a recomputing backward; memory linear in
            the tokens. Pure JAX, so it runs on every backend.
   cudnn    cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`); GPU only,
@@ -20,8 +21,8 @@ Implementations (`model.attention`, `sample.py --attention`):
 
 `auto` takes `fused` on CPU where it applies and could be built, else `blocked` once the logits
 of one call would pass `CPU_BLOCKED_MIN_BYTES`; `cudnn` on GPU and `pallas` on TPU where their
-conditions hold; and `xla` otherwise (`select_implementation`, unit-tested per backend). Logits and softmax are float32 in every
-implementation, also for bfloat16 inputs.
+conditions hold; and `xla` otherwise (`select_implementation`, unit-tested per backend). Logits
+and softmax are float32 in every implementation, also for bfloat16 inputs.
 """
 
 from __future__ import annotations
