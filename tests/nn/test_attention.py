@@ -182,6 +182,14 @@ _FUSED_SHAPES = {  # (q_len, k_len, heads, head_dim): lengths not multiples of t
 }
 
 
+def test_fused_head_dims_are_the_ones_compiled_into_the_kernel():
+  """`supports()` decides before any build which head sizes the kernel takes: the same list as the
+  source's LDM_HEAD_DIMS (a size missing there would fail at run time inside the compiled step)."""
+  import re  # pylint: disable=g-import-not-at-top
+  macro = re.search(r"#define LDM_HEAD_DIMS\(X\) (.*)", fused_lib._SOURCE.read_text()).group(1)
+  assert tuple(int(n) for n in re.findall(r"X\((\d+)\)", macro)) == fused_lib.HEAD_DIMS
+
+
 @needs_fused
 @pytest.mark.parametrize("shape", _FUSED_SHAPES.values(), ids=_FUSED_SHAPES.keys())
 def test_fused_attention_equals_the_formula_with_gradients(shape):

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <sched.h>
@@ -375,6 +376,21 @@ void BackwardPass(const Backward& pb, int threads) {
 // blocked XLA implementation is as fast or faster from 32 channels per head on; Python side).
 #define LDM_HEAD_DIMS(X) X(2) X(4) X(8) X(16)
 
+// Runs run(std::integral_constant<int, D>{}, threads) for the compiled head size D == dim, with
+// `threads` (0 = the CPUs this process may run on) resolved; an error for any other size.
+template <typename Run>
+static ffi::Error WithHeadDim(int64_t dim, int64_t threads, Run run) {
+  const int n = threads > 0 ? static_cast<int>(threads) : NumThreads();
+#define CASE(N)                               \
+  if (dim == N) {                             \
+    run(std::integral_constant<int, N>{}, n); \
+    return ffi::Error::Success();             \
+  }
+  LDM_HEAD_DIMS(CASE)
+#undef CASE
+  return ffi::Error::InvalidArgument("head_dim not compiled into the fused attention kernel");
+}
+
 static ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
                                    int64_t threads) {
@@ -383,15 +399,7 @@ static ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32
   Problem pb{q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data(),
              qd[0], qd[1], kd[1], qd[2], qd[3], scale};
   if (pb.k_len == 0) return ffi::Error::InvalidArgument("no keys");
-  const int n = threads > 0 ? static_cast<int>(threads) : NumThreads();
-#define CASE(N)                   \
-  if (pb.dim == N) {              \
-    Forward<N>(pb, n);            \
-    return ffi::Error::Success(); \
-  }
-  LDM_HEAD_DIMS(CASE)
-#undef CASE
-  return ffi::Error::InvalidArgument("head_dim not compiled into the fused attention kernel");
+  return WithHeadDim(pb.dim, threads, [&](auto dim, int n) { Forward<decltype(dim)::value>(pb, n); });
 }
 
 static ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
@@ -404,15 +412,7 @@ static ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   Backward pb{q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(), lse.typed_data(),
               d_out.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(),
               qd[0], qd[1], kd[1], qd[2], scale};
-  const int n = threads > 0 ? static_cast<int>(threads) : NumThreads();
-#define CASE(N)                   \
-  if (qd[3] == N) {               \
-    BackwardPass<N>(pb, n);       \
-    return ffi::Error::Success(); \
-  }
-  LDM_HEAD_DIMS(CASE)
-#undef CASE
-  return ffi::Error::InvalidArgument("head_dim not compiled into the fused attention kernel");
+  return WithHeadDim(qd[3], threads, [&](auto dim, int n) { BackwardPass<decltype(dim)::value>(pb, n); });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmFusedAttentionForward, AttentionForward,
