@@ -15,6 +15,7 @@ Run from the repository root:  python -m ldm_jax.demo --workdir runs/demo
 Rerunning resumes: finished stages, samples and the judge are reused.
 """
 
+import multiprocessing
 import os
 import time
 
@@ -58,14 +59,35 @@ def draw_samples(ldm_config, ldm_dir: str, out: str, per_prompt: int) -> tuple[n
     return f["images"], [str(p) for p in f["prompts"]]
 
 
-def get_scorer(directory: str, image_size: int, num_steps: int) -> shapes_scorer.Scorer:
-  """The judge saved in `directory`, else one trained now at `image_size` and saved there."""
+def _train_and_save_scorer(directory: str, image_size: int, num_steps: int) -> None:
+  shapes_scorer.save_scorer(shapes_scorer.train_scorer(num_steps=num_steps, image_size=image_size,
+                                                       progress=False), directory)
+
+
+def start_scorer(directory: str, image_size: int, num_steps: int) -> multiprocessing.Process | None:
+  """Trains the judge into `directory` in a child process (None when one is saved there already).
+
+  The judge depends on nothing the stages make, so it trains beside stage 1: one XLA process does
+  not keep two CPU cores busy with these small models, a second process fills the gaps.
+  """
   try:
-    return shapes_scorer.load_scorer(directory)
+    shapes_scorer.load_scorer(directory)
+    return None
   except FileNotFoundError:
-    scorer = shapes_scorer.train_scorer(num_steps=num_steps, image_size=image_size)
-    shapes_scorer.save_scorer(scorer, directory)
-    return scorer
+    process = multiprocessing.get_context("spawn").Process(
+        target=_train_and_save_scorer, args=(directory, image_size, num_steps), name="shapes judge")
+    process.start()
+    return process
+
+
+def get_scorer(directory: str, process: multiprocessing.Process | None) -> shapes_scorer.Scorer:
+  """The judge `start_scorer` trains or found in `directory`, once it is there."""
+  if process is not None:
+    process.join()
+    if process.exitcode != 0:
+      raise RuntimeError(f"training the shapes judge into {directory} failed (exit code {process.exitcode}); "
+                         "its error is printed above.")
+  return shapes_scorer.load_scorer(directory)
 
 
 def reconstruct(ae_dir: str, images: np.ndarray) -> np.ndarray:
@@ -94,20 +116,21 @@ def main(argv):
   seconds = {}
   start = time.perf_counter()
   ae_config = config_lib.from_file(os.path.join(CONFIG_DIR, "autoencoder", "shapes_kl_f2.py") + suffix)
+  ldm_config = config_lib.from_file(os.path.join(CONFIG_DIR, "ldm", "shapes_txt2img.py") + suffix)
+  ldm_config.autoencoder.workdir = ae_dir
+  size = ldm_config.data.image_size
+  scorer_dir = os.path.join(_WORKDIR.value, "scorer")
+  scorer_process = start_scorer(scorer_dir, size, min(_SCORER_STEPS.value, 20) if _SMOKE.value else _SCORER_STEPS.value)
   results = autoencoder.train_and_evaluate(ae_config, ae_dir)
   seconds["stage 1"], start = time.perf_counter() - start, time.perf_counter()
 
-  ldm_config = config_lib.from_file(os.path.join(CONFIG_DIR, "ldm", "shapes_txt2img.py") + suffix)
-  ldm_config.autoencoder.workdir = ae_dir
   scalars = diffusion.train_and_evaluate(ldm_config, ldm_dir)
   seconds["stage 2"], start = time.perf_counter() - start, time.perf_counter()
 
   samples_dir = os.path.join(_WORKDIR.value, "samples")
   images, prompts = draw_samples(ldm_config, ldm_dir, samples_dir, _SAMPLES_PER_PROMPT.value)
   seconds["sampling"], start = time.perf_counter() - start, time.perf_counter()
-  size = ldm_config.data.image_size
-  scorer = get_scorer(os.path.join(_WORKDIR.value, "scorer"), size,
-                      min(_SCORER_STEPS.value, 20) if _SMOKE.value else _SCORER_STEPS.value)
+  scorer = get_scorer(scorer_dir, scorer_process)
   hits = shapes_scorer.correct(scorer, images, prompts)
   real = real_images(prompts, size)
   reference = shapes_scorer.score(scorer, real, prompts)
@@ -122,7 +145,7 @@ def main(argv):
   held_out = set(ldm_config.data.shapes_holdout)
   print(f"{s.sampler} samples ({s.num_steps} steps, guidance {s.guidance_scale}), one prompt per column: "
         f"{os.path.join(samples_dir, 'grid.png')}")
-  print(f"  judged by the shapes classifier ({os.path.join(_WORKDIR.value, 'scorer')}); "
+  print(f"  judged by the shapes classifier ({scorer_dir}); "
         "accuracy of kind / colour / position / background per prompt:")
   unique = list(dict.fromkeys(prompts))
   for prompt in unique:
