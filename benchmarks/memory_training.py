@@ -3,6 +3,7 @@
   .venv/bin/python benchmarks/memory_training.py --table              # every row below (subprocesses)
   .venv/bin/python benchmarks/memory_training.py --model unet --devices 64 --fsdp --remat --dtype bfloat16
   .venv/bin/python benchmarks/memory_training.py --model sdxl --devices 8 --fsdp --remat --dtype bfloat16
+  .venv/bin/python benchmarks/memory_training.py --finetune_table     # SD 1.5: whole U-Net vs LoRA
 
 Nothing runs: the real trainer step (`Stage2.train_step` / `Stage1.train_step`) is lowered with
 abstract, sharded arguments on `--devices` simulated CPU devices and compiled, and XLA's
@@ -31,6 +32,15 @@ parameters, 3.0 GiB in float32 when replicated). Training from a precomputed `la
 both contexts, pooled embedding, sizes and crops) runs neither in the step.
 On the 2-core development machine one SDXL row did not finish compiling in 25 minutes (~6 GiB of RAM,
 in XLA's HLO passes and LLVM); give it a larger machine or more time.
+`finetune` is the step of `train_diffusion.py --config configs/finetune/lora.py` on Stable Diffusion
+1.5 (`--method lora`: rank-4 adapters of the attention projections, the config's defaults), or of
+the same config without its `lora` section (`--method full`: the whole U-Net trains), at 512 px from
+images and captions, one image per device. The pretrained model is abstract, configured as
+`finetune.apply_pretrained` configures a `convert import` of SD 1.5: `configs/ldm/sd_v1.py`'s U-Net
+(859,520,964 parameters, checked), its schedule and scale_factor, the frozen CLIP ViT-L/14 text
+encoder (123M) and KL-f8 VAE. The row also reports what trains and what does not (parameter
+counts) and the bytes of the train state's pytree (parameters, EMA, AdamW moments): a LoRA run's
+frozen base is an input of the step, not part of the state.
 Attention is chunked (`--query_chunk_size`);
 XLA's CPU compiler makes its own fusion and scheduling choices, so TPU/GPU numbers differ by tens
 of percent — read the table for its ratios and orders of magnitude.
@@ -43,15 +53,19 @@ import sys
 
 from absl import app, flags
 
-_MODEL = flags.DEFINE_enum("model", "unet", ["unet", "sdxl", "autoencoder"], "Which training step.")
+_MODEL = flags.DEFINE_enum("model", "unet", ["unet", "sdxl", "autoencoder", "finetune"], "Which training step.")
+_METHOD = flags.DEFINE_enum("method", "lora", ["full", "lora"],
+                            "--model finetune: LoRA adapters (configs/finetune/lora.py) or the whole U-Net.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices.")
 _FSDP = flags.DEFINE_bool("fsdp", False, "Shard parameters and optimizer state over all devices (mesh.fsdp=-1).")
 _REMAT = flags.DEFINE_bool("remat", False, "train.remat.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "train.dtype.")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: 256 for the SD U-Net, 1 per device for SDXL, 12 per device for the autoencoder).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: 256 for the SD U-Net, 1 per device for SDXL and "
+                               "fine-tuning, 12 per device for the autoencoder).")
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "train.grad_accum_steps.")
 _CHUNK = flags.DEFINE_integer("query_chunk_size", 1024, "Attention query chunk (0: unchunked).")
 _TABLE = flags.DEFINE_bool("table", False, "Run the table's rows, each in a subprocess.")
+_FINETUNE_TABLE = flags.DEFINE_bool("finetune_table", False, "Run FINETUNE_TABLE's rows, each in a subprocess.")
 
 TABLE = [
     dict(model="unet", devices=8),
@@ -75,9 +89,12 @@ TABLE = [
     dict(model="autoencoder", devices=8, fsdp=True),
     dict(model="autoencoder", devices=64, fsdp=True, remat=True, dtype="bfloat16"),
 ]
-GIB = 2**30
+FINETUNE_TABLE = [dict(model="finetune", method="full", devices=8), dict(model="finetune", method="lora", devices=8)]
+GIB, MIB = 2**30, 2**20
+SD1_UNET_PARAMS = 859_520_964  # diffusers' UNet2DConditionModel of stable-diffusion-v1-5
 SDXL_BASE_UNET_PARAMS = 2_567_463_684  # diffusers' UNet2DConditionModel of stable-diffusion-xl-base-1.0
-# The published text encoders of stable-diffusion-xl-base-1.0 (text_encoder/, text_encoder_2/ config.json).
+# The published text encoders of stable-diffusion-xl-base-1.0 (text_encoder/, text_encoder_2/ config.json); the
+# first, CLIP ViT-L/14's text model, is also Stable Diffusion 1.x's text_encoder/.
 SDXL_TEXT_ENCODERS = {
     "text_encoder": dict(model_type="clip_text_model", architectures=["CLIPTextModel"], vocab_size=49408,
                          max_position_embeddings=77, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -99,7 +116,8 @@ class _Tokenizer:
 
 
 def _batch_size() -> int:
-  return _BATCH.value or {"unet": 256, "sdxl": _DEVICES.value, "autoencoder": 12 * _DEVICES.value}[_MODEL.value]
+  return _BATCH.value or {"unet": 256, "sdxl": _DEVICES.value, "finetune": _DEVICES.value,
+                          "autoencoder": 12 * _DEVICES.value}[_MODEL.value]
 
 
 def _mesh_config(config):
@@ -209,6 +227,83 @@ def sdxl_step():
   return train_step.lower(builder.abstract_state, batch, ae_params).compile(), builder.abstract_state.params["unet"]
 
 
+def finetune_step():
+  """(compiled step, sizes) of fine-tuning SD 1.5 at 512 px from images and captions as the trainer
+  builds it for configs/finetune/lora.py (`--method lora`) or that config without `lora` (`full`).
+
+  sizes: `params` (what trains: what the step differentiates and has an EMA of), `frozen_params`
+  (the rest of the step's weights: text encoder, VAE, and a LoRA run's base), `state_bytes` (the
+  train state's pytree: parameters, EMA, AdamW moments, step, rng) and `trainable_bytes`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ldm_jax import load
+  from ldm_jax.config import autoencoder as ae_defaults
+  from ldm_jax.config import common as config_lib
+  from ldm_jax.convert import components, transformers_text
+  from ldm_jax.diffusion.latent_diffusion import TextEncoderConditioner
+  from ldm_jax.models import autoencoder as ae_lib
+  from ldm_jax.runtime import checkpoint as ckpt_lib
+  from ldm_jax.runtime import sharding
+  from ldm_jax.train.diffusion import lora, state as state_lib, step as step_lib
+
+  configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+  config = config_lib.from_file(os.path.join(configs, "finetune", "lora.py"))
+  if _METHOD.value == "full":
+    with config.unlocked():
+      del config["lora"]
+  # What `finetune.apply_pretrained` sets from a `convert import` of SD 1.5, here without reading it.
+  sd = config_lib.from_file(os.path.join(configs, "ldm", "sd_v1.py"))
+  text_encoder = transformers_text.clip_config_from_transformers(SDXL_TEXT_ENCODERS["text_encoder"])
+  load.set_sections(config, {
+      "init": dict(pretrained="(abstract SD 1.5: compile only, nothing is read)"),
+      "model": sd.model.to_dict(),
+      "diffusion": {k: sd.diffusion[k] for k in load.PRETRAINED_DIFFUSION_KEYS},
+      "latent": dict(scale_factor=sd.latent.scale_factor),
+      "cond": dict(kind="text", text_encoder="pretrained", max_length=77, vocab_size=49408, dim=768)}, "SD 1.5")
+  config.data.update(source="shapes", random_crop=False)  # no files are read; the shapes are what count
+  ae_config = ae_defaults.default_config()  # SD's VAE
+  ae_config.data.image_size = config.data.image_size
+  mesh = _resolved_mesh(config, ae_config)
+  rules = sharding.rules_of(config.mesh)
+  place = lambda tree, prefix="": ckpt_lib.abstract_like(tree, sharding.tree_sharding(mesh, tree, prefix=prefix,
+                                                                                       **rules))
+  # As the trainer builds the run (`train_and_evaluate`), on abstract pretrained weights.
+  pretrained = {"unet": components.abstract_params("unet", config.model),
+                "cond": {lora.TEXT_ENCODER: components.abstract_params("text_encoder", text_encoder)}}
+  unet_params = sum(x.size for x in jax.tree.leaves(pretrained["unet"]))
+  if unet_params != SD1_UNET_PARAMS:
+    raise ValueError(f"configs/ldm/sd_v1.py builds a U-Net of {unet_params:,} parameters, not SD 1.5's "
+                     f"{SD1_UNET_PARAMS:,}.")
+  # `finetune.make_tuning` places host weights; the same LoRA run here on abstract ones.
+  tuning = lora.make_tuning(config, pretrained, place) if "lora" in config else None
+  conditioner = TextEncoderConditioner(components.build("text_encoder", text_encoder))
+  autoencoder = ae_lib.make_autoencoder(ae_config.model).clone(dtype=jnp.dtype(config.train.dtype))
+  ldm = load.build_ldm(config, autoencoder, ae_config, _Tokenizer(), config.latent.scale_factor, for_training=True,
+                       conditioner=conditioner)
+  frozen_cond = tuning is None and step_lib.is_frozen(conditioner)
+  optimizer = state_lib.make_optimizer(config, frozen_cond=frozen_cond)
+  builder = state_lib.StateBuilder(config, mesh, ldm.unet, conditioner, ldm.latent_shape,
+                                   {"tokens": np.zeros((1, 77), np.int32)}, optimizer,
+                                   init_params=tuning.init if tuning else None, frozen_cond=frozen_cond)
+  ae_params = place(components.abstract_params("autoencoder", ae_config.model), "autoencoder")
+  train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, ae_params, tuning)
+  frozen = (ae_params,) if tuning is None else (ae_params, tuning.base)
+  batch_sh = sharding.batch_sharding(mesh)
+  b, size = config.train.batch_size, config.data.image_size
+  batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=batch_sh),
+           "cond/tokens": jax.ShapeDtypeStruct((b, 77), jnp.int32, sharding=batch_sh)}
+  compiled = train_step.lower(builder.abstract_state, batch, *frozen).compile()
+
+  state = builder.abstract_state
+  trained = {k: state.params[k] for k in state.ema_params}  # what the step differentiates
+  untrained = [{k: v for k, v in state.params.items() if k not in state.ema_params}, *frozen]
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  return compiled, dict(params=count(trained), frozen_params=count(untrained), trainable_bytes=nbytes(trained),
+                        state_bytes=nbytes(state))
+
+
 def autoencoder_step():
   """(compiled step, abstract params) of KL-f8 training at 256 px with LPIPS and the GAN."""
   import jax
@@ -235,13 +330,17 @@ def measure() -> dict:
   import time
   import jax
   t0 = time.perf_counter()
-  compiled, params = {"unet": unet_step, "sdxl": sdxl_step, "autoencoder": autoencoder_step}[_MODEL.value]()
+  if _MODEL.value == "finetune":
+    compiled, sizes = finetune_step()
+  else:
+    compiled, params = {"unet": unet_step, "sdxl": sdxl_step, "autoencoder": autoencoder_step}[_MODEL.value]()
+    sizes = dict(params=sum(x.size for x in jax.tree.leaves(params)))
   m = compiled.memory_analysis()
   peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-  return dict(model=_MODEL.value, devices=jax.device_count(), fsdp=_FSDP.value, remat=_REMAT.value,
-              dtype=_DTYPE.value, grad_accum_steps=_ACCUM.value, batch_size=_batch_size(),
-              params=sum(x.size for x in jax.tree.leaves(params)),
-              state_gib=m.argument_size_in_bytes / GIB, temp_gib=m.temp_size_in_bytes / GIB, peak_gib=peak / GIB,
+  return dict(model=_MODEL.value, method=_METHOD.value, devices=jax.device_count(), fsdp=_FSDP.value,
+              remat=_REMAT.value, dtype=_DTYPE.value, grad_accum_steps=_ACCUM.value, batch_size=_batch_size(),
+              **sizes, state_gib=m.argument_size_in_bytes / GIB, output_gib=m.output_size_in_bytes / GIB,
+              alias_gib=m.alias_size_in_bytes / GIB, temp_gib=m.temp_size_in_bytes / GIB, peak_gib=peak / GIB,
               compile_s=time.perf_counter() - t0)
 
 
@@ -250,28 +349,52 @@ def fits(peak_gib: float) -> str:
   return " ".join(f"{size}" if peak_gib <= 0.9 * size else "–" for size in (16, 32, 80))
 
 
+def _run_row(row: dict) -> dict | str:
+  """`measure()` of one row in a subprocess with its device count; or the reason it failed."""
+  argv = [sys.executable, __file__] + [f"--{k}={v}" if not isinstance(v, bool) else f"--{k}" for k, v in row.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={row['devices']}")
+  out = subprocess.run(argv, env=env, capture_output=True, text=True)
+  lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+  if out.returncode or not lines:
+    return f"failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
+  return json.loads(lines[-1])
+
+
 def table() -> None:
   print("| model | devices | batch/device | FSDP | remat | dtype | accum | state GiB | temp GiB | peak GiB | fits 16/32/80 GiB |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for row in TABLE:
-    argv = [sys.executable, __file__] + [f"--{k}={v}" if not isinstance(v, bool) else f"--{k}" for k, v in row.items()]
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={row['devices']}")
-    out = subprocess.run(argv, env=env, capture_output=True, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode or not lines:
-      print(f"| {row} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode} |")
+    r = _run_row(row)
+    if isinstance(r, str):
+      print(f"| {row} | {r} |")
       continue
-    r = json.loads(lines[-1])
     print(f"| {r['model']} ({r['params'] / 1e6:.0f}M) | {r['devices']} | {r['batch_size'] // r['devices']} | "
           f"{'yes' if r['fsdp'] else 'no'} | {'yes' if r['remat'] else 'no'} | {r['dtype']} | {r['grad_accum_steps']} | "
           f"{r['state_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_gib']:.2f} | {fits(r['peak_gib'])} |", flush=True)
+
+
+def finetune_table() -> None:
+  """Whole-U-Net vs LoRA fine-tuning of SD 1.5: what trains, the train state, and one device's step."""
+  print("| fine-tuning SD 1.5 | trainable params | frozen params | train state MiB "
+        "(params + EMA + AdamW) | state / trainable bytes | arguments GiB | outputs GiB | temp GiB | peak GiB |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for row in FINETUNE_TABLE:
+    r = _run_row(row)
+    if isinstance(r, str):
+      print(f"| {row} | {r} |")
+      continue
+    method = "LoRA (lora.py)" if r["method"] == "lora" else "full U-Net (lora.py without lora)"
+    print(f"| {method} | {r['params']:,} | {r['frozen_params']:,} | {r['state_bytes'] / MIB:,.1f} | "
+          f"{r['state_bytes'] / r['trainable_bytes']:.2f} | {r['state_gib']:.2f} | {r['output_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_gib']:.2f} |", flush=True)
 
 
 def main(argv):
   del argv
   if _TABLE.value:
     table()
+    return
+  if _FINETUNE_TABLE.value:
+    finetune_table()
     return
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

@@ -3,6 +3,7 @@
 The references are peft adapters on tiny random diffusers/transformers models (random non-zero B),
 saved with diffusers' own `save_lora_weights`; ldm_jax reads them into adapter sets and applies them
 with `apply_lora`. The other way, files written by `save_lora` load in diffusers' `load_lora_weights`.
+A textual-inversion file gives, through sample.py's code path, the images of diffusers' pipeline.
 diffusers loads text-encoder LoRAs through transformers' `load_adapter`, which needs a peft newer than
 the one pinned, so the text-encoder reference is peft's own `set_peft_model_state_dict`.
 """
@@ -28,6 +29,9 @@ from ldm_jax.convert.textual_inversion import (add_placeholder_tokens, read_lear
                                                save_learned_embeds, token_embedding)
 from ldm_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from ldm_jax.models.lora import apply_lora, init_lora, select_targets  # noqa: E402
+from ldm_jax.runtime import sharding  # noqa: E402
+from ldm_jax.sampling import (SampleRequest, adapters, check_request, make_plan, make_sample_fn,  # noqa: E402
+                              read_model, sampling_mesh)
 from tests.convert.reference import nchw, nhwc  # noqa: E402
 
 TOL = 1e-4
@@ -240,6 +244,46 @@ def test_textual_inversion_files_match_diffusers_load_textual_inversion(sd_pipel
     np.testing.assert_array_equal(our_ids, ids)
     assert set(new_ids) <= set(our_ids[0].tolist()) and len(new_ids) == 2
     np.testing.assert_allclose(model.apply({"params": text_params}, our_ids), reference, atol=TOL, rtol=0)
+
+
+def test_sampling_with_a_textual_inversion_file_gives_the_diffusers_pipeline_images(sd_pipeline, tmp_path):
+  """sample.py --textual_inversion FILE --latents X (the request's steps as `sample_to_dir` takes them:
+  placeholders in the tokenizer, rows in the CLIP table, one compiled sampler) against
+  StableDiffusionPipeline after `load_textual_inversion(FILE)`, DDIM with guidance from the same
+  latents: float images within 1e-4 in [0, 1], for a prompt with the 2-vector token and one without."""
+  folder, plain_pipe = sd_pipeline
+  safetensors_torch = pytest.importorskip("safetensors.torch")
+  vectors = np.random.default_rng(6).normal(size=(2, 128)).astype(np.float32)
+  path = str(tmp_path / "learned_embeds.safetensors")  # as diffusers' textual_inversion.py writes it
+  safetensors_torch.save_file({"<cat-toy>": torch.from_numpy(vectors)}, path)
+  prompts = ["a <cat-toy> and a dog", "a cat"]
+  x_T = np.random.default_rng(7).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  np.save(tmp_path / "latents.npy", x_T)
+  request = SampleRequest(out=str(tmp_path / "out"), pretrained=folder, prompts=tuple(prompts), guidance_scale=4.0,
+                          steps=3, timestep_spacing="leading", steps_offset=1, latents=str(tmp_path / "latents.npy"),
+                          textual_inversion=(path,), batch_size=2)
+  check_request(request)
+  adapters.check_files(request)
+  info = adapters.add_placeholders(request, read_model(request))
+  mesh = sampling_mesh(jax.devices()[:2])
+  plan = make_plan(request, info, sharding.data_parallel_size(mesh))
+  ldm, params, ae_params = info.load(mesh, True)
+  ldm, params = adapters.apply_adapters(request, ldm, params, mesh)
+  fn, _ = make_sample_fn(ldm, request, plan, mesh)
+  images, _ = fn(params, ae_params, plan.cond, plan.null, np.arange(2, dtype=np.int32), np.int32(0),
+                 jax.random.PRNGKey(0), None, None, plan.x_T)
+  ours = np.asarray(images) / 2 + 0.5
+
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+  pipe.load_textual_inversion(path)
+  run = lambda p: p(prompts, height=16, width=16, num_inference_steps=3, guidance_scale=4.0, latents=nchw(x_T),
+                    output_type="np").images
+  with torch.no_grad():
+    reference, without = run(pipe), run(plain_pipe)
+  assert reference.std() > 0.05
+  np.testing.assert_allclose(ours, reference, atol=TOL, rtol=0)
+  assert np.abs(reference[0] - without[0]).max() > 1e-2  # the token's vectors make the first image
+  np.testing.assert_allclose(reference[1], without[1], atol=1e-6, rtol=0)  # a prompt without the token: as before
 
 
 def test_placeholder_rows_from_an_initializer_and_only_they_train(sd_pipeline):

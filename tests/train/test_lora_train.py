@@ -82,6 +82,27 @@ def test_only_adapters_train_and_the_base_stays_bit_identical():
                                 base["unet"]["mid_block"]["ff"]["net_2"]["kernel"])  # not a target
 
 
+def test_the_train_state_is_the_adapters_their_ema_and_adam_moments():
+  """The state the trainer builds (`StateBuilder` with `tuning.init`): per adapter leaf its value, its
+  EMA and Adam's two moments — 4 × the adapters' bytes, nothing of the base (benchmarks/memory_training.py
+  --finetune_table measures this on SD 1.5)."""
+  config = toy_config(rank=2, alpha=4.0)
+  mesh = sharding.make_mesh(config.mesh)
+  tuning = finetune.make_tuning(config, toy_base(), None, None, mesh)
+  config.update(dict(model=dict(in_channels=4), train=dict(num_steps=3), optim=dict(
+      schedule="constant", learning_rate=0.1, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.01)))
+  builder = state_lib.StateBuilder(config, mesh, None, None, (4, 4, 4), {}, state_lib.make_optimizer(config),
+                                   init_params=tuning.init)
+  state, adapters = builder.abstract_state, jax.eval_shape(tuning.init, jax.random.PRNGKey(0))
+  assert jax.tree.structure(state.params) == jax.tree.structure(state.ema_params) == jax.tree.structure(adapters)
+  # Besides step, rng and scale_factor; Adam's step count is a scalar.
+  arrays = [x for x in jax.tree.leaves((state.params, state.ema_params, state.opt_state)) if x.ndim > 0]
+  assert sorted(x.shape for x in arrays) == sorted(4 * [x.shape for x in jax.tree.leaves(adapters)])
+  nbytes = lambda leaves: sum(x.size * x.dtype.itemsize for x in leaves)
+  # 4 copies × 4 projections × (A [8, 2] + B [2, 8]) float32: 2 KiB, of 8 + 2 + 1 + 1 base kernels.
+  assert nbytes(arrays) == 4 * nbytes(jax.tree.leaves(adapters)) == 4 * 4 * (8 * 2 + 2 * 8) * 4
+
+
 def test_text_encoder_adapters_and_the_file(tmp_path):
   base = toy_base()
   tuning = finetune.make_tuning(toy_config(rank=2, alpha=1.0, text_encoder_targets=("attention",)), base, None,
