@@ -360,32 +360,35 @@ def _run_row(row: dict) -> dict | str:
   return json.loads(lines[-1])
 
 
-def table() -> None:
-  print("| model | devices | batch/device | FSDP | remat | dtype | accum | state GiB | temp GiB | peak GiB | fits 16/32/80 GiB |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for row in TABLE:
+def _print_table(header: str, rows, format_row) -> None:
+  """Prints a markdown table: `header`'s columns, then one line per row run through `_run_row`."""
+  print(header)
+  print("|---" * header.count("|", 1) + "|")
+  for row in rows:
     r = _run_row(row)
-    if isinstance(r, str):
-      print(f"| {row} | {r} |")
-      continue
-    print(f"| {r['model']} ({r['params'] / 1e6:.0f}M) | {r['devices']} | {r['batch_size'] // r['devices']} | "
-          f"{'yes' if r['fsdp'] else 'no'} | {'yes' if r['remat'] else 'no'} | {r['dtype']} | {r['grad_accum_steps']} | "
-          f"{r['state_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_gib']:.2f} | {fits(r['peak_gib'])} |", flush=True)
+    print(f"| {row} | {r} |" if isinstance(r, str) else format_row(r), flush=True)
+
+
+def table() -> None:
+  _print_table(
+      "| model | devices | batch/device | FSDP | remat | dtype | accum | state GiB | temp GiB | peak GiB | fits 16/32/80 GiB |",
+      TABLE,
+      lambda r: (f"| {r['model']} ({r['params'] / 1e6:.0f}M) | {r['devices']} | {r['batch_size'] // r['devices']} | "
+                 f"{'yes' if r['fsdp'] else 'no'} | {'yes' if r['remat'] else 'no'} | {r['dtype']} | "
+                 f"{r['grad_accum_steps']} | {r['state_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_gib']:.2f} | "
+                 f"{fits(r['peak_gib'])} |"))
 
 
 def finetune_table() -> None:
   """Whole-U-Net vs LoRA fine-tuning of SD 1.5: what trains, the train state, and one device's step."""
-  print("| fine-tuning SD 1.5 | trainable params | frozen params | train state MiB "
-        "(params + EMA + AdamW) | state / trainable bytes | arguments GiB | outputs GiB | temp GiB | peak GiB |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for row in FINETUNE_TABLE:
-    r = _run_row(row)
-    if isinstance(r, str):
-      print(f"| {row} | {r} |")
-      continue
-    method = "LoRA (lora.py)" if r["method"] == "lora" else "full U-Net (lora.py without lora)"
-    print(f"| {method} | {r['params']:,} | {r['frozen_params']:,} | {r['state_bytes'] / MIB:,.1f} | "
-          f"{r['state_bytes'] / r['trainable_bytes']:.2f} | {r['state_gib']:.2f} | {r['output_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_gib']:.2f} |", flush=True)
+  _print_table(
+      "| fine-tuning SD 1.5 | trainable params | frozen params | train state MiB (params + EMA + AdamW) | "
+      "state / trainable bytes | arguments GiB | outputs GiB | temp GiB | peak GiB |",
+      FINETUNE_TABLE,
+      lambda r: (f"| {'LoRA (lora.py)' if r['method'] == 'lora' else 'full U-Net (lora.py without lora)'} | "
+                 f"{r['params']:,} | {r['frozen_params']:,} | {r['state_bytes'] / MIB:,.1f} | "
+                 f"{r['state_bytes'] / r['trainable_bytes']:.2f} | {r['state_gib']:.2f} | {r['output_gib']:.2f} | "
+                 f"{r['temp_gib']:.2f} | {r['peak_gib']:.2f} |"))
 
 
 def main(argv):
