@@ -75,7 +75,8 @@ def start_scorer(directory: str, image_size: int, num_steps: int) -> multiproces
     return None
   except FileNotFoundError:
     process = multiprocessing.get_context("spawn").Process(
-        target=_train_and_save_scorer, args=(directory, image_size, num_steps), name="shapes judge")
+        target=_train_and_save_scorer, args=(directory, image_size, num_steps), name="shapes judge",
+        daemon=True)  # ends with the demo if a stage fails
     process.start()
     return process
 
@@ -135,7 +136,7 @@ def main(argv):
   real = real_images(prompts, size)
   reference = shapes_scorer.score(scorer, real, prompts)
   ceiling = shapes_scorer.score(scorer, reconstruct(ae_dir, real), prompts)
-  seconds["judge"] = time.perf_counter() - start
+  seconds["judge (scoring; it trained beside stage 1)"] = time.perf_counter() - start
 
   print("\nStage 1 (autoencoder), held-out: "
         + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in results.items()))
