@@ -70,15 +70,13 @@ def start_scorer(directory: str, image_size: int, num_steps: int) -> multiproces
   The judge depends on nothing the stages make, so it trains beside stage 1: one XLA process does
   not keep two CPU cores busy with these small models, a second process fills the gaps.
   """
-  try:
-    shapes_scorer.load_scorer(directory)
+  if shapes_scorer.is_saved(directory):
     return None
-  except FileNotFoundError:
-    process = multiprocessing.get_context("spawn").Process(
-        target=_train_and_save_scorer, args=(directory, image_size, num_steps), name="shapes judge",
-        daemon=True)  # ends with the demo if a stage fails
-    process.start()
-    return process
+  process = multiprocessing.get_context("spawn").Process(
+      target=_train_and_save_scorer, args=(directory, image_size, num_steps), name="shapes judge",
+      daemon=True)  # ends with the demo if a stage fails
+  process.start()
+  return process
 
 
 def get_scorer(directory: str, process: multiprocessing.Process | None) -> shapes_scorer.Scorer:

@@ -143,10 +143,15 @@ def save_scorer(scorer: Scorer, directory: str) -> None:
     json.dump(scorer.info, f, indent=2)
 
 
+def is_saved(directory: str) -> bool:
+  """Whether `save_scorer` wrote a scorer in `directory`."""
+  return all(os.path.exists(os.path.join(directory, name)) for name in (_INFO_FILE, _PARAMS_FILE))
+
+
 def load_scorer(directory: str) -> Scorer:
   """The scorer `save_scorer` wrote in `directory`; FileNotFoundError naming it when there is none."""
   info_path, params_path = (os.path.join(directory, name) for name in (_INFO_FILE, _PARAMS_FILE))
-  if not (os.path.exists(info_path) and os.path.exists(params_path)):
+  if not is_saved(directory):
     raise FileNotFoundError(f'{directory}: no {_INFO_FILE} and {_PARAMS_FILE}; train a scorer first')
   with open(info_path) as f:
     info = json.load(f)
