@@ -31,6 +31,7 @@ from ldm_jax import config as checks
 from ldm_jax import data as data_lib
 from ldm_jax.config import common as config_lib
 from ldm_jax.config import sections
+from ldm_jax.nn import GroupNorm
 from ldm_jax.runtime import cli
 from ldm_jax.runtime import checkpoint as ckpt_lib
 from ldm_jax.runtime import sharding
@@ -54,7 +55,7 @@ class Classifier(nn.Module):
       if level:
         h = nn.avg_pool(h, (2, 2), (2, 2))
       for _ in range(2):
-        h = nn.silu(nn.GroupNorm(num_groups=8)(nn.Conv(width, (3, 3))(h)))
+        h = nn.silu(GroupNorm(num_groups=8)(nn.Conv(width, (3, 3))(h)))
     features = nn.silu(nn.Dense(self.feature_dim)(jnp.mean(h, axis=(1, 2))))
     return features, nn.Dense(self.num_classes)(features)
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 import flax.linen as nn
 
 from ldm_jax.data import shapes
+from ldm_jax.nn import GroupNorm
 
 ATTRIBUTES = {
     'kind': shapes.KINDS,
@@ -56,7 +57,7 @@ class JudgeNet(nn.Module):
       if level:
         h = nn.max_pool(h, (2, 2), (2, 2))
       for _ in range(2):
-        h = nn.silu(nn.GroupNorm(num_groups=8)(nn.Conv(width, (3, 3))(h)))
+        h = nn.silu(GroupNorm(num_groups=8)(nn.Conv(width, (3, 3))(h)))
     b, height, width, c = h.shape
     quadrants = h.reshape(b, 2, height // 2, 2, width // 2, c).max(axis=(2, 4)).reshape(b, 4 * c)
     features = jnp.concatenate([quadrants, h.mean(axis=(1, 2))], axis=-1)

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ldm_jax.nn import (AttentionConfig, Downsample, ResnetBlock, SpatialSelfAttention, Upsample,
-                        check_group_norm, check_implementation)
+from ldm_jax.nn import (AttentionConfig, Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention,
+                        Upsample, check_group_norm, check_implementation)
 
 NUM_GROUPS = 32
 EPSILON = 1e-6
@@ -111,7 +111,7 @@ class _MidBlock(_Blocks):
 
 
 def _out(x: jax.Array, features: int, dtype, num_groups: int) -> jax.Array:
-  x = nn.GroupNorm(num_groups, epsilon=EPSILON, dtype=dtype, name="conv_norm_out")(x)
+  x = GroupNorm(num_groups, epsilon=EPSILON, dtype=dtype, name="conv_norm_out")(x)
   return _conv(features, 3, dtype, "conv_out")(nn.silu(x))
 
 

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.nn import check_group_norm
+from ldm_jax.nn import GroupNorm, check_group_norm
 
 NORMS = ("batch", "group", "none")
 
@@ -103,5 +103,5 @@ class NLayerDiscriminator(nn.Module):
       return BatchStatNorm(dtype=self.dtype, name=name)
     if self.norm == "group":
       check_group_norm(features, 32, f"NLayerDiscriminator.ndf={self.ndf} ({name})")
-      return nn.GroupNorm(32, epsilon=1e-5, scale_init=_normal(1.0, 0.02), dtype=self.dtype, name=name)
+      return GroupNorm(32, epsilon=1e-5, scale_init=_normal(1.0, 0.02), dtype=self.dtype, name=name)
     return lambda h: h

@@ -56,7 +56,7 @@ import ml_collections
 
 from ldm_jax.nn.attention import AttentionConfig, check_implementation, dot_product_attention
 from ldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
-from ldm_jax.nn.layers import Downsample, ResnetBlock, Upsample, check_group_norm
+from ldm_jax.nn.layers import Downsample, GroupNorm, ResnetBlock, Upsample, check_group_norm
 
 _RESNET_EPS = 1e-5  # openaimodel GroupNorm32 / diffusers resnet_eps
 _TRANSFORMER_NORM_EPS = 1e-6  # CompVis `Normalize`, diffusers Transformer2DModel
@@ -169,7 +169,7 @@ class SpatialTransformer(nn.Module):
     """x: [B, H, W, C], context: [B, Lc, Cc] or None → [B, H, W, C]."""
     b, height, width, channels = x.shape
     inner = self.num_heads * self.head_dim
-    h = nn.GroupNorm(self.num_groups, epsilon=_TRANSFORMER_NORM_EPS, dtype=self.dtype, name="norm")(x)
+    h = GroupNorm(self.num_groups, epsilon=_TRANSFORMER_NORM_EPS, dtype=self.dtype, name="norm")(x)
     if self.use_linear_projection:
       h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(b, height * width, channels))
     else:
@@ -204,7 +204,7 @@ class AttentionBlock(nn.Module):
     if context is not None:
       raise ValueError("AttentionBlock has no cross-attention; set model.use_spatial_transformer=True.")
     b, height, width, channels = x.shape
-    h = nn.GroupNorm(self.num_groups, epsilon=_RESNET_EPS, dtype=self.dtype, name="group_norm")(x)
+    h = GroupNorm(self.num_groups, epsilon=_RESNET_EPS, dtype=self.dtype, name="group_norm")(x)
     h = h.reshape(b, height * width, channels)
     q, k, v = (nn.Dense(channels, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))
     h = _multi_head(q, k, v, self.num_heads, self.attention)
@@ -447,7 +447,7 @@ class UNet(nn.Module):
                    name=f"up_blocks_{i}")(h, skips[-n:], temb, context, deterministic)
       skips = skips[:-n]
 
-    h = nn.GroupNorm(self.num_groups, epsilon=_RESNET_EPS, dtype=self.dtype, name="conv_norm_out")(h)
+    h = GroupNorm(self.num_groups, epsilon=_RESNET_EPS, dtype=self.dtype, name="conv_norm_out")(h)
     return nn.Conv(self.out_channels, (3, 3), padding=1, kernel_init=nn.initializers.zeros,
                    dtype=self.dtype, name="conv_out")(nn.silu(h))
 

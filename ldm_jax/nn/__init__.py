@@ -2,4 +2,4 @@
 
 from ldm_jax.nn.attention import (AttentionConfig, MultiHeadSelfAttention, SpatialSelfAttention,
                                   check_implementation, dot_product_attention)
-from ldm_jax.nn.layers import Downsample, ResnetBlock, Upsample, check_group_norm
+from ldm_jax.nn.layers import Downsample, GroupNorm, ResnetBlock, Upsample, check_group_norm, group_norm

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from ldm_jax.nn import fused_attention as fused_lib
 from ldm_jax.nn.blocked_attention import blocked_attention
+from ldm_jax.nn.layers import GroupNorm
 
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "fused", "cudnn", "pallas")
 _BACKEND_OF = {"fused": "cpu", "cudnn": "gpu", "pallas": "tpu"}
@@ -212,7 +213,7 @@ class SpatialSelfAttention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] → [B, H, W, C]."""
     b, h, w, c = x.shape
-    y = nn.GroupNorm(self.num_groups, epsilon=self.epsilon, dtype=self.dtype, name="group_norm")(x)
+    y = GroupNorm(self.num_groups, epsilon=self.epsilon, dtype=self.dtype, name="group_norm")(x)
     y = y.reshape(b, h * w, 1, c)
     q, k, v = (nn.Dense(c, dtype=self.dtype, name=name)(y) for name in ("to_q", "to_k", "to_v"))
     y = dot_product_attention(q, k, v, **dataclasses.asdict(self.attention))

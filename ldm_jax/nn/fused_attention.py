@@ -8,26 +8,16 @@ memory, and returns each query's log-sum-exp; its backward kernel recomputes the
 from it (dq with the queries in the lanes, dk and dv with the keys). From 32 channels per head on
 `blocked` is faster, and `dot_product_attention` uses it.
 
-The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) for the
-machine they run on (`-march=native`), into `$LDM_JAX_KERNEL_CACHE` (default
-`~/.cache/ldm_jax/kernels`), one file per source, flags and CPU; later processes load that file.
-Without a compiler `available()` is False and `dot_product_attention` uses `blocked` instead,
-saying why once (`unavailable_reason()`). float32, no mask, not causal; head sizes in
-`HEAD_DIMS`.
+The kernels are built on first use (`cpu_kernels`). Without a C++ compiler `available()` is False
+and `dot_product_attention` uses `blocked` instead, saying why once (`unavailable_reason()`).
+float32, no mask, not causal; head sizes in `HEAD_DIMS`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import logging
 import math
-import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,74 +26,12 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_SOURCE = Path(__file__).with_name("kernels") / "attention_cpu.cc"
-_TARGETS = {"ldm_fused_attention_forward": "LdmFusedAttentionForward",
-            "ldm_fused_attention_backward": "LdmFusedAttentionBackward"}
-_FLAGS = ("-w", "-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-pthread")
-_REGISTERED: list[Path] = []
+from ldm_jax.nn import cpu_kernels
+
+_SOURCE = cpu_kernels.KERNELS / "attention_cpu.cc"
 HEAD_DIMS = (2, 4, 8, 16)  # LDM_HEAD_DIMS in the source: from 32 channels on `blocked` is as fast
-
-
-def _cache_dir() -> Path:
-  return Path(os.environ.get("LDM_JAX_KERNEL_CACHE", Path.home() / ".cache" / "ldm_jax" / "kernels"))
-
-
-def _cpu_signature() -> str:
-  """What `-march=native` depends on: the CPU's model and feature flags."""
-  try:
-    text = Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return platform.processor() or platform.machine()
-  lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
-  return "\n".join(sorted(set(lines)))
-
-
-@functools.cache
-def _build() -> tuple[ctypes.CDLL | None, str | None]:
-  """(the loaded kernel library, None) or (None, why it could not be built)."""
-  compiler = os.environ.get("CXX", "c++")
-  flags = (*_FLAGS, f"-I{jax.ffi.include_dir()}")
-  source = _SOURCE.read_bytes()
-  key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                   jax.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:16]
-  library = _cache_dir() / f"attention_cpu-{key}.so"
-  if not library.exists():
-    try:
-      library.parent.mkdir(parents=True, exist_ok=True)
-      with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-        built = Path(tmp) / library.name
-        result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built)], capture_output=True, text=True,
-                                check=False)
-        if result.returncode != 0:
-          return None, f"{compiler} could not build {_SOURCE.name}: {_errors(result.stderr)}"
-        os.replace(built, library)  # atomic: concurrent processes each build, one file wins
-    except (OSError, subprocess.SubprocessError) as e:
-      return None, f"could not build {_SOURCE.name} with {compiler!r} into {library.parent}: {e}"
-  try:
-    lib = ctypes.CDLL(str(library))
-  except OSError as e:
-    return None, f"could not load {library}: {e}"
-  if not _REGISTERED:  # once per process (a rebuilt library would be the same kernel)
-    for target, symbol in _TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    _REGISTERED.append(library)
-  return lib, None
-
-
-def _errors(stderr: str) -> str:
-  lines = [line for line in stderr.splitlines() if "error" in line]
-  return "\n".join(lines[:10]) or stderr.strip()[-2000:]
-
-
-def unavailable_reason() -> str | None:
-  """None if the kernel runs here, else why not."""
-  if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
-    return f"the fused CPU kernel is built for x86_64/aarch64, not {platform.machine()}"
-  return _build()[1]
-
-
-def available() -> bool:
-  return unavailable_reason() is None
+unavailable_reason = cpu_kernels.unavailable_reason
+available = cpu_kernels.available
 
 
 def supports(*, head_dim: int, dtype, has_mask: bool, causal: bool) -> bool:

@@ -8,6 +8,7 @@ import pytest
 
 from ldm_jax.nn import AttentionConfig, MultiHeadSelfAttention, SpatialSelfAttention, dot_product_attention
 from ldm_jax.nn import attention as attention_lib
+from ldm_jax.nn import cpu_kernels
 from ldm_jax.nn import fused_attention as fused_lib
 from ldm_jax.nn.blocked_attention import blocked_attention, block_sizes
 
@@ -160,7 +161,7 @@ def test_unknown_or_unavailable_implementation_names_the_key():
 def test_fused_kernel_without_a_compiler_is_a_clear_error_and_auto_falls_back(monkeypatch, tmp_path):
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   monkeypatch.setenv("LDM_JAX_KERNEL_CACHE", str(tmp_path / "kernels"))
-  fused_lib._build.cache_clear()
+  cpu_kernels._build.cache_clear()
   try:
     assert "no-such-compiler" in fused_lib.unavailable_reason()
     with pytest.raises(ValueError, match=r"sample\.attention: 'fused' is unavailable here: .*no-such-compiler"):
@@ -169,7 +170,7 @@ def test_fused_kernel_without_a_compiler_is_a_clear_error_and_auto_falls_back(mo
         "auto", backend="cpu", batch=16, heads=8, q_len=1024, k_len=1024, head_dim=8, dtype=jnp.float32,
         has_mask=False) == "blocked"
   finally:
-    fused_lib._build.cache_clear()
+    cpu_kernels._build.cache_clear()
 
 
 needs_fused = pytest.mark.skipif(fused_lib.unavailable_reason() is not None,

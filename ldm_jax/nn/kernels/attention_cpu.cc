@@ -14,21 +14,18 @@
 // probabilities.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <type_traits>
 #include <vector>
-
-#include <sched.h>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -199,28 +196,6 @@ void QueryLanes(const Problem& pb, int64_t pair, int64_t i0, int64_t i1, const P
       pb.lse[(b * pb.heads + h) * pb.q_len + i + r] = m[r] * 0.6931471805599453f + std::log(l[r]);
     }
   }
-}
-
-int NumThreads() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// Runs work(item, state) for items 0..items-1 on `threads` threads (this one included), each with
-// its own State; items are handed out in order, so consecutive items of one pair share a State.
-template <typename State, typename Work>
-void ParallelFor(int64_t items, int threads, Work work) {
-  std::atomic<int64_t> next{0};
-  auto run = [&] {
-    State state;
-    for (int64_t item = next++; item < items; item = next++) work(item, state);
-  };
-  threads = static_cast<int>(std::min<int64_t>(threads, items));
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(run);
-  run();
-  for (auto& th : pool) th.join();
 }
 
 template <int D>

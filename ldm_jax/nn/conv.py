@@ -1,0 +1,141 @@
+"""3×3 convolutions (stride 1, one pixel of zero padding): the C++ CPU kernel where it applies.
+
+Nearly all of the autoencoder's and most of the U-Net's time on a CPU is in 3×3 convolutions.
+XLA's CPU convolution (Eigen) runs at ~140 GFLOP/s on a 2-core AVX-512 machine; the direct
+convolution of `kernels/conv_cpu.cc` at ~190–220 (`benchmarks/conv.py`). `Conv3x3` is the layer
+(parameters `kernel` [3, 3, C, O] and `bias` [O], initialised as `flax.linen.Conv`'s, so
+checkpoints and converters are unchanged); `conv3x3` the function, with a backward whose input
+gradient is the same kernel on the flipped, transposed weights and whose weight gradient is XLA's.
+
+`implementation`: 'auto' (the kernel on CPU for float32 with O and C multiples of 16 when it
+builds, else XLA), 'xla', 'fused' (the kernel; an error where it cannot run). The environment
+variable `LDM_JAX_CONV=xla` turns the kernel off for a whole process (an A/B switch).
+On a device mesh each device convolves its own examples (`custom_partitioning`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ldm_jax.nn import cpu_kernels
+
+IMPLEMENTATIONS = ("auto", "xla", "fused")
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSIONS)
+
+
+@functools.cache
+def _warn_unavailable_once(reason: str) -> None:
+  logging.warning("CPU convolution kernel unavailable, using XLA's: %s", reason)
+
+
+def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtype) -> bool:
+  """Whether `conv3x3` runs the C++ kernel for this layer ('fused' that cannot is an error)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"Conv3x3.implementation: {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
+  applies = (jnp.dtype(dtype) == jnp.float32 and in_channels % 16 == 0 and out_channels % 16 == 0)
+  if implementation == "xla" or (implementation == "auto" and os.environ.get("LDM_JAX_CONV") == "xla"):
+    return False
+  if implementation == "fused":
+    if jax.default_backend() != "cpu" or not applies or (reason := cpu_kernels.unavailable_reason()):
+      why = (f"JAX runs on {jax.default_backend()}" if jax.default_backend() != "cpu" else
+             f"needs float32 and channels in multiples of 16, got {jnp.dtype(dtype).name}, "
+             f"{in_channels} → {out_channels}" if not applies else reason)
+      raise ValueError(f"Conv3x3.implementation 'fused' cannot run here: {why}")
+    return True
+  if jax.default_backend() != "cpu" or not applies:
+    return False
+  if (reason := cpu_kernels.unavailable_reason()) is not None:
+    _warn_unavailable_once(reason)
+    return False
+  return True
+
+
+def _kernel_call(x, kernel, bias):
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], jnp.float32)
+  return jax.ffi.ffi_call("ldm_conv3x3", out, vmap_method="sequential")(x, kernel, bias, threads=np.int64(0))
+
+
+# Each device convolves its own examples; the image and channel axes and the weights stay whole
+# (XLA gathers sharded weights first, as it does for its own convolution).
+def _partition(mesh, arg_shapes, result_shape):
+  del result_shape
+  spec = tuple(getattr(arg_shapes[0].sharding, "spec", ()))
+  batch = spec[0] if spec else None
+  rows, whole = NamedSharding(mesh, P(batch, None, None, None)), NamedSharding(mesh, P())
+  return mesh, _kernel_call, rows, (rows, whole, whole)
+
+
+def _infer(mesh, arg_shapes, result_shape):
+  return _partition(mesh, arg_shapes, result_shape)[2]
+
+
+_kernel_sharded = custom_partitioning(_kernel_call)
+_kernel_sharded.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
+                              sharding_rule="b h w c, k l c o, o -> b h w o",
+                              need_replication_factors=("h", "w", "c", "k", "l", "o"))  # in the order of first use
+
+
+def _fused(x, kernel, bias):
+  if not cpu_kernels.available():
+    raise RuntimeError(f"Conv3x3 'fused': {cpu_kernels.unavailable_reason()}")
+  return _kernel_sharded(x, kernel, bias)
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """x [B, H, W, C] float32 ⊛ kernel [3, 3, C, O] + bias [O] → [B, H, W, O] by the C++ kernel
+  (O a multiple of 16; stride 1, zero padding of one pixel: 'SAME')."""
+  return _fused(x, kernel, bias)
+
+
+def _conv3x3_fwd(x, kernel, bias):
+  return _fused(x, kernel, bias), (x, kernel)
+
+
+def _conv3x3_bwd(residuals, d_out):
+  x, kernel = residuals
+  # dx[u, v, c] = Σ_{i, j, o} d_out[u+1-i, v+1-j, o] · kernel[i, j, c, o]: the same convolution of
+  # d_out with the kernel flipped in space and its channel axes swapped.
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  if x.shape[-1] % 16 == 0:
+    dx = _fused(d_out, flipped, jnp.zeros((x.shape[-1],), jnp.float32))
+  else:
+    dx = _xla_conv(d_out, flipped)
+  _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k), kernel)
+  return dx, kernel_vjp(d_out)[0], d_out.sum((0, 1, 2))
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+class Conv3x3(nn.Module):
+  """`flax.linen.Conv(features, (3, 3), padding=1)` (same parameters and initialisation) that runs
+  `conv3x3`'s C++ kernel where `use_kernel` says it applies, else XLA's convolution."""
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] → [B, H, W, features]."""
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    if use_kernel(self.implementation, in_channels=x.shape[-1], out_channels=self.features, dtype=self.dtype):
+      f32 = lambda a: jnp.asarray(a, jnp.float32)
+      return conv3x3(f32(x), f32(kernel), f32(bias))
+    x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
+    return _xla_conv(x, kernel) + bias

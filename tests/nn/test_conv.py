@@ -1,0 +1,75 @@
+"""Conv3x3 (the C++ CPU kernel) against flax.linen.Conv: values, gradients, parameters, fallbacks."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.nn import conv as conv_lib
+from ldm_jax.nn import cpu_kernels
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                                  reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+def _reference(x, kernel, bias):
+  with jax.enable_x64():
+    f64 = lambda a: jnp.asarray(a, jnp.float64)
+    return np.asarray(jax.lax.conv_general_dilated(f64(x), f64(kernel), (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC")) + f64(bias))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, out", [((2, 5, 13, 16), 64), ((1, 7, 8, 48), 32), ((2, 3, 19, 32), 16),
+                                        ((1, 4, 4, 32), 64), ((2, 1, 3, 16), 16), ((1, 6, 6, 3), 16)])
+def test_kernel_matches_float64_convolution_and_its_gradients(shape, out):
+  """Widths that the 6- and 12-pixel tiles do not divide, 4-pixel tiles, images of one row (every
+  tile on the border), 1/2/4 vectors of output channels, and an input with 3 channels (its input
+  gradient then comes from XLA)."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(shape).astype(np.float32)
+  kernel = (rng.standard_normal((3, 3, shape[-1], out)) / np.sqrt(9 * shape[-1])).astype(np.float32)
+  bias = rng.standard_normal(out).astype(np.float32)
+  upstream = rng.standard_normal(shape[:-1] + (out,)).astype(np.float32)
+  got = jax.jit(conv_lib.conv3x3)(x, kernel, bias)
+  np.testing.assert_allclose(np.asarray(got), _reference(x, kernel, bias), atol=2e-5)
+
+  def loss(fn, dtype):
+    return lambda x, k, b: jnp.sum(fn(x, k, b) * jnp.asarray(upstream, dtype))
+  xla = lambda x, k, b: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+  grads = jax.jit(jax.grad(loss(conv_lib.conv3x3, jnp.float32), argnums=(0, 1, 2)))(x, kernel, bias)
+  with jax.enable_x64():
+    f64 = lambda a: jnp.asarray(a, jnp.float64)
+    want = jax.grad(loss(xla, jnp.float64), argnums=(0, 1, 2))(f64(x), f64(kernel), f64(bias))
+  for g, w in zip(grads, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4 * float(jnp.abs(w).max()))
+
+
+@needs_kernel
+def test_layer_has_flax_conv_parameters_and_output():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 7, 32)), jnp.float32)
+  ours, theirs = conv_lib.Conv3x3(48, name="conv"), nn.Conv(48, (3, 3), padding=1, name="conv")
+  params = ours.init(jax.random.key(3), x)
+  flax_params = theirs.init(jax.random.key(3), x)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(flax_params)):  # same shapes and draws
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  params = jax.tree.map(lambda a: a + 0.1, params)  # a non-zero bias
+  assert conv_lib.use_kernel("auto", in_channels=32, out_channels=48, dtype=jnp.float32)
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x)), np.asarray(theirs.apply(params, x)), atol=2e-5)
+
+
+def test_choice_of_implementation(monkeypatch):
+  """XLA for bfloat16 and for channels that are not multiples of 16, on request, and for the whole
+  process with LDM_JAX_CONV=xla; 'fused' where the kernel cannot run is an error saying why."""
+  f32 = jnp.float32
+  assert not conv_lib.use_kernel("auto", in_channels=32, out_channels=32, dtype=jnp.bfloat16)
+  assert not conv_lib.use_kernel("auto", in_channels=32, out_channels=8, dtype=f32)
+  assert not conv_lib.use_kernel("xla", in_channels=32, out_channels=32, dtype=f32)
+  with pytest.raises(ValueError, match=r"'fused' cannot run here: .*multiples of 16, got float32, 32 → 8"):
+    conv_lib.use_kernel("fused", in_channels=32, out_channels=8, dtype=f32)
+  with pytest.raises(ValueError, match=r"Conv3x3\.implementation: 'cudnn' is not one of auto, xla, fused"):
+    conv_lib.use_kernel("cudnn", in_channels=32, out_channels=32, dtype=f32)
+  monkeypatch.setenv("LDM_JAX_CONV", "xla")
+  assert not conv_lib.use_kernel("auto", in_channels=32, out_channels=32, dtype=f32)
