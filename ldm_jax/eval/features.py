@@ -47,6 +47,7 @@ from ldm_jax.config import common as config_lib
 from ldm_jax.eval import classifier as classifier_lib
 from ldm_jax.eval import inception as inception_lib
 from ldm_jax.losses import lpips as lpips_lib
+from ldm_jax.nn import Conv3x3
 from ldm_jax.runtime import sharding
 
 PROTOCOL_VERSION = 1
@@ -142,7 +143,7 @@ class VGG16Features(nn.Module):
       if level:
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
       for width in block:
-        h = nn.relu(nn.Conv(width, (3, 3), padding=1, name=next(names))(h))
+        h = nn.relu(Conv3x3(width, name=next(names))(h))
     return jnp.mean(h, axis=(1, 2))
 
 

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.nn import Conv3x3
+
 # Reference ScalingLayer: (x - shift) / scale takes images in [-1, 1] to (approximately)
 # the ImageNet mean/std normalisation VGG16 was trained with.
 _SHIFT = (-0.030, -0.088, -0.188)
@@ -72,7 +74,7 @@ class _LPIPSNet(nn.Module):
       if level:
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
       for width in block:
-        h = nn.relu(nn.Conv(width, (3, 3), padding=1, name=next(names))(h))
+        h = nn.relu(Conv3x3(width, name=next(names))(h))
       diff = (_unit_normalize(h[:b]) - _unit_normalize(h[b:])) ** 2
       head = nn.Conv(1, (1, 1), use_bias=False, name=f"lin{level}")(diff)
       total = total + jnp.mean(head, axis=(1, 2, 3))

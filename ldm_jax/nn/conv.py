@@ -8,7 +8,8 @@ checkpoints and converters are unchanged); `conv3x3` the function, with a backwa
 gradient is the same kernel on the flipped, transposed weights and whose weight gradient is XLA's.
 
 `implementation`: 'auto' (the kernel on CPU for float32 with O and C multiples of 16 when it
-builds, else XLA), 'xla', 'fused' (the kernel; an error where it cannot run). The environment
+builds and the shape is one where it is faster: `MIN_PIXELS`, `MAX_IN_CHANNELS`; else XLA), 'xla',
+'fused' (the kernel; an error where it cannot run). The environment
 variable `LDM_JAX_CONV=xla` turns the kernel off for a whole process (an A/B switch).
 On a device mesh each device convolves its own examples (`custom_partitioning`).
 """
@@ -42,8 +43,16 @@ def _warn_unavailable_once(reason: str) -> None:
   logging.warning("CPU convolution kernel unavailable, using XLA's: %s", reason)
 
 
-def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtype) -> bool:
-  """Whether `conv3x3` runs the C++ kernel for this layer ('fused' that cannot is an error)."""
+# Where 'auto' takes the kernel: images of at least 16×16 and at most 640 input channels. Below
+# that XLA's convolution is as fast or faster (batch 4–8, `benchmarks/conv.py`: 8×8×256 0.87×,
+# 14×14×512 0.96×, 16×16×1280 0.89×; 16×16×128 1.03×, 28×28×512 1.03×, 32×32×640 1.05×,
+# 64×64×320 1.24×).
+MIN_PIXELS, MAX_IN_CHANNELS = 256, 640
+
+
+def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtype, pixels: int = MIN_PIXELS) -> bool:
+  """Whether `conv3x3` runs the C++ kernel for this layer (`pixels` = H·W); 'fused' that cannot run
+  is an error."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"Conv3x3.implementation: {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
   applies = (jnp.dtype(dtype) == jnp.float32 and in_channels % 16 == 0 and out_channels % 16 == 0)
@@ -56,7 +65,7 @@ def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtyp
              f"{in_channels} → {out_channels}" if not applies else reason)
       raise ValueError(f"Conv3x3.implementation 'fused' cannot run here: {why}")
     return True
-  if jax.default_backend() != "cpu" or not applies:
+  if jax.default_backend() != "cpu" or not applies or pixels < MIN_PIXELS or in_channels > MAX_IN_CHANNELS:
     return False
   if (reason := cpu_kernels.unavailable_reason()) is not None:
     _warn_unavailable_once(reason)
@@ -64,9 +73,17 @@ def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtyp
   return True
 
 
-def _kernel_call(x, kernel, bias):
-  out = jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], jnp.float32)
-  return jax.ffi.ffi_call("ldm_conv3x3", out, vmap_method="sequential")(x, kernel, bias, threads=np.int64(0))
+def _packed(kernel: jax.Array) -> jax.Array:
+  """[3, 3, C, O] → [O / K, 3, 3, C, K], K = 64, 32 or 16 (the kernel's block of output channels):
+  each block's weights contiguous, read as one stream instead of K-wide pieces O apart."""
+  c, o = kernel.shape[2:]
+  k = next(k for k in (64, 32, 16) if o % k == 0)
+  return kernel.reshape(3, 3, c, o // k, k).transpose(3, 0, 1, 2, 4)
+
+
+def _kernel_call(x, packed, bias):
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + bias.shape, jnp.float32)
+  return jax.ffi.ffi_call("ldm_conv3x3", out, vmap_method="sequential")(x, packed, bias, threads=np.int64(0))
 
 
 # Each device convolves its own examples; the image and channel axes and the weights stay whole
@@ -85,14 +102,14 @@ def _infer(mesh, arg_shapes, result_shape):
 
 _kernel_sharded = custom_partitioning(_kernel_call)
 _kernel_sharded.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
-                              sharding_rule="b h w c, k l c o, o -> b h w o",
-                              need_replication_factors=("h", "w", "c", "k", "l", "o"))  # in the order of first use
+                              sharding_rule="b h w c, n k l c e, o -> b h w o",
+                              need_replication_factors=("h", "w", "c", "n", "k", "l", "e", "o"))  # in the order of first use
 
 
 def _fused(x, kernel, bias):
   if not cpu_kernels.available():
     raise RuntimeError(f"Conv3x3 'fused': {cpu_kernels.unavailable_reason()}")
-  return _kernel_sharded(x, kernel, bias)
+  return _kernel_sharded(x, _packed(kernel), bias)
 
 
 @jax.custom_vjp
@@ -134,7 +151,8 @@ class Conv3x3(nn.Module):
     """x: [B, H, W, C] → [B, H, W, features]."""
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    if use_kernel(self.implementation, in_channels=x.shape[-1], out_channels=self.features, dtype=self.dtype):
+    if use_kernel(self.implementation, in_channels=x.shape[-1], out_channels=self.features, dtype=self.dtype,
+                  pixels=x.shape[1] * x.shape[2]):
       f32 = lambda a: jnp.asarray(a, jnp.float32)
       return conv3x3(f32(x), f32(kernel), f32(bias))
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))

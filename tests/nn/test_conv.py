@@ -22,11 +22,12 @@ def _reference(x, kernel, bias):
 
 @needs_kernel
 @pytest.mark.parametrize("shape, out", [((2, 5, 13, 16), 64), ((1, 7, 8, 48), 32), ((2, 3, 19, 32), 16),
-                                        ((1, 4, 4, 32), 64), ((2, 1, 3, 16), 16), ((1, 6, 6, 3), 16)])
+                                        ((1, 4, 4, 32), 64), ((2, 1, 3, 16), 16), ((1, 5, 7, 288), 64),
+                                        ((1, 6, 6, 3), 16)])
 def test_kernel_matches_float64_convolution_and_its_gradients(shape, out):
   """Widths that the 6- and 12-pixel tiles do not divide, 4-pixel tiles, images of one row (every
-  tile on the border), 1/2/4 vectors of output channels, and an input with 3 channels (its input
-  gradient then comes from XLA)."""
+  tile on the border), 1/2/4 vectors of output channels, 288 input channels (two passes of at
+  most 256), and an input with 3 channels (its input gradient then comes from XLA)."""
   rng = np.random.default_rng(0)
   x = rng.standard_normal(shape).astype(np.float32)
   kernel = (rng.standard_normal((3, 3, shape[-1], out)) / np.sqrt(9 * shape[-1])).astype(np.float32)
@@ -50,7 +51,7 @@ def test_kernel_matches_float64_convolution_and_its_gradients(shape, out):
 @needs_kernel
 def test_layer_has_flax_conv_parameters_and_output():
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 7, 32)), jnp.float32)
-  ours, theirs = conv_lib.Conv3x3(48, name="conv"), nn.Conv(48, (3, 3), padding=1, name="conv")
+  ours, theirs = conv_lib.Conv3x3(48, implementation="fused", name="conv"), nn.Conv(48, (3, 3), padding=1, name="conv")
   params = ours.init(jax.random.key(3), x)
   flax_params = theirs.init(jax.random.key(3), x)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(flax_params)):  # same shapes and draws
@@ -61,12 +62,15 @@ def test_layer_has_flax_conv_parameters_and_output():
 
 
 def test_choice_of_implementation(monkeypatch):
-  """XLA for bfloat16 and for channels that are not multiples of 16, on request, and for the whole
-  process with LDM_JAX_CONV=xla; 'fused' where the kernel cannot run is an error saying why."""
+  """XLA for bfloat16, for channels that are not multiples of 16, for images under 16×16 and over
+  640 input channels (where XLA is as fast), on request, and for the whole process with
+  LDM_JAX_CONV=xla; 'fused' where the kernel cannot run is an error saying why."""
   f32 = jnp.float32
   assert not conv_lib.use_kernel("auto", in_channels=32, out_channels=32, dtype=jnp.bfloat16)
   assert not conv_lib.use_kernel("auto", in_channels=32, out_channels=8, dtype=f32)
   assert not conv_lib.use_kernel("xla", in_channels=32, out_channels=32, dtype=f32)
+  assert not conv_lib.use_kernel("auto", in_channels=32, out_channels=32, dtype=f32, pixels=8 * 8)  # small images
+  assert not conv_lib.use_kernel("auto", in_channels=1280, out_channels=1280, dtype=f32, pixels=32 * 32)
   with pytest.raises(ValueError, match=r"'fused' cannot run here: .*multiples of 16, got float32, 32 → 8"):
     conv_lib.use_kernel("fused", in_channels=32, out_channels=8, dtype=f32)
   with pytest.raises(ValueError, match=r"Conv3x3\.implementation: 'cudnn' is not one of auto, xla, fused"):

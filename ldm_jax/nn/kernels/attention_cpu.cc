@@ -199,9 +199,9 @@ void QueryLanes(const Problem& pb, int64_t pair, int64_t i0, int64_t i1, const P
 }
 
 template <int D>
-void Forward(const Problem& pb, int threads) {
+void Forward(const Problem& pb, const Workers& workers) {
   const int64_t tiles = (pb.q_len + kQueryTile - 1) / kQueryTile;
-  ParallelFor<PairBuffers>(pb.batch * pb.heads * tiles, threads, [&](int64_t item, PairBuffers& buf) {
+  ParallelFor<PairBuffers>(pb.batch * pb.heads * tiles, workers, [&](int64_t item, PairBuffers& buf) {
     const int64_t pair = item / tiles, i0 = item % tiles * kQueryTile;
     if (buf.packed_pair != pair) PackPair<D>(pb, pair, buf);
     QueryLanes<D>(pb, pair, i0, std::min(pb.q_len, i0 + kQueryTile), buf);
@@ -328,11 +328,11 @@ void KeyGradients(const Backward& pb, int64_t pair, int64_t j0, int64_t j1, cons
 }
 
 template <int D>
-void BackwardPass(const Backward& pb, int threads) {
+void BackwardPass(const Backward& pb, const Workers& workers) {
   const int64_t q_tiles = (pb.q_len + kQueryTile - 1) / kQueryTile;
   const int64_t k_tiles = (pb.k_len + kQueryTile - 1) / kQueryTile;
   const int64_t tiles = q_tiles + k_tiles;  // per pair: its query tiles, then its key tiles
-  ParallelFor<BackwardBuffers>(pb.batch * pb.heads * tiles, threads, [&](int64_t item, BackwardBuffers& buf) {
+  ParallelFor<BackwardBuffers>(pb.batch * pb.heads * tiles, workers, [&](int64_t item, BackwardBuffers& buf) {
     const int64_t pair = item / tiles, tile = item % tiles;
     if (buf.packed_pair != pair) PackBackward<D>(pb, pair, buf);
     if (tile < q_tiles) {
@@ -351,15 +351,14 @@ void BackwardPass(const Backward& pb, int threads) {
 // blocked XLA implementation is as fast or faster from 32 channels per head on; Python side).
 #define LDM_HEAD_DIMS(X) X(2) X(4) X(8) X(16)
 
-// Runs run(std::integral_constant<int, D>{}, threads) for the compiled head size D == dim, with
-// `threads` (0 = the CPUs this process may run on) resolved; an error for any other size.
+// Runs run(std::integral_constant<int, D>{}) for the compiled head size D == dim; an error for any
+// other size.
 template <typename Run>
-static ffi::Error WithHeadDim(int64_t dim, int64_t threads, Run run) {
-  const int n = threads > 0 ? static_cast<int>(threads) : NumThreads();
-#define CASE(N)                               \
-  if (dim == N) {                             \
-    run(std::integral_constant<int, N>{}, n); \
-    return ffi::Error::Success();             \
+static ffi::Error WithHeadDim(int64_t dim, Run run) {
+#define CASE(N)                            \
+  if (dim == N) {                          \
+    run(std::integral_constant<int, N>{}); \
+    return ffi::Error::Success();          \
   }
   LDM_HEAD_DIMS(CASE)
 #undef CASE
@@ -368,26 +367,28 @@ static ffi::Error WithHeadDim(int64_t dim, int64_t threads, Run run) {
 
 static ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
-                                   int64_t threads) {
+                                   int64_t threads, ffi::ThreadPool pool) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("q, k, v must be [B, L, H, D]");
   Problem pb{q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data(),
              qd[0], qd[1], kd[1], qd[2], qd[3], scale};
   if (pb.k_len == 0) return ffi::Error::InvalidArgument("no keys");
-  return WithHeadDim(pb.dim, threads, [&](auto dim, int n) { Forward<decltype(dim)::value>(pb, n); });
+  const Workers workers(&pool, threads);
+  return WithHeadDim(pb.dim, [&](auto dim) { Forward<decltype(dim)::value>(pb, workers); });
 }
 
 static ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                                     ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> dq,
                                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale,
-                                    int64_t threads) {
+                                    int64_t threads, ffi::ThreadPool pool) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("q, k, v must be [B, L, H, D]");
   Backward pb{q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(), lse.typed_data(),
               d_out.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(),
               qd[0], qd[1], kd[1], qd[2], scale};
-  return WithHeadDim(qd[3], threads, [&](auto dim, int n) { BackwardPass<decltype(dim)::value>(pb, n); });
+  const Workers workers(&pool, threads);
+  return WithHeadDim(qd[3], [&](auto dim) { BackwardPass<decltype(dim)::value>(pb, workers); });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmFusedAttentionForward, AttentionForward,
@@ -398,7 +399,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmFusedAttentionForward, AttentionForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmFusedAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
@@ -412,4 +414,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmFusedAttentionBackward, AttentionBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());

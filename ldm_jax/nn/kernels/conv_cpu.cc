@@ -33,30 +33,39 @@ inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
 struct Problem {
   const float* x;   // [B, H, W, C]
-  const float* w;   // [3, 3, C, O]
+  const float* w;   // [O / (V·16), 3, 3, C, V·16]: each block of output channels contiguous
   const float* bias;
   float* out;       // [B, H, W, O]
   int64_t batch, height, width, in_channels, out_channels;
+};
+
+// The input channels [begin, end) that one pass over the tiles sums: at most kChunk, so that the
+// pass's weights (3·3·kChunk·V·16 floats, 576 KiB) stay in L2 while the row's tiles reuse them.
+// The first pass starts from the bias, later ones from the output the earlier passes wrote.
+constexpr int64_t kChunk = 256;
+struct Channels {
+  int64_t begin, end;
 };
 
 // R output pixels of one row (consecutive x) × V vectors of 16 output channels.
 // `in` points at the input pixel above and left of the tile's first output pixel; `row` is the
 // distance between input rows.
 template <int R, int V>
-inline void Tile(const Problem& pb, const float* in, int64_t row, const float* w, const float* bias, float* out) {
+inline void Tile(const Problem& pb, const float* in, int64_t row, const float* w, const float* bias, float* out,
+                 Channels cs) {
   const int64_t c_in = pb.in_channels, c_out = pb.out_channels;
   vf acc[R][V];
   for (int v = 0; v < V; ++v) {
     const vf b = Load(bias + kLanes * v);
-    for (int r = 0; r < R; ++r) acc[r][v] = b;
+    for (int r = 0; r < R; ++r) acc[r][v] = cs.begin == 0 ? b : Load(out + r * c_out + kLanes * v);
   }
   for (int i = 0; i < 3; ++i) {
     for (int j = 0; j < 3; ++j) {
       const float* px = in + i * row + j * c_in;
-      const float* wk = w + (i * 3 + j) * c_in * c_out;
-      for (int64_t c = 0; c < c_in; ++c) {
+      const float* wk = w + (i * 3 + j) * c_in * V * kLanes;
+      for (int64_t c = cs.begin; c < cs.end; ++c) {
         vf wv[V];
-        for (int v = 0; v < V; ++v) wv[v] = Load(wk + c * c_out + kLanes * v);
+        for (int v = 0; v < V; ++v) wv[v] = Load(wk + (c * V + v) * kLanes);
         for (int r = 0; r < R; ++r) {
           const float a = px[r * c_in + c];
           for (int v = 0; v < V; ++v) acc[r][v] += a * wv[v];
@@ -71,10 +80,10 @@ inline void Tile(const Problem& pb, const float* in, int64_t row, const float* w
 // A tile of `n` < R pixels (the end of a row that R does not divide).
 template <int N, int V>
 inline void ShortTile(int n, const Problem& pb, const float* in, int64_t row, const float* w, const float* bias,
-                      float* out) {
+                      float* out, Channels cs) {
   if constexpr (N > 0) {
-    if (n == N) return Tile<N, V>(pb, in, row, w, bias, out);
-    ShortTile<N - 1, V>(n, pb, in, row, w, bias, out);
+    if (n == N) return Tile<N, V>(pb, in, row, w, bias, out, cs);
+    ShortTile<N - 1, V>(n, pb, in, row, w, bias, out, cs);
   }
 }
 
@@ -87,7 +96,7 @@ struct EdgeBuffer {
 // tiles touching the border first copy their 3 × (n + 2) input pixels into `edge` with zeros outside.
 template <int R, int V>
 inline void TileAt(int n, const Problem& pb, int64_t b, int64_t y, int64_t x0, const float* w, const float* bias,
-                   float* out, EdgeBuffer& edge) {
+                   float* out, Channels cs, EdgeBuffer& edge) {
   const int64_t c = pb.in_channels, height = pb.height, width = pb.width;
   const float* image = pb.x + b * height * width * c;
   const float* in;
@@ -107,48 +116,62 @@ inline void TileAt(int n, const Problem& pb, int64_t b, int64_t y, int64_t x0, c
     }
     in = edge.data.data();
   }
-  if (n == R) return Tile<R, V>(pb, in, row, w, bias, out);
-  ShortTile<R - 1, V>(n, pb, in, row, w, bias, out);
+  if (n == R) return Tile<R, V>(pb, in, row, w, bias, out, cs);
+  ShortTile<R - 1, V>(n, pb, in, row, w, bias, out, cs);
 }
 
-// One output row of one block of V·16 output channels, in tiles of R pixels.
+// Output rows [first, last) (rows of all examples, counted as b·H + y) of one block of V·16 output
+// channels, in tiles of R pixels: one pass over the rows per chunk of input channels, so that each
+// chunk's weights serve every tile of the rows while they are in L2.
 template <int R, int V>
-void Row(const Problem& pb, int64_t b, int64_t y, int64_t block, EdgeBuffer& edge) {
+void Rows(const Problem& pb, int64_t first, int64_t last, int64_t block, EdgeBuffer& edge) {
   const int64_t o0 = block * V * kLanes;
-  float* out = pb.out + ((b * pb.height + y) * pb.width) * pb.out_channels + o0;
-  for (int64_t x = 0; x < pb.width; x += R) {
-    const int n = static_cast<int>(std::min<int64_t>(R, pb.width - x));
-    TileAt<R, V>(n, pb, b, y, x, pb.w + o0, pb.bias + o0, out + x * pb.out_channels, edge);
+  for (int64_t c0 = 0; c0 < pb.in_channels; c0 += kChunk) {
+    const Channels cs{c0, std::min(c0 + kChunk, pb.in_channels)};
+    for (int64_t by = first; by < last; ++by) {
+      float* out = pb.out + by * pb.width * pb.out_channels + o0;
+      for (int64_t x = 0; x < pb.width; x += R) {
+        const int n = static_cast<int>(std::min<int64_t>(R, pb.width - x));
+        TileAt<R, V>(n, pb, by / pb.height, by % pb.height, x, pb.w + block * 9 * pb.in_channels * V * kLanes, pb.bias + o0, out + x * pb.out_channels,
+                     cs, edge);
+      }
+    }
   }
 }
 
+// Work items: a block of output channels × a group of rows with at least ~96 output pixels in all
+// (the weights' reuse), block-major so that a thread's consecutive items share the block's weights.
 template <int R, int V>
-void Convolve(const Problem& pb, int threads) {
-  const int64_t blocks = pb.out_channels / (V * kLanes);
-  ParallelFor<EdgeBuffer>(pb.batch * pb.height * blocks, threads, [&](int64_t item, EdgeBuffer& edge) {
-    const int64_t block = item % blocks, by = item / blocks;
-    Row<R, V>(pb, by / pb.height, by % pb.height, block, edge);
+void Convolve(const Problem& pb, const Workers& workers) {
+  const int64_t blocks = pb.out_channels / (V * kLanes), rows = pb.batch * pb.height;
+  const int64_t group = std::min<int64_t>(rows, std::max<int64_t>(1, 96 / pb.width));
+  const int64_t groups = (rows + group - 1) / group;
+  ParallelFor<EdgeBuffer>(blocks * groups, workers, [&](int64_t item, EdgeBuffer& edge) {
+    const int64_t block = item / groups, first = item % groups * group;
+    Rows<R, V>(pb, first, std::min(first + group, rows), block, edge);
   });
 }
 
 // Tiles of R pixels fill 24 accumulators: 6 pixels × 4 vectors, or 12 × 2 (12 × 1 for 16 channels).
 template <int V>
-void ConvolveChannels(const Problem& pb, int threads) {
-  Convolve<V == 4 ? 6 : 12, V>(pb, threads);
+void ConvolveChannels(const Problem& pb, const Workers& workers) {
+  Convolve<V == 4 ? 6 : 12, V>(pb, workers);
 }
 
 static ffi::Error Conv3x3(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
-                          ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+                          ffi::ResultBuffer<ffi::F32> out, int64_t threads, ffi::ThreadPool pool) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || od.size() != 4 || wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3] ||
-      od[0] != xd[0] || od[1] != xd[1] || od[2] != xd[2] || od[3] != wd[3] || wd[3] % kLanes)
-    return ffi::Error::InvalidArgument("conv3x3: x [B, H, W, C], w [3, 3, C, O], out [B, H, W, O], O % 16 == 0");
+  if (xd.size() != 4 || wd.size() != 5 || od.size() != 4 || wd[1] != 3 || wd[2] != 3 || wd[3] != xd[3] ||
+      od[0] != xd[0] || od[1] != xd[1] || od[2] != xd[2] || od[3] != wd[0] * wd[4] ||
+      (wd[4] != kLanes && wd[4] != 2 * kLanes && wd[4] != 4 * kLanes))
+    return ffi::Error::InvalidArgument(
+        "conv3x3: x [B, H, W, C], w [O / K, 3, 3, C, K] with K in 16, 32, 64, out [B, H, W, O]");
   const Problem pb{x.typed_data(), w.typed_data(), bias.typed_data(), out->typed_data(),
                    od[0], od[1], od[2], xd[3], od[3]};
-  const int n = threads > 0 ? static_cast<int>(threads) : NumThreads();
-  if (pb.out_channels % (4 * kLanes) == 0) ConvolveChannels<4>(pb, n);
-  else if (pb.out_channels % (2 * kLanes) == 0) ConvolveChannels<2>(pb, n);
-  else ConvolveChannels<1>(pb, n);
+  const Workers workers(&pool, threads);
+  if (wd[4] == 4 * kLanes) ConvolveChannels<4>(pb, workers);
+  else if (wd[4] == 2 * kLanes) ConvolveChannels<2>(pb, workers);
+  else ConvolveChannels<1>(pb, workers);
   return ffi::Error::Success();
 }
 
@@ -160,4 +183,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmConv3x3, Conv3x3,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
