@@ -94,9 +94,7 @@ class GroupNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, ..., C] → the same shape."""
     channels = x.shape[-1]
-    if channels % self.num_groups:
-      raise ValueError(f"GroupNorm {self.name}: {channels} channels are not divisible by "
-                       f"{self.num_groups} groups.")
+    check_group_norm(channels, self.num_groups, f"GroupNorm {self.name}")
     scale = self.param("scale", self.scale_init, (channels,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
     f32 = lambda a: a.astype(jnp.float32)

@@ -126,14 +126,14 @@ inline void TileAt(int n, const Problem& pb, int64_t b, int64_t y, int64_t x0, c
 template <int R, int V>
 void Rows(const Problem& pb, int64_t first, int64_t last, int64_t block, EdgeBuffer& edge) {
   const int64_t o0 = block * V * kLanes;
+  const float* w = pb.w + block * 9 * pb.in_channels * V * kLanes;  // this block's packed weights
   for (int64_t c0 = 0; c0 < pb.in_channels; c0 += kChunk) {
     const Channels cs{c0, std::min(c0 + kChunk, pb.in_channels)};
     for (int64_t by = first; by < last; ++by) {
       float* out = pb.out + by * pb.width * pb.out_channels + o0;
       for (int64_t x = 0; x < pb.width; x += R) {
         const int n = static_cast<int>(std::min<int64_t>(R, pb.width - x));
-        TileAt<R, V>(n, pb, by / pb.height, by % pb.height, x, pb.w + block * 9 * pb.in_channels * V * kLanes, pb.bias + o0, out + x * pb.out_channels,
-                     cs, edge);
+        TileAt<R, V>(n, pb, by / pb.height, by % pb.height, x, w, pb.bias + o0, out + x * pb.out_channels, cs, edge);
       }
     }
   }
