@@ -26,7 +26,8 @@ _SOURCES = (KERNELS / "attention_cpu.cc", KERNELS / "conv_cpu.cc")
 _HEADERS = (KERNELS / "parallel.h",)
 _TARGETS = {"ldm_fused_attention_forward": "LdmFusedAttentionForward",
             "ldm_fused_attention_backward": "LdmFusedAttentionBackward",
-            "ldm_conv3x3": "LdmConv3x3"}
+            "ldm_conv3x3": "LdmConv3x3",
+            "ldm_conv3x3_weight_grad": "LdmConv3x3WeightGrad"}
 _FLAGS = ("-w", "-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-pthread")
 _REGISTERED: list[Path] = []
 

@@ -80,6 +80,25 @@ def test_choice_of_implementation(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape, out", [((2, 5, 13, 16), 64), ((1, 7, 8, 48), 32), ((3, 1, 3, 16), 16),
+                                        ((1, 6, 1, 32), 48), ((1, 5, 7, 288), 64)])
+def test_weight_gradient_kernel_matches_float64(shape, out):
+  """The weight-gradient kernel (which `conv3x3`'s backward takes for large images or few channels,
+  whatever the shape here): one-row and one-column images (taps off the border dropped), 1, 2, 3
+  and 4 vectors of output channels, 288 input channels."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal(shape).astype(np.float32)
+  d_out = rng.standard_normal(shape[:-1] + (out,)).astype(np.float32)
+  got = jax.jit(conv_lib._weight_grad_sharded)(x, d_out)  # pylint: disable=protected-access
+  with jax.enable_x64():
+    kernel = jnp.zeros((3, 3, shape[-1], out), jnp.float64)
+    conv = lambda k: jax.lax.conv_general_dilated(jnp.asarray(x, jnp.float64), k, (1, 1), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = np.asarray(jax.vjp(conv, kernel)[1](jnp.asarray(d_out, jnp.float64))[0])
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max())
+
+
+@needs_kernel
 def test_kernel_on_a_mesh_runs_per_device_without_gathering():
   """Batch split over 4 devices: each device convolves its own examples (no all-gather in the
   forward or the backward program), the output keeps the batch sharding, values and gradients are

@@ -8,6 +8,7 @@
 // it loads V weight vectors and broadcasts R input values. No im2col buffer: the tile's three
 // input rows stay in L1, one output-channel block's weights in L2. Tiles on the image's border read
 // their input through a small zero-padded copy instead of padding the whole input.
+// The second kernel (below) is the weight gradient of the same convolution, for the backward pass.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -175,6 +176,94 @@ static ffi::Error Conv3x3(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi:
   return ffi::Error::Success();
 }
 
+// ---- Weight gradient: dw[i, j, c, o] = Σ_{b, y, x} x[b, y+i-1, x+j-1, c] · g[b, y, x, o] ----
+// (g the gradient of the output; taps that fall outside the image contribute nothing.)
+// A tile keeps N input channels × V vectors of 16 output channels in registers and sums over the
+// pixels of a block of rows: per pixel V loads of g and N broadcasts of x. The block (rows of
+// ~64 Ki input floats) stays in L2 while all taps and channel tiles pass over it.
+
+struct GradProblem {
+  const float* x;  // [B, H, W, C]
+  const float* g;  // [B, H, W, O]
+  int64_t batch, height, width, in_channels, out_channels;
+};
+
+// Adds to dw (one output-channel block's V·16 columns of tap (i, j), channels [c0, c0 + N)) the sum
+// over rows [first, last) (counted as b·H + y) of one tap's products.
+template <int N, int V>
+inline void GradTile(const GradProblem& pb, int64_t first, int64_t last, int i, int j, int64_t c0, int64_t o0,
+                     float* dw) {
+  const int64_t c = pb.in_channels, o = pb.out_channels, height = pb.height, width = pb.width;
+  const int64_t x_first = j == 0 ? 1 : 0, x_last = j == 2 ? width - 1 : width;  // output columns with an input
+  vf acc[N][V];
+  for (int n = 0; n < N; ++n)
+    for (int v = 0; v < V; ++v) acc[n][v] = vf{};
+  for (int64_t by = first; by < last; ++by) {
+    const int64_t yy = by % height + i - 1;
+    if (yy < 0 || yy >= height) continue;
+    const float* gp = pb.g + (by * width + x_first) * o + o0;
+    const float* xp = pb.x + ((by + i - 1) * width + x_first + j - 1) * c + c0;
+    for (int64_t px = x_first; px < x_last; ++px, gp += o, xp += c) {
+      vf gv[V];
+      for (int v = 0; v < V; ++v) gv[v] = Load(gp + v * kLanes);
+      for (int n = 0; n < N; ++n) {
+        const float a = xp[n];
+        for (int v = 0; v < V; ++v) acc[n][v] += a * gv[v];
+      }
+    }
+  }
+  float* d = dw + ((i * 3 + j) * c + c0) * o + o0;
+  for (int n = 0; n < N; ++n)
+    for (int v = 0; v < V; ++v) Store(d + n * o + v * kLanes, Load(d + n * o + v * kLanes) + acc[n][v]);
+}
+
+// Adds the sums over rows [first, last) to dw [3, 3, C, O], in blocks of rows that stay in L2.
+template <int N, int V>
+void GradRows(const GradProblem& pb, int64_t first, int64_t last, float* dw) {
+  const int64_t block = std::max<int64_t>(1, (64 << 10) / (pb.width * pb.in_channels));
+  for (int64_t b0 = first; b0 < last; b0 += block) {
+    const int64_t b1 = std::min(b0 + block, last);
+    for (int64_t o0 = 0; o0 < pb.out_channels; o0 += V * kLanes)
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j)
+          for (int64_t c0 = 0; c0 < pb.in_channels; c0 += N) GradTile<N, V>(pb, b0, b1, i, j, c0, o0, dw);
+  }
+}
+
+// One work item per thread, each summing a contiguous share of the rows into its own copy of dw
+// (the first into the result), added up at the end: the same order of sums for a given thread count.
+template <int N, int V>
+void WeightGrad(const GradProblem& pb, float* dw, const Workers& workers) {
+  const int64_t rows = pb.batch * pb.height, size = 9 * pb.in_channels * pb.out_channels;
+  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(workers.threads, rows));
+  std::vector<float> partial((items - 1) * size, 0.0f);
+  std::fill(dw, dw + size, 0.0f);
+  ParallelFor<char>(items, workers, [&](int64_t item, char&) {
+    float* sums = item == 0 ? dw : partial.data() + (item - 1) * size;
+    GradRows<N, V>(pb, rows * item / items, rows * (item + 1) / items, sums);
+  });
+  for (int64_t item = 1; item < items; ++item) {
+    const float* p = partial.data() + (item - 1) * size;
+    for (int64_t k = 0; k < size; ++k) dw[k] += p[k];
+  }
+}
+
+static ffi::Error Conv3x3WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
+                                    int64_t threads, ffi::ThreadPool pool) {
+  const auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] || gd[1] != xd[1] || gd[2] != xd[2] ||
+      wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3] || wd[3] != gd[3] || xd[3] % 8 != 0 || gd[3] % kLanes != 0)
+    return ffi::Error::InvalidArgument(
+        "conv3x3 weight gradient: x [B, H, W, C], g [B, H, W, O], dw [3, 3, C, O], C a multiple of 8, O of 16");
+  const GradProblem pb{x.typed_data(), g.typed_data(), xd[0], xd[1], xd[2], xd[3], gd[3]};
+  const Workers workers(&pool, threads);
+  float* out = dw->typed_data();
+  if (pb.out_channels % (4 * kLanes) == 0) WeightGrad<4, 4>(pb, out, workers);  // 16 accumulators each
+  else if (pb.out_channels % (2 * kLanes) == 0) WeightGrad<8, 2>(pb, out, workers);
+  else WeightGrad<8, 1>(pb, out, workers);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmConv3x3, Conv3x3,
@@ -183,5 +272,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmConv3x3, Conv3x3,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmConv3x3WeightGrad, Conv3x3WeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
