@@ -2,10 +2,13 @@
 
   .venv/bin/python benchmarks/conv.py                      # the f = 8 VAE decoder's and the U-Net's shapes
   .venv/bin/python benchmarks/conv.py --shapes 64x256,256x64 --batch 8 --grad
+  .venv/bin/python benchmarks/conv.py --shapes 32x192x64,16x320 --weight_grad
 
-For each `SIZExCHANNELS` (square images, channels in = out) it prints the forward time (with
---grad: forward + backward of a sum of the output times a fixed array, input and weight gradients)
-of each implementation, min / median over --repeats after a warm-up, and the kernel's speed-up.
+For each `SIZExCHANNELS` (square images, channels in = out) or `SIZExINxOUT` it prints the forward
+time (with --grad: forward + backward of a sum of the output times a fixed array, input and weight
+gradients; with --weight_grad: the weight gradient alone, XLA's against the kernel's whatever
+`conv3x3`'s backward would choose) of each implementation, min / median over --repeats after a
+warm-up, and the kernel's speed-up.
 """
 
 import os
@@ -24,6 +27,7 @@ _SHAPES = flags.DEFINE_list("shapes", ["256x64", "128x128", "64x256", "32x256", 
                             "SIZExCHANNELS per measurement.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per call.")
 _GRAD = flags.DEFINE_bool("grad", False, "Time forward + backward instead of the forward.")
+_WEIGHT_GRAD = flags.DEFINE_bool("weight_grad", False, "Time the weight gradient alone.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions.")
 
 
@@ -41,24 +45,29 @@ def main(argv):
   del argv
   if conv.cpu_kernels.unavailable_reason():
     raise SystemExit(f"the CPU kernel is unavailable: {conv.cpu_kernels.unavailable_reason()}")
-  print(f"batch {_BATCH.value}, {'forward+backward' if _GRAD.value else 'forward'}, float32, {os.cpu_count()} cores")
-  print(f"{'shape':>10s}{'xla ms (min/med)':>20s}{'kernel ms (min/med)':>22s}{'speed-up':>10s}{'max |diff|':>12s}")
+  part = "weight gradient" if _WEIGHT_GRAD.value else "forward+backward" if _GRAD.value else "forward"
+  print(f"batch {_BATCH.value}, {part}, float32, {os.cpu_count()} cores")
+  print(f"{'shape':>12s}{'xla ms (min/med)':>20s}{'kernel ms (min/med)':>22s}{'speed-up':>10s}{'max |diff|':>12s}")
   rng = np.random.default_rng(0)
   for shape in _SHAPES.value:
-    size, channels = (int(n) for n in shape.split("x"))
-    x = jnp.asarray(rng.standard_normal((_BATCH.value, size, size, channels)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, channels, channels)) / np.sqrt(9 * channels), jnp.float32)
-    bias = jnp.zeros((channels,), jnp.float32)
-    upstream = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    size, c_in, *rest = (int(n) for n in shape.split("x"))
+    c_out = rest[0] if rest else c_in
+    x = jnp.asarray(rng.standard_normal((_BATCH.value, size, size, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in), jnp.float32)
+    bias = jnp.zeros((c_out,), jnp.float32)
+    upstream = jnp.asarray(rng.standard_normal(x.shape[:-1] + (c_out,)), jnp.float32)
     xla = lambda x, k, b: conv._xla_conv(x, k) + b  # pylint: disable=protected-access
     fns = {"xla": xla, "kernel": conv.conv3x3}
-    if _GRAD.value:
+    if _WEIGHT_GRAD.value:
+      fns = {"xla": lambda x, k, b: jax.vjp(lambda k: conv._xla_conv(x, k), k)[1](upstream)[0],  # pylint: disable=protected-access
+             "kernel": lambda x, k, b: conv._weight_grad_sharded(x, upstream)}  # pylint: disable=protected-access
+    elif _GRAD.value:
       fns = {name: jax.grad(lambda x, k, b, f=f: jnp.sum(f(x, k, b) * upstream), argnums=(0, 1)) for name, f in fns.items()}
     fns = {name: jax.jit(f) for name, f in fns.items()}
     outs = {name: jax.tree.leaves(f(x, kernel, bias))[0] for name, f in fns.items()}
     times = {name: _timed(f, x, kernel, bias) for name, f in fns.items()}
     diff = float(jnp.abs(outs["xla"] - outs["kernel"]).max())
-    print(f"{shape:>10s}{times['xla'][0] * 1e3:>11.1f} /{times['xla'][1] * 1e3:>7.1f}"
+    print(f"{shape:>12s}{times['xla'][0] * 1e3:>11.1f} /{times['xla'][1] * 1e3:>7.1f}"
           f"{times['kernel'][0] * 1e3:>13.1f} /{times['kernel'][1] * 1e3:>7.1f}"
           f"{times['xla'][0] / times['kernel'][0]:>9.2f}x{diff:>12.1e}", flush=True)
 

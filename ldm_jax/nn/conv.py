@@ -129,10 +129,10 @@ _weight_grad_sharded.def_partition(
     sharding_rule="b h w c, b h w o -> i j c o", need_replication_factors=("h", "w", "c", "o", "i", "j"))
 
 
-# Where the weight gradient takes the kernel: XLA's is as fast on small images with many channels
-# (16×16×320 1.2× faster, 32×32×320 equal) but 2–8× slower on large images (`benchmarks/conv.py --grad`).
+# Where the weight gradient takes the kernel: XLA's is 2.5–8× slower from 64×64 pixels on, about as
+# fast at 16×16 and at 32×32 with 640 channels (0.85×) (`benchmarks/conv.py --weight_grad`, batch 8).
 def _weight_grad_kernel_applies(pixels: int, in_channels: int, out_channels: int) -> bool:
-  return in_channels % 16 == 0 and (pixels >= 64 * 64 or max(in_channels, out_channels) <= 128)
+  return in_channels % 16 == 0 and (pixels >= 64 * 64 or (pixels >= 32 * 32 and max(in_channels, out_channels) <= 320))
 
 
 def _fused(x, kernel, bias):

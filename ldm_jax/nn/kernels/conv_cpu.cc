@@ -230,12 +230,13 @@ void GradRows(const GradProblem& pb, int64_t first, int64_t last, float* dw) {
   }
 }
 
-// One work item per thread, each summing a contiguous share of the rows into its own copy of dw
-// (the first into the result), added up at the end: the same order of sums for a given thread count.
+// Two work items per thread (so that a pool thread that starts late leaves less to the caller),
+// each summing a contiguous share of the rows into its own copy of dw (the first into the result),
+// added up at the end: the same order of sums for a given thread count.
 template <int N, int V>
 void WeightGrad(const GradProblem& pb, float* dw, const Workers& workers) {
   const int64_t rows = pb.batch * pb.height, size = 9 * pb.in_channels * pb.out_channels;
-  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(workers.threads, rows));
+  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(2 * workers.threads, rows));
   std::vector<float> partial((items - 1) * size, 0.0f);
   std::fill(dw, dw + size, 0.0f);
   ParallelFor<char>(items, workers, [&](int64_t item, char&) {
