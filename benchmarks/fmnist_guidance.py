@@ -24,7 +24,6 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ldm_jax.config import common as config_lib  # noqa: E402
-from ldm_jax.data import pipeline  # noqa: E402
 from ldm_jax.data.sources import make_source  # noqa: E402
 from ldm_jax.eval import evaluate, features, stats  # noqa: E402
 from ldm_jax.sampling import SampleRequest, sample_to_dir  # noqa: E402
@@ -43,12 +42,14 @@ _OUT = flags.DEFINE_string("out", "docs/fmnist_guidance.png", "The figure (and O
 
 
 def _real_test_images(data_cfg, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first `count` test images as the model sees them (resized to data.image_size), uint8."""
+  """The first `count` test images as the model sees them (`stats.reference_images`: resized to
+  data.image_size), uint8, and their labels."""
+  images = stats.reference_images(data_cfg, "test", count)
   source = make_source(data_cfg, "test")
-  rng = np.random.default_rng(0)
-  records = [pipeline.preprocess(source[i], rng, image_size=data_cfg.image_size, channels=data_cfg.channels,
-                                 random_crop=False, random_flip=False) for i in range(min(count, len(source)))]
-  return np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records])
+  if len(images) != min(count, len(source)):
+    raise ValueError(f"data: {min(count, len(source)) - len(images)} of the first {count} test records "
+                     "could not be read; their labels would not line up with the images")
+  return images, np.asarray([source[i]["label"] for i in range(len(images))])
 
 
 def _pixels(images: np.ndarray) -> tuple[float, float]:

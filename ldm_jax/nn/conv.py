@@ -88,13 +88,20 @@ def _kernel_call(x, packed, bias):
   return jax.ffi.ffi_call("ldm_conv3x3", out, vmap_method="sequential")(x, packed, bias, threads=np.int64(0))
 
 
+def _batch_axes(mesh, image):
+  """(the mesh axes of an [B, H, W, C] operand's batch dimension or None, that sharding of the
+  batch with H, W, C whole)."""
+  spec = tuple(getattr(image.sharding, "spec", ()))
+  batch = spec[0] if spec else None
+  return batch, NamedSharding(mesh, P(batch, None, None, None))
+
+
 # Each device convolves its own examples; the image and channel axes and the weights stay whole
 # (XLA gathers sharded weights first, as it does for its own convolution).
 def _partition(mesh, arg_shapes, result_shape):
   del result_shape
-  spec = tuple(getattr(arg_shapes[0].sharding, "spec", ()))
-  batch = spec[0] if spec else None
-  rows, whole = NamedSharding(mesh, P(batch, None, None, None)), NamedSharding(mesh, P())
+  _, rows = _batch_axes(mesh, arg_shapes[0])
+  whole = NamedSharding(mesh, P())
   return mesh, _kernel_call, rows, (rows, whole, whole)
 
 
@@ -116,9 +123,7 @@ def _weight_grad_call(x, d_out):
 
 def _weight_grad_partition(mesh, arg_shapes, result_shape):
   del result_shape
-  spec = tuple(getattr(arg_shapes[0].sharding, "spec", ()))
-  batch = spec[0] if spec else None
-  rows = NamedSharding(mesh, P(batch, None, None, None))
+  batch, rows = _batch_axes(mesh, arg_shapes[0])
   lower = _weight_grad_call if batch is None else lambda x, g: jax.lax.psum(_weight_grad_call(x, g), batch)
   return mesh, lower, NamedSharding(mesh, P()), (rows, rows)
 
@@ -129,8 +134,9 @@ _weight_grad_sharded.def_partition(
     sharding_rule="b h w c, b h w o -> i j c o", need_replication_factors=("h", "w", "c", "o", "i", "j"))
 
 
-# Where the weight gradient takes the kernel: XLA's is 2.5–8× slower from 64×64 pixels on, about as
-# fast at 16×16 and at 32×32 with 640 channels (0.85×) (`benchmarks/conv.py --weight_grad`, batch 8).
+# Where the weight gradient takes the kernel: XLA's is 2.5–8× slower from 64×64 pixels on and as fast
+# at 16×16; at 32×32 the kernel is as fast up to 320 channels and slower (0.85×) with 640
+# (`benchmarks/conv.py --weight_grad`, batch 8).
 def _weight_grad_kernel_applies(pixels: int, in_channels: int, out_channels: int) -> bool:
   return in_channels % 16 == 0 and (pixels >= 64 * 64 or (pixels >= 32 * 32 and max(in_channels, out_channels) <= 320))
 

@@ -83,8 +83,8 @@ def test_choice_of_implementation(monkeypatch):
 @pytest.mark.parametrize("shape, out", [((2, 5, 13, 16), 64), ((1, 7, 8, 48), 32), ((3, 1, 3, 16), 16),
                                         ((1, 6, 1, 32), 48), ((1, 5, 7, 288), 64)])
 def test_weight_gradient_kernel_matches_float64(shape, out):
-  """The weight-gradient kernel (which `conv3x3`'s backward takes for large images or few channels,
-  whatever the shape here): one-row and one-column images (taps off the border dropped), 1, 2, 3
+  """The weight-gradient kernel (which `conv3x3`'s backward takes from 64×64 images, or 32×32 with
+  at most 320 channels; called directly here, whatever the shape): one-row and one-column images (taps off the border dropped), 1, 2, 3
   and 4 vectors of output channels, 288 input channels."""
   rng = np.random.default_rng(1)
   x = rng.standard_normal(shape).astype(np.float32)
