@@ -45,6 +45,8 @@ _CLASS_LABEL = flags.DEFINE_string("class_label", None, "Class index, or 'all' t
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Prompt of guidance's unconditional branch (default '').")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free guidance scale (1 = no guidance).")
 _RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale φ in [0, 1] (Lin et al. 2024).")
+_INTERVAL = flags.DEFINE_list("guidance_interval", None, "LO,HI: guide only the steps at timesteps LO <= t <= HI "
+                              "(Kynkäänniemi et al. 2024); default: every step.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM η (0 = deterministic).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", SAMPLERS, "Sampler.")
@@ -127,7 +129,8 @@ def request_from_flags() -> sampling.SampleRequest:
   return sampling.SampleRequest(
       out=_OUT.value, workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, num_samples=_NUM_SAMPLES.value,
       prompts=prompts, class_labels=label, negative_prompt=_NEGATIVE.value, guidance_scale=_GUIDANCE.value,
-      guidance_rescale=_RESCALE.value, steps=_STEPS.value, eta=_ETA.value, sampler=_SAMPLER.value,
+      guidance_rescale=_RESCALE.value, guidance_interval=_pair("guidance_interval", _INTERVAL.value),
+      steps=_STEPS.value, eta=_ETA.value, sampler=_SAMPLER.value,
       timestep_spacing=_SPACING.value, steps_offset=_OFFSET.value,
       seed=_SEED.value, batch_size=_BATCH.value, height=_HEIGHT.value, width=_WIDTH.value,
       init_image=_INIT.value, strength=_STRENGTH.value, mask=_MASK.value, use_ema=_EMA.value,

@@ -35,6 +35,7 @@ _STEPS = flags.DEFINE_list("steps", ["ddim:50", "plms:25", "dpmpp_2m:25", "ddpm:
 _GUIDANCE = flags.DEFINE_list("guidance", ["1", "2", "3", "4", "6", "8"], "Guidance scales.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 50, "Samples per class and point.")
 _RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "`sample.py --guidance_rescale`.")
+_INTERVAL = flags.DEFINE_list("guidance_interval", None, "`sample.py --guidance_interval` LO,HI (default: every step).")
 _SPACING = flags.DEFINE_string("timestep_spacing", "uniform", "`sample.py --timestep_spacing`.")
 _NUM_REF = flags.DEFINE_integer("num_ref", 10_000, "Training images of the reference statistics.")
 _BATCH = flags.DEFINE_integer("batch_size", 250, "Samples per compiled call.")
@@ -72,10 +73,11 @@ def main(argv):
   ref = stats.reference_stats(data_cfg, data_cfg.train_split, _NUM_REF.value, extractor, progress=False)
   steps = dict(item.split(":") for item in _STEPS.value)
   n = _PER_CLASS.value * num_classes
+  interval = tuple(int(v) for v in _INTERVAL.value) if _INTERVAL.value else None
   real_images, real_labels = _real_test_images(data_cfg, n)
   results = {"real": _score(real_images, real_labels, ref, extractor), "points": [],
              "workdir": os.path.abspath(_WORKDIR.value), "per_class": _PER_CLASS.value,
-             "guidance_rescale": _RESCALE.value, "timestep_spacing": _SPACING.value}
+             "guidance_rescale": _RESCALE.value, "guidance_interval": interval, "timestep_spacing": _SPACING.value}
   r = results["real"]
   print(f"real test images ({n}): accuracy {r['accuracy']:.3f}, FD {r['fd']:.3f}, "
         f"pixels mean {r['mean']:.3f} std {r['std']:.3f}", flush=True)
@@ -87,6 +89,7 @@ def main(argv):
         t0 = time.perf_counter()
         sample_to_dir(SampleRequest(out=os.path.join(tmp, "s"), workdir=_WORKDIR.value, class_labels="all",
                                     num_samples=n, guidance_scale=scale, guidance_rescale=_RESCALE.value,
+                                    guidance_interval=interval,
                                     sampler=sampler, steps=int(steps[sampler]), timestep_spacing=_SPACING.value,
                                     batch_size=_BATCH.value, seed=0))
         seconds = time.perf_counter() - t0

@@ -7,6 +7,8 @@ resolves a config against its autoencoder, data and conditioner.
 
 from __future__ import annotations
 
+import numbers
+
 import ml_collections
 
 from ldm_jax import config as checks
@@ -35,7 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
       learning_rate=1e-4, warmup_steps=1_000, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.999,
       grad_clip=1.0, ema_decay=0.9999))
   config.sample = ml_collections.ConfigDict(dict(
-      sampler="ddim", num_steps=50, eta=0.0, guidance_scale=3.0, num_images=16, prompts=()))
+      sampler="ddim", num_steps=50, eta=0.0, guidance_scale=3.0, num_images=16, prompts=(),
+      guidance_interval=()))  # (LO, HI): guidance only at timesteps LO <= t <= HI; () = every step
   config.eval = ml_collections.ConfigDict(dict(
       metrics=(),            # () = no periodic evaluation; some of 'fd', 'kid', 'pr', 'is', 'acc'
       extractor="vgg16:64",  # 'vgg16[:SIZE]' (offline), 'inception' (FID; needs weights), 'classifier:RUN'
@@ -93,3 +96,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   checks.check_number("sample.num_images", config.sample.num_images, integer=True, ge=1)
   checks.check_number("sample.eta", config.sample.eta, ge=0)
   checks.check_number("sample.guidance_scale", config.sample.guidance_scale, ge=0)
+  if config.sample.guidance_interval:
+    check_guidance_interval(tuple(config.sample.guidance_interval), "sample.guidance_interval")
+
+
+def check_guidance_interval(interval, key: str) -> None:
+  """ValueError naming `key` unless `interval` is two timesteps (lo, hi) with 0 ≤ lo ≤ hi."""
+  if not (isinstance(interval, (tuple, list)) and len(interval) == 2
+          and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in interval)
+          and 0 <= interval[0] <= interval[1]):
+    raise ValueError(f"{key}: expected two timesteps LO,HI with 0 <= LO <= HI (guidance at LO <= t <= HI), "
+                     f"got {interval!r}.")

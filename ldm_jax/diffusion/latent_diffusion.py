@@ -152,7 +152,7 @@ class LatentDiffusion:
                            deterministic=deterministic, rngs=rngs)
 
   def guided_model_fn(self, params, batch_cond, *, null_cond=None, guidance_scale=1.0, guidance_rescale=0.0,
-                      ae_params=None, batch_size=None) -> samplers.ModelFn:
+                      guidance_interval=None, ae_params=None, batch_size=None) -> samplers.ModelFn:
     """The samplers' `model_fn(z_t, t)`: the U-Net with its conditions closed over, guided.
 
     params: {'unet': …, 'cond': …}. `null_cond` (default: `null(B)`; leading axis B or 1) is the
@@ -167,11 +167,11 @@ class LatentDiffusion:
     batch_size = jax.tree.leaves(batch_cond)[0].shape[0] if batch_cond else batch_size
     null_inputs = self.null(batch_size) if null_cond is None else null_cond
     uncond = self.condition(params["cond"], {**batch_cond, **null_inputs}, ae_params)
-    return samplers.cfg_model_fn(apply_fn, cond, uncond, guidance_scale, guidance_rescale)
+    return samplers.cfg_model_fn(apply_fn, cond, uncond, guidance_scale, guidance_rescale, guidance_interval)
 
   def sample_latents(self, params, batch_cond, rng, *, null_cond=None, sampler="ddim", num_steps=50,
-                     eta=0.0, guidance_scale=1.0, guidance_rescale=0.0, ae_params=None, x_T=None,
-                     batch_size=None, **sampler_kwargs):
+                     eta=0.0, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None, ae_params=None,
+                     x_T=None, batch_size=None, **sampler_kwargs):
     """Runs a sampler from noise to clean latents [B, h, w, c] (scaled), with guidance.
 
     params: {'unet': …, 'cond': …}; `null_cond`, `guidance_*`, `batch_size` as `guided_model_fn`.
@@ -184,13 +184,14 @@ class LatentDiffusion:
     if x_T is None:
       x_T = jax.random.normal(rng_noise, (batch_size, *self.latent_shape), jnp.float32)
     model_fn = self.guided_model_fn(params, batch_cond, null_cond=null_cond, guidance_scale=guidance_scale,
-                                    guidance_rescale=guidance_rescale, ae_params=ae_params, batch_size=batch_size)
+                                    guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+                                    ae_params=ae_params, batch_size=batch_size)
     return samplers.sample(sampler, model_fn, self.schedule, x_T, rng_sample, num_steps=num_steps,
                            parameterization=self.parameterization, **_eta_kwarg(sampler, eta), **sampler_kwargs)
 
   def img2img_latents(self, params, batch_cond, init_latent, rng, *, strength, null_cond=None, sampler="ddim",
-                      num_steps=50, eta=0.0, guidance_scale=1.0, guidance_rescale=0.0, ae_params=None,
-                      **sampler_kwargs):
+                      num_steps=50, eta=0.0, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None,
+                      ae_params=None, **sampler_kwargs):
     """Image-to-image (SDEdit) from clean latents [B, h, w, c] (scaled, e.g. `encode(init)`).
 
     strength ∈ [0, 1]: the last ⌊num_steps·strength⌋ of the `num_steps` timesteps are run from the
@@ -198,15 +199,15 @@ class LatentDiffusion:
     `sample_latents`.
     """
     model_fn = self.guided_model_fn(params, batch_cond, null_cond=null_cond, guidance_scale=guidance_scale,
-                                    guidance_rescale=guidance_rescale, ae_params=ae_params,
-                                    batch_size=init_latent.shape[0])
+                                    guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+                                    ae_params=ae_params, batch_size=init_latent.shape[0])
     return samplers.img2img(model_fn, self.schedule, init_latent, rng, strength=strength, sampler=sampler,
                             num_steps=num_steps, parameterization=self.parameterization,
                             **_eta_kwarg(sampler, eta), **sampler_kwargs)
 
   def inpaint_latents(self, params, batch_cond, known_latent, mask, rng, *, strength=1.0, null_cond=None,
                       sampler="ddim", num_steps=50, eta=0.0, guidance_scale=1.0, guidance_rescale=0.0,
-                      ae_params=None, **sampler_kwargs):
+                      guidance_interval=None, ae_params=None, **sampler_kwargs):
     """Inpainting by latent blending (`samplers.inpaint`) with any model.
 
     known_latent: [B, h, w, c] (scaled, e.g. `encode(image)`); mask: [B or 1, h, w, 1] at the latent
@@ -215,8 +216,8 @@ class LatentDiffusion:
     Other arguments as `img2img_latents`.
     """
     model_fn = self.guided_model_fn(params, batch_cond, null_cond=null_cond, guidance_scale=guidance_scale,
-                                    guidance_rescale=guidance_rescale, ae_params=ae_params,
-                                    batch_size=known_latent.shape[0])
+                                    guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+                                    ae_params=ae_params, batch_size=known_latent.shape[0])
     return samplers.inpaint(model_fn, self.schedule, known_latent, mask, rng, strength=strength, sampler=sampler,
                             num_steps=num_steps, parameterization=self.parameterization,
                             **_eta_kwarg(sampler, eta), **sampler_kwargs)

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.config.diffusion import SAMPLERS, SPACINGS
+from ldm_jax.config.diffusion import SAMPLERS, SPACINGS, check_guidance_interval
 from ldm_jax.diffusion.schedule import PARAMETERIZATIONS, Schedule, predict_eps, predict_x0, q_sample
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -133,7 +133,8 @@ def _resolve_timesteps(schedule: Schedule, num_steps, spacing, steps_offset, sam
 # Model functions: guidance and concat conditioning
 
 def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any, uncond: Any,
-                 guidance_scale: float, guidance_rescale: float = 0.0) -> ModelFn:
+                 guidance_scale: float, guidance_rescale: float = 0.0,
+                 guidance_interval: tuple[float, float] | None = None) -> ModelFn:
   """Classifier-free guidance (Ho & Salimans 2022) as a model_fn.
 
   Args:
@@ -147,6 +148,11 @@ def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], con
     guidance_rescale: φ ∈ [0, 1] (Lin et al. 2024, §3.4; diffusers `rescale_noise_cfg`): the guided
       output is rescaled to the conditional output's per-example standard deviation and mixed,
       φ·rescaled + (1 − φ)·guided. 0.7 is the paper's value.
+    guidance_interval: (lo, hi): guide only the network calls at timesteps lo ≤ t ≤ hi
+      (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves sample and
+      distribution quality"); at the other timesteps the output is the conditional one, from one
+      pass on B. None: guide every call. Guidance at high noise levels shifts the samples' colours
+      (Fashion-MNIST: too bright) and adds little class fidelity; the README's recipe measures it.
 
   The conditional and unconditional passes are one call on a batch of 2B ([cond; uncond]).
   """
@@ -156,6 +162,8 @@ def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], con
     raise ValueError(f"guidance_scale: must be ≥ 0, got {guidance_scale}.")
   if not 0 <= guidance_rescale <= 1:
     raise ValueError(f"guidance_rescale: must be in [0, 1], got {guidance_rescale}.")
+  if guidance_interval is not None:
+    check_guidance_interval(guidance_interval, "guidance_interval")
   if guidance_scale == 1.0:
     return lambda x, t: apply_fn(x, t, cond)
 
@@ -180,9 +188,17 @@ def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], con
     guided = out_uncond + guidance_scale * (out_cond - out_uncond)
     if guidance_rescale > 0:
       guided = rescale_guidance(guided, out_cond, guidance_rescale)
+    if guidance_interval is not None:  # examples at other timesteps than the batch's guided ones
+      guided = jnp.where(inside(t).reshape(t.shape + (1,) * (x.ndim - 1)), guided, out_cond)
     return guided
 
-  return model_fn
+  if guidance_interval is None:
+    return model_fn
+  lo, hi = guidance_interval
+  inside = lambda t: (t >= lo) & (t <= hi)
+  conditional = lambda x, t: apply_fn(x, t, cond).astype(jnp.float32)
+  return lambda x, t: jax.lax.cond(jnp.any(inside(t)), model_fn, conditional, x, t)
+
 
 
 def rescale_guidance(guided: jax.Array, out_cond: jax.Array, guidance_rescale: float) -> jax.Array:

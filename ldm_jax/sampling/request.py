@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_jax import config as checks
-from ldm_jax.config.diffusion import SAMPLERS, SPACINGS
+from ldm_jax.config.diffusion import SAMPLERS, SPACINGS, check_guidance_interval
 from ldm_jax.nn import attention as attention_lib
 
 
@@ -27,7 +27,8 @@ class SampleRequest:
     prompts: text-conditional models: the prompts, cycled over the samples.
     class_labels: class-conditional models: one label for all samples, or 'all' (cycle the classes).
     negative_prompt: the unconditional branch of guidance for text models (default: "").
-    guidance_scale, guidance_rescale: classifier-free guidance (`samplers.cfg_model_fn`).
+    guidance_scale, guidance_rescale, guidance_interval: classifier-free guidance
+      (`samplers.cfg_model_fn`); guidance_interval (LO, HI) guides only timesteps LO ≤ t ≤ HI.
     steps, eta, sampler: the sampler's settings (`eta` only for DDIM).
     timestep_spacing, steps_offset: the timesteps (`samplers.make_timesteps`): 'uniform' (CompVis,
       the default), 'quadratic', or diffusers' 'leading' / 'linspace' / 'trailing' with its
@@ -67,6 +68,7 @@ class SampleRequest:
   negative_prompt: str | None = None
   guidance_scale: float = 3.0
   guidance_rescale: float = 0.0
+  guidance_interval: tuple[float, float] | None = None
   steps: int = 50
   eta: float = 0.0
   sampler: str = "ddim"
@@ -120,6 +122,8 @@ def check_request(request: SampleRequest) -> None:
     raise ValueError(f"--seed: expected an integer, got {r.seed!r}.")
   checks.check_number("--guidance_scale", r.guidance_scale, ge=0)  # 1 = no guidance
   checks.check_number("--guidance_rescale", r.guidance_rescale, ge=0, le=1)
+  if r.guidance_interval is not None:
+    check_guidance_interval(r.guidance_interval, "--guidance_interval")
   if r.sampler not in SAMPLERS:
     raise ValueError(f"--sampler: {r.sampler!r} is not one of {', '.join(SAMPLERS)}.")
   if r.attention is not None:

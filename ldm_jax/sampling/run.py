@@ -43,7 +43,7 @@ def make_sample_fn(ldm: LatentDiffusion, request: SampleRequest, plan: Plan, mes
   tiles = {} if plan.decode_tile is None else dict(tile=plan.decode_tile[0], tile_overlap=plan.decode_tile[1])
   settings = dict(sampler=request.sampler, num_steps=request.steps, spacing=request.timestep_spacing,
                   steps_offset=request.steps_offset, eta=request.eta, guidance_scale=request.guidance_scale,
-                  guidance_rescale=request.guidance_rescale)
+                  guidance_rescale=request.guidance_rescale, guidance_interval=request.guidance_interval)
   if request.save_intermediates:
     settings["return_x0_at"] = tuple(request.save_intermediates)
   traces = []

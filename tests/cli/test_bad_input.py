@@ -68,6 +68,8 @@ TABLES = {
         "infinite guidance of the training samples": (LDM + ["--workdir", "W/new",
                                                              "--config.sample.guidance_scale=inf"],
                                                       r"sample\.guidance_scale: expected a finite number"),
+        "reversed guidance interval": (LDM + ["--workdir", "W/new", "--config.sample.guidance_interval=(500,100)"],
+                                       r"sample\.guidance_interval: expected two timesteps LO,HI with 0 <= LO <= HI"),
         "infinite cosine offset (no check of its own)": (LDM + ["--workdir", "W/new", "--config.diffusion.cosine_s=inf"],
                                                          r"diffusion\.cosine_s: expected a finite number, got inf"),
         "negative warm-up": (LDM + ["--workdir", "W/new", "--config.optim.warmup_steps=-1"],

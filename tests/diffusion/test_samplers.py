@@ -347,6 +347,26 @@ def test_guidance_rescale_matches_lin_et_al(x_toy):
   np.testing.assert_allclose(std(np.asarray(full, np.float64)), std(c), rtol=1e-5)
 
 
+def test_guidance_interval_guides_only_its_timesteps(x_toy):
+  calls = []
+  cond, uncond = {"scale": jnp.array([2.0, -1.0])}, {"scale": jnp.array([0.5])}
+  model_fn = smp.cfg_model_fn(_recording_apply(calls), cond, uncond, 4.0, guidance_interval=(100, 500))
+  x = np.asarray(x_toy)
+  expected = lambda t: (x * np.array([2.0, -1.0])[:, None, None, None] + t[:, None, None, None] / 1000,
+                        x * 0.5 + t[:, None, None, None] / 1000)
+  for t in ([100, 100], [500, 500], [300, 300]):  # inside, both ends included: guided
+    c, u = expected(np.array(t))
+    np.testing.assert_allclose(model_fn(x_toy, jnp.array(t, jnp.int32)), u + 4.0 * (c - u), rtol=1e-5, atol=1e-5)
+  for t in ([99, 99], [501, 501], [999, 999]):  # outside: the conditional prediction
+    c, _ = expected(np.array(t))
+    np.testing.assert_allclose(model_fn(x_toy, jnp.array(t, jnp.int32)), c, rtol=1e-6, atol=1e-6)
+  c, u = expected(np.array([300, 700]))  # a batch across the boundary: per example
+  out = np.asarray(model_fn(x_toy, jnp.array([300, 700], jnp.int32)))
+  np.testing.assert_allclose(out[0], (u + 4.0 * (c - u))[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[1], c[1], rtol=1e-6, atol=1e-6)
+  assert set(calls) == {2, 4}  # the unguided branch is one pass on the batch, not two
+
+
 def test_guidance_errors_name_the_argument():
   apply_fn = _recording_apply([])
   cond = {"scale": jnp.ones((2,))}
@@ -358,6 +378,9 @@ def test_guidance_errors_name_the_argument():
     smp.cfg_model_fn(apply_fn, cond, {"scale": jnp.ones((3,))}, 5.0)
   with pytest.raises(ValueError, match="uncond"):
     smp.cfg_model_fn(apply_fn, cond, {"other": jnp.ones((2,))}, 5.0)
+  for bad in ((500, 100), (-1, 10), (1, 2, 3), "0,500", (0, True)):
+    with pytest.raises(ValueError, match="guidance_interval"):
+      smp.cfg_model_fn(apply_fn, cond, cond, 5.0, guidance_interval=bad)
 
 
 def test_concat_model_fn_appends_channels(x_toy):

@@ -123,7 +123,8 @@ class SampleEvaluator:
       x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), ldm.latent_shape))(index)
       z = ldm.sample_latents(params, cond, jax.random.fold_in(sampler_key, batch_number), x_T=x_T,
                              batch_size=index.shape[0], sampler=s.sampler, num_steps=s.num_steps, eta=s.eta,
-                             guidance_scale=s.guidance_scale, ae_params=ae_params)
+                             guidance_scale=s.guidance_scale, guidance_interval=tuple(s.guidance_interval) or None,
+                             ae_params=ae_params)
       return ldm.decode(ae_params, z)
 
     self._generate = jax.jit(generate, out_shardings=sharding.replicated(mesh))

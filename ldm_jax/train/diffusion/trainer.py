@@ -100,7 +100,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample_cond = data.sample_conditions(config, ldm)
   generate = jax.jit(functools.partial(
       ldm.generate, sampler=config.sample.sampler, num_steps=config.sample.num_steps, eta=config.sample.eta,
-      guidance_scale=config.sample.guidance_scale, batch_size=config.sample.num_images),
+      guidance_scale=config.sample.guidance_scale, guidance_interval=tuple(config.sample.guidance_interval) or None,
+      batch_size=config.sample.num_images),
       out_shardings=sharding.replicated(mesh))  # every process can read the grid
   evaluator = evaluation.SampleEvaluator(config, ldm, mesh, extractor, eval_metrics) if eval_metrics else None
   # One column per prompt or class, so that each column of the grid shows one condition.
