@@ -30,8 +30,8 @@ step encodes the 1024-px images with the frozen VAE encoder and the captions wit
 (forward only, no gradients, no optimizer state, no EMA; their weights sit once in the state's
 parameters, 3.0 GiB in float32 when replicated). Training from a precomputed `latent.cache_dir` (latents,
 both contexts, pooled embedding, sizes and crops) runs neither in the step.
-On the 2-core development machine one SDXL row did not finish compiling in 25 minutes (~6 GiB of RAM,
-in XLA's HLO passes and LLVM); give it a larger machine or more time.
+An SDXL row takes ~37 minutes and ~8 GiB of RAM to compile on the 2-core development machine (LLVM
+runs with its expensive passes off, see `main`).
 `finetune` is the step of `train_diffusion.py --config configs/finetune/lora.py` on Stable Diffusion
 1.5 (`--method lora`: rank-4 adapters of the attention projections, the config's defaults), or of
 the same config without its `lora` section (`--method full`: the whole U-Net trains), at 512 px from
@@ -91,6 +91,7 @@ TABLE = [
 ]
 FINETUNE_TABLE = [dict(model="finetune", method="full", devices=8), dict(model="finetune", method="lora", devices=8)]
 GIB, MIB = 2**30, 2**20
+_CODEGEN_FLAGS = ("--xla_llvm_disable_expensive_passes=true", "--xla_backend_optimization_level=0")
 SD1_UNET_PARAMS = 859_520_964  # diffusers' UNet2DConditionModel of stable-diffusion-v1-5
 SDXL_BASE_UNET_PARAMS = 2_567_463_684  # diffusers' UNet2DConditionModel of stable-diffusion-xl-base-1.0
 # The published text encoders of stable-diffusion-xl-base-1.0 (text_encoder/, text_encoder_2/ config.json); the
@@ -402,6 +403,12 @@ def main(argv):
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_DEVICES.value}")
+  # Nothing runs, so LLVM need not optimise the code it generates; the memory analysis comes from
+  # XLA's buffer assignment before that (the autoencoder row: the same bytes either way, compiled in
+  # 30 s instead of 39 s on the 2-core machine, which was busy with one other job).
+  for flag in _CODEGEN_FLAGS:
+    if flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+      os.environ["XLA_FLAGS"] += f" {flag}"
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   print(json.dumps(measure()))
 
