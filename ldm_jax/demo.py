@@ -54,7 +54,8 @@ def draw_samples(ldm_config, ldm_dir: str, out: str, per_prompt: int) -> tuple[n
   if not os.path.exists(os.path.join(out, "samples.npz")):
     sample_to_dir(SampleRequest(out=out, workdir=ldm_dir, prompts=tuple(s.prompts),
                                 num_samples=per_prompt * len(s.prompts), guidance_scale=s.guidance_scale,
-                                guidance_interval=tuple(s.guidance_interval) or None, steps=s.num_steps, eta=s.eta, sampler=s.sampler, batch_size=64))
+                                guidance_interval=tuple(s.guidance_interval) or None, steps=s.num_steps,
+                                eta=s.eta, sampler=s.sampler, batch_size=64))
   with np.load(os.path.join(out, "samples.npz")) as f:
     return f["images"], [str(p) for p in f["prompts"]]
 

@@ -200,7 +200,6 @@ def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], con
   return lambda x, t: jax.lax.cond(jnp.any(inside(t)), model_fn, conditional, x, t)
 
 
-
 def rescale_guidance(guided: jax.Array, out_cond: jax.Array, guidance_rescale: float) -> jax.Array:
   """φ·guided·std(cond)/std(guided) + (1 − φ)·guided, std per example over all but the batch axis."""
   axes = tuple(range(1, guided.ndim))
