@@ -367,6 +367,23 @@ def test_guidance_interval_guides_only_its_timesteps(x_toy):
   assert set(calls) == {2, 4}  # the unguided branch is one pass on the batch, not two
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "dpmpp_2m"])
+def test_guidance_interval_in_a_jitted_trajectory(sd, x_toy, sampler):
+  """Inside `lax.scan`: an interval covering every step is plain guidance, one covering none the
+  unguided conditional model, and one in between differs from both."""
+  def apply_fn(x, t, cond):
+    return toy_model(x * cond["scale"][:, None, None, None], t)
+  cond, uncond = {"scale": jnp.array([1.0, 0.8])}, {"scale": jnp.array([0.5])}
+  run = lambda fn: jax.jit(lambda x: smp.sample(sampler, fn, sd, x, num_steps=10))(x_toy)
+  guided = lambda interval: run(smp.cfg_model_fn(apply_fn, cond, uncond, 3.0, guidance_interval=interval))
+  plain = run(smp.cfg_model_fn(apply_fn, cond, uncond, 3.0))
+  unguided = run(smp.cfg_model_fn(apply_fn, cond, uncond, 1.0))
+  np.testing.assert_allclose(guided((0, 999)), plain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(guided((1000, 2000)), unguided, rtol=1e-5, atol=1e-5)
+  half = guided((0, 500))
+  assert np.abs(half - plain).max() > 1e-3 and np.abs(half - unguided).max() > 1e-3
+
+
 def test_guidance_errors_name_the_argument():
   apply_fn = _recording_apply([])
   cond = {"scale": jnp.ones((2,))}
