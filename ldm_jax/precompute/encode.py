@@ -42,7 +42,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax import data as data_lib
@@ -52,6 +51,7 @@ from ldm_jax.data.pipeline import SKIP_REASONS, batched
 from ldm_jax.data.tokenizer import load_tokenizer
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.models import conditioning
+from ldm_jax.runtime import distributed
 
 
 def uses_frozen_text_encoder(config: ml_collections.ConfigDict) -> bool:
@@ -282,7 +282,7 @@ def encode_dataset(config: ml_collections.ConfigDict, out_dir: str, *, batch_siz
                  written, dict(zip(SKIP_REASONS, skipped.tolist())))
 
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("ldm_jax:precompute_done")
+    distributed.barrier("precompute_done")
   names = [latent_cache.part_name(i) for i in range(len(parts))]
   counts = {}
   for name in names:

@@ -24,6 +24,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ldm_jax.runtime import distributed
+
 
 class Checkpointer:
   """Saves and restores (state, data iterator) pairs under `directory`, keeping the newest few."""
@@ -187,7 +189,7 @@ class Checkpointer:
         os.rename(os.path.join(self.directory, str(step)), target)
         logging.warning("Moved unreadable checkpoint %d to %s", step, target)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("ldm_jax:checkpoint_quarantine")
+      distributed.barrier("checkpoint_quarantine")
     self._manager.reload()
 
   def restore_subtree(self, keys: tuple[str, ...], sharding, step: int | None = None):

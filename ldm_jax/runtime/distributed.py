@@ -20,14 +20,18 @@ others compile.
 
 from __future__ import annotations
 
+import collections
 import os
 
 import jax
 from absl import flags, logging
+from jax._src import distributed as jax_distributed  # the coordination service client (no public API)
+from jax.experimental import multihost_utils
 
 from ldm_jax.runtime import compilation_cache
 
 _FLAGS = {}
+_BARRIER_CALLS = collections.Counter()
 
 
 def define_flags() -> None:
@@ -102,3 +106,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   compilation_cache.agree_across_processes(jax.process_count(), jax.default_backend())
   return True
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process has reached `barrier(name)`; one process: returns at once.
+
+  Through the coordination service that `initialize` started, not a device collective:
+  `multihost_utils.sync_global_devices` is an all-reduce, and between CPU devices gloo gives the
+  processes 30 s to meet, so a barrier that some processes reach only after a long job of process
+  0's (importing a pretrained model, sampling class images) would fail with DEADLINE_EXCEEDED.
+  Here they wait up to `timeout_s`. Each call of a name gets its own barrier (`name:N`, the N-th
+  call on every process). Runs launched without `jax.distributed` (no client) use
+  `sync_global_devices`.
+  """
+  if jax.process_count() == 1:
+    return
+  _BARRIER_CALLS[name] += 1
+  client = jax_distributed.global_state.client
+  if client is None:
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"ldm_jax:{name}:{_BARRIER_CALLS[name]}", timeout_in_ms=int(timeout_s * 1000))

@@ -22,12 +22,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
-
 from ldm_jax import data as data_lib
 from ldm_jax import sampling
 from ldm_jax.config import dreambooth as dreambooth_config
 from ldm_jax.data import folder
+from ldm_jax.runtime import distributed
 from ldm_jax.train.diffusion import data
 
 CLASS_IMAGES = "class_images"
@@ -77,7 +76,7 @@ def class_images(config: ml_collections.ConfigDict, workdir: str, seed: int = 0)
         f.write(cfg.class_prompt + "\n")
     shutil.rmtree(summary["out"])
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("ldm_jax:dreambooth_class_images")
+    distributed.barrier("dreambooth_class_images")
   return target
 
 

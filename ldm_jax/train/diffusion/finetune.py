@@ -35,7 +35,7 @@ from ldm_jax import config as checks
 from ldm_jax import load
 from ldm_jax.config import common as config_lib
 from ldm_jax.convert import pretrained as pretrained_lib
-from ldm_jax.runtime import sharding
+from ldm_jax.runtime import distributed, sharding
 from ldm_jax.train.diffusion import dreambooth, lora
 from ldm_jax.train.diffusion import textual_inversion as ti_lib
 
@@ -68,7 +68,7 @@ def _pretrained_directory(src: str, workdir: str) -> str:
       except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"init.pretrained: {err}") from None
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("ldm_jax:import_pretrained")
+      distributed.barrier("import_pretrained")
   return target
 
 
