@@ -30,8 +30,8 @@ step encodes the 1024-px images with the frozen VAE encoder and the captions wit
 (forward only, no gradients, no optimizer state, no EMA; their weights sit once in the state's
 parameters, 3.0 GiB in float32 when replicated). Training from a precomputed `latent.cache_dir` (latents,
 both contexts, pooled embedding, sizes and crops) runs neither in the step.
-An SDXL row takes ~37 minutes and ~8 GiB of RAM to compile on the 2-core development machine (LLVM
-runs with its expensive passes off, see `main`).
+An SDXL row takes over half an hour and ~8 GiB of RAM to compile on the 2-core development machine
+(LLVM runs with its expensive passes off, see `main`).
 `finetune` is the step of `train_diffusion.py --config configs/finetune/lora.py` on Stable Diffusion
 1.5 (`--method lora`: rank-4 adapters of the attention projections, the config's defaults), or of
 the same config without its `lora` section (`--method full`: the whole U-Net trains), at 512 px from
@@ -404,8 +404,7 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_DEVICES.value}")
   # Nothing runs, so LLVM need not optimise the code it generates; the memory analysis comes from
-  # XLA's buffer assignment before that (the autoencoder row: the same bytes either way, compiled in
-  # 30 s instead of 39 s on the 2-core machine, which was busy with one other job).
+  # XLA's buffer assignment before that (the autoencoder row is the same to the byte either way).
   for flag in _CODEGEN_FLAGS:
     if flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
       os.environ["XLA_FLAGS"] += f" {flag}"
