@@ -3,7 +3,8 @@
   python train_autoencoder.py --config configs/autoencoder/fmnist_kl_f4.py --workdir runs/fmnist_ae
   python train_diffusion.py --config configs/ldm/fmnist_class_cond.py --workdir runs/fmnist_ldm
 Labels enter through a class embedding added to the time embedding; 10% are dropped to the null
-class so that samples can use classifier-free guidance (sampled at scale 10 on the steps t <= 400).
+class so that samples can use classifier-free guidance (sampled at scale 4 on the steps t <= 400);
+the network predicts v on a schedule whose last step is pure noise.
 Latents are cached (encoded once).
 """
 
@@ -22,9 +23,11 @@ def get_config(arg=None):
                       num_head_channels=32, context_dim=None)
   config.latent.cache = True
   config.optim.update(learning_rate=3e-4, warmup_steps=200, ema_decay=0.999)
-  # Guidance only at t <= 400: class accuracy at the real images' level without the brightness that
-  # guidance at high noise levels adds (README, "Fashion-MNIST class-conditional LDM, measured").
-  config.sample.update(sampler="ddim", num_steps=50, guidance_scale=10.0, guidance_interval=(0, 400), num_images=20)
+  # v-prediction on a zero-terminal-SNR schedule (Lin et al. 2024), sampled with guidance 4 on the
+  # steps t <= 400 only: class accuracy at the real images' level and their brightness (README,
+  # "Fashion-MNIST class-conditional LDM, measured").
+  config.diffusion.update(zero_terminal_snr=True, parameterization="v")
+  config.sample.update(sampler="ddim", num_steps=50, guidance_scale=4.0, guidance_interval=(0, 400), num_images=20)
   config.train.update(num_steps=3_000, batch_size=64, log_every=100, checkpoint_every=1_000,
                       image_every=1_000, eval_every=1_000)
   if "smoke" in options:
