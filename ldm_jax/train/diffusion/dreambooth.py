@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+
 from ldm_jax import data as data_lib
 from ldm_jax import sampling
 from ldm_jax.config import dreambooth as dreambooth_config
