@@ -173,6 +173,9 @@ def autoencoder_config_from_diffusers(cfg: Mapping[str, Any], where: str = "vae"
 def autoencoder_config_to_diffusers(model: Mapping[str, Any], scale_factor: float = 1.0) -> dict:
   """ldm_jax autoencoder `model.*` → diffusers AutoencoderKL/VQModel config.json."""
   kind, ch_mult = model["kind"], tuple(model["ch_mult"])
+  if kind == "identity":
+    raise ValueError("model.kind: 'identity' — a pixel-space run has no autoencoder, and diffusers' latent "
+                     "pipelines need one. Export with --format safetensors.")
   if ch_mult[0] != 1:
     raise ValueError(f"model.ch_mult: {ch_mult} starts with {ch_mult[0]}; diffusers' first level keeps the "
                      "conv_in width, so it needs ch_mult[0] = 1. Export with --format safetensors.")

@@ -9,6 +9,8 @@ the end, as CompVis and diffusers). Two regularisations of z, as in the LDM pape
 - VQ (`VQModel`): E predicts a continuous z that `VectorQuantizer` snaps to its codebook. The
   quantizer is "absorbed by the decoder": `encode` returns the *pre-quantization* latent, which is
   what the diffusion model of stage 2 is trained on, and `decode` quantizes before decoding.
+- none (`IdentityFirstStage`, model.kind='identity'): z = x, f = 1 — diffusion on the pixels
+  themselves (the paper's LDM-1 baseline), with the same U-Net, trainer and sampler.
 
 Architecture and numerics follow CompVis `ldm/modules/diffusionmodules/model.py`; parameter names
 follow diffusers (`AutoencoderKL`, `VQModel`) so that weight converters are renaming tables:
@@ -45,7 +47,7 @@ from ldm_jax.nn import (AttentionConfig, Downsample, GroupNorm, ResnetBlock, Spa
 
 NUM_GROUPS = 32
 EPSILON = 1e-6
-KINDS = ("kl", "vq")
+KINDS = ("kl", "vq", "identity")
 
 
 def _conv(features: int, kernel: int, dtype, name: str) -> nn.Conv:
@@ -403,6 +405,34 @@ class VQModel(_AutoencoderFields):
     return self(x)[0]
 
 
+class IdentityFirstStage(nn.Module):
+  """No autoencoder: `encode` and `decode` return their input (CompVis `IdentityFirstStage`).
+
+  A stage-2 run on it diffuses the pixels in [-1, 1] (f = 1, c = the image channels): the
+  paper's pixel-space baseline LDM-1, trained and sampled by the same code as the latent models.
+  No parameters; `train_autoencoder.py` only writes the run's config and an empty checkpoint.
+  """
+  in_channels: int = 3
+  ch_mult: tuple[int, ...] = (1,)  # f = 1, read by tiled decoding
+  dtype: Any = jnp.float32  # the other first stages' field (`load_autoencoder(dtype=)`); nothing computes
+
+  def encode(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    """x [B, H, W, in_channels] → z = x (float32)."""
+    del deterministic
+    return x.astype(jnp.float32)
+
+  def decode(self, z: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    """z → x = z."""
+    del deterministic
+    return z
+
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    return self.decode(self.encode(x))
+
+  def init_all(self, x: jax.Array) -> jax.Array:
+    return self(x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Config helpers. `model_cfg` is the `model` ConfigDict (or any mapping) of an autoencoder config.
 
@@ -451,6 +481,9 @@ def validate_autoencoder_config(model_cfg: Mapping[str, Any], image_size: int | 
   kind = model_cfg.get("kind")
   if kind not in KINDS:
     raise ValueError(f"model.kind: {kind!r} is not one of {', '.join(map(repr, KINDS))}.")
+  if kind == "identity":
+    _validate_identity(model_cfg, image_size)
+    return
   for key in _REQUIRED + (("n_embed",) if kind == "vq" else ()):
     if key not in model_cfg:
       raise ValueError(f"model.{key}: missing; a '{kind}' autoencoder needs it.")
@@ -486,8 +519,23 @@ def validate_autoencoder_config(model_cfg: Mapping[str, Any], image_size: int | 
                        f"{resolution} and model.ch_mult={ch_mult} the levels run at {reached} px.")
 
 
-def make_autoencoder(model_cfg: Mapping[str, Any]) -> AutoencoderKL | VQModel:
-  """Builds `AutoencoderKL` (model.kind='kl') or `VQModel` ('vq') from the `model` config.
+def _validate_identity(model_cfg: Mapping[str, Any], image_size: int | Sequence[int]) -> None:
+  """model.kind='identity': z = x, so f = 1 (ch_mult (1,)) and c = the image's channels."""
+  for key in ("in_channels", "embed_dim", "ch_mult"):
+    if key not in model_cfg:
+      raise ValueError(f"model.{key}: missing; an 'identity' first stage needs it.")
+  channels = _positive_int(model_cfg, "in_channels")
+  if tuple(model_cfg["ch_mult"]) != (1,):
+    raise ValueError(f"model.ch_mult: {tuple(model_cfg['ch_mult'])}, but an 'identity' first stage does not "
+                     "downsample (f = 1); set model.ch_mult=(1,).")
+  if model_cfg["embed_dim"] != channels:
+    raise ValueError(f"model.embed_dim: {model_cfg['embed_dim']!r}, but an 'identity' first stage's latent is the "
+                     f"image itself; set it to model.in_channels = {channels}.")
+  _check_image_size(model_cfg, image_size)
+
+
+def make_autoencoder(model_cfg: Mapping[str, Any]) -> AutoencoderKL | VQModel | IdentityFirstStage:
+  """Builds `AutoencoderKL` (model.kind='kl'), `VQModel` ('vq') or `IdentityFirstStage` ('identity').
 
   Required keys: see `validate_autoencoder_config` (call it first; this only builds). Optional keys:
   `attention` ('auto'), `query_chunk_size` (None), `dtype` ('float32'; computation dtype, parameters stay float32),
@@ -497,6 +545,8 @@ def make_autoencoder(model_cfg: Mapping[str, Any]) -> AutoencoderKL | VQModel:
   kind = model_cfg["kind"]
   if kind not in KINDS:
     raise ValueError(f"model.kind: {kind!r} is not one of {', '.join(map(repr, KINDS))}.")
+  if kind == "identity":
+    return IdentityFirstStage(in_channels=model_cfg["in_channels"])
   fields = dict(
       embed_dim=model_cfg["embed_dim"], ch=model_cfg["ch"], ch_mult=tuple(model_cfg["ch_mult"]),
       num_res_blocks=model_cfg["num_res_blocks"],

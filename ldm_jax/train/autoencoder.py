@@ -338,6 +338,20 @@ class Stage1:
 RESUME_KEYS = ("model.", "loss.disc_num_layers", "loss.disc_ndf", "loss.disc_norm", "loss.learn_logvar")
 
 
+def _write_identity_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """model.kind='identity' has nothing to train: the run is its config and an empty step-0
+  checkpoint, which stage 2 (`autoencoder.workdir`) reads like any other stage-1 run."""
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  if checkpointer.latest_step() is None:
+    checkpointer.save(0, {"step": np.zeros((), np.int32), "params": {"autoencoder": {}}}, force=True)
+  checkpointer.close()
+  if jax.process_index() == 0:
+    config_lib.save_config(config, workdir)
+  logging.info("Stage 1 (identity): nothing to train; %s is a pixel-space first stage (f = 1, %d channels).",
+               workdir, config.model.in_channels)
+  return {}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) a stage-1 run in `workdir`; returns the final held-out metrics (empty
   when a SIGTERM stopped the run early, after saving its current step).
@@ -346,6 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   the first step under this config has run."""
   validate_config(config)
   config_lib.check_resume(config, workdir, "autoencoder", RESUME_KEYS)
+  if config.model.kind == "identity":
+    return _write_identity_run(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=config.train.grad_accum_steps)
   train_iter = iter(data_lib.make_loader(config.data, config.data.train_split,
