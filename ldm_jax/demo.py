@@ -25,6 +25,7 @@ from absl import app, flags
 
 from ldm_jax import load
 from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion as diffusion_config
 from ldm_jax.data import shapes
 from ldm_jax.eval import shapes_scorer
 from ldm_jax.runtime.logging import setup_logging
@@ -54,7 +55,7 @@ def draw_samples(ldm_config, ldm_dir: str, out: str, per_prompt: int) -> tuple[n
   if not os.path.exists(os.path.join(out, "samples.npz")):
     sample_to_dir(SampleRequest(out=out, workdir=ldm_dir, prompts=tuple(s.prompts),
                                 num_samples=per_prompt * len(s.prompts), guidance_scale=s.guidance_scale,
-                                guidance_interval=tuple(s.guidance_interval) or None, steps=s.num_steps,
+                                guidance_interval=diffusion_config.guidance_interval(s), steps=s.num_steps,
                                 eta=s.eta, sampler=s.sampler, batch_size=64))
   with np.load(os.path.join(out, "samples.npz")) as f:
     return f["images"], [str(p) for p in f["prompts"]]

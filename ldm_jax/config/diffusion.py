@@ -100,6 +100,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     check_guidance_interval(tuple(config.sample.guidance_interval), "sample.guidance_interval")
 
 
+def guidance_interval(sample_cfg: ml_collections.ConfigDict) -> tuple[float, float] | None:
+  """`sample.guidance_interval` as the samplers take it: (LO, HI), or None (every step) for ()."""
+  return tuple(sample_cfg.guidance_interval) or None
+
+
 def check_guidance_interval(interval, key: str) -> None:
   """ValueError naming `key` unless `interval` is two timesteps (lo, hi) with 0 ≤ lo ≤ hi."""
   if not (isinstance(interval, (tuple, list)) and len(interval) == 2

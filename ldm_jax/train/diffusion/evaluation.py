@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import data as data_lib
+from ldm_jax.config import diffusion as diffusion_config
 from ldm_jax.diffusion.latent_diffusion import LatentDiffusion
 from ldm_jax.eval import evaluate as eval_lib
 from ldm_jax.eval import features as features_lib
@@ -123,7 +124,7 @@ class SampleEvaluator:
       x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), ldm.latent_shape))(index)
       z = ldm.sample_latents(params, cond, jax.random.fold_in(sampler_key, batch_number), x_T=x_T,
                              batch_size=index.shape[0], sampler=s.sampler, num_steps=s.num_steps, eta=s.eta,
-                             guidance_scale=s.guidance_scale, guidance_interval=tuple(s.guidance_interval) or None,
+                             guidance_scale=s.guidance_scale, guidance_interval=diffusion_config.guidance_interval(s),
                              ae_params=ae_params)
       return ldm.decode(ae_params, z)
 

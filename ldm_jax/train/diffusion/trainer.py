@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ldm_jax import load
 from ldm_jax.config import common as config_lib
+from ldm_jax.config import diffusion as diffusion_config
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.runtime import checkpoint as ckpt_lib
 from ldm_jax.runtime import sharding
@@ -100,7 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample_cond = data.sample_conditions(config, ldm)
   generate = jax.jit(functools.partial(
       ldm.generate, sampler=config.sample.sampler, num_steps=config.sample.num_steps, eta=config.sample.eta,
-      guidance_scale=config.sample.guidance_scale, guidance_interval=tuple(config.sample.guidance_interval) or None,
+      guidance_scale=config.sample.guidance_scale, guidance_interval=diffusion_config.guidance_interval(config.sample),
       batch_size=config.sample.num_images),
       out_shardings=sharding.replicated(mesh))  # every process can read the grid
   evaluator = evaluation.SampleEvaluator(config, ldm, mesh, extractor, eval_metrics) if eval_metrics else None
