@@ -79,3 +79,9 @@ def test_stage2_trains_and_samples_on_pixels(tmp_path):
     images = data["images"]
   assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
   assert sorted(os.listdir(os.path.join(out, "images"))) == ["00000.png", "00001.png"]
+
+
+def test_diffusers_export_refuses_a_pixel_space_run_by_name():
+  from ldm_jax.convert import diffusers_format
+  with pytest.raises(ValueError, match="model.kind: 'identity' — a pixel-space run has no autoencoder"):
+    diffusers_format.autoencoder_config_to_diffusers(dict(_identity_config().model))
