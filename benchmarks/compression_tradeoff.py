@@ -40,7 +40,6 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ldm_jax.config import common as config_lib  # noqa: E402
-from ldm_jax.data.sources import make_source  # noqa: E402
 from ldm_jax.eval import evaluate, features, stats  # noqa: E402
 from ldm_jax.models import autoencoder as ae_lib  # noqa: E402
 from ldm_jax.runtime import compilation_cache  # noqa: E402
@@ -148,9 +147,7 @@ def _stage2(ae_dir: str, workdir: str, rate: float, timing: float) -> dict:
 
 def _real(data_cfg, extractor, ref) -> dict:
   """The test split under the samples' protocol (resized to the model's size, then scored)."""
-  images = stats.reference_images(data_cfg, "test", _SAMPLES.value)
-  source = make_source(data_cfg, "test")
-  labels = np.asarray([source[i]["label"] for i in range(len(images))])
+  images, labels = stats.labelled_reference_images(data_cfg, "test", _SAMPLES.value)
   scores = evaluate.evaluate_samples(images, ref, extractor, ("fd", "acc"), labels=labels, progress=False)
   return {"fd": float(scores[extractor.metric_name("fd")]), "accuracy": float(scores["class_accuracy"])}
 

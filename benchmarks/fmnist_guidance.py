@@ -24,7 +24,6 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ldm_jax.config import common as config_lib  # noqa: E402
-from ldm_jax.data.sources import make_source  # noqa: E402
 from ldm_jax.eval import evaluate, features, stats  # noqa: E402
 from ldm_jax.sampling import SampleRequest, sample_to_dir  # noqa: E402
 
@@ -40,17 +39,6 @@ _SPACING = flags.DEFINE_string("timestep_spacing", "uniform", "`sample.py --time
 _NUM_REF = flags.DEFINE_integer("num_ref", 10_000, "Training images of the reference statistics.")
 _BATCH = flags.DEFINE_integer("batch_size", 250, "Samples per compiled call.")
 _OUT = flags.DEFINE_string("out", "docs/fmnist_guidance.png", "The figure (and OUT.json).")
-
-
-def _real_test_images(data_cfg, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first `count` test images as the model sees them (`stats.reference_images`: resized to
-  data.image_size), uint8, and their labels."""
-  images = stats.reference_images(data_cfg, "test", count)
-  source = make_source(data_cfg, "test")
-  if len(images) != min(count, len(source)):
-    raise ValueError(f"data: {min(count, len(source)) - len(images)} of the first {count} test records "
-                     "could not be read; their labels would not line up with the images")
-  return images, np.asarray([source[i]["label"] for i in range(len(images))])
 
 
 def _pixels(images: np.ndarray) -> tuple[float, float]:
@@ -74,7 +62,7 @@ def main(argv):
   steps = dict(item.split(":") for item in _STEPS.value)
   n = _PER_CLASS.value * num_classes
   interval = tuple(int(v) for v in _INTERVAL.value) if _INTERVAL.value else None
-  real_images, real_labels = _real_test_images(data_cfg, n)
+  real_images, real_labels = stats.labelled_reference_images(data_cfg, "test", n)
   results = {"real": _score(real_images, real_labels, ref, extractor), "points": [],
              "workdir": os.path.abspath(_WORKDIR.value), "per_class": _PER_CLASS.value,
              "guidance_rescale": _RESCALE.value, "guidance_interval": interval, "timestep_spacing": _SPACING.value}

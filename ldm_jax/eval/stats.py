@@ -97,6 +97,18 @@ def reference_images(data_cfg: ml_collections.ConfigDict, split: str, num_images
     return np.stack([image for image in pool.map(load, range(n)) if image is not None])
 
 
+def labelled_reference_images(data_cfg: ml_collections.ConfigDict, split: str,
+                              num_images: int) -> tuple[np.ndarray, np.ndarray]:
+  """`reference_images` and the records' labels; ValueError if a record could not be read (its
+  label would not line up with the images)."""
+  images = reference_images(data_cfg, split, num_images)
+  source = make_source(data_cfg, split)
+  if len(images) != min(num_images, len(source)):
+    raise ValueError(f"data: {min(num_images, len(source)) - len(images)} of the first {num_images} {split} "
+                     "records could not be read; their labels would not line up with the images")
+  return images, np.asarray([source[i]["label"] for i in range(len(images))])
+
+
 def stats_from_features(features: np.ndarray, logits, meta: dict) -> ReferenceStats:
   mu, sigma = distribution.gaussian_stats(features)
   return ReferenceStats(mu=mu, sigma=sigma, features=np.asarray(features, np.float32),
