@@ -9,9 +9,9 @@
 
 from ldm_jax.data.config import validate_data_config
 from ldm_jax.data.pipeline import host_batch_size, make_loader
-from ldm_jax.data.sources import SOURCES, captions, make_source, num_classes
+from ldm_jax.data.sources import SOURCES, captions, class_captions, make_source, num_classes
 
 __all__ = [
-    'SOURCES', 'captions', 'host_batch_size', 'make_loader',
+    'SOURCES', 'captions', 'class_captions', 'host_batch_size', 'make_loader',
     'make_source', 'num_classes', 'validate_data_config',
 ]

@@ -70,6 +70,15 @@ def num_classes(data_cfg: ml_collections.ConfigDict) -> int:
   raise ValueError(f'data.source: unknown {data_cfg.source!r}, expected one of {SOURCES}')
 
 
+def class_captions(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The caption of each class, indexed by label, for sources whose captions name the class and
+  nothing else (idx: "a photo of a sneaker"); ValueError naming `data.source` for the others."""
+  if data_cfg.source == 'idx':
+    return idx.class_captions(data_cfg.path)
+  raise ValueError(f'data.source: {data_cfg.source!r} has no caption per class (only idx captions name '
+                   'the class alone)')
+
+
 def captions(data_cfg: ml_collections.ConfigDict, split: str) -> Iterator[str]:
   """Yields the caption of every record of `split`, in index order, without decoding images.
 

@@ -5,6 +5,10 @@ Samples (from sample.py) against a data set's reference statistics:
   python -m ldm_jax.eval --samples runs/fmnist_ldm/samples/samples.npz \
       --ref configs/ldm/fmnist_class_cond.py --extractor vgg16 --metrics fd,kid,pr --out results.json
 
+`acc` needs the samples' class labels: samples.npz 'labels' (class-conditional models), or, for a
+text-to-image model sampled with the data set's class captions ("a photo of a sneaker"), its
+'prompts', mapped to the classes of the --ref config's data (idx).
+
 `--ref` is a config file (`path.py[:arg]`, its `data` section is used; statistics of the first
 --num_ref images of --ref_split, default the train split, are computed once and cached) or a
 stats `.npz` written by this tool under the same extractor and protocol.
@@ -29,7 +33,7 @@ from absl import flags, logging
 
 from ldm_jax import load
 from ldm_jax.config import common as config_lib
-from ldm_jax.data import make_source
+from ldm_jax.data import class_captions, make_source
 from ldm_jax.eval import evaluate
 from ldm_jax.eval import features as features_lib
 from ldm_jax.eval import stats as stats_lib
@@ -77,10 +81,14 @@ def _write(results: dict, report: dict) -> None:
 
 def _evaluate_samples(extractor, images, labels) -> None:
   metrics = evaluate.parse_metrics(_METRICS.value or "fd,kid,pr", evaluate.SAMPLE_METRICS)
-  if _REF.value.endswith(".npz"):
+  data_cfg = None if _REF.value.endswith(".npz") else _data_config(_REF.value)
+  if "acc" in metrics and labels is None and data_cfg is not None:
+    prompts = evaluate.load_prompts(_SAMPLES.value)  # text samples prompted with the class captions
+    if prompts is not None:
+      labels = evaluate.labels_from_prompts(prompts, class_captions(data_cfg), source=f"--ref {_REF.value}")
+  if data_cfg is None:
     ref = stats_lib.load_stats(_REF.value, extractor)
   else:
-    data_cfg = _data_config(_REF.value)
     split = _REF_SPLIT.value or data_cfg.train_split
     ref = stats_lib.reference_stats(data_cfg, split, _NUM_REF.value, extractor,
                                     cache_dir=_CACHE_DIR.value, batch_size=_BATCH_SIZE.value)

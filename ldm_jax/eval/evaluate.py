@@ -152,6 +152,29 @@ def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   return features_lib.check_images(images, f"{path}: 'images'"), labels
 
 
+def load_prompts(path: str) -> np.ndarray | None:
+  """The `prompts` of a samples.npz (text-conditional samples), or None when it has none."""
+  with np.load(path, allow_pickle=False) as f:
+    return f["prompts"] if "prompts" in f.files else None
+
+
+def labels_from_prompts(prompts, class_captions: tuple[str, ...], *, source: str) -> np.ndarray:
+  """int32 [N]: the class whose caption each prompt is (case and spacing ignored), so that text
+  samples prompted with a data set's class captions get a class accuracy; ValueError naming the
+  first prompt that is no class caption of `source`."""
+  def norm(text):
+    return " ".join(str(text).lower().split())
+  index = {norm(c): i for i, c in enumerate(class_captions)}
+  labels = []
+  for prompt in prompts:
+    if norm(prompt) not in index:
+      raise ValueError(f"acc: the prompt {str(prompt)!r} is none of the class captions of {source} "
+                       f"({', '.join(repr(c) for c in class_captions)}); sample with those prompts, or "
+                       "write the class labels into samples.npz as 'labels'")
+    labels.append(index[norm(prompt)])
+  return np.asarray(labels, np.int32)
+
+
 # ---- autoencoders ---------------------------------------------------------------------------
 
 def _reconstruct(model, params, x):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -103,6 +104,22 @@ def test_bad_sample_files_are_refused(tmp_path):
     evaluate.load_samples(str(tmp_path / "other.npz"))
   with pytest.raises(FileNotFoundError, match="not found"):
     evaluate.load_samples(str(tmp_path / "missing.npz"))
+
+
+def test_text_samples_get_labels_from_the_class_captions_of_the_reference_data(tmp_path):
+  from ldm_jax.data import class_captions  # pylint: disable=g-import-not-at-top
+  captions = class_captions(ml_collections.ConfigDict({"source": "idx", "path": "/data/fashion-mnist"}))
+  assert captions[7] == "a photo of a sneaker" and captions[9] == "a photo of an ankle boot"
+  prompts = np.asarray(["a photo of an ankle boot", "A photo of a  sneaker", "a photo of a t-shirt"])
+  np.savez(tmp_path / "text.npz", images=np.zeros((3, 8, 8, 1), np.uint8), prompts=prompts)
+  loaded = evaluate.load_prompts(str(tmp_path / "text.npz"))
+  assert evaluate.labels_from_prompts(loaded, captions, source="--ref x").tolist() == [9, 7, 0]
+  with pytest.raises(ValueError, match="'a photo of a cat' is none of the class captions of --ref x"):
+    evaluate.labels_from_prompts(["a photo of a bag", "a photo of a cat"], captions, source="--ref x")
+  np.savez(tmp_path / "class.npz", images=np.zeros((3, 8, 8, 1), np.uint8), labels=np.arange(3))
+  assert evaluate.load_prompts(str(tmp_path / "class.npz")) is None
+  with pytest.raises(ValueError, match="data.source: 'shapes' has no caption per class"):
+    class_captions(ml_collections.ConfigDict({"source": "shapes"}))
 
 
 def test_autoencoder_reconstruction_metrics(tmp_path, toy_extractor):
