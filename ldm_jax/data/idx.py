@@ -8,6 +8,9 @@ split is loaded into memory (Fashion-MNIST train: 47 MB).
 Captions name the class, "a photo of a sneaker", with Fashion-MNIST class names
 when the directory path contains "fashion" (case-insensitive), and "a photo of
 the digit 7" otherwise. Labels are the file's labels (10 classes).
+`holdout_labels` (`data.holdout_labels`) leaves those classes out of the train
+split (the test split keeps them): a class a model has never seen, to teach it
+later from a few images.
 """
 
 import gzip
@@ -73,7 +76,7 @@ def class_captions(directory: str) -> tuple[str, ...]:
 class IdxSource:
   """Random-access source of `{'image': uint8 [28, 28, 1], 'label', 'caption'}`."""
 
-  def __init__(self, directory: str, split: str):
+  def __init__(self, directory: str, split: str, holdout_labels=()):
     images_path, labels_path = split_files(directory, split)
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -83,6 +86,10 @@ class IdxSource:
     if labels.size and not 0 <= labels.min() <= labels.max() < NUM_CLASSES:
       raise ValueError(f'{labels_path}: labels must lie in [0, {NUM_CLASSES}), got '
                        f'[{labels.min()}, {labels.max()}]')
+    holdout = check_holdout_labels(holdout_labels) if split == 'train' else ()
+    if holdout:
+      keep = ~np.isin(labels, holdout)
+      images, labels = images[keep], labels[keep]
     self._images = images[..., None]
     self._labels = labels.astype(np.int32)
     self._captions = class_captions(directory)
@@ -99,3 +106,14 @@ class IdxSource:
         'label': self._labels[index],
         'caption': self.caption(index),
     }
+
+
+def check_holdout_labels(holdout_labels) -> tuple[int, ...]:
+  """`data.holdout_labels` as a tuple of class indices; ValueError naming the key."""
+  labels = tuple(holdout_labels)
+  for label in labels:
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < NUM_CLASSES:
+      raise ValueError(f'data.holdout_labels: {label!r} is not a class index in [0, {NUM_CLASSES})')
+  if len(set(labels)) >= NUM_CLASSES:
+    raise ValueError(f'data.holdout_labels: {labels} leaves no class to train on')
+  return labels

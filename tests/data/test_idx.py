@@ -52,6 +52,20 @@ def test_tiny_files_round_trip_exactly(tiny_dir):
   assert train.caption(2) == 'a photo of the digit 4'
 
 
+def test_holdout_labels_leave_classes_out_of_the_train_split_only(tiny_dir):
+  directory, arrays = tiny_dir
+  train = idx.IdxSource(str(directory), 'train', holdout_labels=(1, 5))
+  assert [int(train[i]['label']) for i in range(len(train))] == [3, 4]
+  np.testing.assert_array_equal(train[1]['image'][..., 0], arrays['train-images-idx3-ubyte.gz'][2])
+  assert train.caption(1) == 'a photo of the digit 4'
+  test = idx.IdxSource(str(directory), 'test', holdout_labels=(9,))
+  assert [int(test[i]['label']) for i in range(len(test))] == [9, 0]
+  for bad, message in (((10,), r"10 is not a class index"), ((True,), r"True is not a class index"),
+                       (tuple(range(10)), "leaves no class")):
+    with pytest.raises(ValueError, match=f'data.holdout_labels: .*{message}'):
+      idx.IdxSource(str(directory), 'train', holdout_labels=bad)
+
+
 def test_read_idx_big_endian_int32(tmp_path):
   values = np.array([[-2, 70000], [1, 2**31 - 1]], np.int32)
   write_idx(str(tmp_path / 'x-idx2-int'), values)
