@@ -17,6 +17,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.data = sections.default_data_config()
   config.data.image_size = 256
   config.data.channels = 3
+  # kind: 'kl' (KL-regularised), 'vq' (vector-quantised, n_embed codes) or 'identity' (no autoencoder:
+  # z = x, f = 1, for diffusion in pixel space; ch_mult=(1,), embed_dim = in_channels).
   config.model = ml_collections.ConfigDict(dict(
       kind="kl", embed_dim=4, n_embed=8192, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
       attn_resolutions=(), z_channels=4, dropout=0.0))
