@@ -36,7 +36,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ldm_jax.config import common as config_lib  # noqa: E402
-from ldm_jax.data import class_captions, idx  # noqa: E402
+from ldm_jax.data import class_captions, make_source  # noqa: E402
 from ldm_jax.eval import features  # noqa: E402
 from ldm_jax.sampling import SampleRequest, sample_to_dir  # noqa: E402
 
@@ -73,7 +73,7 @@ def _write_instances(data_cfg, concept: int, n: int, out: str, caption: str) -> 
   """The first `n` test images of `concept` as PNGs (+ caption files) in OUT/instance."""
   folder = os.path.join(out, "instance")
   os.makedirs(folder, exist_ok=True)
-  source = idx.IdxSource(data_cfg.path, "test")
+  source = make_source(data_cfg, "test")
   found = [i for i in range(len(source)) if source[i]["label"] == concept][:n]
   if len(found) < n:
     raise ValueError(f"--num_instance: the test split has only {len(found)} images of class {concept}")
@@ -174,7 +174,7 @@ def main(argv):
     timing = _train(method, base, instance, workdir, data_cfg, prompts)
     row = results.get(method, {})
     row.update(timing)
-    if method in ("dreambooth",):
+    if method == "dreambooth":
       model = {"workdir": workdir}
     elif method == "textual_inversion":
       model = {"workdir": base, "textual_inversion": (os.path.join(workdir, "learned_embeds.safetensors"),)}
