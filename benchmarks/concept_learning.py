@@ -18,7 +18,9 @@ Then, with the same seeds for every model: `--num_concept` samples of the method
 ("a photo of a sks sneaker" with DreamBooth / LoRA, "a photo of a <concept>" with textual inversion),
 scored by the independent classifier as the share it assigns to the held-out class (the issue's
 target: >= 70 %); and `--per_class` samples of each trained class's caption, whose class accuracy
-is compared with the base model's on the same prompts and seeds (target: within 5 points). Writes
+is compared with the base model's on the same prompts and seeds (target: within 5 points).
+DreamBooth's prior images are of every trained caption (`--prior trained`, dreambooth.prior_prompts)
+or of the class prompt alone (`--prior class`, as diffusers' train_dreambooth.py). Writes
 OUT/results.json and prints one row per method.
 """
 
@@ -57,6 +59,10 @@ _LR = flags.DEFINE_list("learning_rate", ["lora:1e-3", "dreambooth:5e-5", "dream
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Fine-tuning batch (instance images; DreamBooth adds as many "
                               "class images).")
 _NUM_CLASS_IMAGES = flags.DEFINE_integer("num_class_images", 100, "DreamBooth's prior images, sampled from the base.")
+_PRIOR = flags.DEFINE_enum("prior", "trained", ["class", "trained"], "DreamBooth's prior images: of the class "
+                           "prompt alone (diffusers' train_dreambooth) or spread over every trained class's caption "
+                           "(dreambooth.prior_prompts).")
+_TI_VECTORS = flags.DEFINE_integer("ti_vectors", 1, "Textual inversion's embedding vectors (num_vectors).")
 _NUM_CONCEPT = flags.DEFINE_integer("num_concept", 100, "Samples of the concept prompt per method.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 30, "Samples of each trained class's caption per model.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 4.0, "Sampling guidance scale.")
@@ -84,7 +90,8 @@ def _write_instances(data_cfg, concept: int, n: int, out: str, caption: str) -> 
   return folder
 
 
-def _train(method: str, base: str, instance: str, workdir: str, data_cfg, prompts: dict) -> dict:
+def _train(method: str, base: str, instance: str, workdir: str, data_cfg, prompts: dict,
+           trained_captions: list[str]) -> dict:
   """Runs the method's fine-tuning; returns its wall and CPU seconds (nothing if already done)."""
   steps, lr = _pairs(_STEPS.value, int)[method], _pairs(_LR.value, float)[method]
   config = {"lora": "configs/finetune/lora.py", "dreambooth": "configs/finetune/dreambooth.py",
@@ -98,13 +105,17 @@ def _train(method: str, base: str, instance: str, workdir: str, data_cfg, prompt
             f"--config.train.log_every={max(1, steps // 10)}", f"--config.sample.guidance_scale={_GUIDANCE.value}",
             f"--config.sample.num_steps={_SAMPLE_STEPS.value}", f"--config.sample.prompts=('{prompts[method]}',)"]
   if method.startswith("dreambooth"):
+    class_prompt = f"a photo of a {_CLASS_WORD.value}"
+    prior = [c for c in trained_captions if c != class_prompt] if _PRIOR.value == "trained" else []
     flags_ += [f"--config.dreambooth.instance_prompt={prompts[method]}",
-               f"--config.dreambooth.class_prompt=a photo of a {_CLASS_WORD.value}",
+               f"--config.dreambooth.class_prompt={class_prompt}",
+               f"--config.dreambooth.prior_prompts={tuple(prior)!r}",
                f"--config.dreambooth.num_class_images={_NUM_CLASS_IMAGES.value}",
                f"--config.dreambooth.class_guidance_scale={_GUIDANCE.value}"]
   if method == "textual_inversion":
     flags_ += ["--config.textual_inversion.token=<concept>",
                f"--config.textual_inversion.initializer_token={_CLASS_WORD.value}",
+               f"--config.textual_inversion.num_vectors={_TI_VECTORS.value}",
                "--config.textual_inversion.prompts=('a photo of a {}',)"]
   done = os.path.join(workdir, "checkpoints", str(steps))
   if os.path.isdir(done):
@@ -171,7 +182,7 @@ def main(argv):
   print(f"{'base':>18s}{results['base']['concept_rate']:>9.3f}{results['base']['prior_accuracy']:>11.3f}", flush=True)
   for method in _METHODS.value:
     workdir = os.path.join(out, method)
-    timing = _train(method, base, instance, workdir, data_cfg, prompts)
+    timing = _train(method, base, instance, workdir, data_cfg, prompts, [captions[c] for c in trained])
     row = results.get(method, {})
     row.update(timing)
     if method == "dreambooth":

@@ -4,7 +4,9 @@ The subject's images (a handful, in `data.path`) are all captioned `dreambooth.i
 (a rare identifier + the class). With prior preservation (`dreambooth.prior_loss_weight` λ > 0)
 every step also trains on as many of the base model's own images of `class_prompt`, L =
 L_instance + λ·L_prior; `num_class_images` of them are sampled from `init.pretrained` into
-WORKDIR/class_images before the first step (kept there; images already there count). The whole
+WORKDIR/class_images before the first step (kept there; images already there count).
+`prior_prompts` spreads them over more prompts whose outputs must not drift either (a model that
+knows a few classes: all their captions, see benchmarks/concept_learning.py). The whole
 U-Net trains (a pretrained text encoder stays frozen), or with `:lora` only LoRA adapters
 (configs/finetune/lora.py's, written to WORKDIR/pytorch_lora_weights.safetensors).
 

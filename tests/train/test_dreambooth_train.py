@@ -16,12 +16,15 @@ from tests.conftest import load_config
 from tests.train.runs import read_state
 
 
-def write_class_images(tmp_path, count):
-  """`count` class images present already (nothing is sampled), image i filled with the value 10·i."""
+def write_class_images(tmp_path, count, captions=None):
+  """`count` class images present already (nothing is sampled), image i filled with the value 10·i
+  and captioned `captions[i]` in its .txt (no caption files without `captions`)."""
   folder = tmp_path / dreambooth.CLASS_IMAGES
   folder.mkdir()
   for i in range(count):
     Image.fromarray(np.full((16, 16, 3), 10 * i, np.uint8)).save(folder / f"class_{i:05d}.png")
+    if captions is not None:
+      (folder / f"class_{i:05d}.txt").write_text(captions[i] + "\n")
 
 
 def class_ids(batch, n):
@@ -45,6 +48,36 @@ def test_prior_batches_put_class_images_after_the_instance_images(tmp_path):
   config.dreambooth.prior_loss_weight = 0.0  # no prior: the instance prompt only
   plain = next(dreambooth.PriorBatches(config, str(tmp_path), iter([instance])))
   assert set(plain) == {"image", "caption", "label"} and plain["caption"][0] == config.dreambooth.instance_prompt
+
+
+def test_prior_prompts_caption_each_class_image_with_its_own_prompt(tmp_path):
+  """With prior_prompts the class images are spread over the prompts, and each class image of a
+  batch carries the caption it was sampled with (its .txt), not class_prompt."""
+  config = load_config("configs/finetune/dreambooth.py:smoke")
+  other = "a small blue square at the top left on a white background"
+  config.dreambooth.update(num_class_images=5, prior_prompts=(other,))
+  assert dreambooth.class_image_quota(config.dreambooth) == {config.dreambooth.class_prompt: 3, other: 2}
+  captions = [config.dreambooth.class_prompt, other, config.dreambooth.class_prompt, other,
+              config.dreambooth.class_prompt]
+  write_class_images(tmp_path, 5, captions)
+  assert dreambooth.class_images(config, str(tmp_path)) == str(tmp_path / dreambooth.CLASS_IMAGES)  # all there
+  n = config.train.batch_size
+  instance = {"image": np.ones((n, 16, 16, 3), np.float32), "caption": np.array(["x"] * n),
+              "label": np.zeros(n, np.int32)}
+  batches = dreambooth.PriorBatches(config, str(tmp_path), iter([instance] * 4))
+  for _ in range(4):
+    batch = next(batches)
+    assert list(batch["caption"][:n]) == [config.dreambooth.instance_prompt] * n
+    assert [str(c) for c in batch["caption"][n:]] == [captions[i] for i in class_ids(batch, n)]
+
+
+def test_class_images_captioned_with_another_prompt_are_an_error_naming_the_file(tmp_path):
+  """Class images sampled for other prompts (the config changed since) are not trained on as these."""
+  config = load_config("configs/finetune/dreambooth.py:smoke")
+  config.dreambooth.num_class_images = 2
+  write_class_images(tmp_path, 2, [config.dreambooth.class_prompt, "a large green circle on a black background"])
+  with pytest.raises(ValueError, match=r"class_00001\.png is captioned 'a large green circle on a black background'"):
+    dreambooth.class_images(config, str(tmp_path))
 
 
 def test_a_restored_checkpoint_draws_the_instance_and_class_images_an_uninterrupted_run_draws(tmp_path):
@@ -110,6 +143,17 @@ def test_dreambooth_config_checks():
   config.dreambooth.class_prompt = " "
   with pytest.raises(ValueError, match=r"dreambooth\.class_prompt: expected a non-empty prompt"):
     finetune.check_method(config)
+  config.dreambooth.class_prompt = "a large red circle on a white background"
+  for prompts, message in [((config.dreambooth.class_prompt,), "a prompt is given twice"),
+                           (("a", "a"), "a prompt is given twice"),
+                           ((config.dreambooth.instance_prompt,), "holds the instance prompt"),
+                           (("",), "expected a tuple of non-empty prompts")]:
+    config.dreambooth.prior_prompts = prompts
+    with pytest.raises(ValueError, match=rf"dreambooth\.prior_prompts: {message}"):
+      finetune.check_method(config)
+  config.dreambooth.update(prior_prompts=("a", "b"), num_class_images=2)
+  with pytest.raises(ValueError, match=r"dreambooth\.num_class_images: 2 is fewer than the 3 class prompts"):
+    finetune.check_method(config)
 
 
 @pytest.mark.extended
@@ -119,13 +163,18 @@ def test_dreambooth_lora_run_samples_and_caches_its_class_images(smoke_text_run,
   run = str(tmp_path / "db")
   config = load_config("configs/finetune/dreambooth.py:smoke,lora")
   config.init.pretrained = base_run
+  other = "a small blue square at the top left on a white background"
+  config.dreambooth.prior_prompts = (other,)
   config.train.update(num_steps=2, checkpoint_every=2, image_every=100, log_every=1)
   diffusion.train_and_evaluate(config, run)
   folder = os.path.join(run, dreambooth.CLASS_IMAGES)
   pngs = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
   assert len(pngs) == 8
-  with open(os.path.join(folder, pngs[0][:-4] + ".txt")) as f:
-    assert f.read().strip() == config.dreambooth.class_prompt
+  captions = []
+  for png in pngs:
+    with open(os.path.join(folder, png[:-4] + ".txt")) as f:
+      captions.append(f.read().strip())
+  assert sorted(captions) == sorted([config.dreambooth.class_prompt] * 4 + [other] * 4)
   mtimes = [os.path.getmtime(os.path.join(folder, p)) for p in pngs]
   assert set(read_state(run, ("params",))) == {"unet"}  # LoRA adapters
 

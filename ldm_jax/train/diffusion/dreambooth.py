@@ -2,7 +2,8 @@
 
 Every training image (the subject's, `data.*`) is captioned `dreambooth.instance_prompt` (a rare
 identifier and the class, "a photo of sks dog"). With `prior_loss_weight` λ > 0 every step also
-trains on as many class images captioned `class_prompt`, and the loss is
+trains on as many class images captioned `class_prompt` (and, spread over them, `prior_prompts`:
+other prompts whose images must not drift, e.g. the other classes a small model knows), and the loss is
 L = L_instance + λ·L_prior (per-example weights 2 and 2λ on a batch half instance, half class).
 The class images are the base model's own: `WORKDIR/class_images/` holds `num_class_images`
 PNGs (with their prompt in `.txt` files); missing ones are sampled from `init.pretrained` with
@@ -14,6 +15,7 @@ LoRA adapters with a `lora` section too.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -47,34 +49,67 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      "cache; unset it.")
 
 
+def class_prompts(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The captions of the class images: `class_prompt`, then `prior_prompts`."""
+  return (cfg.class_prompt, *cfg.prior_prompts)
+
+
+def class_image_quota(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """How many of the `num_class_images` each prompt of `class_prompts` gets (evenly, the first ones the rest)."""
+  prompts = class_prompts(cfg)
+  n, k = cfg.num_class_images, len(prompts)
+  return {p: n // k + (i < n % k) for i, p in enumerate(prompts)}
+
+
+def _caption(path: str, default: str) -> str:
+  """The caption file's text beside an image, `default` without one (class images a user put there)."""
+  caption_path = os.path.splitext(path)[0] + ".txt"
+  if not os.path.isfile(caption_path):
+    return default
+  with open(caption_path, encoding="utf-8") as f:
+    return f.read().strip()
+
+
 def class_images(config: ml_collections.ConfigDict, workdir: str, seed: int = 0) -> str:
-  """`workdir/class_images` holding at least `num_class_images` images of `class_prompt`; the
+  """`workdir/class_images` holding at least `class_image_quota` images of each class prompt, each
+  with its prompt in a `.txt` beside it (an image without one counts as `class_prompt`'s); the
   missing ones are sampled from the base model (`init.pretrained`, a pretrained directory by now)
-  at `data.image_size`. Returns the folder."""
+  at `data.image_size`. An image captioned with none of the prompts (the prompts changed since it
+  was sampled) is a ValueError naming it. Returns the folder."""
   cfg = config.dreambooth
   target = os.path.join(workdir, CLASS_IMAGES)
-  have = len(list(folder.iter_images(target))) if os.path.isdir(target) else 0
-  missing = cfg.num_class_images - have
-  if missing <= 0:
+  paths = list(folder.iter_images(target)) if os.path.isdir(target) else []
+  quota = class_image_quota(cfg)
+  have = dict.fromkeys(quota, 0)
+  for path in paths:
+    caption = _caption(path, cfg.class_prompt)
+    if caption not in have:
+      raise ValueError(f"dreambooth: the class image {path} is captioned {caption!r}, none of class_prompt / "
+                       f"prior_prompts {tuple(quota)!r}; delete {target} to sample the class images again.")
+    have[caption] += 1
+  todo = [p for p in quota for _ in range(max(0, quota[p] - have[p]))]
+  if not todo:
     return target
-  logging.info("dreambooth: sampling %d class images of %r from %s", missing, cfg.class_prompt,
-               config.init.pretrained)
-  staging = os.path.join(workdir, f".class_images_from_{have}")
+  logging.info("dreambooth: sampling %d class images of %s from %s", len(todo),
+               ", ".join(f"{quota[p] - have[p]} x {p!r}" for p in quota if quota[p] > have[p]), config.init.pretrained)
+  staging = os.path.join(workdir, f".class_images_from_{len(paths)}")
   if jax.process_index() == 0 and os.path.isdir(staging):
     shutil.rmtree(staging)  # an interrupted earlier attempt
   size = config.data.image_size
   batch = jax.device_count() * max(1, 8 // jax.device_count())
   summary = sampling.sample_to_dir(sampling.SampleRequest(
-      out=staging, pretrained=config.init.pretrained, prompts=(cfg.class_prompt,), num_samples=missing,
-      steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance_scale, seed=seed + have, batch_size=batch,
-      height=size, width=size))
+      out=staging, pretrained=config.init.pretrained, prompts=tuple(todo), num_samples=len(todo),
+      steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance_scale, seed=seed + len(paths),
+      batch_size=batch, height=size, width=size))
   if jax.process_index() == 0:
     os.makedirs(target, exist_ok=True)
-    for i, name in enumerate(sorted(os.listdir(os.path.join(summary["out"], "images")))):
-      stem = os.path.join(target, f"class_{have + i:05d}")
-      shutil.move(os.path.join(summary["out"], "images", name), stem + ".png")
-      with open(stem + ".txt", "w") as f:
-        f.write(cfg.class_prompt + "\n")
+    taken = {os.path.splitext(os.path.basename(p))[0] for p in paths}
+    names = (f"class_{i:05d}" for i in itertools.count(len(paths)) if f"class_{i:05d}" not in taken)
+    for name, prompt, stem in zip(sorted(os.listdir(os.path.join(summary["out"], "images"))), todo, names,
+                                  strict=False):
+      shutil.move(os.path.join(summary["out"], "images", name), os.path.join(target, stem + ".png"))
+      with open(os.path.join(target, stem + ".txt"), "w", encoding="utf-8") as f:
+        f.write(prompt + "\n")
     shutil.rmtree(summary["out"])
   if jax.process_count() > 1:
     distributed.barrier("dreambooth_class_images")
@@ -114,7 +149,8 @@ class PriorBatches:
     if self.prior is None:
       return batch
     prior = next(self.prior)
-    prior = {**prior, "caption": np.array([self.cfg.class_prompt] * n)}
+    captions = [str(c) or self.cfg.class_prompt for c in prior.get("caption", [""] * n)]
+    prior = {**prior, "caption": np.array(captions)}
     weight = np.concatenate([np.full(n, 2.0), np.full(n, 2.0 * self.cfg.prior_loss_weight)]).astype(np.float32)
     keys = sorted(set(batch) & set(prior))
     return {**{k: np.concatenate([np.asarray(batch[k]), np.asarray(prior[k])]) for k in keys},
