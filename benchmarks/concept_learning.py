@@ -2,7 +2,8 @@
 method (LoRA, DreamBooth full and LoRA, textual inversion), and measure what it learned and forgot.
 
 The base is a Fashion-MNIST text-to-image run whose training split left one class out
-(`data.holdout_labels`; its tokenizer has never seen the class's words either):
+(`data.holdout_labels`; its tokenizer has never seen the class's words either), or kept its images
+with the empty caption (`data.unnamed_labels`: the model can draw the class but no word names it):
 
   .venv/bin/python -m ldm_jax.eval.classifier --data configs/autoencoder/fmnist_kl_f4.py --workdir runs/fmnist_classifier
   .venv/bin/python train_autoencoder.py --config configs/autoencoder/fmnist_kl_f4.py --workdir runs/fmnist_ae
@@ -48,7 +49,7 @@ _CLASSIFIER = flags.DEFINE_string("classifier", None, "`python -m ldm_jax.eval.c
 _OUT = flags.DEFINE_string("out", None, "Output directory (instance images, one run per method, results.json).")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"Some of {METHODS}.")
 _CONCEPT = flags.DEFINE_integer("concept_label", None, "The held-out class (default: the base's "
-                                "data.holdout_labels, which must then name one class).")
+                                "data.holdout_labels or data.unnamed_labels, which must then name one class).")
 _CLASS_WORD = flags.DEFINE_string("class_word", "sneaker", "DreamBooth's class noun (its prior) and the "
                                   "textual-inversion initializer: a trained class near the concept.")
 _NUM_INSTANCE = flags.DEFINE_integer("num_instance", 5, "Images of the concept to learn from.")
@@ -62,6 +63,7 @@ _NUM_CLASS_IMAGES = flags.DEFINE_integer("num_class_images", 100, "DreamBooth's 
 _PRIOR = flags.DEFINE_enum("prior", "trained", ["class", "trained"], "DreamBooth's prior images: of the class "
                            "prompt alone (diffusers' train_dreambooth) or spread over every trained class's caption "
                            "(dreambooth.prior_prompts).")
+_PRIOR_WEIGHT = flags.DEFINE_float("prior_loss_weight", 1.0, "DreamBooth's λ (dreambooth.prior_loss_weight).")
 _TI_VECTORS = flags.DEFINE_integer("ti_vectors", 1, "Textual inversion's embedding vectors (num_vectors).")
 _NUM_CONCEPT = flags.DEFINE_integer("num_concept", 100, "Samples of the concept prompt per method.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 30, "Samples of each trained class's caption per model.")
@@ -111,6 +113,7 @@ def _train(method: str, base: str, instance: str, workdir: str, data_cfg, prompt
                f"--config.dreambooth.class_prompt={class_prompt}",
                f"--config.dreambooth.prior_prompts={tuple(prior)!r}",
                f"--config.dreambooth.num_class_images={_NUM_CLASS_IMAGES.value}",
+               f"--config.dreambooth.prior_loss_weight={_PRIOR_WEIGHT.value}",
                f"--config.dreambooth.class_guidance_scale={_GUIDANCE.value}"]
   if method == "textual_inversion":
     flags_ += ["--config.textual_inversion.token=<concept>",
@@ -153,11 +156,11 @@ def main(argv):
   out = os.path.abspath(_OUT.value)
   os.makedirs(out, exist_ok=True)
   data_cfg = config_lib.load_config(base).data
-  holdout = tuple(data_cfg.get("holdout_labels", ()))
+  holdout = tuple(data_cfg.get("holdout_labels", ())) + tuple(data_cfg.get("unnamed_labels", ()))
   concept = _CONCEPT.value if _CONCEPT.value is not None else (holdout[0] if len(holdout) == 1 else None)
   if concept is None or concept not in holdout:
-    raise ValueError(f"--concept_label: {concept} is not a class the base left out of training "
-                     f"(its data.holdout_labels: {holdout})")
+    raise ValueError(f"--concept_label: {concept} is not a class the base left out of training or never "
+                     f"named (its data.holdout_labels + data.unnamed_labels: {holdout})")
   unknown = set(_METHODS.value) - set(METHODS)
   if unknown:
     raise ValueError(f"--methods: unknown {sorted(unknown)}; expected some of {METHODS}")

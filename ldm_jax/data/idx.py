@@ -10,7 +10,9 @@ when the directory path contains "fashion" (case-insensitive), and "a photo of
 the digit 7" otherwise. Labels are the file's labels (10 classes).
 `holdout_labels` (`data.holdout_labels`) leaves those classes out of the train
 split (the test split keeps them): a class a model has never seen, to teach it
-later from a few images.
+later from a few images. `unnamed_labels` (`data.unnamed_labels`) keeps those
+classes' train images but captions them '' (the unconditional caption): a model
+that can draw the class but has no word for it, textual inversion's setting.
 """
 
 import gzip
@@ -76,7 +78,7 @@ def class_captions(directory: str) -> tuple[str, ...]:
 class IdxSource:
   """Random-access source of `{'image': uint8 [28, 28, 1], 'label', 'caption'}`."""
 
-  def __init__(self, directory: str, split: str, holdout_labels=()):
+  def __init__(self, directory: str, split: str, holdout_labels=(), unnamed_labels=()):
     images_path, labels_path = split_files(directory, split)
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -86,13 +88,14 @@ class IdxSource:
     if labels.size and not 0 <= labels.min() <= labels.max() < NUM_CLASSES:
       raise ValueError(f'{labels_path}: labels must lie in [0, {NUM_CLASSES}), got '
                        f'[{labels.min()}, {labels.max()}]')
-    holdout = check_holdout_labels(holdout_labels) if split == 'train' else ()
+    holdout, unnamed = check_label_sets(holdout_labels, unnamed_labels) if split == 'train' else ((), ())
     if holdout:
       keep = ~np.isin(labels, holdout)
       images, labels = images[keep], labels[keep]
     self._images = images[..., None]
     self._labels = labels.astype(np.int32)
-    self._captions = class_captions(directory)
+    self._captions = tuple('' if label in unnamed else caption
+                           for label, caption in enumerate(class_captions(directory)))
 
   def __len__(self) -> int:
     return len(self._labels)
@@ -108,12 +111,22 @@ class IdxSource:
     }
 
 
-def check_holdout_labels(holdout_labels) -> tuple[int, ...]:
-  """`data.holdout_labels` as a tuple of class indices; ValueError naming the key."""
-  labels = tuple(holdout_labels)
+def _check_labels(key: str, labels) -> tuple[int, ...]:
+  labels = tuple(labels)
   for label in labels:
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < NUM_CLASSES:
-      raise ValueError(f'data.holdout_labels: {label!r} is not a class index in [0, {NUM_CLASSES})')
-  if len(set(labels)) >= NUM_CLASSES:
-    raise ValueError(f'data.holdout_labels: {labels} leaves no class to train on')
+      raise ValueError(f'{key}: {label!r} is not a class index in [0, {NUM_CLASSES})')
   return labels
+
+
+def check_label_sets(holdout_labels, unnamed_labels=()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """`data.holdout_labels` and `data.unnamed_labels` as tuples of class indices; ValueError naming the key."""
+  holdout = _check_labels('data.holdout_labels', holdout_labels)
+  if len(set(holdout)) >= NUM_CLASSES:
+    raise ValueError(f'data.holdout_labels: {holdout} leaves no class to train on')
+  unnamed = _check_labels('data.unnamed_labels', unnamed_labels)
+  both = sorted(set(holdout) & set(unnamed))
+  if both:
+    raise ValueError(f'data.unnamed_labels: {both} are in data.holdout_labels too (left out of training, so '
+                     'there is nothing to leave unnamed)')
+  return holdout, unnamed

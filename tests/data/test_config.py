@@ -11,7 +11,7 @@ KEYS = {'source', 'path', 'name', 'tfds_data_dir', 'image_size', 'channels', 'tr
         'eval_split', 'random_crop', 'random_flip', 'num_examples', 'labels_from_dirs',
         'image_key', 'label_key', 'caption_key', 'num_workers', 'eval_path', 'min_side',
         'max_aspect_ratio', 'min_caption_length',
-        'shapes_layout', 'shapes_holdout', 'holdout_labels', 'buckets'}
+        'shapes_layout', 'shapes_holdout', 'holdout_labels', 'unnamed_labels', 'buckets'}
 
 
 def _cfg(**overrides):
@@ -37,7 +37,8 @@ def test_defaults_have_every_key_and_validate():
     ({'shapes_layout': 'grid'}, "data.shapes_layout: unknown 'grid'"),
     ({'shapes_holdout': ('red circle', 'pink star')}, "data.shapes_holdout: 'pink star'"),
     ({'eval_split': 'validation'}, "data.eval_split: .*'validation'"),
-    ({'holdout_labels': (9,)}, "data.holdout_labels: only the idx source leaves classes out, not 'shapes'"),
+    ({'holdout_labels': (9,)}, "data.holdout_labels: only the idx source leaves classes out or unnamed, not 'shapes'"),
+    ({'unnamed_labels': (9,)}, "data.unnamed_labels: only the idx source leaves classes out or unnamed, not 'shapes'"),
     ({'source': 'idx', 'path': '/no/such/dir', 'holdout_labels': (12,)}, 'data.holdout_labels: 12 is not a class'),
     ({'source': 'folder', 'path': ''}, 'data.path: empty'),
     ({'source': 'folder', 'path': '/no/such/dir'}, 'data.path: directory /no/such/dir does not exist'),

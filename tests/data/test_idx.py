@@ -66,6 +66,24 @@ def test_holdout_labels_leave_classes_out_of_the_train_split_only(tiny_dir):
       idx.IdxSource(str(directory), 'train', holdout_labels=bad)
 
 
+def test_unnamed_labels_keep_the_images_and_caption_them_empty_in_the_train_split_only(tiny_dir):
+  directory, arrays = tiny_dir
+  train = idx.IdxSource(str(directory), 'train', unnamed_labels=(1,))
+  assert [int(train[i]['label']) for i in range(len(train))] == [3, 1, 4, 1, 5]  # every image stays
+  assert [train[i]['caption'] for i in range(len(train))] == [
+      'a photo of the digit 3', '', 'a photo of the digit 4', '', 'a photo of the digit 5']
+  np.testing.assert_array_equal(train[1]['image'][..., 0], arrays['train-images-idx3-ubyte.gz'][1])
+  test = idx.IdxSource(str(directory), 'test', unnamed_labels=(9,))
+  assert test[0]['caption'] == 'a photo of the digit 9'
+  both = idx.IdxSource(str(directory), 'train', holdout_labels=(5,), unnamed_labels=(3,))
+  assert [(int(both[i]['label']), both[i]['caption']) for i in range(len(both))] == [
+      (3, ''), (1, 'a photo of the digit 1'), (4, 'a photo of the digit 4'), (1, 'a photo of the digit 1')]
+  with pytest.raises(ValueError, match=r'data.unnamed_labels: \[5\] are in data.holdout_labels too'):
+    idx.IdxSource(str(directory), 'train', holdout_labels=(5,), unnamed_labels=(5, 3))
+  with pytest.raises(ValueError, match=r'data.unnamed_labels: -1 is not a class index'):
+    idx.IdxSource(str(directory), 'train', unnamed_labels=(-1,))
+
+
 def test_read_idx_big_endian_int32(tmp_path):
   values = np.array([[-2, 70000], [1, 2**31 - 1]], np.int32)
   write_idx(str(tmp_path / 'x-idx2-int'), values)
