@@ -53,17 +53,20 @@ _CONCEPT = flags.DEFINE_integer("concept_label", None, "The held-out class (defa
 _CLASS_WORD = flags.DEFINE_string("class_word", "sneaker", "DreamBooth's class noun (its prior) and the "
                                   "textual-inversion initializer: a trained class near the concept.")
 _NUM_INSTANCE = flags.DEFINE_integer("num_instance", 5, "Images of the concept to learn from.")
-_STEPS = flags.DEFINE_list("steps", ["lora:400", "dreambooth:300", "dreambooth_lora:400", "textual_inversion:500"],
+_STEPS = flags.DEFINE_list("steps", ["lora:400", "dreambooth:600", "dreambooth_lora:400", "textual_inversion:500"],
                            "METHOD:STEPS.")
 _LR = flags.DEFINE_list("learning_rate", ["lora:1e-3", "dreambooth:5e-5", "dreambooth_lora:1e-3",
                                           "textual_inversion:5e-3"], "METHOD:RATE.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Fine-tuning batch (instance images; DreamBooth adds as many "
                               "class images).")
-_NUM_CLASS_IMAGES = flags.DEFINE_integer("num_class_images", 100, "DreamBooth's prior images, sampled from the base.")
+_NUM_CLASS_IMAGES = flags.DEFINE_integer("num_class_images", 180, "DreamBooth's prior images, sampled from the base "
+                                         "(spread over the prompts of --prior).")
 _PRIOR = flags.DEFINE_enum("prior", "trained", ["class", "trained"], "DreamBooth's prior images: of the class "
                            "prompt alone (diffusers' train_dreambooth) or spread over every trained class's caption "
                            "(dreambooth.prior_prompts).")
 _PRIOR_WEIGHT = flags.DEFINE_float("prior_loss_weight", 1.0, "DreamBooth's λ (dreambooth.prior_loss_weight).")
+_TI_PROMPT = flags.DEFINE_string("ti_prompt", "a photo of a {}", "Textual inversion's training caption and "
+                                 "concept prompt, {} = the placeholder <concept>.")
 _TI_VECTORS = flags.DEFINE_integer("ti_vectors", 1, "Textual inversion's embedding vectors (num_vectors).")
 _NUM_CONCEPT = flags.DEFINE_integer("num_concept", 100, "Samples of the concept prompt per method.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 30, "Samples of each trained class's caption per model.")
@@ -119,7 +122,7 @@ def _train(method: str, base: str, instance: str, workdir: str, data_cfg, prompt
     flags_ += ["--config.textual_inversion.token=<concept>",
                f"--config.textual_inversion.initializer_token={_CLASS_WORD.value}",
                f"--config.textual_inversion.num_vectors={_TI_VECTORS.value}",
-               "--config.textual_inversion.prompts=('a photo of a {}',)"]
+               f"--config.textual_inversion.prompts=({_TI_PROMPT.value!r},)"]
   done = os.path.join(workdir, "checkpoints", str(steps))
   if os.path.isdir(done):
     return {}
@@ -170,7 +173,7 @@ def main(argv):
   prior_labels = np.repeat(trained, _PER_CLASS.value)
   identifier = f"a photo of a sks {_CLASS_WORD.value}"
   prompts = {"lora": identifier, "dreambooth": identifier, "dreambooth_lora": identifier,
-             "textual_inversion": "a photo of a <concept>"}
+             "textual_inversion": _TI_PROMPT.value.format("<concept>")}
   instance = _write_instances(data_cfg, concept, _NUM_INSTANCE.value, out, identifier)
   extractor = features.make_extractor(f"classifier:{os.path.abspath(_CLASSIFIER.value)}")
 
