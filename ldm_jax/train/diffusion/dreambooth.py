@@ -62,12 +62,13 @@ def class_image_quota(cfg: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def _caption(path: str, default: str) -> str:
-  """The caption file's text beside an image, `default` without one (class images a user put there)."""
+  """The caption file's text beside an image; `default` without one or for an empty one (class images a
+  user put there; `PriorBatches` captions them `class_prompt` too)."""
   caption_path = os.path.splitext(path)[0] + ".txt"
   if not os.path.isfile(caption_path):
     return default
   with open(caption_path, encoding="utf-8") as f:
-    return f.read().strip()
+    return f.read().strip() or default
 
 
 def class_images(config: ml_collections.ConfigDict, workdir: str, seed: int = 0) -> str:
