@@ -39,6 +39,8 @@ def test_defaults_have_every_key_and_validate():
     ({'eval_split': 'validation'}, "data.eval_split: .*'validation'"),
     ({'holdout_labels': (9,)}, "data.holdout_labels: only the idx source leaves classes out or unnamed, not 'shapes'"),
     ({'unnamed_labels': (9,)}, "data.unnamed_labels: only the idx source leaves classes out or unnamed, not 'shapes'"),
+    ({'source': 'idx', 'path': '/no/such/dir', 'unnamed_labels': (9,), 'min_caption_length': 1},
+     r"data.unnamed_labels: their images are captioned '', which data.min_caption_length=1 drops"),
     ({'source': 'idx', 'path': '/no/such/dir', 'holdout_labels': (12,)}, 'data.holdout_labels: 12 is not a class'),
     ({'source': 'folder', 'path': ''}, 'data.path: empty'),
     ({'source': 'folder', 'path': '/no/such/dir'}, 'data.path: directory /no/such/dir does not exist'),

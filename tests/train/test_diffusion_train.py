@@ -117,6 +117,21 @@ def test_a_step_on_cached_latents_equals_a_step_on_their_images(kind):
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
+def test_caching_latents_counts_and_reports_the_records_the_pipeline_drops(caplog):
+  """The training loop's data/skipped_* counts read the cache, so the cache says what it left out."""
+  config, _, ae, ae_params = tiny_run(cache=True)
+  source = data_lib.make_source(config.data, config.data.train_split)
+  lengths = sorted(len(source[i]["caption"].strip()) for i in range(len(source)))
+  config.data.min_caption_length = lengths[len(lengths) // 2]
+  dropped = sum(n < config.data.min_caption_length for n in lengths)
+  assert 0 < dropped < 80
+  with caplog.at_level("WARNING"):
+    cache = data.cache_latents(config, ae[0], ae_params)
+  assert len(cache) == 80 - dropped
+  assert f"dropped {dropped} records of this host's share (caption_length {dropped}); the cache holds the other " \
+      f"{80 - dropped}" in caplog.text
+
+
 def test_each_host_trains_on_exactly_its_share_of_the_cached_latents(monkeypatch):
   """Two simulated hosts: each caches the images `make_loader` gives it, and one epoch of its train
   iterator visits each of its cached latents once (the cache is not split by host again)."""
