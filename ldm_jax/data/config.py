@@ -26,13 +26,14 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
   checks.check_number('data.min_caption_length', data_cfg.min_caption_length, integer=True, ge=0)
   check_buckets(data_cfg.get('buckets', ()))
   splits = {'data.train_split': data_cfg.train_split, 'data.eval_split': data_cfg.eval_split}
-  if data_cfg.get('holdout_labels', ()) or data_cfg.get('unnamed_labels', ()):
-    key = 'data.holdout_labels' if data_cfg.get('holdout_labels', ()) else 'data.unnamed_labels'
+  holdout, unnamed = data_cfg.get('holdout_labels', ()), data_cfg.get('unnamed_labels', ())
+  if holdout or unnamed:
+    key = 'data.holdout_labels' if holdout else 'data.unnamed_labels'
     if data_cfg.source != 'idx':
       raise ValueError(f'{key}: only the idx source leaves classes out or unnamed, not {data_cfg.source!r} '
                        '(shapes: data.shapes_holdout)')
-    idx.check_label_sets(data_cfg.get('holdout_labels', ()), data_cfg.get('unnamed_labels', ()))
-    if data_cfg.get('unnamed_labels', ()) and data_cfg.min_caption_length > 0:
+    idx.check_label_sets(holdout, unnamed)
+    if unnamed and data_cfg.min_caption_length > 0:
       raise ValueError(f'data.unnamed_labels: their images are captioned \'\', which data.min_caption_length='
                        f'{data_cfg.min_caption_length} drops (all of them); set data.min_caption_length=0')
 

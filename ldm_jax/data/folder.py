@@ -42,6 +42,15 @@ def iter_images(root: str) -> Iterator[str]:
         yield os.path.join(dirpath, name)
 
 
+def read_caption(image_path: str) -> str:
+  """The caption of an image: its `.txt` beside it (same stem), stripped; '' when absent."""
+  try:
+    with open(os.path.splitext(image_path)[0] + '.txt', encoding='utf-8', errors='replace') as f:
+      return f.read().strip()
+  except FileNotFoundError:
+    return ''
+
+
 def class_names(root: str) -> list[str]:
   """Sorted first-level sub-directories of `root` that contain at least one image."""
   return sorted(d for d in os.listdir(root)
@@ -113,12 +122,7 @@ class FolderSource:
     return len(self._paths)
 
   def caption(self, index: int) -> str:
-    try:
-      with open(os.path.splitext(self._paths[index])[0] + '.txt', encoding='utf-8',
-                errors='replace') as f:
-        return f.read().strip()
-    except FileNotFoundError:
-      return ''
+    return read_caption(self._paths[index])
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     for offset in range(len(self._paths)):

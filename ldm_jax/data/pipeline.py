@@ -49,6 +49,19 @@ from ldm_jax.data.sources import HOST_SHARDED, make_source
 SKIP_REASONS = ('corrupt', 'min_side', 'aspect_ratio', 'caption_length')
 
 
+def skipped_counts(batch: dict[str, Any]) -> np.ndarray:
+  """The records the pipeline dropped before a batch's records, by `SKIP_REASONS` (int64 [4]; zeros for
+  a batch without 'skipped', e.g. of a cache)."""
+  if 'skipped' not in batch:
+    return np.zeros(len(SKIP_REASONS), np.int64)
+  return np.asarray(batch['skipped'], np.int64).reshape(-1, len(SKIP_REASONS)).sum(axis=0)
+
+
+def describe_skipped(counts: np.ndarray) -> str:
+  """'caption_length 3, corrupt 1'-style: the reasons with a count."""
+  return ', '.join(f'{r} {n}' for r, n in zip(SKIP_REASONS, counts) if n)
+
+
 def host_source(data_cfg: ml_collections.ConfigDict, split: str, seed: int) -> grain.MapDataset:
   """This process's records of `split`: its shards (`shards`) or every process_count-th record."""
   index, count = jax.process_index(), jax.process_count()

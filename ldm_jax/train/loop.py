@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from ldm_jax.config import common as config_lib
-from ldm_jax.data.pipeline import SKIP_REASONS
+from ldm_jax.data.pipeline import SKIP_REASONS, describe_skipped, skipped_counts
 from ldm_jax.runtime import distributed
 from ldm_jax.runtime import sharding as sharding_lib
 from ldm_jax.runtime.logging import setup_logging
@@ -195,8 +195,7 @@ class InputMonitor:
     start = time.perf_counter()
     batch = next(iterator)
     self._wait += time.perf_counter() - start
-    if "skipped" in batch:
-      self._skipped += np.asarray(batch["skipped"], np.int64).reshape(-1, len(SKIP_REASONS)).sum(axis=0)
+    self._skipped += skipped_counts(batch)
     if self._count_buckets and "image" in batch:
       key = "x".join(map(str, np.shape(batch["image"])[1:3]))
       self._buckets[key] = self._buckets.get(key, 0) + 1
@@ -210,7 +209,7 @@ class InputMonitor:
     self.total_skipped += skipped
     if skipped.any():
       logging.info("Input pipeline dropped %d records in this window (%s); %d in all since the start.",
-                   skipped.sum(), ", ".join(f"{r} {n}" for r, n in zip(SKIP_REASONS, skipped) if n),
+                   skipped.sum(), describe_skipped(skipped),
                    self.total_skipped.sum())
     out = {"data/wait_fraction": float(np.mean(rows[:, 0] / np.maximum(rows[:, 1], 1e-9)))}
     out.update({f"data/skipped_{r}": float(n) for r, n in zip(SKIP_REASONS, skipped)})

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ldm_jax import data as data_lib
 from ldm_jax.data import latent_cache
 from ldm_jax.data.latent_cache import CACHED_LATENT_KEYS, CACHED_TEXT_KEYS, ArraySource, cached_batches
-from ldm_jax.data.pipeline import SKIP_REASONS
+from ldm_jax.data.pipeline import SKIP_REASONS, describe_skipped, skipped_counts
 from ldm_jax.diffusion.latent_diffusion import first_stage_latent
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.models import conditioning
@@ -77,13 +77,11 @@ def cache_latents(config, autoencoder, ae_params) -> ArraySource:
   for batch in tqdm(loader, desc="caching latents", disable=jax.process_index() != 0):
     latents = jax.device_get(encode(ae_params, batch["image"]))
     columns.append({**latents, "label": batch["label"], "caption": batch["caption"]})
-    if "skipped" in batch:  # per record: the counts dropped before it
-      skipped += np.asarray(batch["skipped"]).reshape(-1, len(skipped)).sum(axis=0)
+    skipped += skipped_counts(batch)
   cache = ArraySource({name: np.concatenate([c[name] for c in columns]) for name in columns[0]})
   if skipped.any():  # the training loop's data/skipped_* counts see the cache, not these
     logging.warning("caching latents: the input pipeline dropped %d records of this host's share (%s); the "
-                    "cache holds the other %d.", skipped.sum(),
-                    ", ".join(f"{r} {n}" for r, n in zip(SKIP_REASONS, skipped) if n), len(cache))
+                    "cache holds the other %d.", skipped.sum(), describe_skipped(skipped), len(cache))
   return cache
 
 

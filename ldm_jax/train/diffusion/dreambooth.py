@@ -61,16 +61,6 @@ def class_image_quota(cfg: ml_collections.ConfigDict) -> dict[str, int]:
   return {p: n // k + (i < n % k) for i, p in enumerate(prompts)}
 
 
-def _caption(path: str, default: str) -> str:
-  """The caption file's text beside an image; `default` without one or for an empty one (class images a
-  user put there; `PriorBatches` captions them `class_prompt` too)."""
-  caption_path = os.path.splitext(path)[0] + ".txt"
-  if not os.path.isfile(caption_path):
-    return default
-  with open(caption_path, encoding="utf-8") as f:
-    return f.read().strip() or default
-
-
 def class_images(config: ml_collections.ConfigDict, workdir: str, seed: int = 0) -> str:
   """`workdir/class_images` holding at least `class_image_quota` images of each class prompt, each
   with its prompt in a `.txt` beside it (an image without one counts as `class_prompt`'s); the
@@ -83,7 +73,7 @@ def class_images(config: ml_collections.ConfigDict, workdir: str, seed: int = 0)
   quota = class_image_quota(cfg)
   have = dict.fromkeys(quota, 0)
   for path in paths:
-    caption = _caption(path, cfg.class_prompt)
+    caption = folder.read_caption(path) or cfg.class_prompt  # none: a user's image, as PriorBatches reads it
     if caption not in have:
       raise ValueError(f"dreambooth: the class image {path} is captioned {caption!r}, none of class_prompt / "
                        f"prior_prompts {tuple(quota)!r}; delete {target} to sample the class images again.")
@@ -150,7 +140,7 @@ class PriorBatches:
     if self.prior is None:
       return batch
     prior = next(self.prior)
-    captions = [str(c) or self.cfg.class_prompt for c in prior.get("caption", [""] * n)]
+    captions = [str(c) or self.cfg.class_prompt for c in prior["caption"]]
     prior = {**prior, "caption": np.array(captions)}
     weight = np.concatenate([np.full(n, 2.0), np.full(n, 2.0 * self.cfg.prior_loss_weight)]).astype(np.float32)
     keys = sorted(set(batch) & set(prior))
