@@ -51,7 +51,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       'shapes_layout': 'relations',  # shapes: 'relations' or 'quadrants' (see ldm_jax.data.shapes)
       'shapes_holdout': (),     # shapes: 'colour kind' pairs left out of the train split
       'holdout_labels': (),     # idx: classes left out of the train split, e.g. (9,): a concept never seen
-      'unnamed_labels': (),     # idx: classes whose train images are captioned '': drawn, never named
+      'unnamed_labels': (),     # idx: classes whose train images are captioned unnamed_caption: drawn, never named
+      'unnamed_caption': '',    # idx: their caption ('' = the unconditional one; e.g. 'a photo of a')
       'labels_from_dirs': False,  # folder: label = first-level sub-directory
       'image_key': 'image',     # tfds feature keys ('/' for nested features)
       'label_key': 'label',     # shards: a field of KEY.json (-1 when absent)

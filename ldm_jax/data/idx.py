@@ -11,8 +11,11 @@ the digit 7" otherwise. Labels are the file's labels (10 classes).
 `holdout_labels` (`data.holdout_labels`) leaves those classes out of the train
 split (the test split keeps them): a class a model has never seen, to teach it
 later from a few images. `unnamed_labels` (`data.unnamed_labels`) keeps those
-classes' train images but captions them '' (the unconditional caption): a model
-that can draw the class but has no word for it, textual inversion's setting.
+classes' train images but captions them `unnamed_caption` (`data.unnamed_caption`):
+a model that can draw the class but has no word for it, textual inversion's
+setting. With '' (the default) the caption is the unconditional one, so
+classifier-free guidance pushes away from the class; 'a photo of a' (the
+template without the class word) gives the class a caption of its own.
 """
 
 import gzip
@@ -78,7 +81,7 @@ def class_captions(directory: str) -> tuple[str, ...]:
 class IdxSource:
   """Random-access source of `{'image': uint8 [28, 28, 1], 'label', 'caption'}`."""
 
-  def __init__(self, directory: str, split: str, holdout_labels=(), unnamed_labels=()):
+  def __init__(self, directory: str, split: str, holdout_labels=(), unnamed_labels=(), unnamed_caption: str = ''):
     images_path, labels_path = split_files(directory, split)
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -94,8 +97,11 @@ class IdxSource:
       images, labels = images[keep], labels[keep]
     self._images = images[..., None]
     self._labels = labels.astype(np.int32)
-    self._captions = tuple('' if label in unnamed else caption
-                           for label, caption in enumerate(class_captions(directory)))
+    named = class_captions(directory)
+    if unnamed and unnamed_caption in named:
+      raise ValueError(f'data.unnamed_caption: {unnamed_caption!r} is the caption of class '
+                       f'{named.index(unnamed_caption)}, which names it')
+    self._captions = tuple(unnamed_caption if label in unnamed else caption for label, caption in enumerate(named))
 
   def __len__(self) -> int:
     return len(self._labels)

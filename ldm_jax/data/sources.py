@@ -45,7 +45,8 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str, *, shard_index:
                                holdout=data_cfg.get('shapes_holdout', ()))
   if data_cfg.source == 'idx':
     return idx.IdxSource(data_cfg.path, split, holdout_labels=data_cfg.get('holdout_labels', ()),
-                         unnamed_labels=data_cfg.get('unnamed_labels', ()))
+                         unnamed_labels=data_cfg.get('unnamed_labels', ()),
+                         unnamed_caption=data_cfg.get('unnamed_caption', ''))
   if data_cfg.source == 'folder':
     return folder.FolderSource(data_cfg.path, split, labels_from_dirs=data_cfg.labels_from_dirs,
                                min_size=data_cfg.image_size)

@@ -11,7 +11,7 @@ KEYS = {'source', 'path', 'name', 'tfds_data_dir', 'image_size', 'channels', 'tr
         'eval_split', 'random_crop', 'random_flip', 'num_examples', 'labels_from_dirs',
         'image_key', 'label_key', 'caption_key', 'num_workers', 'eval_path', 'min_side',
         'max_aspect_ratio', 'min_caption_length',
-        'shapes_layout', 'shapes_holdout', 'holdout_labels', 'unnamed_labels', 'buckets'}
+        'shapes_layout', 'shapes_holdout', 'holdout_labels', 'unnamed_labels', 'unnamed_caption', 'buckets'}
 
 
 def _cfg(**overrides):
@@ -40,7 +40,11 @@ def test_defaults_have_every_key_and_validate():
     ({'holdout_labels': (9,)}, "data.holdout_labels: only the idx source leaves classes out or unnamed, not 'shapes'"),
     ({'unnamed_labels': (9,)}, "data.unnamed_labels: only the idx source leaves classes out or unnamed, not 'shapes'"),
     ({'source': 'idx', 'path': '/no/such/dir', 'unnamed_labels': (9,), 'min_caption_length': 1},
-     r"data.unnamed_labels: their images are captioned '', which data.min_caption_length=1 drops"),
+     r"data.unnamed_labels: their images are captioned '' \(data.unnamed_caption\), which "
+     r"data.min_caption_length=1 drops"),
+    ({'source': 'idx', 'path': '/no/such/dir', 'unnamed_labels': (9,), 'min_caption_length': 20,
+      'unnamed_caption': 'a photo of a'}, r"captioned 'a photo of a' \(data.unnamed_caption\), which "
+     r"data.min_caption_length=20 drops"),
     ({'source': 'idx', 'path': '/no/such/dir', 'holdout_labels': (12,)}, 'data.holdout_labels: 12 is not a class'),
     ({'source': 'folder', 'path': ''}, 'data.path: empty'),
     ({'source': 'folder', 'path': '/no/such/dir'}, 'data.path: directory /no/such/dir does not exist'),

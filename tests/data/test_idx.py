@@ -84,6 +84,18 @@ def test_unnamed_labels_keep_the_images_and_caption_them_empty_in_the_train_spli
     idx.IdxSource(str(directory), 'train', unnamed_labels=(-1,))
 
 
+def test_unnamed_caption_gives_the_unnamed_class_a_caption_without_its_word(tiny_dir):
+  directory, _ = tiny_dir
+  train = idx.IdxSource(str(directory), 'train', unnamed_labels=(1, 5), unnamed_caption='a photo of the digit')
+  assert [train[i]['caption'] for i in range(len(train))] == [
+      'a photo of the digit 3', 'a photo of the digit', 'a photo of the digit 4', 'a photo of the digit',
+      'a photo of the digit']
+  assert idx.IdxSource(str(directory), 'test', unnamed_labels=(9,), unnamed_caption='x')[0]['caption'] == (
+      'a photo of the digit 9')
+  with pytest.raises(ValueError, match=r"data.unnamed_caption: 'a photo of the digit 4' is the caption of class 4"):
+    idx.IdxSource(str(directory), 'train', unnamed_labels=(1,), unnamed_caption='a photo of the digit 4')
+
+
 def test_read_idx_big_endian_int32(tmp_path):
   values = np.array([[-2, 70000], [1, 2**31 - 1]], np.int32)
   write_idx(str(tmp_path / 'x-idx2-int'), values)
