@@ -3,7 +3,9 @@ method (LoRA, DreamBooth full and LoRA, textual inversion), and measure what it 
 
 The base is a Fashion-MNIST text-to-image run whose training split left one class out
 (`data.holdout_labels`; its tokenizer has never seen the class's words either), or kept its images
-with the empty caption (`data.unnamed_labels`: the model can draw the class but no word names it):
+under a caption without the class's word (`data.unnamed_labels` with `data.unnamed_caption`, '' or
+e.g. 'a photo of a': the model can draw the class but no word names it; the base's rate of the class
+for that caption is reported too):
 
   .venv/bin/python -m ldm_jax.eval.classifier --data configs/autoencoder/fmnist_kl_f4.py --workdir runs/fmnist_classifier
   .venv/bin/python train_autoencoder.py --config configs/autoencoder/fmnist_kl_f4.py --workdir runs/fmnist_ae
@@ -53,7 +55,7 @@ _CONCEPT = flags.DEFINE_integer("concept_label", None, "The held-out class (defa
 _CLASS_WORD = flags.DEFINE_string("class_word", "sneaker", "DreamBooth's class noun (its prior) and the "
                                   "textual-inversion initializer: a trained class near the concept.")
 _NUM_INSTANCE = flags.DEFINE_integer("num_instance", 5, "Images of the concept to learn from.")
-_STEPS = flags.DEFINE_list("steps", ["lora:400", "dreambooth:600", "dreambooth_lora:400", "textual_inversion:500"],
+_STEPS = flags.DEFINE_list("steps", ["lora:400", "dreambooth:600", "dreambooth_lora:400", "textual_inversion:1000"],
                            "METHOD:STEPS.")
 _LR = flags.DEFINE_list("learning_rate", ["lora:1e-3", "dreambooth:5e-5", "dreambooth_lora:1e-3",
                                           "textual_inversion:5e-3"], "METHOD:RATE.")
@@ -184,8 +186,18 @@ def main(argv):
                                              workdir=base))
   results["base"] = {"prior_accuracy": float(np.mean(base_pred == prior_labels)),
                      "concept_rate": float(np.mean(base_concept == concept))}
+  if concept in tuple(data_cfg.get("unnamed_labels", ())):
+    # How often the base draws the class from the caption it was trained on without its word.
+    unnamed_caption = data_cfg.get("unnamed_caption", "")
+    base_unnamed = _predict(extractor, _sample(os.path.join(out, "base_unnamed_caption"),
+                                               [unnamed_caption] * _NUM_CONCEPT.value, workdir=base))
+    results["base"].update(unnamed_caption=unnamed_caption,
+                           unnamed_caption_rate=float(np.mean(base_unnamed == concept)))
   print(f"{'model':>18s}{'concept':>9s}{'prior acc':>11s}{'vs base':>9s}{'steps':>7s}{'CPU s':>8s}{'wall s':>8s}")
   print(f"{'base':>18s}{results['base']['concept_rate']:>9.3f}{results['base']['prior_accuracy']:>11.3f}", flush=True)
+  if "unnamed_caption" in results["base"]:
+    print(f"{'base, ' + repr(results['base']['unnamed_caption']):>18s}{results['base']['unnamed_caption_rate']:>9.3f}"
+          "  (the caption of the class's training images)", flush=True)
   for method in _METHODS.value:
     workdir = os.path.join(out, method)
     timing = _train(method, base, instance, workdir, data_cfg, prompts, [captions[c] for c in trained])
