@@ -34,6 +34,8 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
                        '(shapes: data.shapes_holdout)')
     idx.check_label_sets(holdout, unnamed)
     caption = data_cfg.get('unnamed_caption', '')
+    if unnamed:
+      idx.check_unnamed_caption(data_cfg.path, caption)
     if unnamed and len(caption.strip()) < data_cfg.min_caption_length:
       raise ValueError(f'data.unnamed_labels: their images are captioned {caption!r} (data.unnamed_caption), '
                        f'which data.min_caption_length={data_cfg.min_caption_length} drops (all of them); '

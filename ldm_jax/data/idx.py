@@ -97,11 +97,10 @@ class IdxSource:
       images, labels = images[keep], labels[keep]
     self._images = images[..., None]
     self._labels = labels.astype(np.int32)
-    named = class_captions(directory)
-    if unnamed and unnamed_caption in named:
-      raise ValueError(f'data.unnamed_caption: {unnamed_caption!r} is the caption of class '
-                       f'{named.index(unnamed_caption)}, which names it')
-    self._captions = tuple(unnamed_caption if label in unnamed else caption for label, caption in enumerate(named))
+    if unnamed:
+      check_unnamed_caption(directory, unnamed_caption)
+    self._captions = tuple(unnamed_caption if label in unnamed else caption
+                           for label, caption in enumerate(class_captions(directory)))
 
   def __len__(self) -> int:
     return len(self._labels)
@@ -136,3 +135,11 @@ def check_label_sets(holdout_labels, unnamed_labels=()) -> tuple[tuple[int, ...]
     raise ValueError(f'data.unnamed_labels: {both} are in data.holdout_labels too (left out of training, so '
                      'there is nothing to leave unnamed)')
   return holdout, unnamed
+
+
+def check_unnamed_caption(directory: str, caption: str) -> None:
+  """ValueError naming `data.unnamed_caption` when it is a class's own caption (which names the class)."""
+  named = class_captions(directory)
+  if caption in named:
+    raise ValueError(f'data.unnamed_caption: {caption!r} is the caption of class {named.index(caption)}, '
+                     'which names it')

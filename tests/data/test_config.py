@@ -45,6 +45,8 @@ def test_defaults_have_every_key_and_validate():
     ({'source': 'idx', 'path': '/no/such/dir', 'unnamed_labels': (9,), 'min_caption_length': 20,
       'unnamed_caption': 'a photo of a'}, r"captioned 'a photo of a' \(data.unnamed_caption\), which "
      r"data.min_caption_length=20 drops"),
+    ({'source': 'idx', 'path': '/no/such/fashion-mnist', 'unnamed_labels': (9,), 'min_caption_length': 0,
+      'unnamed_caption': 'a photo of a bag'}, r"data.unnamed_caption: 'a photo of a bag' is the caption of class 8"),
     ({'source': 'idx', 'path': '/no/such/dir', 'holdout_labels': (12,)}, 'data.holdout_labels: 12 is not a class'),
     ({'source': 'folder', 'path': ''}, 'data.path: empty'),
     ({'source': 'folder', 'path': '/no/such/dir'}, 'data.path: directory /no/such/dir does not exist'),
