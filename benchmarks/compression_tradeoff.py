@@ -23,7 +23,10 @@ guided samples of the test split's labels, FD in the features of the project's c
 class. The time axis is steps × batch / the calibration's median images per second (compiling,
 caching latents and evaluating excluded); `--axis images` plots against training images instead,
 and a run that cannot reach `--calibration_steps` + 1 steps in the budget trains those. "Real" is the
-test split scored by the same protocol.
+test split scored by the same protocol. At the end of each run, `--fd_vgg16` (the paper's
+FD in ImageNet VGG16 features, at `vgg16:64`'s 64 px by default: 10× cheaper than 224 px on a CPU)
+of `--num_samples` new samples of the final model (EMA weights, the classes in turn, the config's
+guidance) against `--num_ref` training images.
 
 Writes OUT/results.json and the figure `--figure` (FD and class accuracy against training
 minutes, one curve per f), and prints the README table. Everything is resumable: a finished
@@ -43,6 +46,7 @@ from ldm_jax.config import common as config_lib  # noqa: E402
 from ldm_jax.eval import evaluate, features, stats  # noqa: E402
 from ldm_jax.models import autoencoder as ae_lib  # noqa: E402
 from ldm_jax.runtime import compilation_cache  # noqa: E402
+from ldm_jax.sampling import SampleRequest, sample_to_dir  # noqa: E402
 from ldm_jax.train import autoencoder as stage1  # noqa: E402
 from ldm_jax.train import diffusion as stage2  # noqa: E402
 
@@ -72,6 +76,8 @@ _TIMING_FROM = flags.DEFINE_string("timing_from", "", "Another OUT whose calibra
                                    "OUT's own.")
 _AXIS = flags.DEFINE_enum("axis", "minutes", ["minutes", "images"], "The figure's x axis: training minutes at the "
                           "calibrated rate, or training images.")
+_FD_VGG16 = flags.DEFINE_string("fd_vgg16", "vgg16:64", "Extractor of the FD of each run's final model ('vgg16' = "
+                                "224 px, 'vgg16:S' = S px; '' for none).")
 _FIGURE = flags.DEFINE_string("figure", "docs/compression_tradeoff.png", "The figure ('' for none).")
 
 
@@ -145,11 +151,26 @@ def _stage2(ae_dir: str, workdir: str, rate: float, timing: float) -> dict:
           "points": points}
 
 
-def _real(data_cfg, extractor, ref) -> dict:
+def _final_fd(workdir: str, extractor, ref) -> float:
+  """FD of `--num_samples` new samples of a finished stage-2 run (written once to WORKDIR/final_samples)."""
+  out = os.path.join(workdir, "final_samples")
+  if not os.path.isfile(os.path.join(out, "samples.npz")):
+    sample = config_lib.load_config(workdir).sample
+    interval = tuple(sample.guidance_interval) if sample.get("guidance_interval") else None
+    sample_to_dir(SampleRequest(out=out, workdir=workdir, num_samples=_SAMPLES.value, class_labels="all",
+                                guidance_scale=sample.guidance_scale, guidance_interval=interval,
+                                steps=_SAMPLE_STEPS.value, batch_size=250, seed=1))
+  images, _ = evaluate.load_samples(os.path.join(out, "samples.npz"))
+  scores = evaluate.evaluate_samples(images, ref, extractor, ("fd",), progress=False)
+  return float(scores[extractor.metric_name("fd")])
+
+
+def _real(data_cfg, extractor, ref, metrics=("fd", "acc")) -> dict:
   """The test split under the samples' protocol (resized to the model's size, then scored)."""
   images, labels = stats.labelled_reference_images(data_cfg, "test", _SAMPLES.value)
-  scores = evaluate.evaluate_samples(images, ref, extractor, ("fd", "acc"), labels=labels, progress=False)
-  return {"fd": float(scores[extractor.metric_name("fd")]), "accuracy": float(scores["class_accuracy"])}
+  scores = evaluate.evaluate_samples(images, ref, extractor, metrics, labels=labels, progress=False)
+  return {"fd": float(scores[extractor.metric_name("fd")]),
+          **({"accuracy": float(scores["class_accuracy"])} if "acc" in metrics else {})}
 
 
 def _figure(results: dict, path: str) -> None:
@@ -177,8 +198,9 @@ def _figure(results: dict, path: str) -> None:
 
 
 def _table(results: dict) -> str:
+  vgg = results.get("fd_vgg16", "")
   rows = ["| f | latent | PSNR dB | SSIM | LPIPS | stage-2 img/s | steps (images) in budget | FD (classifier) | "
-          "class accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+          f"class accuracy |{f' FD ({vgg}) |' if vgg else ''}", "|---|---|---|---|---|---|---|---|---|" + ("---|" if vgg else "")]
   for f, run in sorted(results["runs"].items(), key=lambda kv: int(kv[0])):
     rec, s2 = run["stage1"], run["stage2"]
     last = s2["points"][-1] if s2["points"] else {"fd": float("nan"), "accuracy": float("nan")}
@@ -186,8 +208,9 @@ def _table(results: dict) -> str:
     trained = f"{s2['num_steps']} ({s2['num_steps'] * s2['batch_size']:,})"
     rows.append(f"| {f} | {'×'.join(map(str, run['latent_shape']))} | {fmt('eval/psnr')} | {fmt('eval/ssim')} | "
                 f"{fmt('eval/lpips')} | {s2['images_per_sec']:.0f} | {trained} | {last['fd']:.2f} | "
-                f"{last['accuracy']:.3f} |")
-  rows.append(f"| real test images | | | | | | | {results['real']['fd']:.2f} | {results['real']['accuracy']:.3f} |")
+                f"{last['accuracy']:.3f} |" + (f" {s2['final_fd_vgg16']:.2f} |" if vgg else ""))
+  rows.append(f"| real test images | | | | | | | {results['real']['fd']:.2f} | {results['real']['accuracy']:.3f} |"
+              + (f" {results['real']['fd_vgg16']:.2f} |" if vgg else ""))
   return "\n".join(rows)
 
 
@@ -230,6 +253,13 @@ def main(argv):
   extractor = features.make_extractor(f"classifier:{_CLASSIFIER.value}")
   ref = stats.reference_stats(data_cfg, data_cfg.train_split, _NUM_REF.value, extractor, progress=False)
   results["real"] = _real(data_cfg, extractor, ref)
+  if _FD_VGG16.value:
+    vgg = features.make_extractor(_FD_VGG16.value)
+    vgg_ref = stats.reference_stats(data_cfg, data_cfg.train_split, _NUM_REF.value, vgg, progress=False)
+    results["fd_vgg16"] = _FD_VGG16.value
+    for f in factors:
+      results["runs"][str(f)]["stage2"]["final_fd_vgg16"] = _final_fd(ldm_dirs[f], vgg, vgg_ref)
+    results["real"]["fd_vgg16"] = _real(data_cfg, vgg, vgg_ref, metrics=("fd",))["fd"]
   json.dump(results, open(os.path.join(_OUT.value, "results.json"), "w"), indent=1)
   if _FIGURE.value:
     _figure(results, _FIGURE.value)
