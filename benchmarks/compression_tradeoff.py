@@ -200,7 +200,8 @@ def _figure(results: dict, path: str) -> None:
 def _table(results: dict) -> str:
   vgg = results.get("fd_vgg16", "")
   rows = ["| f | latent | PSNR dB | SSIM | LPIPS | stage-2 img/s | steps (images) in budget | FD (classifier) | "
-          f"class accuracy |{f' FD ({vgg}) |' if vgg else ''}", "|---|---|---|---|---|---|---|---|---|" + ("---|" if vgg else "")]
+          f"class accuracy |{f' FD ({vgg}) |' if vgg else ''}",
+          "|---|---|---|---|---|---|---|---|---|" + ("---|" if vgg else "")]
   for f, run in sorted(results["runs"].items(), key=lambda kv: int(kv[0])):
     rec, s2 = run["stage1"], run["stage2"]
     last = s2["points"][-1] if s2["points"] else {"fd": float("nan"), "accuracy": float("nan")}

@@ -33,13 +33,13 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f'{key}: only the idx source leaves classes out or unnamed, not {data_cfg.source!r} '
                        '(shapes: data.shapes_holdout)')
     idx.check_label_sets(holdout, unnamed)
-    caption = data_cfg.get('unnamed_caption', '')
     if unnamed:
+      caption = data_cfg.get('unnamed_caption', '')
       idx.check_unnamed_caption(data_cfg.path, caption)
-    if unnamed and len(caption.strip()) < data_cfg.min_caption_length:
-      raise ValueError(f'data.unnamed_labels: their images are captioned {caption!r} (data.unnamed_caption), '
-                       f'which data.min_caption_length={data_cfg.min_caption_length} drops (all of them); '
-                       'set data.min_caption_length=0 or a longer data.unnamed_caption')
+      if len(caption.strip()) < data_cfg.min_caption_length:
+        raise ValueError(f'data.unnamed_labels: their images are captioned {caption!r} (data.unnamed_caption), '
+                         f'which data.min_caption_length={data_cfg.min_caption_length} drops (all of them); '
+                         'set data.min_caption_length=0 or a longer data.unnamed_caption')
 
   if data_cfg.source == 'shapes':
     checks.check_number('data.num_examples', data_cfg.num_examples, integer=True, ge=1)
