@@ -1,6 +1,6 @@
 """`make demo`: the pipeline end to end on the built-in shapes data set, on a CPU, offline.
 
-1. Stage 1 trains the small KL-f2 autoencoder (`configs/autoencoder/shapes_kl_f2.py`) and writes
+1. Stage 1 trains the small KL-f4 autoencoder (`configs/autoencoder/shapes_kl_f4z4.py`) and writes
    a grid of held-out images above their reconstructions.
 2. Stage 2 trains the text-conditioned LDM (`configs/ldm/shapes_txt2img.py`) on its latents,
    with a text encoder and tokenizer learned from the captions ("a red circle at the top left on
@@ -42,6 +42,8 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "on a quiet 2-core CPU, 2 train the demo's autoencoder 1.35x and its U-Net 1.1x as fast as 1.")
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+AE_CONFIG = os.path.join(CONFIG_DIR, "autoencoder", "shapes_kl_f4z4.py")  # stage 1
+LDM_CONFIG = os.path.join(CONFIG_DIR, "ldm", "shapes_txt2img.py")  # stage 2
 
 
 def newest(directory: str, prefix: str) -> str:
@@ -116,8 +118,8 @@ def main(argv):
 
   seconds = {}
   start = time.perf_counter()
-  ae_config = config_lib.from_file(os.path.join(CONFIG_DIR, "autoencoder", "shapes_kl_f2.py") + suffix)
-  ldm_config = config_lib.from_file(os.path.join(CONFIG_DIR, "ldm", "shapes_txt2img.py") + suffix)
+  ae_config = config_lib.from_file(AE_CONFIG + suffix)
+  ldm_config = config_lib.from_file(LDM_CONFIG + suffix)
   ldm_config.autoencoder.workdir = ae_dir
   size = ldm_config.data.image_size
   scorer_dir = os.path.join(_WORKDIR.value, "scorer")

@@ -16,7 +16,7 @@ AE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "autoencoder", "*.py
 def test_all_autoencoder_configs_are_found():
   names = {os.path.basename(p) for p in AE_CONFIGS}
   assert {"kl_f4.py", "kl_f8.py", "kl_f16.py", "vq_f4.py", "vq_f8.py", "shapes_kl_f4.py", "shapes_kl_f2.py",
-          "fmnist_kl_f4.py"} <= names
+          "shapes_kl_f4z4.py", "fmnist_kl_f4.py"} <= names
 
 
 @pytest.mark.parametrize("path", AE_CONFIGS, ids=os.path.basename)
@@ -50,7 +50,7 @@ def test_unknown_config_argument_is_rejected():
 
 def test_demo_configs_hold_out_the_same_pairs_and_ask_for_them():
   """Both demo stages train without the held-out colour–kind pairs, and some demo prompts ask for them."""
-  ae = config_lib.from_file(os.path.join(ROOT, "configs", "autoencoder", "shapes_kl_f2.py"))
+  ae = config_lib.from_file(os.path.join(ROOT, "configs", "autoencoder", "shapes_kl_f4z4.py"))  # demo.AE_CONFIG
   ldm = config_lib.from_file(os.path.join(ROOT, "configs", "ldm", "shapes_txt2img.py"))
   assert ae.data.shapes_layout == ldm.data.shapes_layout == "quadrants"
   assert tuple(ae.data.shapes_holdout) == tuple(ldm.data.shapes_holdout)

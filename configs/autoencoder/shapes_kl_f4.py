@@ -1,6 +1,7 @@
 """A small KL-f4 autoencoder on the built-in shapes data set: 32 px RGB → 8×8×3 latents.
 
-Runs on a laptop CPU in minutes (it is the first half of `make demo`); no files needed.
+Runs on a laptop CPU in minutes (an early `make demo` candidate; its `:smoke` variant is the tests'
+small autoencoder); no files needed. `make demo` trains `shapes_kl_f4z4.py`.
   python train_autoencoder.py --config configs/autoencoder/shapes_kl_f4.py --workdir runs/shapes_ae
 """
 

@@ -16,6 +16,7 @@ from ldm_jax.config import common, sections
 
 SAMPLERS = ("ddim", "ddpm", "plms", "dpmpp_2m")
 SPACINGS = ("uniform", "quadratic", "leading", "linspace", "trailing")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")  # diffusion.timestep_sampling
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -30,7 +31,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.diffusion = ml_collections.ConfigDict(dict(
       beta_schedule="scaled_linear", num_timesteps=1000, linear_start=0.0015, linear_end=0.0195,
       cosine_s=8e-3, zero_terminal_snr=False, parameterization="eps", loss_type="l2",
-      min_snr_gamma=0.0, offset_noise=0.0))  # min_snr_gamma 0 = no weighting
+      min_snr_gamma=0.0, offset_noise=0.0,  # min_snr_gamma 0 = no weighting
+      timestep_sampling="uniform",  # training timesteps: 'uniform' | 'logit_normal' (SD3: t/T = sigmoid(mean + std·n))
+      timestep_logit_mean=0.0,  # 'logit_normal': its mean; < 0 trains more on the less noisy steps
+      timestep_logit_std=1.0))  # 'logit_normal': its spread
   # scale_factor 0: 1/std; cache: encode the split in memory; cache_dir: an on-disk cache (python -m ldm_jax.precompute)
   config.latent = ml_collections.ConfigDict(dict(scale_factor=0.0, cache=False, cache_dir=""))
   config.optim = ml_collections.ConfigDict(dict(
@@ -92,6 +96,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   checks.check_number("latent.scale_factor", config.latent.scale_factor, ge=0)
   for key in ("min_snr_gamma", "offset_noise"):
     checks.check_number(f"diffusion.{key}", config.diffusion[key], ge=0)
+  if config.diffusion.timestep_sampling not in TIMESTEP_SAMPLING:
+    raise ValueError(f"diffusion.timestep_sampling: {config.diffusion.timestep_sampling!r} is not one of "
+                     f"{TIMESTEP_SAMPLING}.")
+  checks.check_number("diffusion.timestep_logit_mean", config.diffusion.timestep_logit_mean)
+  checks.check_number("diffusion.timestep_logit_std", config.diffusion.timestep_logit_std, gt=0)
   checks.check_number("sample.num_steps", config.sample.num_steps, integer=True, ge=1)
   checks.check_number("sample.num_images", config.sample.num_images, integer=True, ge=1)
   checks.check_number("sample.eta", config.sample.eta, ge=0)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.config.diffusion import TIMESTEP_SAMPLING
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PARAMETERIZATIONS = ("eps", "x0", "v")
 LOSS_TYPES = ("l2", "l1")
@@ -228,6 +230,18 @@ def offset_noise(rng: jax.Array, shape, strength: float, dtype=jnp.float32) -> j
   return noise + strength * offset
 
 
-def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int) -> jax.Array:
-  """t ~ Uniform{0, …, num_timesteps − 1}, [batch] int32."""
-  return jax.random.randint(rng, (batch,), 0, num_timesteps, dtype=jnp.int32)
+def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int, sampling: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
+  """Training timesteps, [batch] int32 in {0, …, num_timesteps − 1}.
+
+  'uniform': t ~ Uniform (DDPM, CompVis, diffusers). 'logit_normal': t = ⌊T · sigmoid(m + s·n)⌋,
+  n ~ N(0, 1) (Esser et al. 2024, SD3's timestep density; `logit_mean` m, `logit_std` s): more of
+  each batch on the middle noise levels, fewer on the nearly clean and the nearly pure-noise ones;
+  m < 0 moves the mass towards less noise. Either way the loss of a timestep keeps its weight.
+  """
+  if sampling == "uniform":
+    return jax.random.randint(rng, (batch,), 0, num_timesteps, dtype=jnp.int32)
+  if sampling != "logit_normal":
+    raise ValueError(f"diffusion.timestep_sampling: {sampling!r} is not one of {TIMESTEP_SAMPLING}.")
+  u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,), jnp.float32))
+  return jnp.minimum((u * num_timesteps).astype(jnp.int32), num_timesteps - 1)

@@ -72,6 +72,8 @@ TABLES = {
                                        r"sample\.guidance_interval: expected two timesteps LO,HI with 0 <= LO <= HI"),
         "infinite cosine offset (no check of its own)": (LDM + ["--workdir", "W/new", "--config.diffusion.cosine_s=inf"],
                                                          r"diffusion\.cosine_s: expected a finite number, got inf"),
+        "unknown timestep density": (LDM + ["--workdir", "W/new", "--config.diffusion.timestep_sampling=beta"],
+                                     r"diffusion\.timestep_sampling: 'beta' is not one of \('uniform', 'logit_normal'\)"),
         "negative warm-up": (LDM + ["--workdir", "W/new", "--config.optim.warmup_steps=-1"],
                              r"optim\.warmup_steps: expected an integer >= 0, got -1"),
         "autoencoder.workdir is a stage-2 run": (

@@ -169,6 +169,23 @@ def test_sample_timesteps_uniform():
   assert counts.size == 10 and np.all(np.abs(counts / 20000 - 0.1) < 0.01)
 
 
+def test_sample_timesteps_logit_normal_follows_its_density():
+  n, T, m, s = 40000, 1000, -0.5, 1.0
+  t = np.asarray(sch.sample_timesteps(jax.random.key(1), n, T, "logit_normal", m, s))
+  assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= T - 1
+  # P(t < k) = P(m + s·n < logit(k / T)) = Φ((logit(k / T) − m) / s).
+  for k in (100, 380, 500, 800):
+    expected = 0.5 * (1 + math.erf((math.log(k / (T - k)) - m) / s / math.sqrt(2)))
+    assert abs(np.mean(t < k) - expected) < 0.01, k
+  # Fewer nearly pure-noise steps: uniform sampling puts 20 % of them at t >= 800, this 3 %.
+  assert np.mean(t >= 800) < 0.05
+
+
+def test_sample_timesteps_names_an_unknown_density():
+  with pytest.raises(ValueError, match=r"diffusion\.timestep_sampling: 'beta' is not one of"):
+    sch.sample_timesteps(jax.random.key(0), 4, 1000, "beta")
+
+
 def test_schedule_is_a_pytree_for_jit(sd):
   f = jax.jit(sch.q_sample)
   x0 = jnp.ones((2, 1, 1, 1))

@@ -60,7 +60,8 @@ def loss_fn(config, ldm: LatentDiffusion, params, batch, rng, ae_params, *, froz
                                  rngs={"dropout": rng_dropout})
   if is_frozen(ldm.conditioner) if frozen_cond is None else frozen_cond:
     cond = jax.lax.stop_gradient(cond)
-  t = schedule_lib.sample_timesteps(rng_t, z.shape[0], ldm.schedule.num_timesteps)
+  t = schedule_lib.sample_timesteps(rng_t, z.shape[0], ldm.schedule.num_timesteps, d.timestep_sampling,
+                                   d.timestep_logit_mean, d.timestep_logit_std)
   eps = schedule_lib.offset_noise(rng_noise, z.shape, d.offset_noise) if d.offset_noise else \
       jax.random.normal(rng_noise, z.shape)
   z_t = schedule_lib.q_sample(ldm.schedule, z, t, eps)

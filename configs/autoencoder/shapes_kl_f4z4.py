@@ -1,0 +1,43 @@
+"""A small KL-f4 autoencoder on the built-in shapes data set: 32 px RGB → 8×8×4 latents; `make demo`'s stage 1.
+
+Runs on a 2-core CPU in about three minutes (2 CPU devices); no files needed.
+  python train_autoencoder.py --config configs/autoencoder/shapes_kl_f4z4.py --workdir runs/shapes_ae
+
+Why f = 4 (and not the f = 2 of `shapes_kl_f2.py`, the demo's stage 1 before): the f = 2 model
+reconstructs a little better, but it codes a shape's outline in a speckle of its 16×16×3 latents
+that a stage-2 U-Net did not learn to draw in the demo's time (its samples were rounded blobs:
+kind 25–31 %); on these 8×8×4 latents the U-Net is 2–4× cheaper per image and draws the kinds
+(notes_demo.md).
+"""
+
+from ldm_jax.config import autoencoder
+from ldm_jax.config import common as config_lib
+
+# The demo's held-out colour–kind pairs: no training image of either stage shows one (each colour
+# and each kind is in at most one pair, so every word is still seen in other pairs).
+HOLDOUT = ("green triangle", "red star", "orange diamond", "blue cross", "purple circle", "cyan square")
+
+
+def get_config(arg=None):
+  options = config_lib.parse_arg(arg)
+  config_lib.check_options(options, {"smoke"}, "shapes_kl_f4z4")
+  config = autoencoder.default_config()
+  config.data.update(source="shapes", image_size=32, channels=3, num_examples=20_000, shapes_layout="quadrants",
+                     shapes_holdout=HOLDOUT)
+  # 16 base channels (8 GroupNorm groups): the decoder's 32×32 level is most of the cost, and
+  # flat-coloured shapes need few channels there.
+  config.model.update(kind="kl", embed_dim=4, z_channels=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+                      attn_resolutions=(), num_groups=8)
+  # No GAN (it needs far more steps than a CPU run has) and no LPIPS (VGG16 would cost ~10× this
+  # autoencoder per step on a CPU): a squared error + KL. Squared, not the reference's L1: the
+  # shape covers ~15 % of the pixels, and L1's gradient does not grow with how wrong its hue is —
+  # after 500 steps L1 reconstructions were blobs of one average hue (the judge read 49 % of their
+  # colours), squared-error ones had every colour right (100 %; notes_demo.md).
+  config.loss.update(disc_start=100_000, disc_weight=0.5, kl_weight=1e-6, perceptual_weight=0.0, pixel_loss="l2")
+  # × batch 32 = 2e-3, constant; Adam's usual β (the reference's (0.5, 0.9) is for the GAN phase).
+  config.optim.update(base_learning_rate=6.25e-5, schedule="constant", b1=0.9, b2=0.999)
+  config.train.update(num_steps=800, batch_size=32, log_every=100, checkpoint_every=800,
+                      eval_every=800, eval_batches=2, image_every=800)
+  if "smoke" in options:
+    autoencoder.apply_smoke(config)
+  return config
