@@ -14,7 +14,8 @@ from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.runtime import checkpoint as ckpt_lib
 from ldm_jax.runtime import sharding
 from ldm_jax.train import diffusion
-from ldm_jax.train.diffusion import data, setup, state as state_lib
+from ldm_jax.diffusion import schedule as schedule_lib
+from ldm_jax.train.diffusion import data, setup, state as state_lib, step as step_lib
 from tests.train.stage2 import Stage2, prepare
 from tests.conftest import load_config
 
@@ -90,6 +91,26 @@ def test_ema_updates_use_litema_decays_from_the_first_step():
     np.testing.assert_allclose(float(metrics["ema_decay"]), decay, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(state.ema_params),
                expected)
+
+
+def test_the_step_draws_its_timesteps_from_diffusion_timestep_sampling(monkeypatch):
+  """A logit-normal density pinned at the last step (mean 20: t/T = sigmoid(20 ± a few) → t = 999) gives the loss
+  of a step whose every example is at t = 999; the uniform density gives another."""
+  config, mesh, ae, ae_params = tiny_run()
+  rng = np.random.default_rng(0)
+  raw = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 6,
+         "caption": np.array([""] * 8)}
+  batch = prepare(config, ae[1], raw)
+  stage = make_stage(config, mesh, ae, ae_params, batch)
+  params = stage.init(jax.random.PRNGKey(0), jnp.float32(stage.ldm.scale_factor)).params
+  loss = lambda: float(step_lib.loss_fn(config, stage.ldm, params, batch, jax.random.PRNGKey(3), ae_params))
+  uniform = loss()
+  config.diffusion.update(timestep_sampling="logit_normal", timestep_logit_mean=20.0, timestep_logit_std=1.0)
+  pinned = loss()
+  config.diffusion.timestep_sampling = "uniform"
+  monkeypatch.setattr(schedule_lib, "sample_timesteps", lambda rng, b, T, *args: jnp.full((b,), T - 1, jnp.int32))
+  np.testing.assert_allclose(pinned, loss(), rtol=1e-6)
+  assert abs(pinned - uniform) > 1e-3 * abs(uniform)
 
 
 # Extended: the cached path itself trains in every default run of shapes_txt2img:smoke (latent.cache).
