@@ -49,6 +49,14 @@ def tiny_run(kind="kl", *, cache=False):
   return config, mesh, (model, ae_config), ae_params
 
 
+def random_batch(config, ae):
+  """A prepared batch of 8 random 16 px images, labels 0…5 in turn, empty captions."""
+  rng = np.random.default_rng(0)
+  raw = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 6,
+         "caption": np.array([""] * 8)}
+  return prepare(config, ae[1], raw)
+
+
 def make_stage(config, mesh, ae, ae_params, batch):
   """A `Stage2` for prepared batches like `batch`, with scale_factor 0.5."""
   return Stage2(config, mesh, *ae, ae_params, batch, scale_factor=0.5)
@@ -77,10 +85,7 @@ def test_ema_decay_warms_up_as_litema():
 def test_ema_updates_use_litema_decays_from_the_first_step():
   """LitEma's first update uses n = 1 (its counter is incremented first): decays 2/11, 3/12, 4/13."""
   config, mesh, ae, ae_params = tiny_run()
-  rng = np.random.default_rng(0)
-  raw = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 6,
-         "caption": np.array([""] * 8)}
-  batch = prepare(config, ae[1], raw)
+  batch = random_batch(config, ae)
   stage = make_stage(config, mesh, ae, ae_params, batch)
   state = stage.init(jax.random.PRNGKey(0), jnp.float32(stage.ldm.scale_factor))
   expected = jax.device_get(state.params)
@@ -97,10 +102,7 @@ def test_the_step_draws_its_timesteps_from_diffusion_timestep_sampling(monkeypat
   """A logit-normal density pinned at the last step (mean 20: t/T = sigmoid(20 ± a few) → t = 999) gives the loss
   of a step whose every example is at t = 999; the uniform density gives another."""
   config, mesh, ae, ae_params = tiny_run()
-  rng = np.random.default_rng(0)
-  raw = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 6,
-         "caption": np.array([""] * 8)}
-  batch = prepare(config, ae[1], raw)
+  batch = random_batch(config, ae)
   stage = make_stage(config, mesh, ae, ae_params, batch)
   params = stage.init(jax.random.PRNGKey(0), jnp.float32(stage.ldm.scale_factor)).params
   loss = lambda: float(step_lib.loss_fn(config, stage.ldm, params, batch, jax.random.PRNGKey(3), ae_params))
