@@ -39,7 +39,7 @@ _SAMPLES_PER_PROMPT = flags.DEFINE_integer("samples_per_prompt", 8, "Samples sco
 _SCORER_STEPS = flags.DEFINE_integer("scorer_steps", 400, "Training steps of the judge (batch 64).")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 2, "JAX CPU devices (jax_num_cpu_devices): batches are split over them, one per core; "
-    "on a quiet 2-core CPU, 2 train the demo's autoencoder 1.35x and its U-Net 1.1x as fast as 1.")
+    "on a quiet 2-core CPU, 2 trained the earlier demo's f = 2 autoencoder 1.35x and its U-Net 1.1x as fast as 1.")
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 AE_CONFIG = os.path.join(CONFIG_DIR, "autoencoder", "shapes_kl_f4z4.py")  # stage 1

@@ -6,8 +6,9 @@ Runs on a 2-core CPU in about three minutes (2 CPU devices); no files needed.
 Why f = 4 (and not the f = 2 of `shapes_kl_f2.py`, the demo's stage 1 before): the f = 2 model
 reconstructs a little better, but it codes a shape's outline in a speckle of its 16×16×3 latents
 that a stage-2 U-Net did not learn to draw in the demo's time (its samples were rounded blobs:
-kind 25–31 %); on these 8×8×4 latents the U-Net is 2–4× cheaper per image and draws the kinds
-(notes_demo.md).
+kind 25–31 %). On these 8×8×4 latents the same U-Net is 2–2.5× cheaper per image (256–334 against
+132 img/s), and the demo spends that on a 64-channel U-Net with attention at 8×8, which draws the
+kinds (notes_demo.md).
 """
 
 from ldm_jax.config import autoencoder
