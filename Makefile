@@ -18,11 +18,14 @@ venv: $(STAMP)
 $(RUNTIME_STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -e .
+	$(PY) -m pip install --quiet --no-compile -r requirements.txt -e .
 	touch $@
 
+# --no-compile above: byte-compiling every installed module took 18 of the install's 32 s, a first
+# `make demo` imports few of them. The tests start many Python processes, so they compile them all.
 $(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null
 	touch $@
 
 # Fashion-MNIST idx files from Debian (dataset-fashion-mnist); needs root, or install it yourself.

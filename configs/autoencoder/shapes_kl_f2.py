@@ -21,11 +21,13 @@ def get_config(arg=None):
   options = config_lib.parse_arg(arg)
   config_lib.check_options(options, {"smoke"}, "shapes_kl_f2")
   # The data, model and loss of shapes_kl_f4z4.py with one level less and 3 latent channels, and
-  # its earlier optimizer (batch 32, Adam β2 0.999) and KL weight (1e-6), as this model was trained.
+  # its earlier optimizer (batch 32, Adam β2 0.999), KL weight (1e-6) and evaluation (with LPIPS),
+  # as this model was trained.
   config = config_lib.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_kl_f4z4.py"))
   config.model.update(embed_dim=3, z_channels=3, ch_mult=(1, 2))
   config.loss.kl_weight = 1e-6
   config.optim.update(base_learning_rate=6.25e-5, b2=0.999)
+  config.eval.metrics = autoencoder.default_config().eval.metrics
   config.train.update(num_steps=600, batch_size=32, checkpoint_every=600, eval_every=600, eval_batches=2,
                       image_every=600)
   if "smoke" in options:

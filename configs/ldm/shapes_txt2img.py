@@ -55,8 +55,8 @@ def get_config(arg=None):
   # (notes_demo.md, 2026-12-05 evening).
   config.optim.update(learning_rate=1e-3, warmup_steps=100, schedule="cosine", b2=0.99, ema_decay=0.995)
   config.sample.update(sampler="ddim", num_steps=50, guidance_scale=3.0, num_images=len(PROMPTS), prompts=PROMPTS)
-  config.train.update(num_steps=1000, batch_size=32, log_every=100, checkpoint_every=1000,
-                      image_every=1000, eval_every=1000)
+  config.train.update(num_steps=1100, batch_size=32, log_every=100, checkpoint_every=1100,
+                      image_every=1100, eval_every=1100)
   if "smoke" in options:
     diffusion.apply_smoke(config)
   return config
