@@ -1,7 +1,7 @@
 """A small KL-f2 autoencoder on the built-in shapes data set: 32 px RGB → 16×16×3 latents.
 
-`make demo`'s stage 1 until `shapes_kl_f4z4.py` replaced it: it reconstructs outlines better, but
-the demo's U-Net did not learn to draw them from these latents in its time (notes_demo.md).
+`make demo`'s stage 1 until `shapes_kl_f4z4.py` replaced it: it reconstructed outlines better than the
+first f = 4 runs, but the demo's U-Net did not learn to draw them from these latents in its time (notes_demo.md).
 
 Runs on a 2-core CPU in about three and a half minutes (208 s, 2 CPU devices); no files needed.
   python train_autoencoder.py --config configs/autoencoder/shapes_kl_f2.py --workdir runs/shapes_ae
