@@ -121,6 +121,7 @@ def main(argv):
   ae_config = config_lib.from_file(AE_CONFIG + suffix)
   ldm_config = config_lib.from_file(LDM_CONFIG + suffix)
   ldm_config.autoencoder.workdir = ae_dir
+  ldm_config.train.image_every = 0  # no grid at the end of training: the demo draws its own (step 3)
   size = ldm_config.data.image_size
   scorer_dir = os.path.join(_WORKDIR.value, "scorer")
   scorer_process = start_scorer(scorer_dir, size, min(_SCORER_STEPS.value, 20) if _SMOKE.value else _SCORER_STEPS.value)

@@ -41,7 +41,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       max_checkpoints=3,
       eval_every=5_000,
       eval_batches=8,
-      image_every=5_000,
+      image_every=5_000,          # 0: no sample grids
       dtype="float32",            # compute dtype of every module; parameters stay float32
       remat=False,                # recompute block activations in the backward pass (less memory)
       grad_accum_steps=1,         # micro-batches per step, accumulated inside the jitted step
@@ -64,9 +64,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 def validate_train_config(train: ml_collections.ConfigDict) -> None:
   """ValueError naming the `train.*` key whose value cannot work."""
   positive = ("num_steps", "batch_size", "log_every", "checkpoint_every", "max_checkpoints",
-              "eval_every", "eval_batches", "image_every")
+              "eval_every", "eval_batches")
   for key in positive:
     checks.check_number(f"train.{key}", train.get(key), integer=True, ge=1)
+  checks.check_number("train.image_every", train.get("image_every"), integer=True, ge=0)  # 0: no sample grids
   checks.check_number("train.seed", train.seed, integer=True)
   for key in ("grad_accum_steps", "max_nonfinite_steps"):
     checks.check_number(f"train.{key}", train.get(key, 1), integer=True, ge=1)

@@ -14,6 +14,7 @@ prompt's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -158,7 +159,8 @@ def load_scorer(directory: str) -> Scorer:
     info = json.load(f)
   model = _model(info['widths'])
   size = info['image_size']
-  template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params']
+  # The parameters' structure only: an initialised template compiled each initialiser (4 s).
+  template = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params']
   with open(params_path, 'rb') as f:
     params = flax.serialization.from_bytes(template, f.read())
   return Scorer(model, params, info)
@@ -169,10 +171,14 @@ def predict(scorer: Scorer, images: np.ndarray, batch_size: int = 256) -> dict[s
   size = scorer.info['image_size']
   if images.ndim != 4 or images.shape[1:] != (size, size, 3):
     raise ValueError(f'shapes scorer: expected RGB images of {size}x{size}, got shape {images.shape}')
-  apply = jax.jit(lambda p, x: [jnp.argmax(logits, -1) for logits in _logits(scorer.model, p, _to_model(x))])
-  outputs = [apply(scorer.params, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+  outputs = [_predict(scorer.model, scorer.params, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
   return {name: np.concatenate([np.asarray(out[a]) for out in outputs])
           for a, name in enumerate(ATTRIBUTES)}
+
+
+@functools.partial(jax.jit, static_argnums=0)  # compiled once per model and batch shape
+def _predict(model: JudgeNet, params, images) -> list[jax.Array]:
+  return [jnp.argmax(logits, -1) for logits in _logits(model, params, _to_model(images))]
 
 
 def correct(scorer: Scorer, images: np.ndarray, prompts) -> dict[str, np.ndarray]:

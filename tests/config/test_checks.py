@@ -6,6 +6,7 @@ import ml_collections
 import pytest
 
 from ldm_jax.config import check_finite, check_number, run_kind
+from ldm_jax.config.common import train_config, validate_train_config
 
 
 @pytest.mark.parametrize("value, bounds, message", [
@@ -46,3 +47,11 @@ def test_run_kind_tells_the_trainers_configs_apart():
   assert run_kind({"model": {"model_channels": 32}, "diffusion": {}, "autoencoder": {"workdir": "x"}}) == "diffusion"
   assert run_kind({"model": {"feature_dim": 128, "num_classes": 10}}) == "classifier"
   assert run_kind({"anything": 1}) is None
+
+
+def test_image_every_zero_means_no_grids_and_negative_is_named():
+  validate_train_config(train_config(image_every=0))
+  with pytest.raises(ValueError, match=r"^train\.image_every: expected an integer >= 0, got -1\.$"):
+    validate_train_config(train_config(image_every=-1))
+  with pytest.raises(ValueError, match=r"^train\.eval_every: expected an integer >= 1, got 0\.$"):
+    validate_train_config(train_config(eval_every=0))

@@ -72,3 +72,48 @@ def test_summarize_averages_updated_steps_and_counts_skipped_ones():
   scalars = loop.summarize(window)
   assert scalars == {"train/loss": 2.0, "train/d_loss": 0.5, "train/skipped_steps": 1.0}
   assert np.isnan(loop.summarize(window[1:2])["train/loss"])
+
+
+def test_due_runs_every_k_steps_and_at_the_last_and_never_with_zero():
+  assert [s for s in range(1, 11) if loop.due(s, 4, 10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if loop.due(s, 100, 10)] == [10]
+  assert not any(loop.due(s, 0, 10) for s in range(1, 11))  # train.image_every=0: no grids
+
+
+@pytest.fixture
+def backend_compiles():
+  """A list that records one entry per XLA compilation while the test runs."""
+  events = []
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      events.append(duration)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield events
+  jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_compile_ahead_compiles_once_for_the_later_call(backend_compiles):
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  step = jax.jit(lambda w, x: (w - 0.1 * jnp.mean(x @ w), jnp.sum(x)), in_shardings=(rep, batch_sh),
+                 out_shardings=(rep, rep), donate_argnums=0)
+  abstract_w = jax.ShapeDtypeStruct((3, 3), jnp.float32, sharding=rep)
+  x = jax.device_put(np.arange(24, dtype=np.float32).reshape(8, 3), batch_sh)
+  future = loop.compile_ahead(step, abstract_w, x)
+  w = jax.device_put(np.eye(3, dtype=np.float32), rep)  # meanwhile, the "state" is made
+  future.result()
+  compiled = len(backend_compiles)
+  assert compiled >= 1
+  w, total = step(w, x)
+  assert len(backend_compiles) == compiled  # the call found the executable compiled ahead
+  assert float(total) == 276.0
+  np.testing.assert_allclose(np.asarray(w), np.eye(3) - 0.1 * np.mean(np.arange(24.0).reshape(8, 3) @ np.eye(3)),
+                             rtol=1e-6)
+
+
+def test_compile_ahead_raises_the_compile_error_on_result():
+  def bad(x):
+    return x @ jnp.ones((4, 4))  # [2, 3] @ [4, 4]: shapes do not match
+  future = loop.compile_ahead(jax.jit(bad), jax.ShapeDtypeStruct((2, 3), jnp.float32))
+  with pytest.raises(TypeError, match="dot_general"):
+    future.result()

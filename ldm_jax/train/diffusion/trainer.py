@@ -73,19 +73,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    {k[len("cond/"):]: v for k, v in first.items() if k.startswith("cond/")}, optimizer,
                                    init_params=tuning.init if tuning else None, frozen_cond=frozen_cond)
 
-  # Restore, or initialise with a scale_factor estimated on the first batch; then the model, once.
+  # Restore, or estimate the scale_factor on the first batch; the model and its train step, which
+  # compiles in a thread while a new state initialises.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_checkpoints)
   # Checkpoints written before the EMA left the frozen text encoders out hold a copy of them there.
   state = checkpointer.restore_or_close(builder.abstract_state, train_iter,
                                         unread=(("ema_params", "cond"),) if frozen_cond else ())
-  if state is None:
-    scale_factor = data.estimate_scale_factor(config, ae_model, ae_params, first, mesh)
-    state = builder.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor),
-                         None if tuning else pretrained_params)
-  ldm = load.build_ldm(config, ae_model, ae_config, tokenizer, float(jax.device_get(state.scale_factor)),
+  scale_factor = (jax.device_get(state.scale_factor) if state is not None else
+                  np.float32(data.estimate_scale_factor(config, ae_model, ae_params, first, mesh)))
+  ldm = load.build_ldm(config, ae_model, ae_config, tokenizer, float(scale_factor),
                        for_training=True, unet=unet, conditioner=conditioner, tokenizer_2=tokenizer_2)
   train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, ae_params, tuning)
   frozen = (ae_params,) if tuning is None else (ae_params, tuning.base)
+  # (DreamBooth's batches add the class images to `first`'s: its step compiles at the first step.)
+  compiled = (loop.compile_ahead(train_step, builder.abstract_state, sharding.shard_batch(first, mesh), *frozen)
+              if "dreambooth" not in config else None)
+  if state is None:
+    state = builder.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor),
+                         None if tuning else pretrained_params)
+  if compiled is not None:
+    compiled.result()
   # The weights of the sample grids and evaluations: the EMA weights (with the frozen text encoders),
   # or the base with the EMA adapters.
   compose = jax.jit(tuning.compose) if tuning else None
