@@ -64,6 +64,7 @@ def draw_samples(ldm_config, ldm_dir: str, out: str, per_prompt: int) -> tuple[n
 
 
 def _train_and_save_scorer(directory: str, image_size: int, num_steps: int) -> None:
+  os.nice(19)  # the lowest priority: the judge takes the cycles stage 1 leaves idle, not stage 1's
   shapes_scorer.save_scorer(shapes_scorer.train_scorer(num_steps=num_steps, image_size=image_size,
                                                        progress=False), directory)
 
@@ -71,8 +72,9 @@ def _train_and_save_scorer(directory: str, image_size: int, num_steps: int) -> N
 def start_scorer(directory: str, image_size: int, num_steps: int) -> multiprocessing.Process | None:
   """Trains the judge into `directory` in a child process (None when one is saved there already).
 
-  The judge depends on nothing the stages make, so it trains beside stage 1: one XLA process does
-  not keep two CPU cores busy with these small models, a second process fills the gaps.
+  The judge depends on nothing the stages make, so it trains beside stage 1, at the lowest CPU
+  priority: one XLA process does not keep two CPU cores busy with these small models, a second
+  process fills the gaps.
   """
   if shapes_scorer.is_saved(directory):
     return None

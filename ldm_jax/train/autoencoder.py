@@ -151,7 +151,9 @@ class Stage1:
     self.model = ae_lib.make_autoencoder(config_lib.with_train_overrides(config.model, config.train))
     self.disc = make_discriminator(config)
     self.optimizer = make_optimizer(config)
-    self.lpips_params = lpips_lib.load_lpips_params()
+    # VGG16's weights only when a loss or score uses them (1.5 s to read).
+    uses_lpips = config.loss.perceptual_weight > 0 or "lpips" in self.scores
+    self.lpips_params = lpips_lib.load_lpips_params() if uses_lpips else None
     self.is_kl = config.model.kind == "kl"
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     self.dummy = jnp.zeros((1, *image_shape), jnp.float32)
