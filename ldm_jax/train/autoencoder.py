@@ -118,11 +118,14 @@ def learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.optim.base_learning_rate * scale
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, *, with_gan: bool = True) -> optax.GradientTransformation:
   """Adam(β=(0.5, 0.9)) for the autoencoder and, separately, for the discriminator.
 
   The KL objective's log-variance is trained with the autoencoder only when `loss.learn_logvar`;
   the reference's optimizers never held it, so by default it stays at `loss.logvar_init`.
+  `with_gan=False`: the optimizer of the steps before `loss.disc_start`, whose discriminator
+  gradients are zero — the same state, with the discriminator's Adam only counting the step
+  (`counts_only`).
   """
   lr = learning_rate(config)
   if config.optim.schedule == "cosine":
@@ -131,7 +134,22 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   logvar = "autoencoder" if config.loss.learn_logvar else "frozen"
   labels = {"autoencoder": "autoencoder", "logvar": logvar, "discriminator": "discriminator"}
   return optax.multi_transform(
-      {"autoencoder": adam(), "discriminator": adam(), "frozen": optax.set_to_zero()}, labels)
+      {"autoencoder": adam(), "discriminator": adam() if with_gan else counts_only(adam()),
+       "frozen": optax.set_to_zero()}, labels)
+
+
+def counts_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` (same state) for gradients known to be zero: its step counts advance, the updates are
+  the zero gradients, nothing else is computed. For Adam whose moments are zero — a discriminator
+  before `loss.disc_start` — that is what Adam itself returns: the reference steps its
+  discriminator's optimizer on a zero loss, so its step count runs from the start of training.
+  Adam over the unused discriminator took 30 % of the demo autoencoder's step (0.09 s)."""
+  def update(updates, state, params=None):
+    del params
+    is_count = lambda path: bool(path) and getattr(path[-1], "name", None) == "count"
+    return updates, jax.tree_util.tree_map_with_path(
+        lambda path, x: optax.safe_increment(x) if is_count(path) else x, state)
+  return optax.GradientTransformation(inner.init, update)
 
 
 def make_discriminator(config: ml_collections.ConfigDict) -> NLayerDiscriminator:
@@ -151,6 +169,7 @@ class Stage1:
     self.model = ae_lib.make_autoencoder(config_lib.with_train_overrides(config.model, config.train))
     self.disc = make_discriminator(config)
     self.optimizer = make_optimizer(config)
+    self._optimizer_before_gan = make_optimizer(config, with_gan=False)
     # VGG16's weights only when a loss or score uses them (1.5 s to read).
     uses_lpips = config.loss.perceptual_weight > 0 or "lpips" in self.scores
     self.lpips_params = lpips_lib.load_lpips_params() if uses_lpips else None
@@ -263,7 +282,8 @@ class Stage1:
     grads, metrics = loop.accumulate_gradients(
         functools.partial(self._grads, with_gan=with_gan), params, batch, step_rng,
         self.config.train.grad_accum_steps, mesh=self.mesh, grad_sharding=self.state_sharding.params)
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
+    optimizer = self.optimizer if with_gan else self._optimizer_before_gan
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
     ok = loop.all_finite(metrics["loss"], grads, updates)
     new_params, opt_state = loop.keep_if(ok, (optax.apply_updates(params, updates), opt_state),
                                          (params, state.opt_state))

@@ -92,3 +92,33 @@ def test_dropout_is_active_in_the_train_step_and_not_in_evaluation():
   evaluated = [jax.device_get(s.eval_step(initial.params, sharding.shard_batch(batch, s.mesh))[1])
                for s in (with_dropout, without)]
   np.testing.assert_array_equal(*evaluated)
+
+
+def test_steps_before_the_gan_leave_the_discriminator_as_full_adam_on_zero_gradients_would():
+  """Before loss.disc_start the discriminator's Adam only counts steps (`counts_only`): the state
+  after three such steps equals, leaf for leaf, the one Adam itself gives on the zero gradients."""
+  config = smoke_config("kl_f8.py")
+  config.loss.perceptual_weight = 0.0
+  config.model.update(ch_mult=(1, 2), num_res_blocks=1)
+  mesh = sharding.make_mesh(config.mesh)
+  fast, full = autoencoder.Stage1(config, mesh), autoencoder.Stage1(config, mesh)
+  full._optimizer_before_gan = full.optimizer  # every leaf through Adam, as before counts_only
+  batch = sharding.shard_batch(
+      {"image": np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)}, mesh)
+  initial = jax.device_get(fast.init(jax.random.PRNGKey(0)))
+  states = []
+  for stage in (fast, full):
+    state = jax.device_put(initial, stage.state_sharding)
+    for _ in range(3):
+      state, _ = stage.train_step[False](state, batch)
+    states.append(jax.device_get(state))
+  leaves, tree = jax.tree_util.tree_flatten_with_path(states[0])
+  assert tree == jax.tree.structure(states[1])
+  for (path, a), b in zip(leaves, jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  disc_adam = states[0].opt_state.inner_states["discriminator"].inner_state[0]
+  assert int(disc_adam.count) == 3 and not any(np.any(x) for x in jax.tree.leaves(disc_adam.mu))
+  # …and the autoencoder did train, its Adam too.
+  assert int(states[0].opt_state.inner_states["autoencoder"].inner_state[0].count) == 3
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(initial.params["autoencoder"]),
+                                            jax.tree.leaves(states[0].params["autoencoder"])))
