@@ -151,7 +151,8 @@ def ae_config(mesh, **train):
   return config
 
 
-def sgd(config):
+def sgd(config, with_gan=True):
+  del with_gan  # stage 1's optimizer before the GAN starts: the same SGD
   return optax.sgd(1e-4, momentum=0.9)
 
 
