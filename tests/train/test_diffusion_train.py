@@ -13,7 +13,8 @@ from ldm_jax.config import common as config_lib
 from ldm_jax.models import autoencoder as ae_lib
 from ldm_jax.runtime import checkpoint as ckpt_lib
 from ldm_jax.runtime import sharding
-from ldm_jax.train import diffusion
+from ldm_jax.train import diffusion, loop
+from ldm_jax.train.loop import compile_ahead
 from ldm_jax.diffusion import schedule as schedule_lib
 from ldm_jax.train.diffusion import data, setup, state as state_lib, step as step_lib
 from tests.train.stage2 import Stage2, prepare
@@ -174,10 +175,12 @@ def test_each_host_trains_on_exactly_its_share_of_the_cached_latents(monkeypatch
 
 
 @pytest.mark.slow
-def test_text_smoke_run_samples_checkpoints_and_resumes(smoke_autoencoder, tmp_path):
+def test_text_smoke_run_samples_checkpoints_and_resumes(smoke_autoencoder, tmp_path, monkeypatch):
   workdir = str(tmp_path / "ldm")
   config = load_config("configs/ldm/shapes_txt2img.py:smoke")
   config.autoencoder.workdir = smoke_autoencoder
+  ahead = []  # the train steps compiled ahead (while the state initialises or after it is restored)
+  monkeypatch.setattr(loop, "compile_ahead", lambda *args: ahead.append(len(args)) or compile_ahead(*args))
   diffusion.train_and_evaluate(config, workdir)
 
   assert [r["step"] for r in read_metrics(workdir)] == [5, 10]
@@ -198,6 +201,10 @@ def test_text_smoke_run_samples_checkpoints_and_resumes(smoke_autoencoder, tmp_p
   diffusion.train_and_evaluate(config, workdir)
   assert [r["step"] for r in read_metrics(workdir)] == [5, 10, 12]
   assert float(restore(workdir, ("scale_factor",))) == scale
+  # The same command on the finished run trains nothing and compiles no train step.
+  assert len(ahead) == 2
+  diffusion.train_and_evaluate(config, workdir)
+  assert [r["step"] for r in read_metrics(workdir)] == [5, 10, 12] and len(ahead) == 2
 
 
 @pytest.mark.slow

@@ -85,9 +85,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        for_training=True, unet=unet, conditioner=conditioner, tokenizer_2=tokenizer_2)
   train_step = step_lib.make_train_step(config, mesh, ldm, optimizer, builder.state_sharding, ae_params, tuning)
   frozen = (ae_params,) if tuning is None else (ae_params, tuning.base)
-  # (DreamBooth's batches add the class images to `first`'s: its step compiles at the first step.)
+  # (Not for a finished run, and not for DreamBooth, whose batches add the class images to `first`'s:
+  # its step compiles at the first step.)
+  steps_left = state is None or int(jax.device_get(state.step)) < config.train.num_steps
   compiled = (loop.compile_ahead(train_step, builder.abstract_state, sharding.shard_batch(first, mesh), *frozen)
-              if "dreambooth" not in config else None)
+              if steps_left and "dreambooth" not in config else None)
   if state is None:
     state = builder.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor),
                          None if tuning else pretrained_params)
