@@ -79,6 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Checkpoints written before the EMA left the frozen text encoders out hold a copy of them there.
   state = checkpointer.restore_or_close(builder.abstract_state, train_iter,
                                         unread=(("ema_params", "cond"),) if frozen_cond else ())
+  start_step, num_steps = (0 if state is None else int(jax.device_get(state.step))), config.train.num_steps
   scale_factor = (jax.device_get(state.scale_factor) if state is not None else
                   np.float32(data.estimate_scale_factor(config, ae_model, ae_params, first, mesh)))
   ldm = load.build_ldm(config, ae_model, ae_config, tokenizer, float(scale_factor),
@@ -87,9 +88,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   frozen = (ae_params,) if tuning is None else (ae_params, tuning.base)
   # (Not for a finished run, and not for DreamBooth, whose batches add the class images to `first`'s:
   # its step compiles at the first step.)
-  steps_left = state is None or int(jax.device_get(state.step)) < config.train.num_steps
   compiled = (loop.compile_ahead(train_step, builder.abstract_state, sharding.shard_batch(first, mesh), *frozen)
-              if steps_left and "dreambooth" not in config else None)
+              if start_step < num_steps and "dreambooth" not in config else None)
   if state is None:
     state = builder.init(jax.random.PRNGKey(config.train.seed), jnp.float32(scale_factor),
                          None if tuning else pretrained_params)
@@ -99,7 +99,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # or the base with the EMA adapters.
   compose = jax.jit(tuning.compose) if tuning else None
   sample_params = state_lib.ema_weights if tuning is None else (lambda s: compose(s.ema_params, tuning.base))
-  start_step, num_steps = int(jax.device_get(state.step)), config.train.num_steps
   logging.info("Stage 2: steps %d → %d, scale_factor %.5f, %s %s params%s", start_step, num_steps,
                ldm.scale_factor, "trained (adapters or embeddings):" if tuning else "U-Net",
                f"{sum(x.size for x in jax.tree.leaves(state.params if tuning else state.params['unet'])):,}",
