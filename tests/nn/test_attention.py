@@ -207,6 +207,24 @@ def test_fused_attention_equals_the_formula_with_gradients(shape):
 
 
 @needs_fused
+@pytest.mark.parametrize("threads,heads", [(1, 4), (1, 2), (64, 2)])
+def test_fused_backward_equals_the_formula_whether_keys_are_split_or_not(threads, heads):
+  """The backward kernel wants ~4 work items per thread: with fewer (example, head) pairs it splits
+  each pair's keys into chunks and adds up their parts of dq. 77 keys are 5 blocks of 16: one
+  thread and 4 pairs takes the pairs whole, one thread and 2 pairs chunks of 3 + 2 blocks,
+  64 threads 5 chunks of one block. Each way the gradients are the formula's."""
+  q, k, v = _qkv(24, 45, 77, heads=heads, dim=8, batch=1)
+  weights = jax.random.normal(jax.random.key(25), q.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(weights * f(q, k, v))
+  grads = jax.jit(jax.grad(loss(lambda q, k, v: fused_lib.fused_attention(q, k, v, threads)),
+                           argnums=(0, 1, 2)))(q, k, v)
+  expected = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, implementation="xla")),
+                      argnums=(0, 1, 2))(q, k, v)
+  for name, got, want in zip("qkv", grads, expected):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
+
+
+@needs_fused
 @pytest.mark.parametrize("dim", [4, 16])
 def test_fused_attention_exact_where_its_logit_bound_is_loose(dim):
   """The kernel shifts the logits by |q|·max|k|; a query nearly orthogonal to a huge key makes that
