@@ -216,8 +216,8 @@ void Forward(const Problem& pb, const Workers& workers) {
 // dv in registers, looping over the queries; every 16 queries' dS vectors (a 16 × 16 tile) are
 // transposed in registers to queries in the lanes and multiplied into those queries' dq, which
 // accumulates in a buffer over the key blocks. (Two sweeps, one with the queries in the lanes for
-// dq and one with the keys for dk and dv, computed P and dP twice: about 79 vector instructions
-// per 16 pairs, against about 60 here.)
+// dq and one with the keys for dk and dv, computed P and dP twice; forward + backward of 16 × 8
+// heads × 1024 tokens took 156 ms with them, 127–132 ms with this one.)
 
 struct Backward {
   const float *q, *k, *v, *out, *lse, *d_out;
