@@ -5,7 +5,8 @@
 // Called from JAX through the XLA FFI (ldm_jax/nn/fused_attention.py builds this file with the
 // system C++ compiler for the machine it runs on). With head_dim 8 the products q·k and p·v are
 // too thin for matmuls: XLA's blocked attention spends its time in them and in the exponentials'
-// memory traffic. Here 16 queries sit in the lanes of one vector register (QueryLanes); logits are
+// memory traffic. Here 16 queries (8 with AVX2) sit in the lanes of one vector register
+// (QueryLanes; kLanes below); logits are
 // in log2 units (q is pre-scaled by scale·log2(e)), so the exponential is a 2^x polynomial. Work
 // items (example·head pair, 64 queries) are shared by a few threads.
 //
@@ -31,7 +32,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// The vector width: 16 floats with AVX-512, 8 with AVX2 (whose 16 registers hold the forward's q
+// and running sums for heads of 8 only at that width: 16 lanes ran 4× slower on a Zen 3).
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -177,8 +186,13 @@ void QueryLanes(const Problem& pb, int64_t pair, int64_t i0, int64_t i1, const P
     vf l{}, acc[D];
     for (int d = 0; d < D; ++d) acc[d] = vf{};
     for (int64_t j = 0; j < pb.k_len; ++j) {
-      vf s = -m;  // the logits (log2 units) minus the shift
-      for (int d = 0; d < D; ++d) s += qt[d] * k[j * D + d];
+      // the logits (log2 units) minus the shift, in two chains of products (half the latency)
+      vf s = -m, s2{};
+      for (int d = 0; d < D; d += 2) {
+        s += qt[d] * k[j * D + d];
+        if (d + 1 < D) s2 += qt[d + 1] * k[j * D + d + 1];
+      }
+      s += s2;
       const vf p = exp2_nonpositive(s);
       l += p;
       for (int d = 0; d < D; ++d) acc[d] += p * v[j * D + d];
@@ -264,11 +278,11 @@ void PackBackward(const Backward& pb, int64_t pair, BackwardBuffers& buf) {
   buf.packed_pair = pair;
 }
 
-// rows[c][r] ← rows[r][c] for a 16 × 16 tile: four rounds of two-source permutes, the round of
-// size s swapping, in every 2s × 2s block, the off-diagonal s × s blocks.
+// rows[c][r] ← rows[r][c] for a kLanes × kLanes tile: log2(kLanes) rounds of two-source permutes,
+// the round of size s swapping, in every 2s × 2s block, the off-diagonal s × s blocks.
 template <int S>
 inline void TransposeRound(vf rows[kLanes]) {
-  vi take_low, take_high;  // lanes from a = rows[r] (0..15) and b = rows[r + S] (16..31)
+  vi take_low, take_high;  // lanes from a = rows[r] (0..kLanes-1) and b = rows[r + S] (kLanes..)
   for (int l = 0; l < kLanes; ++l) {
     take_low[l] = (l & S) ? kLanes + l - S : l;
     take_high[l] = (l & S) ? kLanes + l : l + S;
@@ -281,11 +295,10 @@ inline void TransposeRound(vf rows[kLanes]) {
   }
 }
 
-inline void Transpose16(vf rows[kLanes]) {
-  TransposeRound<8>(rows);
-  TransposeRound<4>(rows);
-  TransposeRound<2>(rows);
-  TransposeRound<1>(rows);
+template <int S = kLanes / 2>
+inline void TransposeTile(vf rows[kLanes]) {
+  TransposeRound<S>(rows);
+  if constexpr (S > 1) TransposeTile<S / 2>(rows);
 }
 
 // dk and dv of one chunk of one pair's keys, and the chunk's part of every query's dq.
@@ -324,7 +337,7 @@ void KeyChunk(const Backward& pb, int64_t pair, int64_t chunk, BackwardBuffers& 
         for (int d = 0; d < D; ++d) dk[d] += ds * q[i * D + d];
         tile[r] = ds;
       }
-      Transpose16(tile);  // tile[c]: key c's dS for the 16 queries
+      TransposeTile(tile);  // tile[c]: key c's dS for the tile's queries
       vf acc[D];
       std::memcpy(acc, dq + t * D * kLanes, sizeof(acc));
       for (int c = 0; c < keys; ++c)

@@ -4,8 +4,8 @@
 //
 // Called from JAX through the XLA FFI (ldm_jax/nn/conv.py; built by ldm_jax/nn/cpu_kernels.py with
 // the system C++ compiler for the machine it runs on). A direct convolution: each tile keeps R
-// output pixels of one row × V·16 output channels in 24 (or 16) vector registers; per input channel
-// it loads V weight vectors and broadcasts R input values. No im2col buffer: the tile's three
+// output pixels of one row × V vectors of output channels in up to 24 of the 32 AVX-512 registers
+// (12 of AVX2's 16); per input channel it loads V weight vectors and broadcasts R input values. No im2col buffer: the tile's three
 // input rows stay in L1, one output-channel block's weights in L2. Tiles on the image's border read
 // their input through a small zero-padded copy instead of padding the whole input.
 // The second kernel (below) is the weight gradient of the same convolution, for the backward pass.
@@ -21,7 +21,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
+// The vector width and how many accumulators a tile keeps (of the 32 or 16 vector registers).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kAccumulators = 24, kTileVectors = 4;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kAccumulators = 12, kTileVectors = 2;
+#else
+constexpr int kLanes = 4, kAccumulators = 12, kTileVectors = 2;
+#endif
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 
 inline vf Load(const float* p) {
@@ -34,27 +41,29 @@ inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
 struct Problem {
   const float* x;   // [B, H, W, C]
-  const float* w;   // [O / (V·16), 3, 3, C, V·16]: each block of output channels contiguous
+  const float* w;   // [O / K, 3, 3, C, K]: each block of K output channels contiguous
   const float* bias;
   float* out;       // [B, H, W, O]
   int64_t batch, height, width, in_channels, out_channels;
+  int64_t block;    // K, the packed block of output channels (16, 32 or 64)
 };
 
 // The input channels [begin, end) that one pass over the tiles sums: at most kChunk, so that the
-// pass's weights (3·3·kChunk·V·16 floats, 576 KiB) stay in L2 while the row's tiles reuse them.
+// pass's weights (3·3·kChunk·K floats, 576 KiB for K = 64) stay in L2 while the row's tiles reuse them.
 // The first pass starts from the bias, later ones from the output the earlier passes wrote.
 constexpr int64_t kChunk = 256;
 struct Channels {
   int64_t begin, end;
 };
 
-// R output pixels of one row (consecutive x) × V vectors of 16 output channels.
+// R output pixels of one row (consecutive x) × V vectors of output channels (kLanes each), which
+// start at `w`, `bias` and `out` within the packed block of K channels.
 // `in` points at the input pixel above and left of the tile's first output pixel; `row` is the
 // distance between input rows.
 template <int R, int V>
 inline void Tile(const Problem& pb, const float* in, int64_t row, const float* w, const float* bias, float* out,
                  Channels cs) {
-  const int64_t c_in = pb.in_channels, c_out = pb.out_channels;
+  const int64_t c_in = pb.in_channels, c_out = pb.out_channels, k = pb.block;
   vf acc[R][V];
   for (int v = 0; v < V; ++v) {
     const vf b = Load(bias + kLanes * v);
@@ -63,10 +72,10 @@ inline void Tile(const Problem& pb, const float* in, int64_t row, const float* w
   for (int i = 0; i < 3; ++i) {
     for (int j = 0; j < 3; ++j) {
       const float* px = in + i * row + j * c_in;
-      const float* wk = w + (i * 3 + j) * c_in * V * kLanes;
+      const float* wk = w + (i * 3 + j) * c_in * k;
       for (int64_t c = cs.begin; c < cs.end; ++c) {
         vf wv[V];
-        for (int v = 0; v < V; ++v) wv[v] = Load(wk + (c * V + v) * kLanes);
+        for (int v = 0; v < V; ++v) wv[v] = Load(wk + c * k + v * kLanes);
         for (int r = 0; r < R; ++r) {
           const float a = px[r * c_in + c];
           for (int v = 0; v < V; ++v) acc[r][v] += a * wv[v];
@@ -78,13 +87,14 @@ inline void Tile(const Problem& pb, const float* in, int64_t row, const float* w
     for (int v = 0; v < V; ++v) Store(out + r * c_out + kLanes * v, acc[r][v]);
 }
 
-// A tile of `n` < R pixels (the end of a row that R does not divide).
-template <int N, int V>
-inline void ShortTile(int n, const Problem& pb, const float* in, int64_t row, const float* w, const float* bias,
+// The tile of `n` ≤ R pixels over all of the block's K channels, V vectors at a time (the
+// tile's input pixels stay in L1 between them).
+template <int R, int V>
+inline void BlockTile(int n, const Problem& pb, const float* in, int64_t row, const float* w, const float* bias,
                       float* out, Channels cs) {
-  if constexpr (N > 0) {
-    if (n == N) return Tile<N, V>(pb, in, row, w, bias, out, cs);
-    ShortTile<N - 1, V>(n, pb, in, row, w, bias, out, cs);
+  if constexpr (R > 0) {
+    if (n < R) return BlockTile<R - 1, V>(n, pb, in, row, w, bias, out, cs);
+    for (int64_t o = 0; o < pb.block; o += V * kLanes) Tile<R, V>(pb, in, row, w + o, bias + o, out + o, cs);
   }
 }
 
@@ -117,17 +127,16 @@ inline void TileAt(int n, const Problem& pb, int64_t b, int64_t y, int64_t x0, c
     }
     in = edge.data.data();
   }
-  if (n == R) return Tile<R, V>(pb, in, row, w, bias, out, cs);
-  ShortTile<R - 1, V>(n, pb, in, row, w, bias, out, cs);
+  BlockTile<R, V>(n, pb, in, row, w, bias, out, cs);
 }
 
-// Output rows [first, last) (rows of all examples, counted as b·H + y) of one block of V·16 output
+// Output rows [first, last) (rows of all examples, counted as b·H + y) of one block of K output
 // channels, in tiles of R pixels: one pass over the rows per chunk of input channels, so that each
 // chunk's weights serve every tile of the rows while they are in L2.
 template <int R, int V>
 void Rows(const Problem& pb, int64_t first, int64_t last, int64_t block, EdgeBuffer& edge) {
-  const int64_t o0 = block * V * kLanes;
-  const float* w = pb.w + block * 9 * pb.in_channels * V * kLanes;  // this block's packed weights
+  const int64_t o0 = block * pb.block;
+  const float* w = pb.w + block * 9 * pb.in_channels * pb.block;  // this block's packed weights
   for (int64_t c0 = 0; c0 < pb.in_channels; c0 += kChunk) {
     const Channels cs{c0, std::min(c0 + kChunk, pb.in_channels)};
     for (int64_t by = first; by < last; ++by) {
@@ -144,7 +153,7 @@ void Rows(const Problem& pb, int64_t first, int64_t last, int64_t block, EdgeBuf
 // (the weights' reuse), block-major so that a thread's consecutive items share the block's weights.
 template <int R, int V>
 void Convolve(const Problem& pb, const Workers& workers) {
-  const int64_t blocks = pb.out_channels / (V * kLanes), rows = pb.batch * pb.height;
+  const int64_t blocks = pb.out_channels / pb.block, rows = pb.batch * pb.height;
   const int64_t group = std::min<int64_t>(rows, std::max<int64_t>(1, 96 / pb.width));
   const int64_t groups = (rows + group - 1) / group;
   ParallelFor<EdgeBuffer>(blocks * groups, workers, [&](int64_t item, EdgeBuffer& edge) {
@@ -153,10 +162,13 @@ void Convolve(const Problem& pb, const Workers& workers) {
   });
 }
 
-// Tiles of R pixels fill 24 accumulators: 6 pixels × 4 vectors, or 12 × 2 (12 × 1 for 16 channels).
-template <int V>
+// Tiles of V vectors (up to kTileVectors, the block's K channels) × R pixels fill the
+// accumulators: with AVX-512 6 pixels × 4 vectors of 16 channels, or 12 × 2 (12 × 1 for K = 16);
+// with AVX2 6 × 2 vectors of 8, as many times as K needs.
+template <int K>
 void ConvolveChannels(const Problem& pb, const Workers& workers) {
-  Convolve<V == 4 ? 6 : 12, V>(pb, workers);
+  constexpr int V = std::min(K / kLanes, kTileVectors);
+  Convolve<std::min(kAccumulators / V, 12), V>(pb, workers);
 }
 
 static ffi::Error Conv3x3(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
@@ -164,21 +176,21 @@ static ffi::Error Conv3x3(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi:
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 4 || wd.size() != 5 || od.size() != 4 || wd[1] != 3 || wd[2] != 3 || wd[3] != xd[3] ||
       od[0] != xd[0] || od[1] != xd[1] || od[2] != xd[2] || od[3] != wd[0] * wd[4] ||
-      (wd[4] != kLanes && wd[4] != 2 * kLanes && wd[4] != 4 * kLanes))
+      (wd[4] != 16 && wd[4] != 32 && wd[4] != 64))
     return ffi::Error::InvalidArgument(
         "conv3x3: x [B, H, W, C], w [O / K, 3, 3, C, K] with K in 16, 32, 64, out [B, H, W, O]");
   const Problem pb{x.typed_data(), w.typed_data(), bias.typed_data(), out->typed_data(),
-                   od[0], od[1], od[2], xd[3], od[3]};
+                   od[0], od[1], od[2], xd[3], od[3], wd[4]};
   const Workers workers(&pool, threads);
-  if (wd[4] == 4 * kLanes) ConvolveChannels<4>(pb, workers);
-  else if (wd[4] == 2 * kLanes) ConvolveChannels<2>(pb, workers);
-  else ConvolveChannels<1>(pb, workers);
+  if (wd[4] == 64) ConvolveChannels<64>(pb, workers);
+  else if (wd[4] == 32) ConvolveChannels<32>(pb, workers);
+  else ConvolveChannels<16>(pb, workers);
   return ffi::Error::Success();
 }
 
 // ---- Weight gradient: dw[i, j, c, o] = Σ_{b, y, x} x[b, y+i-1, x+j-1, c] · g[b, y, x, o] ----
 // (g the gradient of the output; taps that fall outside the image contribute nothing.)
-// A tile keeps N input channels × V vectors of 16 output channels in registers and sums over the
+// A tile keeps N input channels × V vectors of output channels in registers and sums over the
 // pixels of a block of rows: per pixel V loads of g and N broadcasts of x. The block (rows of
 // ~64 Ki input floats) stays in L2 while all taps and channel tiles pass over it.
 
@@ -188,7 +200,7 @@ struct GradProblem {
   int64_t batch, height, width, in_channels, out_channels;
 };
 
-// Adds to dw (one output-channel block's V·16 columns of tap (i, j), channels [c0, c0 + N)) the sum
+// Adds to dw (one output-channel block's V·kLanes columns of tap (i, j), channels [c0, c0 + N)) the sum
 // over rows [first, last) (counted as b·H + y) of one tap's products.
 template <int N, int V>
 inline void GradTile(const GradProblem& pb, int64_t first, int64_t last, int i, int j, int64_t c0, int64_t o0,
@@ -253,15 +265,19 @@ static ffi::Error Conv3x3WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F3
                                     int64_t threads, ffi::ThreadPool pool) {
   const auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] || gd[1] != xd[1] || gd[2] != xd[2] ||
-      wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3] || wd[3] != gd[3] || xd[3] % 8 != 0 || gd[3] % kLanes != 0)
+      wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3] || wd[3] != gd[3] || xd[3] % 8 != 0 || gd[3] % 16 != 0)
     return ffi::Error::InvalidArgument(
         "conv3x3 weight gradient: x [B, H, W, C], g [B, H, W, O], dw [3, 3, C, O], C a multiple of 8, O of 16");
   const GradProblem pb{x.typed_data(), g.typed_data(), xd[0], xd[1], xd[2], xd[3], gd[3]};
   const Workers workers(&pool, threads);
   float* out = dw->typed_data();
-  if (pb.out_channels % (4 * kLanes) == 0) WeightGrad<4, 4>(pb, out, workers);  // 16 accumulators each
-  else if (pb.out_channels % (2 * kLanes) == 0) WeightGrad<8, 2>(pb, out, workers);
-  else WeightGrad<8, 1>(pb, out, workers);
+  if constexpr (kLanes == 16) {  // 16 accumulators each
+    if (pb.out_channels % 64 == 0) WeightGrad<4, 4>(pb, out, workers);
+    else if (pb.out_channels % 32 == 0) WeightGrad<8, 2>(pb, out, workers);
+    else WeightGrad<8, 1>(pb, out, workers);
+  } else {  // 8 accumulators of the 16 registers
+    WeightGrad<4, 16 / kLanes>(pb, out, workers);
+  }
   return ffi::Error::Success();
 }
 
