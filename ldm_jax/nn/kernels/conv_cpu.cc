@@ -4,8 +4,9 @@
 //
 // Called from JAX through the XLA FFI (ldm_jax/nn/conv.py; built by ldm_jax/nn/cpu_kernels.py with
 // the system C++ compiler for the machine it runs on). A direct convolution: each tile keeps R
-// output pixels of one row × V vectors of output channels in up to 24 of the 32 AVX-512 registers
-// (12 of AVX2's 16); per input channel it loads V weight vectors and broadcasts R input values. No im2col buffer: the tile's three
+// output pixels of one row × V vectors of output channels in up to 24 of the 32 AVX-512
+// registers (12 of AVX2's 16); per input channel it loads V weight vectors and broadcasts R
+// input values. No im2col buffer: the tile's three
 // input rows stay in L1, one output-channel block's weights in L2. Tiles on the image's border read
 // their input through a small zero-padded copy instead of padding the whole input.
 // The second kernel (below) is the weight gradient of the same convolution, for the backward pass.
