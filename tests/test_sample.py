@@ -113,6 +113,8 @@ def test_class_labels_seeds_and_one_compilation_for_all_batches(class_run, tmp_p
   assert np.abs(first["images"][0].astype(int) - first["images"][6].astype(int)).mean() > 5
 
 
+# Extended: tests/diffusion covers the spacings themselves against diffusers' schedulers.
+@pytest.mark.extended
 @pytest.mark.slow
 def test_timestep_spacing_flags_select_diffusers_timesteps(class_run, tmp_path):
   """--timestep_spacing leading --steps_offset 1 is DDIM's default 'uniform' (the same images);
@@ -132,6 +134,8 @@ def test_timestep_spacing_flags_select_diffusers_timesteps(class_run, tmp_path):
   assert not os.path.exists(tmp_path / "bad")
 
 
+# Extended: the default suite runs two processes in tests/data (the same distributed setup).
+@pytest.mark.extended
 @pytest.mark.slow
 def test_two_processes_sample_the_same_images_as_one(class_run, tmp_path, jax_cache):
   """sample.py on 2 processes × 2 CPU devices (gloo): one mesh over both, process 0 writes."""
@@ -269,6 +273,8 @@ def no_loading(monkeypatch):
   monkeypatch.setattr(load, "load_diffusion_run", fail)
 
 
+# Extended: tests/nn/test_attention.py compares the implementations themselves.
+@pytest.mark.extended
 @pytest.mark.slow
 def test_attention_flag_forces_an_implementation_with_the_same_images(text_run, tmp_path):
   images = {}

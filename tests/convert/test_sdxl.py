@@ -233,6 +233,9 @@ def sdxl_refiner(sdxl_pipeline, tmp_path_factory):
   return folder, pipe
 
 
+# Extended: the default suite compares the base (text to image, above) and the refiner (img2img, below)
+# to diffusers' pipelines each.
+@pytest.mark.extended
 def test_base_and_refiner_match_the_diffusers_ensemble_of_experts(sdxl_pipeline, sdxl_refiner, tmp_path):
   """sample.py's compiled function with --refiner --denoising_end 0.6 against
   StableDiffusionXLPipeline(denoising_end=0.6, output_type='latent') then

@@ -266,6 +266,8 @@ def stage2():
   return stages["single"], stages["fsdp"], batch
 
 
+# Extended: the default suite compares stage 1's FSDP step (the same sharding rules).
+@pytest.mark.extended
 def test_stage2_fsdp_step_equals_single_device_step(stage2):
   single, fsdp, batch = stage2
   initial = jax.device_get(single.init(jax.random.PRNGKey(0), jnp.float32(0.5)))

@@ -23,11 +23,14 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-# The default suite trains without LPIPS (VGG16's forward and backward are most of the compile
-# time; tests/losses covers the LPIPS term and its gradient); the extended one with it, as configured.
+# Extended, with LPIPS as configured (VGG16's forward and backward are most of the compile time):
+# the default suite trains stage 1 once (tests/conftest.py's smoke_autoencoder, which stage 2's
+# tests read), resumes a trained run in tests/cli/test_files.py, restores its checkpoints onto
+# other meshes (tests/runtime/test_sharding.py) and covers the LPIPS term and its gradient
+# (tests/losses).
+@pytest.mark.extended
 @pytest.mark.slow
-@pytest.mark.parametrize("lpips", [False, pytest.param(True, marks=pytest.mark.extended)],
-                         ids=["without_lpips", "with_lpips"])
+@pytest.mark.parametrize("lpips", [True], ids=["with_lpips"])
 def test_kl_smoke_run_learns_checkpoints_and_resumes(tmp_path, lpips):
   workdir = str(tmp_path / "kl")
   config = smoke_config("kl_f8.py")  # the GAN on from step 7; LPIPS in the loss and evaluation if `lpips`

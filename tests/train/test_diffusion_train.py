@@ -106,7 +106,9 @@ def test_the_step_draws_its_timesteps_from_diffusion_timestep_sampling(monkeypat
   batch = random_batch(config, ae)
   stage = make_stage(config, mesh, ae, ae_params, batch)
   params = stage.init(jax.random.PRNGKey(0), jnp.float32(stage.ldm.scale_factor)).params
-  loss = lambda: float(step_lib.loss_fn(config, stage.ldm, params, batch, jax.random.PRNGKey(3), ae_params))
+  # Compiled anew for each configuration (read while tracing): faster than running the ops one by one.
+  loss = lambda: float(jax.jit(lambda *args: step_lib.loss_fn(config, stage.ldm, *args))(
+      params, batch, jax.random.PRNGKey(3), ae_params))
   uniform = loss()
   config.diffusion.update(timestep_sampling="logit_normal", timestep_logit_mean=20.0, timestep_logit_std=1.0)
   pinned = loss()
@@ -174,6 +176,9 @@ def test_each_host_trains_on_exactly_its_share_of_the_cached_latents(monkeypatch
   assert len(shares[0]) == len(shares[1]) == 40 and not shares[0] & shares[1]  # 80 images, split in two
 
 
+# Extended: the default suite trains the text smoke run once (tests/conftest.py's smoke_text_run,
+# which tests/test_sample.py samples).
+@pytest.mark.extended
 @pytest.mark.slow
 def test_text_smoke_run_samples_checkpoints_and_resumes(smoke_autoencoder, tmp_path, monkeypatch):
   workdir = str(tmp_path / "ldm")

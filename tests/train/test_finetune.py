@@ -24,6 +24,8 @@ def finetune_config(pretrained, **train):
   return config
 
 
+# Extended: a full fine-tuning run; the default suite imports SD folders (tests/convert) and trains the text run.
+@pytest.mark.extended
 @pytest.mark.slow
 def test_finetunes_an_imported_sd_folder_and_samples_from_the_run(sd_pipeline, tmp_path):  # noqa: F811
   from ldm_jax.load import load_pretrained

@@ -69,6 +69,8 @@ def tiny_autoencoder_config(**eval_changes):
   return config
 
 
+# Extended: the default suite logs stage 2's periodic metrics and tests rFD in tests/eval.
+@pytest.mark.extended
 @pytest.mark.slow
 def test_stage1_logs_the_configured_reconstruction_metrics_with_rfd(tmp_path):
   config = tiny_autoencoder_config(metrics=("psnr", "rfd"), extractor="vgg16:32")
