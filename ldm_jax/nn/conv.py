@@ -3,8 +3,8 @@
 Nearly all of the autoencoder's and most of the U-Net's time on a CPU is in 3×3 convolutions.
 XLA's CPU convolution (Eigen) runs at ~140 GFLOP/s on a 2-core AVX-512 machine; the direct
 convolution of `kernels/conv_cpu.cc` at ~170–190 (`benchmarks/conv.py`, batch 8, 64–256
-channels); on a 2-core AVX2 machine (Zen 3) the kernel is 1.1–1.4× XLA's from 64×64 on. `Conv3x3` is the layer
-(parameters `kernel` [3, 3, C, O] and `bias` [O], initialised as `flax.linen.Conv`'s, so
+channels); on a 2-core AVX2 machine (Zen 3) the kernel is 1.1–1.4× XLA's from 64×64 on.
+`Conv3x3` is the layer (parameters `kernel` [3, 3, C, O] and `bias` [O], initialised as `flax.linen.Conv`'s, so
 checkpoints and converters are unchanged); `conv3x3` the function, with a backward whose input
 gradient is the same kernel on the flipped, transposed weights and whose weight gradient is a second
 kernel (sums over pixels per thread, then over devices) where it is faster than XLA's.
