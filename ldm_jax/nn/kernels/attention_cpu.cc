@@ -43,32 +43,20 @@ constexpr int kLanes = 4;
 #endif
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef vf vf_unaligned __attribute__((aligned(alignof(float))));  // for vectors in std::vector buffers
 
 inline vf splat(float x) { return vf{} + x; }
 
-// Lane-wise float → int (truncating) and int → float; GCC turns the loops into one instruction.
-inline vi to_int(vf a) {
-  vi r;
-  for (int i = 0; i < kLanes; ++i) r[i] = static_cast<int32_t>(a[i]);
-  return r;
-}
-
-inline vf to_float(vi a) {
-  vf r;
-  for (int i = 0; i < kLanes; ++i) r[i] = static_cast<float>(a[i]);
-  return r;
-}
-
-// 2^x for x ≤ 0 (x below −126 gives 0): 2^n · 2^f with n = round(x), f = x − n in [−0.5, 0.5] by a
-// degree-6 polynomial (Cephes' exp2f; relative error about 2e-7, the float32 rounding of exp).
+// 2^f for f in [−0.5, 0.5] by a degree-5 minimax polynomial (relative error 7.5e-8, below float32's
+// half ulp; about 2e-7 after the float32 arithmetic). Cephes' degree 6 (error 8e-8 after the
+// arithmetic) took one multiply-add more of the forward's 22 per key: 70 against 66 ms (AVX2).
 inline vf exp2_poly(vf f) {
-  vf p = splat(1.535336188319500e-4f);
-  p = p * f + splat(1.339887440266574e-3f);
-  p = p * f + splat(9.618437357674640e-3f);
-  p = p * f + splat(5.550332471162809e-2f);
-  p = p * f + splat(2.402264791363012e-1f);
-  p = p * f + splat(6.931472028550421e-1f);
-  return p * f + splat(1.0f);
+  vf p = splat(1.327647245e-3f);
+  p = p * f + splat(9.675540961e-3f);
+  p = p * f + splat(5.550713092e-2f);
+  p = p * f + splat(2.402212024e-1f);
+  p = p * f + splat(6.931469440e-1f);
+  return p * f + splat(1.000000119f);
 }
 
 #ifdef __AVX512F__
@@ -81,15 +69,22 @@ inline vf exp2_nonpositive(vf x) {
   return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), n));
 }
 #else
+// x + 1.5·2^23 rounds x to the nearest integer n, which the sum's low mantissa bits hold: shifted
+// into the exponent field and added to p's bits, it multiplies p by 2^n without a conversion to
+// int and back. x is clamped to −125 first (2^n stays normal); 2^x below that is 2^−125 instead of
+// 0, nothing beside the sums it joins (at least 2^−40 in the forward, 1 in the backward).
 inline vf exp2_nonpositive(vf x) {
-  x = x > splat(-126.f) ? x : splat(-126.f);
-  const vi ni = to_int(x - splat(0.5f));  // truncated toward 0: round half down for x ≤ 0.5
-  const vf p = exp2_poly(x - to_float(ni));
-  const vi bits = (ni + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const vf result = p * scale;
-  return x > splat(-126.f) ? result : splat(0.f);
+  x = x > splat(-125.f) ? x : splat(-125.f);
+  const vf magic = splat(0x1.8p23f);
+  const vf shifted = x + magic;
+  const vf p = exp2_poly(x - (shifted - magic));
+  vi n_bits, p_bits;
+  std::memcpy(&n_bits, &shifted, sizeof(n_bits));
+  std::memcpy(&p_bits, &p, sizeof(p_bits));
+  p_bits += n_bits << 23;
+  vf result;
+  std::memcpy(&result, &p_bits, sizeof(result));
+  return result;
 }
 #endif
 
@@ -226,12 +221,15 @@ void Forward(const Problem& pb, const Workers& workers) {
 //
 // With P = exp(scale·q kᵀ − lse) recomputed exactly (lse known, no shift to find), dP = dO vᵀ,
 // Δ_i = dO_i · O_i and dS = P ∘ (dP − Δ):  dq = scale·dS k,  dk = scale·dSᵀ q,  dv = Pᵀ dO.
-// One sweep, each query·key pair's P and dS computed once: 16 keys in the lanes with their dk and
-// dv in registers, looping over the queries; every 16 queries' dS vectors (a 16 × 16 tile) are
-// transposed in registers to queries in the lanes and multiplied into those queries' dq, which
-// accumulates in a buffer over the key blocks. (Two sweeps, one with the queries in the lanes for
-// dq and one with the keys for dk and dv, computed P and dP twice; forward + backward of 16 × 8
-// heads × 1024 tokens took 156 ms with them, 127–132 ms with this one.)
+// One sweep, each query·key pair's P and dS computed once: a block of keys in the lanes (16, or 8
+// with AVX2), looping over the queries, 64 at a time: their P and dS vectors, then the keys' dv
+// and dk sums over them, then every 16 (8) queries' dS vectors (a square tile) transposed in
+// registers to queries in the lanes and multiplied into those queries' dq, which accumulates in a
+// buffer over the key blocks. (Two sweeps, one with the queries in the lanes for dq and one with
+// the keys for dk and dv, computed P and dP twice: forward + backward of 16 × 8 heads × 1024 tokens
+// took 156 ms with them against 127–132 ms with one on AVX-512. On AVX2 the one sweep updating dk
+// and dv per query, with k, v, dk and dv of heads of 8 in 32 of the 16 registers, spilled them:
+// 267–287 ms against 218–246 ms with the 64-query passes.)
 
 struct Backward {
   const float *q, *k, *v, *out, *lse, *d_out;
@@ -301,12 +299,30 @@ inline void TransposeTile(vf rows[kLanes]) {
   if constexpr (S > 1) TransposeTile<S / 2>(rows);
 }
 
-// dk and dv of one chunk of one pair's keys, and the chunk's part of every query's dq.
+// sums[d] += Σ_i weights[i] · rows[i·D + d] for n rows: each lane's weighted sum of a column, eight
+// channels per pass over the rows so that their sums, the weight and a broadcast fit in registers.
+template <int D>
+inline void AccumulateRows(const vf* weights, const float* rows, int64_t n, vf* sums) {
+  constexpr int kGroup = D < 8 ? D : 8;
+  for (int d0 = 0; d0 < D; d0 += kGroup) {
+    vf acc[kGroup];
+    for (int g = 0; g < kGroup; ++g) acc[g] = sums[d0 + g];
+    for (int64_t i = 0; i < n; ++i)
+      for (int g = 0; g < kGroup; ++g) acc[g] += weights[i] * rows[i * D + d0 + g];
+    for (int g = 0; g < kGroup; ++g) sums[d0 + g] = acc[g];
+  }
+}
+
+constexpr int kBackwardQueries = 64;  // queries whose P and dS are held at a time (a multiple of kLanes)
+
+// dk and dv of one chunk of one pair's keys, and the chunk's part of every query's dq. The keys'
+// k, v, dk and dv (4·D vectors) do not all fit in registers, so each block of queries is taken in
+// three passes: P and dS (k and v read from memory), then dv and dk (AccumulateRows), then dq.
 template <int D>
 void KeyChunk(const Backward& pb, int64_t pair, int64_t chunk, BackwardBuffers& buf) {
   const int64_t b = pair / pb.heads, h = pair % pb.heads;
   const int64_t row = pb.heads * D;
-  const int64_t q_tiles = (pb.q_len + kLanes - 1) / kLanes;
+  const int64_t q_pad = (pb.q_len + kLanes - 1) / kLanes * kLanes;
   const float* q = buf.q.data();
   const float* d_out = buf.d_out.data();
   float* dq = buf.dq.data();
@@ -324,25 +340,25 @@ void KeyChunk(const Backward& pb, int64_t pair, int64_t chunk, BackwardBuffers& 
         vt[d][c] = pb.v[at];
       }
     // Lanes beyond `keys` (zero k and v) get some dS too; it is never read.
-    for (int64_t t = 0; t < q_tiles; ++t) {
-      vf tile[kLanes];
-      for (int r = 0; r < kLanes; ++r) {
-        const int64_t i = t * kLanes + r;
+    for (int64_t i0 = 0; i0 < q_pad; i0 += kBackwardQueries) {
+      const int64_t n = std::min<int64_t>(kBackwardQueries, q_pad - i0);
+      vf p[kBackwardQueries], ds[kBackwardQueries];
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t i = i0 + r;
         vf s = splat(-buf.lse2[i]), dp = splat(-buf.delta[i]);
         for (int d = 0; d < D; ++d) s += kt[d] * q[i * D + d];
         for (int d = 0; d < D; ++d) dp += vt[d] * d_out[i * D + d];
-        const vf p = exp2_nonpositive(s);
-        const vf ds = p * dp;
-        for (int d = 0; d < D; ++d) dv[d] += p * d_out[i * D + d];
-        for (int d = 0; d < D; ++d) dk[d] += ds * q[i * D + d];
-        tile[r] = ds;
+        p[r] = exp2_nonpositive(s);
+        ds[r] = p[r] * dp;
       }
-      TransposeTile(tile);  // tile[c]: key c's dS for the tile's queries
-      vf acc[D];
-      std::memcpy(acc, dq + t * D * kLanes, sizeof(acc));
-      for (int c = 0; c < keys; ++c)
-        for (int d = 0; d < D; ++d) acc[d] += tile[c] * k_rows[c][d];
-      std::memcpy(dq + t * D * kLanes, acc, sizeof(acc));
+      AccumulateRows<D>(p, d_out + i0 * D, n, dv);
+      AccumulateRows<D>(ds, q + i0 * D, n, dk);
+      for (int64_t r = 0; r < n; r += kLanes) {
+        TransposeTile(ds + r);  // ds[r + c]: key c's dS for the tile's queries
+        vf_unaligned* acc = reinterpret_cast<vf_unaligned*>(dq) + (i0 + r) / kLanes * D;
+        for (int c = 0; c < keys; ++c)
+          for (int d = 0; d < D; ++d) acc[d] += ds[r + c] * k_rows[c][d];
+      }
     }
     // dk = scale·Σ ds·q = Σ ds·q' / log2 e, as q' = q·scale·log2 e.
     for (int c = 0; c < keys; ++c)
