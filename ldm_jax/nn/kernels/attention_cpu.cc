@@ -175,10 +175,11 @@ inline void AccumulateRows(const vf* weights, const float* rows, int64_t n, vf* 
 // logits, their exponentials, then the weighted values (AccumulateRows). (In one pass per key, the
 // products with v waited on the exponential's chain of dependent operations, and with them the
 // out-of-order core: 127–132 ms against 88–89 ms for [16, 1024, 8, 8] on one AVX2 thread; the
-// backward's P and dS likewise, 218–233 against 194–215 ms.) The logits are shifted not by each query's maximum (which
-// would take a second sweep) but by an upper bound of it, |q|·max_j |k_j| (Cauchy–Schwarz):
-// exponentials of logits up to 2^40 below the shift keep full float precision, and a query whose
-// sum of exponentials comes out below 2^-40 (its bound was that loose) is redone by ExactQuery.
+// backward's P and dS likewise, 218–233 against 194–215 ms.) The logits are shifted not by each
+// query's maximum (which would take a second sweep) but by an upper bound of it, |q|·max_j |k_j|
+// (Cauchy–Schwarz): exponentials of logits up to 2^40 below the shift keep full float precision,
+// and a query whose sum of exponentials comes out below 2^-40 (its bound was that loose) is redone
+// by ExactQuery.
 template <int D>
 void QueryLanes(const Problem& pb, int64_t pair, int64_t i0, int64_t i1, const PairBuffers& buf) {
   const int64_t b = pair / pb.heads, h = pair % pb.heads;
@@ -324,12 +325,12 @@ inline void TransposeTile(vf rows[kLanes]) {
   if constexpr (S > 1) TransposeTile<S / 2>(rows);
 }
 
-constexpr int kBackwardQueries = 64;  // queries whose P and dS are held at a time (a multiple of kLanes)
+constexpr int kBackwardQueries = 64;  // queries whose P and dS are held at a time (kLanes divides it)
 
 // dk and dv of one chunk of one pair's keys, and the chunk's part of every query's dq. The keys'
 // k, v, dk and dv (4·D vectors) do not all fit in registers, so each block of queries is taken in
-// four passes: the logits and dP (k and v read from memory), P and dS, then dv and dk (AccumulateRows),
-// then dq.
+// four passes: the logits and dP (k and v read from memory), P and dS, then dv and dk
+// (AccumulateRows), then dq.
 template <int D>
 void KeyChunk(const Backward& pb, int64_t pair, int64_t chunk, BackwardBuffers& buf) {
   const int64_t b = pair / pb.heads, h = pair % pb.heads;
