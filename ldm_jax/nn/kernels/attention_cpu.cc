@@ -1,14 +1,14 @@
 // Fused attention for CPUs and small heads (2 to 16 channels), forward and backward:
-// softmax(q kᵀ·scale) v for float32 q, k, v of [B, L, H, D] in one sweep over the keys that never
-// writes a logit to memory.
+// softmax(q kᵀ·scale) v for float32 q, k, v of [B, L, H, D] in one sweep over the keys that holds
+// at most 64 logits per query (in L1), never the [Lq, Lk] matrix.
 //
 // Called from JAX through the XLA FFI (ldm_jax/nn/fused_attention.py builds this file with the
 // system C++ compiler for the machine it runs on). With head_dim 8 the products q·k and p·v are
 // too thin for matmuls: XLA's blocked attention spends its time in them and in the exponentials'
 // memory traffic. Here 16 queries (8 with AVX2) sit in the lanes of one vector register
-// (QueryLanes; kLanes below); logits are
-// in log2 units (q is pre-scaled by scale·log2(e)), so the exponential is a 2^x polynomial. Work
-// items (example·head pair, 64 queries) are shared by a few threads.
+// (QueryLanes; kLanes below); logits are in log2 units (q is pre-scaled by scale·log2(e)), so the
+// exponential is a 2^x polynomial. Work items (example·head pair, 64 queries) are shared by a few
+// threads.
 //
 // Outputs: the attention output [B, Lq, H, D] and each query's log-sum-exp of the scaled logits
 // (natural log) [B, H, Lq], from which the backward pass (below, also fused) recomputes the
@@ -155,6 +155,18 @@ void ExactQuery(const Problem& pb, int64_t pair, int64_t i, const PairBuffers& b
   pb.lse[(b * pb.heads + h) * pb.q_len + i] = static_cast<float>(m + std::log(sum));
 }
 
+// init + Σ_d vecs[d] · row[d] in two chains of products (half the latency of one): each lane's dot
+// product with the broadcast row.
+template <int D>
+inline vf DotRow(const vf* vecs, const float* row, vf init) {
+  vf even = init, odd{};
+  for (int d = 0; d < D; d += 2) {
+    even += vecs[d] * row[d];
+    if (d + 1 < D) odd += vecs[d + 1] * row[d + 1];
+  }
+  return even + odd;
+}
+
 // sums[d] += Σ_i weights[i] · rows[i·D + d] for n rows: each lane's weighted sum of a column, eight
 // channels per pass over the rows so that their sums, the weight and a broadcast fit in registers.
 template <int D>
@@ -203,15 +215,8 @@ void QueryLanes(const Problem& pb, int64_t pair, int64_t i0, int64_t i1, const P
     for (int64_t j0 = 0; j0 < pb.k_len; j0 += kForwardKeys) {
       const int64_t n = std::min<int64_t>(kForwardKeys, pb.k_len - j0);
       vf p[kForwardKeys];
-      for (int64_t j = j0; j < j0 + n; ++j) {
-        // the logits (log2 units) minus the shift, in two chains of products (half the latency)
-        vf s = -m, s2{};
-        for (int d = 0; d < D; d += 2) {
-          s += qt[d] * k[j * D + d];
-          if (d + 1 < D) s2 += qt[d + 1] * k[j * D + d + 1];
-        }
-        p[j - j0] = s + s2;
-      }
+      // the logits (log2 units) minus the shift, then their exponentials, then the products with v
+      for (int64_t j = j0; j < j0 + n; ++j) p[j - j0] = DotRow<D>(qt, k + j * D, -m);
       for (int64_t t = 0; t < n; ++t) {
         p[t] = exp2_nonpositive(p[t]);
         l += p[t];
@@ -358,18 +363,8 @@ void KeyChunk(const Backward& pb, int64_t pair, int64_t chunk, BackwardBuffers& 
       vf p[kBackwardQueries], ds[kBackwardQueries];
       for (int64_t r = 0; r < n; ++r) {
         const int64_t i = i0 + r;
-        // s and dp in two chains of products each (half the latency)
-        vf s = splat(-buf.lse2[i]), dp = splat(-buf.delta[i]), s2{}, dp2{};
-        for (int d = 0; d < D; d += 2) {
-          s += kt[d] * q[i * D + d];
-          dp += vt[d] * d_out[i * D + d];
-          if (d + 1 < D) {
-            s2 += kt[d + 1] * q[i * D + d + 1];
-            dp2 += vt[d + 1] * d_out[i * D + d + 1];
-          }
-        }
-        p[r] = s + s2;
-        ds[r] = dp + dp2;
+        p[r] = DotRow<D>(kt, q + i * D, splat(-buf.lse2[i]));       // logits (log2) − lse
+        ds[r] = DotRow<D>(vt, d_out + i * D, splat(-buf.delta[i]));  // dP − Δ
       }
       for (int64_t r = 0; r < n; ++r) {
         p[r] = exp2_nonpositive(p[r]);
