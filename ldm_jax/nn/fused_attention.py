@@ -3,10 +3,10 @@
 With 2–16 channels per head (the first levels of a small U-Net: 64 or 128 channels in 8 heads) the
 products q·kᵀ and p·v are too thin for matmuls, and `blocked` spends its time in them and in
 the exponentials' memory traffic. `kernels/attention_cpu.cc` computes softmax(q kᵀ/√D) v with
-16 queries (8 with AVX2) in the lanes of a vector register, in one sweep over the keys that writes
-no logit to memory, and returns each query's log-sum-exp; its backward kernel recomputes the
-probabilities from it in one sweep with the keys in the lanes (dk and dv in registers, each square
-tile of dS transposed into the queries' dq). From 32 channels per head on `blocked` is faster, and
+16 queries (8 with AVX2) in the lanes of a vector register, in one sweep over the keys that holds
+at most 64 logits per query (never the [Lq, Lk] matrix), and returns each query's log-sum-exp; its
+backward kernel recomputes the probabilities from it in one sweep with the keys in the lanes (the
+queries 64 at a time, each square tile of dS transposed into the queries' dq). From 32 channels per head on `blocked` is faster, and
 `dot_product_attention` uses it.
 
 The kernels are built on first use (`cpu_kernels`). Without a C++ compiler `available()` is False
