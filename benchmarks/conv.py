@@ -3,12 +3,15 @@
   .venv/bin/python benchmarks/conv.py                      # the f = 8 VAE decoder's and the U-Net's shapes
   .venv/bin/python benchmarks/conv.py --shapes 64x256,256x64 --batch 8 --grad
   .venv/bin/python benchmarks/conv.py --shapes 32x192x64,16x320 --weight_grad
+  .venv/bin/python benchmarks/conv.py --shapes 32x256,64x256,128x128,4x256,8x256,16x128 --upsample --grad
 
 For each `SIZExCHANNELS` (square images, channels in = out) or `SIZExINxOUT` it prints the forward
 time (with --grad: forward + backward of a sum of the output times a fixed array, input and weight
 gradients; with --weight_grad: the weight gradient alone, XLA's against the kernel's whatever
 `conv3x3`'s backward would choose) of each implementation, min / median over --repeats after a
-warm-up, and the kernel's speed-up.
+warm-up, and the kernel's speed-up. With --upsample, SIZE is the input of an `Upsample` layer (×2
+nearest-neighbour, then the 3×3 conv): repeating the pixels and convolving at 2·SIZE (with the
+kernel where 'auto' takes it there) against `upsample_conv3x3`'s 2×2 convolution at SIZE.
 """
 
 import os
@@ -28,7 +31,16 @@ _SHAPES = flags.DEFINE_list("shapes", ["256x64", "128x128", "64x256", "32x256", 
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per call.")
 _GRAD = flags.DEFINE_bool("grad", False, "Time forward + backward instead of the forward.")
 _WEIGHT_GRAD = flags.DEFINE_bool("weight_grad", False, "Time the weight gradient alone.")
+_UPSAMPLE = flags.DEFINE_bool("upsample", False, "Time the Upsample layer's two ways instead.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions.")
+
+
+def _repeat_then_convolve(x, kernel, bias):
+  up = conv.nearest_upsample(x)
+  if conv.use_kernel("auto", in_channels=x.shape[-1], out_channels=kernel.shape[-1], dtype=x.dtype,
+                     pixels=up.shape[1] * up.shape[2]):
+    return conv.conv3x3(up, kernel, bias)
+  return conv._xla_conv(up, kernel) + bias  # pylint: disable=protected-access
 
 
 def _timed(fn, *args):
@@ -45,9 +57,13 @@ def main(argv):
   del argv
   if conv.cpu_kernels.unavailable_reason():
     raise SystemExit(f"the CPU kernel is unavailable: {conv.cpu_kernels.unavailable_reason()}")
+  if _UPSAMPLE.value and _WEIGHT_GRAD.value:
+    raise SystemExit("--upsample times the layer's forward (or with --grad forward + backward), not --weight_grad")
   part = "weight gradient" if _WEIGHT_GRAD.value else "forward+backward" if _GRAD.value else "forward"
+  part += ", Upsample layers" if _UPSAMPLE.value else ""
   print(f"batch {_BATCH.value}, {part}, float32, {os.cpu_count()} cores")
-  print(f"{'shape':>12s}{'xla ms (min/med)':>20s}{'kernel ms (min/med)':>22s}{'speed-up':>10s}{'max |diff|':>12s}")
+  old, new = ("repeat", "phases") if _UPSAMPLE.value else ("xla", "kernel")
+  print(f"{'shape':>12s}{old + ' ms (min/med)':>20s}{new + ' ms (min/med)':>22s}{'speed-up':>10s}{'max |diff|':>12s}")
   rng = np.random.default_rng(0)
   for shape in _SHAPES.value:
     size, c_in, *rest = (int(n) for n in shape.split("x"))
@@ -55,9 +71,12 @@ def main(argv):
     x = jnp.asarray(rng.standard_normal((_BATCH.value, size, size, c_in)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in), jnp.float32)
     bias = jnp.zeros((c_out,), jnp.float32)
-    upstream = jnp.asarray(rng.standard_normal(x.shape[:-1] + (c_out,)), jnp.float32)
+    scale = 2 if _UPSAMPLE.value else 1
+    upstream = jnp.asarray(rng.standard_normal((_BATCH.value, scale * size, scale * size, c_out)), jnp.float32)
     xla = lambda x, k, b: conv._xla_conv(x, k) + b  # pylint: disable=protected-access
     fns = {"xla": xla, "kernel": conv.conv3x3}
+    if _UPSAMPLE.value:
+      fns = {"xla": _repeat_then_convolve, "kernel": conv.upsample_conv3x3}
     if _WEIGHT_GRAD.value:
       fns = {"xla": lambda x, k, b: jax.vjp(lambda k: conv._xla_conv(x, k), k)[1](upstream)[0],  # pylint: disable=protected-access
              "kernel": lambda x, k, b: conv._weight_grad_sharded(x, upstream)}  # pylint: disable=protected-access

@@ -193,12 +193,12 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-  """Doubles H and W by nearest-neighbour repetition, then a 3×3 conv named `conv`."""
+  """Doubles H and W by nearest-neighbour repetition, then a 3×3 conv named `conv` (on CPU as one
+  2×2 convolution at the input's size with four outputs per pixel: `conv.upsample_conv3x3`)."""
   out_channels: int | None = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] → [B, 2H, 2W, out_channels]."""
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return Conv3x3(self.out_channels or x.shape[-1], dtype=self.dtype, name="conv")(x)
+    return Conv3x3(self.out_channels or x.shape[-1], dtype=self.dtype, upsample=True, name="conv")(x)

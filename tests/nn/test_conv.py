@@ -122,3 +122,56 @@ def test_kernel_on_a_mesh_runs_per_device_without_gathering():
   xla = lambda x, k, b: conv_lib._xla_conv(x, k) + b  # pylint: disable=protected-access
   for got, want in zip(grad(xs, kernel, bias), jax.grad(loss(xla), argnums=(0, 1, 2))(x, kernel, bias)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def _upsample_reference(x, kernel, bias):
+  """Float64: repeat each pixel into a 2×2 block, then the 3×3 'SAME' convolution."""
+  with jax.enable_x64():
+    f64 = lambda a: jnp.asarray(a, jnp.float64)
+    up = jnp.repeat(jnp.repeat(f64(x), 2, axis=1), 2, axis=2)
+    return jax.lax.conv_general_dilated(up, f64(kernel), (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + f64(bias)
+
+
+@pytest.mark.parametrize("shape, out", [((2, 3, 5, 8), 12), ((1, 1, 4, 3), 5), ((2, 8, 8, 32), 16)])
+def test_upsample_conv3x3_matches_float64_repeat_then_convolve_and_its_gradients(shape, out):
+  """The 2×2 phase convolution equals repeat-then-3×3-convolve (values and the written-out gradients
+  of x, kernel and bias) on non-square images, a one-row image (every phase on the border) and
+  channel counts that are not multiples of anything."""
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal(shape).astype(np.float32)
+  kernel = (rng.standard_normal((3, 3, shape[-1], out)) / np.sqrt(9 * shape[-1])).astype(np.float32)
+  bias = rng.standard_normal(out).astype(np.float32)
+  upstream = rng.standard_normal((shape[0], 2 * shape[1], 2 * shape[2], out)).astype(np.float32)
+  got = jax.jit(conv_lib.upsample_conv3x3)(x, kernel, bias)
+  assert got.shape == upstream.shape
+  np.testing.assert_allclose(np.asarray(got), np.asarray(_upsample_reference(x, kernel, bias)), atol=2e-5)
+  grads = jax.jit(jax.grad(lambda x, k, b: jnp.sum(conv_lib.upsample_conv3x3(x, k, b) * upstream),
+                           argnums=(0, 1, 2)))(x, kernel, bias)
+  with jax.enable_x64():
+    want = jax.grad(lambda x, k, b: jnp.sum(_upsample_reference(x, k, b) * upstream),
+                    argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float64) for a in (x, kernel, bias)))
+  for g, w in zip(grads, want):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_upsample_layer_takes_the_phase_convolution_from_8x8_and_keeps_its_parameters():
+  """`Upsample`'s parameters are still `conv/kernel`, `conv/bias` [3, 3, C, O]; from 8×8 inputs on
+  CPU it runs `upsample_conv3x3` (no [B, 2H, 2W, C] repetition in the program), below that and with
+  implementation 'xla' it repeats the pixels; all three agree with the float64 reference."""
+  from ldm_jax.nn import Upsample
+  rng = np.random.default_rng(3)
+  for size, phases in ((8, True), (4, False)):
+    x = jnp.asarray(rng.standard_normal((2, size, size, 16)), jnp.float32)
+    params = Upsample(32).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == {"params": {"conv": {"kernel": (3, 3, 16, 32), "bias": (32,)}}}
+    params = jax.tree.map(lambda a: a + 0.1, params)
+    assert conv_lib.upsample_as_phases("auto", x.shape) == phases
+    hlo = jax.jit(Upsample(32).apply).lower(params, x).as_text()
+    assert (f"2x{2 * size}x{2 * size}x16" not in hlo) == phases  # the repeated input is never built
+    want = np.asarray(_upsample_reference(x, params["params"]["conv"]["kernel"], params["params"]["conv"]["bias"]))
+    np.testing.assert_allclose(np.asarray(Upsample(32).apply(params, x)), want, atol=2e-5)
+  xla = conv_lib.Conv3x3(32, implementation="xla", upsample=True)
+  assert not conv_lib.upsample_as_phases("xla", x.shape)
+  np.testing.assert_allclose(np.asarray(xla.apply({"params": params["params"]["conv"]}, x)), want, atol=2e-5)
