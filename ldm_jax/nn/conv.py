@@ -188,9 +188,10 @@ conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 # tap of the 3×3 kernel]`, phase 0 for odd output pixels, 1 for even ones.
 _PHASE_TAPS = np.array([[[1, 1, 0], [0, 0, 1]], [[1, 0, 0], [0, 1, 1]]], np.float32)
 
-# Where 'auto' upsamples that way: from 8×8 inputs on; on 4×4 the direct way is faster (batch 8, 256
-# channels: 7.7 against 10.9 ms), from 8×8 the 2×2 one is 1.4–2.2× faster forward and 1.6–1.9×
-# forward + backward (`benchmarks/conv.py --upsample`). CPU only: not measured on GPU or TPU.
+# Where 'auto' upsamples that way: from 8×8 inputs on; on 4×4 repeating is faster (batch 8, 256
+# channels: 5.8–7.7 against 7.0–10.9 ms). From 8×8 the 2×2 form is 1.4–2.2× faster forward and
+# 1.6–2.1× forward + backward, except 0.96–1.02× for 128×128×128 (`benchmarks/conv.py --upsample`, 8×8
+# to 128×128 inputs, 128–256 channels). CPU only: not measured on GPU or TPU.
 UPSAMPLE_MIN_PIXELS = 64
 
 
@@ -225,8 +226,9 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Ar
   x [B, H, W, C], kernel [3, 3, C, O] → [B, 2H, 2W, O], as one 2×2 convolution at H×W (above).
 
   The backward is written out too: the input gradient is the transposed 2×2 convolution (again a
-  VALID 2×2 convolution, of the gradient's phases), the weight gradient four matmuls; autodiff's
-  versions of both run up to 2.5× slower than the direct way on XLA's CPU backend.
+  VALID 2×2 convolution, of the gradient's phases), the weight gradient four matmuls. With autodiff's
+  backward instead, forward + backward was 1.4–2.6× slower than repeating and convolving at 32×32 to
+  128×128 inputs on XLA's CPU backend.
   """
   phases = jax.lax.conv_general_dilated(_pad1(x), _phase_kernel(kernel).astype(x.dtype), (1, 1), "VALID",
                                         dimension_numbers=_DIMENSIONS)
