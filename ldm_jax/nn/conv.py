@@ -14,6 +14,10 @@ builds and the shape is one where it is faster: `MIN_PIXELS`, `MAX_IN_CHANNELS`;
 'fused' (the kernel; an error where it cannot run). The environment
 variable `LDM_JAX_CONV=xla` turns the kernel off for a whole process (an A/B switch).
 On a device mesh each device convolves its own examples (`custom_partitioning`).
+
+`Conv3x3(upsample=True)` (the `Upsample` layers: nearest ×2, then the convolution) runs under 'auto'
+on CPU as one 2×2 convolution at the input's size (`upsample_conv3x3`): 16 instead of 36
+multiply-adds per output pixel and input channel.
 """
 
 from __future__ import annotations
