@@ -246,21 +246,20 @@ def _upsample_conv3x3_fwd(x, kernel, bias):
 def _upsample_conv3x3_bwd(residuals, d_out):
   x, kernel = residuals
   height, width = x.shape[1:3]
-  channels, out = kernel.shape[2:]
   d_phases = _deinterleave(d_out)
+  phase_kernel, phase_kernel_vjp = jax.vjp(_phase_kernel, kernel)  # its transpose maps d K back to the 3×3 taps
   # phases[r] = Σ_u padded[r + u] · K[u], so d padded[p] = Σ_u d_phases[p − u] · K[u]ᵀ and
   # dx[i] = d padded[i + 1] = d_phases[i] · K[1]ᵀ + d_phases[i + 1] · K[0]ᵀ: a VALID 2×2 convolution
   # with the phase kernel flipped in space and its channel axes swapped.
-  flipped = jnp.transpose(_phase_kernel(kernel)[::-1, ::-1], (0, 1, 3, 2)).astype(d_out.dtype)
+  flipped = jnp.transpose(phase_kernel[::-1, ::-1], (0, 1, 3, 2)).astype(d_out.dtype)
   dx = jax.lax.conv_general_dilated(d_phases, flipped, (1, 1), "VALID", dimension_numbers=_DIMENSIONS)
   padded = _pad1(x)
   d_phase_kernel = jnp.stack([
       jnp.stack([jnp.einsum("bhwc,bhwo->co", padded[:, u:u + height + 1, v:v + width + 1], d_phases)
                  for v in (0, 1)])
-      for u in (0, 1)]).reshape(2, 2, channels, 2, 2, out)
-  d_kernel = jnp.einsum("suy,tvx,uvcsto->yxco", _PHASE_TAPS, _PHASE_TAPS, d_phase_kernel.astype(jnp.float32),
-                        precision="highest")
-  return dx, d_kernel.astype(kernel.dtype), d_out.sum((0, 1, 2)).astype(x.dtype)
+      for u in (0, 1)])
+  d_kernel, = phase_kernel_vjp(d_phase_kernel.astype(jnp.float32))
+  return dx, d_kernel, d_out.sum((0, 1, 2)).astype(x.dtype)
 
 
 upsample_conv3x3.defvjp(_upsample_conv3x3_fwd, _upsample_conv3x3_bwd)

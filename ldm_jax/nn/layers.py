@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.nn.conv import Conv3x3
+from ldm_jax.nn.conv import Conv3x3, nearest_upsample
 
 
 def _group_mean(per_channel_sum: jax.Array, num_groups: int, count: int) -> jax.Array:
@@ -167,7 +167,7 @@ class ResnetBlock(nn.Module):
 
 def _resample(x: jax.Array, mode: str) -> jax.Array:
   if mode == "up":
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nearest_upsample(x)
   if mode == "down":
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
   raise ValueError(f"ResnetBlock.resample: {mode!r} is not one of None, 'up', 'down'.")
