@@ -1,9 +1,11 @@
-"""3×3 convolutions alone: XLA's against the C++ CPU kernel (`ldm_jax.nn.conv`), per shape.
+"""Convolutions alone, per shape: XLA's 3×3 against the C++ CPU kernel (`ldm_jax.nn.conv`); XLA's 1×1
+against `Conv1x1`'s matmul.
 
   .venv/bin/python benchmarks/conv.py                      # the f = 8 VAE decoder's and the U-Net's shapes
   .venv/bin/python benchmarks/conv.py --shapes 64x256,256x64 --batch 8 --grad
   .venv/bin/python benchmarks/conv.py --shapes 32x192x64,16x320 --weight_grad
   .venv/bin/python benchmarks/conv.py --shapes 32x256,64x256,128x128,4x256,8x256,16x128 --upsample --grad
+  .venv/bin/python benchmarks/conv.py --shapes 32x64,32x128x64,32x192x64,16x128,16x384x128,8x256 --pointwise --grad
 
 For each `SIZExCHANNELS` (square images, channels in = out) or `SIZExINxOUT` it prints the forward
 time (with --grad: forward + backward of a sum of the output times a fixed array, input and weight
@@ -11,7 +13,8 @@ gradients; with --weight_grad: the weight gradient alone, XLA's against the kern
 `conv3x3`'s backward would choose) of each implementation, min / median over --repeats after a
 warm-up, and the kernel's speed-up. With --upsample, SIZE is the input of an `Upsample` layer (×2
 nearest-neighbour, then the 3×3 conv): repeating the pixels and convolving at 2·SIZE (with the
-kernel where 'auto' takes it there) against `upsample_conv3x3`'s 2×2 convolution at SIZE.
+kernel where 'auto' takes it there) against `upsample_conv3x3`'s 2×2 convolution at SIZE. With
+--pointwise, a 1×1 convolution: XLA's against `Conv1x1`'s [B·H·W, C] × [C, O] matmul.
 """
 
 import os
@@ -32,6 +35,7 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Images per call.")
 _GRAD = flags.DEFINE_bool("grad", False, "Time forward + backward instead of the forward.")
 _WEIGHT_GRAD = flags.DEFINE_bool("weight_grad", False, "Time the weight gradient alone.")
 _UPSAMPLE = flags.DEFINE_bool("upsample", False, "Time the Upsample layer's two ways instead.")
+_POINTWISE = flags.DEFINE_bool("pointwise", False, "Time 1×1 convolutions, XLA's and Conv1x1's, instead.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions.")
 
 
@@ -39,6 +43,14 @@ def _repeat_then_convolve(x, kernel, bias):
   """`Conv3x3` ('auto': the kernel or XLA's, as it picks at 2·SIZE) on the repeated pixels."""
   layer = conv.Conv3x3(kernel.shape[-1])
   return layer.apply({"params": {"kernel": kernel, "bias": bias}}, conv.nearest_upsample(x))
+
+
+def _pointwise_xla(x, kernel, bias):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+
+def _pointwise_matmul(x, kernel, bias):
+  return conv.Conv1x1(kernel.shape[-1]).apply({"params": {"kernel": kernel, "bias": bias}}, x)
 
 
 def _timed(fn, *args):
@@ -55,19 +67,22 @@ def main(argv):
   del argv
   if conv.cpu_kernels.unavailable_reason():
     raise SystemExit(f"the CPU kernel is unavailable: {conv.cpu_kernels.unavailable_reason()}")
-  if _UPSAMPLE.value and _WEIGHT_GRAD.value:
-    raise SystemExit("--upsample times the layer's forward (or with --grad forward + backward), not --weight_grad")
+  if (_UPSAMPLE.value or _POINTWISE.value) and _WEIGHT_GRAD.value:
+    raise SystemExit("--upsample and --pointwise time the forward (with --grad forward + backward), not --weight_grad")
+  if _UPSAMPLE.value and _POINTWISE.value:
+    raise SystemExit("--upsample and --pointwise are two measurements: pass one")
   part = "weight gradient" if _WEIGHT_GRAD.value else "forward+backward" if _GRAD.value else "forward"
-  part += ", Upsample layers" if _UPSAMPLE.value else ""
+  part += ", Upsample layers" if _UPSAMPLE.value else ", 1x1 convolutions" if _POINTWISE.value else ""
   print(f"batch {_BATCH.value}, {part}, float32, {os.cpu_count()} cores")
-  old, new = ("repeat", "phases") if _UPSAMPLE.value else ("xla", "kernel")
+  old, new = ("repeat", "phases") if _UPSAMPLE.value else ("xla", "matmul") if _POINTWISE.value else ("xla", "kernel")
   print(f"{'shape':>12s}{old + ' ms (min/med)':>20s}{new + ' ms (min/med)':>22s}{'speed-up':>10s}{'max |diff|':>12s}")
   rng = np.random.default_rng(0)
   for shape in _SHAPES.value:
     size, c_in, *rest = (int(n) for n in shape.split("x"))
     c_out = rest[0] if rest else c_in
     x = jnp.asarray(rng.standard_normal((_BATCH.value, size, size, c_in)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in), jnp.float32)
+    taps = 1 if _POINTWISE.value else 3
+    kernel = jnp.asarray(rng.standard_normal((taps, taps, c_in, c_out)) / np.sqrt(taps * taps * c_in), jnp.float32)
     bias = jnp.zeros((c_out,), jnp.float32)
     scale = 2 if _UPSAMPLE.value else 1
     upstream = jnp.asarray(rng.standard_normal((_BATCH.value, scale * size, scale * size, c_out)), jnp.float32)
@@ -75,6 +90,8 @@ def main(argv):
     fns = {"xla": xla, "kernel": conv.conv3x3}
     if _UPSAMPLE.value:
       fns = {"xla": _repeat_then_convolve, "kernel": conv.upsample_conv3x3}
+    if _POINTWISE.value:
+      fns = {"xla": _pointwise_xla, "kernel": _pointwise_matmul}
     if _WEIGHT_GRAD.value:
       fns = {"xla": lambda x, k, b: jax.vjp(lambda k: conv._xla_conv(x, k), k)[1](upstream)[0],  # pylint: disable=protected-access
              "kernel": lambda x, k, b: conv._weight_grad_sharded(x, upstream)}  # pylint: disable=protected-access

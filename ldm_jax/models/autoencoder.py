@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ldm_jax.nn import (AttentionConfig, Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention,
+from ldm_jax.nn import (AttentionConfig, Conv1x1, Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention,
                         Upsample, check_group_norm, check_implementation)
 
 NUM_GROUPS = 32
@@ -279,8 +279,8 @@ class AutoencoderKL(_AutoencoderFields):
 
   def setup(self):
     self.encoder, self.decoder = self._coders(double_z=True)
-    self.quant_conv = nn.Conv(2 * self.embed_dim, (1, 1), dtype=self.dtype)
-    self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), dtype=self.dtype)
+    self.quant_conv = Conv1x1(2 * self.embed_dim, dtype=self.dtype)
+    self.post_quant_conv = Conv1x1(self.z_channels, dtype=self.dtype)
 
   def encode(self, x: jax.Array, *, deterministic: bool = True) -> DiagonalGaussian:
     """x [B, H, W, in_channels] in [-1, 1] → q(z|x) over z [B, H/f, W/f, embed_dim] (float32)."""
@@ -378,9 +378,9 @@ class VQModel(_AutoencoderFields):
 
   def setup(self):
     self.encoder, self.decoder = self._coders(double_z=False)
-    self.quant_conv = nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype)
+    self.quant_conv = Conv1x1(self.embed_dim, dtype=self.dtype)
     self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy_loss)
-    self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), dtype=self.dtype)
+    self.post_quant_conv = Conv1x1(self.z_channels, dtype=self.dtype)
 
   def encode(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
     """x [B, H, W, in_channels] → pre-quantization h [B, H/f, W/f, embed_dim]."""

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ldm_jax.nn.attention import AttentionConfig, check_implementation, dot_product_attention
+from ldm_jax.nn.conv import Conv1x1
 from ldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from ldm_jax.nn.layers import Downsample, GroupNorm, ResnetBlock, Upsample, check_group_norm
 
@@ -173,7 +174,7 @@ class SpatialTransformer(nn.Module):
     if self.use_linear_projection:
       h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(b, height * width, channels))
     else:
-      h = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(h).reshape(b, height * width, inner)
+      h = Conv1x1(inner, dtype=self.dtype, name="proj_in")(h).reshape(b, height * width, inner)
     block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for k in range(self.depth):
       h = block_cls(self.num_heads, self.head_dim, self.attention, self.dtype,
@@ -182,7 +183,7 @@ class SpatialTransformer(nn.Module):
       h = nn.Dense(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
       h = h.reshape(b, height, width, channels)
     else:
-      h = nn.Conv(channels, (1, 1), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+      h = Conv1x1(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                   name="proj_out")(h.reshape(b, height, width, inner))
     return x + h
 

@@ -1,4 +1,5 @@
-"""3×3 convolutions (stride 1, one pixel of zero padding): the C++ CPU kernel where it applies.
+"""3×3 convolutions (stride 1, one pixel of zero padding): the C++ CPU kernel where it applies; 1×1
+convolutions as matmuls.
 
 Nearly all of the autoencoder's and most of the U-Net's time on a CPU is in 3×3 convolutions.
 XLA's CPU convolution (Eigen) runs at ~140 GFLOP/s on a 2-core AVX-512 machine; the direct
@@ -18,6 +19,10 @@ On a device mesh each device convolves its own examples (`custom_partitioning`).
 `Conv3x3(upsample=True)` (the `Upsample` layers: nearest ×2, then the convolution) runs under 'auto'
 on CPU as one 2×2 convolution at the input's size (`upsample_conv3x3`): 16 instead of 36
 multiply-adds per output pixel and input channel.
+
+`Conv1x1` (`proj_in`/`proj_out`, `conv_shortcut`, `quant_conv`) is `flax.linen.Conv(features, (1, 1))`
+computed as one matmul over the pixels: XLA's CPU convolution does not lower a 1×1 kernel to a matmul,
+and was 1.5–2× slower in the forward and 2.5–5× in forward + backward (`benchmarks/conv.py --pointwise`).
 """
 
 from __future__ import annotations
@@ -304,3 +309,20 @@ class Conv3x3(nn.Module):
       return conv3x3(f32(x), f32(kernel), f32(bias))
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
     return _xla_conv(x, kernel) + bias
+
+
+class Conv1x1(nn.Module):
+  """`flax.linen.Conv(features, (1, 1))` (same parameters `kernel` [1, 1, C, O] and `bias` [O], same
+  initialisation) computed as one [B·H·W, C] × [C, O] matmul, on every backend."""
+  features: int
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., C] → [..., features]."""
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
+    y = x.reshape(-1, x.shape[-1]) @ kernel[0, 0] + bias
+    return y.reshape(*x.shape[:-1], self.features)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.nn.conv import Conv3x3, nearest_upsample
+from ldm_jax.nn.conv import Conv1x1, Conv3x3, nearest_upsample
 
 
 def _group_mean(per_channel_sum: jax.Array, num_groups: int, count: int) -> jax.Array:
@@ -140,13 +140,10 @@ class ResnetBlock(nn.Module):
     """x: [B, H, W, Cin], temb: [B, T] or None → [B, H, W, out_channels]."""
     out_channels = self.out_channels or x.shape[-1]
     norm = lambda name: GroupNorm(self.num_groups, epsilon=self.epsilon, dtype=self.dtype, name=name)
-    conv = lambda features, kernel, name: (
-        Conv3x3(features, dtype=self.dtype, name=name) if kernel == 3 else
-        nn.Conv(features, (kernel, kernel), padding=kernel // 2, dtype=self.dtype, name=name))
     h = nn.silu(norm("norm1")(x))
     if self.resample is not None:
       h, x = _resample(h, self.resample), _resample(x, self.resample)
-    h = conv(out_channels, 3, "conv1")(h)
+    h = Conv3x3(out_channels, dtype=self.dtype, name="conv1")(h)
     if temb is not None:
       scale_shift = self.time_embedding_norm == "scale_shift"
       emb = nn.Dense(out_channels * (2 if scale_shift else 1), dtype=self.dtype,
@@ -159,9 +156,9 @@ class ResnetBlock(nn.Module):
     else:
       h = norm("norm2")(h)
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
-    h = conv(out_channels, 3, "conv2")(h)
+    h = Conv3x3(out_channels, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != out_channels:
-      x = conv(out_channels, 1, "conv_shortcut")(x)
+      x = Conv1x1(out_channels, dtype=self.dtype, name="conv_shortcut")(x)
     return x + h
 
 

@@ -175,3 +175,26 @@ def test_upsample_layer_takes_the_phase_convolution_from_8x8_and_keeps_its_param
   xla = conv_lib.Conv3x3(32, implementation="xla", upsample=True)
   assert not conv_lib.upsample_as_phases("xla", x.shape)
   np.testing.assert_allclose(np.asarray(xla.apply({"params": params["params"]["conv"]}, x)), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_conv1x1_is_flax_conv_with_the_same_parameters_values_and_gradients(zero_init):
+  """`Conv1x1` draws the same `kernel` [1, 1, C, O] and `bias` as `nn.Conv(O, (1, 1))` (so checkpoints,
+  converters and seeds are unchanged) and computes the same values and gradients as a matmul."""
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, 7, 24)), jnp.float32)
+  init = dict(kernel_init=nn.initializers.zeros) if zero_init else {}
+  ours, theirs = conv_lib.Conv1x1(40, **init), nn.Conv(40, (1, 1), **init)
+  params, flax_params = ours.init(jax.random.key(5), x), theirs.init(jax.random.key(5), x)
+  assert jax.tree.map(jnp.shape, params) == {"params": {"kernel": (1, 1, 24, 40), "bias": (40,)}}
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(flax_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rng = np.random.default_rng(6)
+  params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params)
+  upstream = jnp.asarray(rng.standard_normal((2, 5, 7, 40)), jnp.float32)
+  loss = lambda module: lambda p, x: jnp.sum(module.apply(p, x) * upstream)
+  want_y, got_y = theirs.apply(params, x), ours.apply(params, x)
+  assert got_y.shape == (2, 5, 7, 40)
+  np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-5, atol=1e-4)
+  want, got = jax.grad(loss(theirs), argnums=(0, 1))(params, x), jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-3)
