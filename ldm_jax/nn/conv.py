@@ -312,6 +312,11 @@ class Conv3x3(nn.Module):
     return _xla_conv(x, kernel) + bias
 
 
+def conv1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., C] ⊛ kernel [1, 1, C, O] → [..., O] (a 1×1 convolution, no bias) as one [N, C] × [C, O] matmul."""
+  return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Conv1x1(nn.Module):
   """`flax.linen.Conv(features, (1, 1))` (same parameters `kernel` [1, 1, C, O] and `bias` [O], same
   initialisation) computed as one [B·H·W, C] × [C, O] matmul, on every backend."""
@@ -325,5 +330,4 @@ class Conv1x1(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
-    y = x.reshape(-1, x.shape[-1]) @ kernel[0, 0] + bias
-    return y.reshape(*x.shape[:-1], self.features)
+    return conv1x1(x, kernel) + bias
