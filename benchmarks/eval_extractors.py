@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ldm_jax.eval import classifier as classifier_lib  # noqa: E402
 from ldm_jax.eval import features  # noqa: E402
 from ldm_jax.eval import inception as inception_lib  # noqa: E402
+from ldm_jax.runtime import host_memory  # noqa: E402
 
 _EXTRACTORS = flags.DEFINE_list("extractors", ["vgg16", "vgg16:64", "inception", "classifier"],
                                 "Extractor specs; 'classifier' alone is a random classifier.")
@@ -65,6 +66,7 @@ def timed(fn) -> float:
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()  # as `python -m ldm_jax.eval` does (ldm_jax.runtime.cli.run)
   b = _BATCH.value
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (b, _SIZE.value, _SIZE.value, _CHANNELS.value), dtype=np.uint8)

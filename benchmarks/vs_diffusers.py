@@ -218,7 +218,9 @@ def _jax_part(part, inputs):
   from ldm_jax.load import load_pretrained  # pylint: disable=g-import-not-at-top
   from ldm_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
   from ldm_jax.diffusion.schedule import q_sample  # pylint: disable=g-import-not-at-top
+  from ldm_jax.runtime import host_memory  # pylint: disable=g-import-not-at-top
 
+  host_memory.keep_freed_memory()  # as every ldm_jax entry point does (the torch side keeps glibc's default)
   dtype = jnp.dtype(_DTYPE.value)
   load = lambda name: load_pretrained(os.path.join(_FOLDER.value, name))[:2]
   modules, params = load("unet")

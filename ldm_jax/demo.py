@@ -28,6 +28,7 @@ from ldm_jax.config import common as config_lib
 from ldm_jax.config import diffusion as diffusion_config
 from ldm_jax.data import shapes
 from ldm_jax.eval import shapes_scorer
+from ldm_jax.runtime import host_memory
 from ldm_jax.runtime.logging import setup_logging
 from ldm_jax.sampling import SampleRequest, sample_to_dir
 from ldm_jax.train import autoencoder, diffusion
@@ -113,6 +114,7 @@ def real_images(prompts, image_size: int) -> np.ndarray:
 def main(argv):
   del argv
   setup_logging()
+  host_memory.keep_freed_memory()
   jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   suffix = ":smoke" if _SMOKE.value else ""
   ae_dir = os.path.join(_WORKDIR.value, "autoencoder")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-from ldm_jax.runtime import compilation_cache
+from ldm_jax.runtime import compilation_cache, host_memory
 
 EXIT_BAD_INPUT = 2
 INPUT_ERRORS = (ValueError, OSError, EOFError, app.UsageError)
@@ -85,6 +85,9 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
   compilation_cache.enable()
 
   def main_guarded(args):
-    sys.exit(guarded(lambda: main(args), _VERBOSE.value))
+    def start():
+      host_memory.keep_freed_memory()
+      main(args)
+    sys.exit(guarded(start, _VERBOSE.value))
 
   app.run(main_guarded, argv=argv, flags_parser=_parse_flags)
