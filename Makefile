@@ -23,12 +23,9 @@ $(RUNTIME_STAMP): requirements.txt pyproject.toml
 
 # --no-compile above: byte-compiling every installed module took 18 of the install's 32 s, a first
 # `make demo` imports few of them. The tests start many Python processes, so they compile them all
-# (as pip would: a file that does not compile is skipped, not an error). torch-fidelity, for
-# tests/eval/test_inception.py's parity check of the FID Inception (a torch-only module the test loads
-# on its own), is installed without its dependencies: its torchvision would pull in another torch.
+# (as pip would: a file that does not compile is skipped, not an error).
 $(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-deps torch-fidelity==0.4.0
 	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null || true
 	touch $@
 
