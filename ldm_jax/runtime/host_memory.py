@@ -31,6 +31,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest, 2 GiB
 
 
+def on_glibc() -> bool:
+  """Whether this process runs on Linux with glibc, whose malloc `keep_freed_memory` configures."""
+  return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 @functools.cache
 def _libc():
   name = ctypes.util.find_library("c")
@@ -47,7 +52,7 @@ def keep_freed_memory() -> bool:
   choice = os.environ.get(ENV, "keep").strip().lower() or "keep"
   if choice not in CHOICES:
     raise ValueError(f"{ENV}: {os.environ[ENV]!r} is not one of {', '.join(CHOICES)}.")
-  if choice == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if choice == "system" or not on_glibc():
     return False
   libc = _libc()
   if libc is None or not hasattr(libc, "mallopt"):

@@ -1,7 +1,6 @@
 """LDM_JAX_MALLOC: glibc's malloc keeps freed large blocks in the process, or is left as it is."""
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -22,8 +21,7 @@ del block
 print(before, rss_mib())
 """
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="mallopt is glibc's")
+glibc_only = pytest.mark.skipif(not host_memory.on_glibc(), reason="mallopt is glibc's")
 
 
 def _probe(choice):
