@@ -7,15 +7,25 @@ call of a jitted function pays a page fault per 4 KiB of every large buffer it w
 32 MiB output 15 ms against 2.7 ms (batch-16 U-Net shapes, AVX2 machine, QUIET, min of 11).
 `keep_freed_memory()` has malloc serve large requests from its heap and keep what is freed there
 (`mallopt(M_MMAP_MAX, 0)`, `mallopt(M_TRIM_THRESHOLD, 2 GiB)`): the same pages are reused by the
-next call. It also has every thread allocate from that one heap (`mallopt(M_ARENA_MAX, 1)`): a thread
-other than the main one otherwise gets an arena of its own, whose heaps are at most 64 MiB, and glibc
-mmaps a larger block there whatever M_MMAP_MAX says — XLA runs a jitted call on such a thread and
-allocates its temporaries as one block, so a train step with 846 MiB of them faulted 226,000 pages
-in anew every step (0.6–0.8 s of system CPU time per step of ~3 s, AVX2 machine), none with one
-arena (whose peak resident memory was also 3–8 % lower). Threads that allocated before the call keep
-their arenas, so call it before JAX computes anything. The cost is that the process's resident
-memory stays at its peak instead of shrinking after it. `ldm_jax.runtime.cli.run` (every entry
-point) and `ldm_jax.demo` call it; a notebook can.
+next call. The cost is that the process's resident memory stays at its peak instead of shrinking
+after it.
+
+It also has JAX run jitted calls on the thread that makes them (`jax_cpu_enable_async_dispatch`
+off, as JAX did before 2024), when the CPU backend is not yet up. With asynchronous dispatch XLA runs
+a call on a thread of its own, whose malloc arena has heaps of at most 64 MiB, and glibc mmaps a
+larger block there whatever M_MMAP_MAX says; XLA allocates a call's temporaries as one block, so the
+`benchmarks/vs_diffusers.py` train step (846 MiB of temporaries) faulted ~230,000 pages in anew every
+step (0.6–0.8 s of system CPU time per step of ~3 s) and the batch-16 U-Net forward 27,000; on the
+calling thread (the main one) they come from the kept heap, and no page is faulted after the first
+steps. Alternating processes, each QUIET (AVX2 machine, min / median of 5 steps): train step
+2.731 / 2.977 and 3.075 / 3.266 s → 2.563 / 2.614 and 2.646 / 2.757 s; forward at batch 16 1.396 / 1.511
+and 1.205 / 1.325 s → 1.362 / 1.462 and 1.164 / 1.245 s; compile times unchanged. JAX releases the GIL
+during a call, so other Python threads (input pipelines) keep running; what the training loops do
+between steps no longer overlaps the step. (Limiting malloc to one arena, `M_ARENA_MAX=1`, removed
+the page faults too but made XLA's multi-threaded compiles ~25 % slower.)
+
+`ldm_jax.runtime.cli.run` (every entry point) and `ldm_jax.demo` call it first; a notebook can, before
+its first JAX computation.
 
   LDM_JAX_MALLOC unset or 'keep'   keep freed memory (on Linux with glibc; elsewhere nothing changes)
   LDM_JAX_MALLOC=system            leave malloc as it is
@@ -29,12 +39,14 @@ import functools
 import os
 import platform
 
+import jax
 from absl import logging
+from jax._src import xla_bridge  # backends_are_initialized: jax has no public way to ask
 
 ENV = "LDM_JAX_MALLOC"
 CHOICES = ("keep", "system")
 # mallopt parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest, 2 GiB
 
 
@@ -50,8 +62,10 @@ def _libc():
 
 
 def keep_freed_memory() -> bool:
-  """Sets glibc's malloc to serve large requests from its heap and keep freed memory (see the module
-  docstring). Returns whether it did: False with `LDM_JAX_MALLOC=system`, off Linux, without glibc.
+  """Sets glibc's malloc to serve large requests from its heap and keep freed memory, and JAX to run
+  CPU calls on the calling thread if its backend is not up yet (see the module docstring). Returns
+  whether it set malloc: False with `LDM_JAX_MALLOC=system`, off Linux, without glibc (JAX's
+  dispatch is then left as it is too).
 
   Raises:
     ValueError naming LDM_JAX_MALLOC when it is set to something else than 'keep' or 'system'.
@@ -64,8 +78,10 @@ def keep_freed_memory() -> bool:
   libc = _libc()
   if libc is None or not hasattr(libc, "mallopt"):
     return False
-  done = all(libc.mallopt(param, value) for param, value in
-             ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_ARENA_MAX, 1)))
+  done = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
   if not done:
     logging.warning("%s: glibc's mallopt refused the settings; malloc left as it is.", ENV)
-  return done
+    return False
+  if not xla_bridge.backends_are_initialized():  # the CPU client reads it when it is created
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True
