@@ -17,9 +17,7 @@ larger block there whatever M_MMAP_MAX says; XLA allocates a call's temporaries 
 `benchmarks/vs_diffusers.py` train step (846 MiB of temporaries) faulted ~230,000 pages in anew every
 step (0.6–0.8 s of system CPU time per step of ~3 s) and the batch-16 U-Net forward 27,000; on the
 calling thread (the main one) they come from the kept heap, and no page is faulted after the first
-steps. Alternating processes, each QUIET (AVX2 machine, min / median of 5 steps): train step
-2.731 / 2.977 and 3.075 / 3.266 s → 2.563 / 2.614 and 2.646 / 2.757 s; forward at batch 16 1.396 / 1.511
-and 1.205 / 1.325 s → 1.362 / 1.462 and 1.164 / 1.245 s; compile times unchanged. JAX releases the GIL
+steps (train step 6–16 % faster, compile unchanged: README, Performance). JAX releases the GIL
 during a call, so other Python threads (input pipelines) keep running; what the training loops do
 between steps no longer overlaps the step. (Limiting malloc to one arena, `M_ARENA_MAX=1`, removed
 the page faults too but made XLA's multi-threaded compiles ~25 % slower.)
@@ -27,8 +25,9 @@ the page faults too but made XLA's multi-threaded compiles ~25 % slower.)
 `ldm_jax.runtime.cli.run` (every entry point) and `ldm_jax.demo` call it first; a notebook can, before
 its first JAX computation.
 
-  LDM_JAX_MALLOC unset or 'keep'   keep freed memory (on Linux with glibc; elsewhere nothing changes)
-  LDM_JAX_MALLOC=system            leave malloc as it is
+  LDM_JAX_MALLOC unset or 'keep'   keep freed memory and dispatch synchronously (on Linux with glibc;
+                                   elsewhere nothing changes)
+  LDM_JAX_MALLOC=system            leave malloc and JAX's dispatch as they are
 """
 
 from __future__ import annotations
