@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.nn.activations import gelu
 from ldm_jax.nn.attention import MultiHeadSelfAttention
 
 
@@ -55,7 +56,7 @@ class _Intermediate(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.gelu(nn.Dense(self.features, dtype=self.dtype, name="dense")(x), approximate=False)
+    return gelu(nn.Dense(self.features, dtype=self.dtype, name="dense")(x))
 
 
 class BertLayer(nn.Module):

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.nn.activations import gelu
 from ldm_jax.nn.attention import MultiHeadSelfAttention
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -43,7 +44,7 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
   if name == "quick_gelu":
     return x * jax.nn.sigmoid(1.702 * x)
   if name == "gelu":
-    return nn.gelu(x, approximate=False)
+    return gelu(x)
   raise ValueError(f"text_encoder.activation: {name!r} is not one of {ACTIVATIONS}.")
 
 

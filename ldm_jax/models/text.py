@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.nn.activations import gelu
 from ldm_jax.nn.attention import MultiHeadSelfAttention
 
 _LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default, as in x-transformers
@@ -41,7 +42,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.gelu(nn.Dense(self.mult * x.shape[-1], dtype=self.dtype, name='net_0')(x), approximate=False)
+    h = gelu(nn.Dense(self.mult * x.shape[-1], dtype=self.dtype, name='net_0')(x))
     return nn.Dense(x.shape[-1], dtype=self.dtype, name='net_2')(h)
 
 

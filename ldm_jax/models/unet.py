@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ldm_jax.nn.activations import gelu
 from ldm_jax.nn.attention import AttentionConfig, check_implementation, dot_product_attention
 from ldm_jax.nn.conv import Conv1x1
 from ldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
@@ -116,7 +117,7 @@ class GEGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     value, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-    return value * nn.gelu(gate, approximate=False)
+    return value * gelu(gate)
 
 
 class FeedForward(nn.Module):
