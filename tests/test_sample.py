@@ -222,6 +222,7 @@ def test_mask_white_means_repaint(text_run, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Pretrained directories
 
+@pytest.mark.extended  # ~40 s: sample.py twice; moved to keep the default suite under 15 minutes
 @pytest.mark.slow
 def test_an_exported_run_samples_as_its_workdir(text_run, tmp_path):
   from ldm_jax.convert import save_pretrained

@@ -93,6 +93,7 @@ def test_dropout_is_active_in_the_train_step_and_not_in_evaluation():
   np.testing.assert_array_equal(*evaluated)
 
 
+@pytest.mark.extended  # ~40 s: two Stage1 steps compiled; moved to keep the default suite under 15 minutes
 def test_steps_before_the_gan_leave_the_discriminator_as_full_adam_on_zero_gradients_would():
   """Before loss.disc_start the discriminator's Adam only counts steps (`counts_only`): the state
   after three such steps equals, leaf for leaf, the one Adam itself gives on the zero gradients."""

@@ -99,6 +99,7 @@ def test_ema_updates_use_litema_decays_from_the_first_step():
                expected)
 
 
+@pytest.mark.extended  # ~30 s: the loss compiled three times; moved to keep the default suite under 15 minutes
 def test_the_step_draws_its_timesteps_from_diffusion_timestep_sampling(monkeypatch):
   """A logit-normal density pinned at the last step (mean 20: t/T = sigmoid(20 ± a few) → t = 999) gives the loss
   of a step whose every example is at t = 999; the uniform density gives another."""
