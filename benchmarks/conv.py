@@ -1,11 +1,12 @@
 """Convolutions alone, per shape: XLA's 3×3 against the C++ CPU kernel (`ldm_jax.nn.conv`); XLA's 1×1
-against `Conv1x1`'s matmul.
+against `Conv1x1`'s matmul; XLA's 3×3 on tiny images against `patches_conv3x3`'s matmul.
 
   .venv/bin/python benchmarks/conv.py                      # the f = 8 VAE decoder's and the U-Net's shapes
   .venv/bin/python benchmarks/conv.py --shapes 64x256,256x64 --batch 8 --grad
   .venv/bin/python benchmarks/conv.py --shapes 32x192x64,16x320 --weight_grad
   .venv/bin/python benchmarks/conv.py --shapes 32x256,64x256,128x128,4x256,8x256,16x128 --upsample --grad
   .venv/bin/python benchmarks/conv.py --shapes 32x64,32x128x64,32x192x64,16x128,16x384x128,8x256 --pointwise --grad
+  .venv/bin/python benchmarks/conv.py --shapes 1x512,2x512,3x512,4x512,4x256,8x256 --batch 64 --small --grad
 
 For each `SIZExCHANNELS` (square images, channels in = out) or `SIZExINxOUT` it prints the forward
 time (with --grad: forward + backward of a sum of the output times a fixed array, input and weight
@@ -14,7 +15,9 @@ gradients; with --weight_grad: the weight gradient alone, XLA's against the kern
 warm-up, and the kernel's speed-up. With --upsample, SIZE is the input of an `Upsample` layer (×2
 nearest-neighbour, then the 3×3 conv): repeating the pixels and convolving at 2·SIZE (with the
 kernel where 'auto' takes it there) against `upsample_conv3x3`'s 2×2 convolution at SIZE. With
---pointwise, a 1×1 convolution: XLA's against `Conv1x1`'s [B·H·W, C] × [C, O] matmul.
+--pointwise, a 1×1 convolution: XLA's against `Conv1x1`'s [B·H·W, C] × [C, O] matmul. With --small,
+the 3×3 convolution of (tiny) images: XLA's against `patches_conv3x3`'s [B·H·W, 9·C] × [9·C, O]
+matmul, which 'auto' takes on CPU for images of at most `conv.SMALL_IMAGE_PIXELS` pixels.
 """
 
 import os
@@ -36,6 +39,7 @@ _GRAD = flags.DEFINE_bool("grad", False, "Time forward + backward instead of the
 _WEIGHT_GRAD = flags.DEFINE_bool("weight_grad", False, "Time the weight gradient alone.")
 _UPSAMPLE = flags.DEFINE_bool("upsample", False, "Time the Upsample layer's two ways instead.")
 _POINTWISE = flags.DEFINE_bool("pointwise", False, "Time 1×1 convolutions, XLA's and Conv1x1's, instead.")
+_SMALL = flags.DEFINE_bool("small", False, "Time 3×3 convolutions, XLA's and the patches' matmul, instead.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions.")
 
 
@@ -67,14 +71,17 @@ def main(argv):
   del argv
   if conv.cpu_kernels.unavailable_reason():
     raise SystemExit(f"the CPU kernel is unavailable: {conv.cpu_kernels.unavailable_reason()}")
-  if (_UPSAMPLE.value or _POINTWISE.value) and _WEIGHT_GRAD.value:
-    raise SystemExit("--upsample and --pointwise time the forward (with --grad forward + backward), not --weight_grad")
-  if _UPSAMPLE.value and _POINTWISE.value:
-    raise SystemExit("--upsample and --pointwise are two measurements: pass one")
+  if (_UPSAMPLE.value or _POINTWISE.value or _SMALL.value) and _WEIGHT_GRAD.value:
+    raise SystemExit("--upsample, --pointwise and --small time the forward (with --grad forward + backward), "
+                     "not --weight_grad")
+  if _UPSAMPLE.value + _POINTWISE.value + _SMALL.value > 1:
+    raise SystemExit("--upsample, --pointwise and --small are separate measurements: pass one")
   part = "weight gradient" if _WEIGHT_GRAD.value else "forward+backward" if _GRAD.value else "forward"
-  part += ", Upsample layers" if _UPSAMPLE.value else ", 1x1 convolutions" if _POINTWISE.value else ""
+  part += (", Upsample layers" if _UPSAMPLE.value else ", 1x1 convolutions" if _POINTWISE.value else
+           ", 3x3 convolutions as patches" if _SMALL.value else "")
   print(f"batch {_BATCH.value}, {part}, float32, {os.cpu_count()} cores")
-  old, new = ("repeat", "phases") if _UPSAMPLE.value else ("xla", "matmul") if _POINTWISE.value else ("xla", "kernel")
+  old, new = (("repeat", "phases") if _UPSAMPLE.value else ("xla", "matmul") if _POINTWISE.value or _SMALL.value
+              else ("xla", "kernel"))
   print(f"{'shape':>12s}{old + ' ms (min/med)':>20s}{new + ' ms (min/med)':>22s}{'speed-up':>10s}{'max |diff|':>12s}")
   rng = np.random.default_rng(0)
   for shape in _SHAPES.value:
@@ -92,6 +99,8 @@ def main(argv):
       fns = {"xla": _repeat_then_convolve, "kernel": conv.upsample_conv3x3}
     if _POINTWISE.value:
       fns = {"xla": _pointwise_xla, "kernel": _pointwise_matmul}
+    if _SMALL.value:
+      fns["kernel"] = lambda x, k, b: conv.patches_conv3x3(x, k) + b
     if _WEIGHT_GRAD.value:
       fns = {"xla": lambda x, k, b: jax.vjp(lambda k: conv._xla_conv(x, k), k)[1](upstream)[0],  # pylint: disable=protected-access
              "kernel": lambda x, k, b: conv._weight_grad_sharded(x, upstream)}  # pylint: disable=protected-access

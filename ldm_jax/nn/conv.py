@@ -20,6 +20,11 @@ On a device mesh each device convolves its own examples (`custom_partitioning`).
 on CPU as one 2×2 convolution at the input's size (`upsample_conv3x3`): 16 instead of 36
 multiply-adds per output pixel and input channel.
 
+On images of at most 3×3 pixels (`SMALL_IMAGE_PIXELS`: VGG16's last block on 32-pixel images, a
+U-Net's lowest level on small latents) XLA's CPU convolution is pathologically slow — 2×2 images,
+512 channels: 1.5 GFLOP/s — so 'auto' convolves them on CPU as one matmul of the 3×3 patches
+(`patches_conv3x3`): 10–90× faster at 2×2, 9× at 1×1, 1.5–4.5× at 3×3.
+
 `Conv1x1` (`proj_in`/`proj_out`, `conv_shortcut`, `quant_conv`) is `flax.linen.Conv(features, (1, 1))`
 computed as one matmul over the pixels: XLA's CPU convolution does not lower a 1×1 kernel to a matmul,
 and was 1.3–2.3× slower in the forward and 2–9× in forward + backward (`benchmarks/conv.py --pointwise`,
@@ -60,6 +65,30 @@ def _warn_unavailable_once(reason: str) -> None:
 # 14×14×512 0.96×, 16×16×1280 0.89×; 16×16×128 1.03×, 28×28×512 1.03×, 32×32×640 1.05×,
 # 64×64×320 1.24×).
 MIN_PIXELS, MAX_IN_CHANNELS = 256, 640
+
+
+# Images of at most this many pixels are convolved as a matmul of their patches under 'auto' on CPU.
+# XLA's convolution / the patches' matmul, QUIET, min of 7 (`benchmarks/conv.py --small`): batch 64,
+# 2×2×512 788 / 8.7 ms forward, 1650 / 25 ms forward + backward; 1×1×512 21 / 2.3 ms; 3×3×512 29 / 16
+# ms; from 4×4 on the two are within 1.05–1.3× for up to 256 channels (4×4×256: 3.5 / 3.2 ms).
+SMALL_IMAGE_PIXELS = 9
+
+
+def use_patches(implementation: str, image_shape: tuple[int, ...]) -> bool:
+  """Whether a 3×3 convolution of [B, H, W, C] images that the kernel does not take runs
+  `patches_conv3x3` ('auto' on CPU, H·W ≤ `SMALL_IMAGE_PIXELS`, unless LDM_JAX_CONV=xla)."""
+  return (implementation == "auto" and os.environ.get("LDM_JAX_CONV") != "xla" and jax.default_backend() == "cpu"
+          and image_shape[1] * image_shape[2] <= SMALL_IMAGE_PIXELS)
+
+
+def patches_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [B, H, W, C] ⊛ kernel [3, 3, C, O] (stride 1, zero padding of one pixel, no bias) as one
+  [B·H·W, 9·C] × [9·C, O] matmul of each pixel's 3×3 neighbourhood, accumulated in float32."""
+  b, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
+  out = jnp.dot(patches.reshape(b * h * w, 9 * c), kernel.reshape(9 * c, -1), preferred_element_type=jnp.float32)
+  return out.astype(x.dtype).reshape(b, h, w, -1)
 
 
 def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtype, pixels: int = MIN_PIXELS) -> bool:
@@ -285,7 +314,8 @@ def upsample_as_phases(implementation: str, x_shape: tuple[int, ...]) -> bool:
 
 class Conv3x3(nn.Module):
   """`flax.linen.Conv(features, (3, 3), padding=1)` (same parameters and initialisation) that runs
-  `conv3x3`'s C++ kernel where `use_kernel` says it applies, else XLA's convolution.
+  `conv3x3`'s C++ kernel where `use_kernel` says it applies, `patches_conv3x3` on the tiny images of
+  `use_patches`, else XLA's convolution.
 
   `upsample=True` convolves x upsampled ×2 by nearest-neighbour repetition (the `Upsample` layers):
   by `upsample_conv3x3` where `upsample_as_phases` says so, else by repeating the pixels first.
@@ -309,6 +339,8 @@ class Conv3x3(nn.Module):
       f32 = lambda a: jnp.asarray(a, jnp.float32)
       return conv3x3(f32(x), f32(kernel), f32(bias))
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
+    if use_patches(self.implementation, x.shape):
+      return patches_conv3x3(x, kernel) + bias
     return _xla_conv(x, kernel) + bias
 
 

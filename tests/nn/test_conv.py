@@ -79,6 +79,54 @@ def test_choice_of_implementation(monkeypatch):
   assert not conv_lib.use_kernel("auto", in_channels=32, out_channels=32, dtype=f32)
 
 
+@pytest.mark.parametrize("shape, out", [((3, 1, 1, 8), 16), ((2, 2, 2, 32), 24), ((2, 3, 3, 5), 7),
+                                        ((1, 1, 3, 16), 16), ((2, 3, 2, 4), 4)])
+def test_patches_convolution_matches_float64_and_its_gradients(shape, out):
+  """1×1, 2×2, 3×3 and non-square tiny images (every pixel on the border), channels that are not
+  multiples of 16: `patches_conv3x3` equals the float64 convolution, and so do its input and weight
+  gradients."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal(shape).astype(np.float32)
+  kernel = (rng.standard_normal((3, 3, shape[-1], out)) / np.sqrt(9 * shape[-1])).astype(np.float32)
+  bias = rng.standard_normal(out).astype(np.float32)
+  upstream = rng.standard_normal(shape[:-1] + (out,)).astype(np.float32)
+  patches = lambda x, k, b: conv_lib.patches_conv3x3(x, k) + b
+  np.testing.assert_allclose(np.asarray(jax.jit(patches)(x, kernel, bias)), _reference(x, kernel, bias), atol=2e-5)
+  xla = lambda x, k, b: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+  loss = lambda fn, dtype: lambda x, k, b: jnp.sum(fn(x, k, b) * jnp.asarray(upstream, dtype))
+  grads = jax.jit(jax.grad(loss(patches, jnp.float32), argnums=(0, 1, 2)))(x, kernel, bias)
+  with jax.enable_x64():
+    f64 = lambda a: jnp.asarray(a, jnp.float64)
+    want = jax.grad(loss(xla, jnp.float64), argnums=(0, 1, 2))(f64(x), f64(kernel), f64(bias))
+  for g, w in zip(grads, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_layer_convolves_images_of_at_most_3x3_pixels_as_patches_on_cpu(monkeypatch):
+  """Under 'auto' on CPU a `Conv3x3` of 1×1 to 3×3 images has no convolution in its program (the
+  patches' matmul), from 4×4 pixels on (and with 'xla', or LDM_JAX_CONV=xla) XLA's convolution; all
+  give flax's output, and bfloat16 stays bfloat16."""
+  assert jax.default_backend() == "cpu"
+  rng = np.random.default_rng(6)
+  for size, patches in ((1, True), (2, True), (3, True), (4, False)):
+    x = jnp.asarray(rng.standard_normal((2, size, size, 8)), jnp.float32)
+    layer, flax_conv = conv_lib.Conv3x3(12), nn.Conv(12, (3, 3), padding=1)
+    params = jax.tree.map(lambda a: a + 0.1, layer.init(jax.random.key(0), x))
+    assert conv_lib.use_patches("auto", x.shape) == patches
+    assert ("convolution" not in jax.jit(layer.apply).lower(params, x).as_text()) == patches
+    np.testing.assert_allclose(np.asarray(layer.apply(params, x)), np.asarray(flax_conv.apply(params, x)), atol=2e-5)
+  x = jnp.asarray(rng.standard_normal((2, 2, 3, 8)), jnp.float32)
+  bf16 = conv_lib.Conv3x3(12, dtype=jnp.bfloat16)
+  out = bf16.apply(params, x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(flax_conv.apply(params, x)), atol=5e-2)
+  assert not conv_lib.use_patches("xla", x.shape)
+  monkeypatch.setenv("LDM_JAX_CONV", "xla")
+  assert not conv_lib.use_patches("auto", x.shape)
+  assert "convolution" in jax.jit(conv_lib.Conv3x3(12).apply).lower(params, x).as_text()
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape, out", [((2, 5, 13, 16), 64), ((1, 7, 8, 48), 32), ((3, 1, 3, 16), 16),
                                         ((1, 6, 1, 32), 48), ((1, 5, 7, 288), 64)])
