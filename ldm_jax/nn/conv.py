@@ -23,7 +23,8 @@ multiply-adds per output pixel and input channel.
 On images of at most 3×3 pixels (`SMALL_IMAGE_PIXELS`: VGG16's last block on 32-pixel images, a
 U-Net's lowest level on small latents) XLA's CPU convolution is pathologically slow — 2×2 images,
 512 channels: 1.5 GFLOP/s — so 'auto' convolves them on CPU as one matmul of the 3×3 patches
-(`patches_conv3x3`): 10–90× faster at 2×2, 9× at 1×1, 1.5–4.5× at 3×3.
+(`patches_conv3x3`): at 2×2 2–4× (64 channels) to 80–90× (512–1280 channels) faster, at 1×1 6–9×, at
+3×3 1.5–4.5×.
 
 `Conv1x1` (`proj_in`/`proj_out`, `conv_shortcut`, `quant_conv`) is `flax.linen.Conv(features, (1, 1))`
 computed as one matmul over the pixels: XLA's CPU convolution does not lower a 1×1 kernel to a matmul,
@@ -68,9 +69,10 @@ MIN_PIXELS, MAX_IN_CHANNELS = 256, 640
 
 
 # Images of at most this many pixels are convolved as a matmul of their patches under 'auto' on CPU.
-# XLA's convolution / the patches' matmul, QUIET, min of 7 (`benchmarks/conv.py --small`): batch 64,
-# 2×2×512 788 / 8.7 ms forward, 1650 / 25 ms forward + backward; 1×1×512 21 / 2.3 ms; 3×3×512 29 / 16
-# ms; from 4×4 on the two are within 1.05–1.3× for up to 256 channels (4×4×256: 3.5 / 3.2 ms).
+# XLA's convolution / the patches' matmul (`benchmarks/conv.py --small --batch 64`, QUIET, min of 5):
+# forward 2×2×512 780 / 9.3 ms, 1×1×512 20.9 / 2.5 ms, 3×3×512 32.6 / 21.3 ms; forward + backward
+# 767 / 29.7, 32.7 / 5.2, 74.3 / 36.2 ms. From 4×4 on XLA's is as fast or faster (forward 4×4×512
+# 46.0 / 54.6 ms, 8×8×256 48.8 / 77.5 ms).
 SMALL_IMAGE_PIXELS = 9
 
 
@@ -173,11 +175,16 @@ _weight_grad_sharded.def_partition(
     sharding_rule="b h w c, b h w o -> i j c o", need_replication_factors=("h", "w", "c", "o", "i", "j"))
 
 
-# Where the weight gradient takes the kernel: XLA's is 2.5–8× slower from 64×64 pixels on and as fast
-# at 16×16; at 32×32 the kernel is as fast up to 320 channels and slower (0.85×) with 640
-# (`benchmarks/conv.py --weight_grad`, batch 8).
+# Where the weight gradient takes the kernel: XLA's is 2.5–8× slower from 64×64 pixels on; at 32×32 the
+# kernel is as fast up to 320 channels and slower (0.85×) with 640 (`benchmarks/conv.py --weight_grad`,
+# batch 8, AVX-512 machine); at 16×16 it is faster up to 256 channels (AVX2 machine, QUIET, XLA / kernel
+# ms: batch 32, 16×16×64 26.0 / 9.0, 16×16×128 60.0 / 43.6, 16×16×256 282 / 158; batch 8 3.3 / 2.3,
+# 13.3 / 10.5, 50.6 / 49.3; the Fashion-MNIST autoencoder's train step 599 / 646 → 463 / 564 ms, min /
+# median of 10 alternating rounds in one process).
 def _weight_grad_kernel_applies(pixels: int, in_channels: int, out_channels: int) -> bool:
-  return in_channels % 16 == 0 and (pixels >= 64 * 64 or (pixels >= 32 * 32 and max(in_channels, out_channels) <= 320))
+  widest = max(in_channels, out_channels)
+  return in_channels % 16 == 0 and (pixels >= 64 * 64 or (pixels >= 32 * 32 and widest <= 320)
+                                    or (pixels >= 16 * 16 and widest <= 256))
 
 
 def _fused(x, kernel, bias):

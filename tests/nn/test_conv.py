@@ -79,6 +79,19 @@ def test_choice_of_implementation(monkeypatch):
   assert not conv_lib.use_kernel("auto", in_channels=32, out_channels=32, dtype=f32)
 
 
+@needs_kernel
+def test_weight_gradient_takes_the_kernel_where_it_is_faster():
+  """The backward of `conv3x3` computes the weight gradient with the C++ kernel from 16×16 images
+  with at most 256 channels, from 32×32 with at most 320, from 64×64 with any; else with XLA."""
+  def uses_kernel(size, channels):
+    x = jnp.zeros((2, size, size, channels), jnp.float32)
+    kernel, bias = jnp.zeros((3, 3, channels, channels), jnp.float32), jnp.zeros((channels,), jnp.float32)
+    grad = jax.grad(lambda k: jnp.sum(conv_lib.conv3x3(x, k, bias)))
+    return "ldm_conv3x3_weight_grad" in jax.jit(grad).lower(kernel).compile().as_text()
+  assert uses_kernel(16, 64) and uses_kernel(16, 256) and uses_kernel(32, 320) and uses_kernel(64, 640)
+  assert not uses_kernel(16, 320) and not uses_kernel(32, 640)
+
+
 @pytest.mark.parametrize("shape, out", [((3, 1, 1, 8), 16), ((2, 2, 2, 32), 24), ((2, 3, 3, 5), 7),
                                         ((1, 1, 3, 16), 16), ((2, 3, 2, 4), 4)])
 def test_patches_convolution_matches_float64_and_its_gradients(shape, out):
