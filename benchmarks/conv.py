@@ -69,7 +69,7 @@ def _timed(fn, *args):
 
 def main(argv):
   del argv
-  if conv.cpu_kernels.unavailable_reason():
+  if conv.cpu_kernels.unavailable_reason() and not (_POINTWISE.value or _SMALL.value):
     raise SystemExit(f"the CPU kernel is unavailable: {conv.cpu_kernels.unavailable_reason()}")
   if (_UPSAMPLE.value or _POINTWISE.value or _SMALL.value) and _WEIGHT_GRAD.value:
     raise SystemExit("--upsample, --pointwise and --small time the forward (with --grad forward + backward), "
