@@ -76,10 +76,15 @@ MIN_PIXELS, MAX_IN_CHANNELS = 256, 640
 SMALL_IMAGE_PIXELS = 9
 
 
+def _xla_requested(implementation: str) -> bool:
+  """'xla', or 'auto' in a process with LDM_JAX_CONV=xla (the A/B switch)."""
+  return implementation == "xla" or (implementation == "auto" and os.environ.get("LDM_JAX_CONV") == "xla")
+
+
 def use_patches(implementation: str, image_shape: tuple[int, ...]) -> bool:
   """Whether a 3×3 convolution of [B, H, W, C] images that the kernel does not take runs
   `patches_conv3x3` ('auto' on CPU, H·W ≤ `SMALL_IMAGE_PIXELS`, unless LDM_JAX_CONV=xla)."""
-  return (implementation == "auto" and os.environ.get("LDM_JAX_CONV") != "xla" and jax.default_backend() == "cpu"
+  return (implementation == "auto" and not _xla_requested(implementation) and jax.default_backend() == "cpu"
           and image_shape[1] * image_shape[2] <= SMALL_IMAGE_PIXELS)
 
 
@@ -99,7 +104,7 @@ def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtyp
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"Conv3x3.implementation: {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
   applies = (jnp.dtype(dtype) == jnp.float32 and in_channels % 16 == 0 and out_channels % 16 == 0)
-  if implementation == "xla" or (implementation == "auto" and os.environ.get("LDM_JAX_CONV") == "xla"):
+  if _xla_requested(implementation):
     return False
   if implementation == "fused":
     if jax.default_backend() != "cpu" or not applies or (reason := cpu_kernels.unavailable_reason()):

@@ -13,11 +13,38 @@ needs_kernel = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                   reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
 
 
+def _xla(x, kernel, bias):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+
 def _reference(x, kernel, bias):
   with jax.enable_x64():
     f64 = lambda a: jnp.asarray(a, jnp.float64)
-    return np.asarray(jax.lax.conv_general_dilated(f64(x), f64(kernel), (1, 1), "SAME",
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC")) + f64(bias))
+    return np.asarray(_xla(f64(x), f64(kernel), f64(bias)))
+
+
+def _random_case(seed, shape, out):
+  """x [shape], kernel [3, 3, C, out] (unit-variance outputs), bias, and an upstream gradient."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape).astype(np.float32)
+  kernel = (rng.standard_normal((3, 3, shape[-1], out)) / np.sqrt(9 * shape[-1])).astype(np.float32)
+  bias = rng.standard_normal(out).astype(np.float32)
+  upstream = rng.standard_normal(shape[:-1] + (out,)).astype(np.float32)
+  return x, kernel, bias, upstream
+
+
+def _assert_matches_float64(fn, x, kernel, bias, upstream, *, grad_tolerance):
+  """fn(x, kernel, bias) equals the float64 convolution to 2e-5, and its gradients of
+  sum(fn · upstream) with respect to x, kernel and bias equal float64's to `grad_tolerance` × their
+  largest magnitude."""
+  np.testing.assert_allclose(np.asarray(jax.jit(fn)(x, kernel, bias)), _reference(x, kernel, bias), atol=2e-5)
+  loss = lambda fn, dtype: lambda x, k, b: jnp.sum(fn(x, k, b) * jnp.asarray(upstream, dtype))
+  grads = jax.jit(jax.grad(loss(fn, jnp.float32), argnums=(0, 1, 2)))(x, kernel, bias)
+  with jax.enable_x64():
+    f64 = lambda a: jnp.asarray(a, jnp.float64)
+    want = jax.grad(loss(_xla, jnp.float64), argnums=(0, 1, 2))(f64(x), f64(kernel), f64(bias))
+  for g, w in zip(grads, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=grad_tolerance * float(jnp.abs(w).max()))
 
 
 @needs_kernel
@@ -28,24 +55,7 @@ def test_kernel_matches_float64_convolution_and_its_gradients(shape, out):
   """Widths that the 6- and 12-pixel tiles do not divide, 4-pixel tiles, images of one row (every
   tile on the border), 1/2/4 vectors of output channels, 288 input channels (two passes of at
   most 256), and an input with 3 channels (its input gradient then comes from XLA)."""
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal(shape).astype(np.float32)
-  kernel = (rng.standard_normal((3, 3, shape[-1], out)) / np.sqrt(9 * shape[-1])).astype(np.float32)
-  bias = rng.standard_normal(out).astype(np.float32)
-  upstream = rng.standard_normal(shape[:-1] + (out,)).astype(np.float32)
-  got = jax.jit(conv_lib.conv3x3)(x, kernel, bias)
-  np.testing.assert_allclose(np.asarray(got), _reference(x, kernel, bias), atol=2e-5)
-
-  def loss(fn, dtype):
-    return lambda x, k, b: jnp.sum(fn(x, k, b) * jnp.asarray(upstream, dtype))
-  xla = lambda x, k, b: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
-  grads = jax.jit(jax.grad(loss(conv_lib.conv3x3, jnp.float32), argnums=(0, 1, 2)))(x, kernel, bias)
-  with jax.enable_x64():
-    f64 = lambda a: jnp.asarray(a, jnp.float64)
-    want = jax.grad(loss(xla, jnp.float64), argnums=(0, 1, 2))(f64(x), f64(kernel), f64(bias))
-  for g, w in zip(grads, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4 * float(jnp.abs(w).max()))
+  _assert_matches_float64(conv_lib.conv3x3, *_random_case(0, shape, out), grad_tolerance=1e-4)
 
 
 @needs_kernel
@@ -98,22 +108,8 @@ def test_patches_convolution_matches_float64_and_its_gradients(shape, out):
   """1×1, 2×2, 3×3 and non-square tiny images (every pixel on the border), channels that are not
   multiples of 16: `patches_conv3x3` equals the float64 convolution, and so do its input and weight
   gradients."""
-  rng = np.random.default_rng(5)
-  x = rng.standard_normal(shape).astype(np.float32)
-  kernel = (rng.standard_normal((3, 3, shape[-1], out)) / np.sqrt(9 * shape[-1])).astype(np.float32)
-  bias = rng.standard_normal(out).astype(np.float32)
-  upstream = rng.standard_normal(shape[:-1] + (out,)).astype(np.float32)
   patches = lambda x, k, b: conv_lib.patches_conv3x3(x, k) + b
-  np.testing.assert_allclose(np.asarray(jax.jit(patches)(x, kernel, bias)), _reference(x, kernel, bias), atol=2e-5)
-  xla = lambda x, k, b: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
-  loss = lambda fn, dtype: lambda x, k, b: jnp.sum(fn(x, k, b) * jnp.asarray(upstream, dtype))
-  grads = jax.jit(jax.grad(loss(patches, jnp.float32), argnums=(0, 1, 2)))(x, kernel, bias)
-  with jax.enable_x64():
-    f64 = lambda a: jnp.asarray(a, jnp.float64)
-    want = jax.grad(loss(xla, jnp.float64), argnums=(0, 1, 2))(f64(x), f64(kernel), f64(bias))
-  for g, w in zip(grads, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * float(jnp.abs(w).max()))
+  _assert_matches_float64(patches, *_random_case(5, shape, out), grad_tolerance=1e-5)
 
 
 def test_layer_convolves_images_of_at_most_3x3_pixels_as_patches_on_cpu(monkeypatch):
@@ -144,8 +140,8 @@ def test_layer_convolves_images_of_at_most_3x3_pixels_as_patches_on_cpu(monkeypa
 @pytest.mark.parametrize("shape, out", [((2, 5, 13, 16), 64), ((1, 7, 8, 48), 32), ((3, 1, 3, 16), 16),
                                         ((1, 6, 1, 32), 48), ((1, 5, 7, 288), 64)])
 def test_weight_gradient_kernel_matches_float64(shape, out):
-  """The weight-gradient kernel (which `conv3x3`'s backward takes from 64×64 images, or 32×32 with
-  at most 320 channels; called directly here, whatever the shape): one-row and one-column images (taps off the border dropped), 1, 2, 3
+  """The weight-gradient kernel (which `conv3x3`'s backward takes from 64×64 images, 32×32 with at
+  most 320 channels or 16×16 with at most 256; called directly here, whatever the shape): one-row and one-column images (taps off the border dropped), 1, 2, 3
   and 4 vectors of output channels, 288 input channels."""
   rng = np.random.default_rng(1)
   x = rng.standard_normal(shape).astype(np.float32)
