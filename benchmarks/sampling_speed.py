@@ -73,7 +73,7 @@ def main(argv):
 
   def guided(params, c, u):
     apply_fn = lambda x, t, ctx: unet.apply({"params": params}, x, t, context=ctx)
-    return samplers.cfg_model_fn(apply_fn, c, u, _SCALE.value)
+    return samplers.cfg_model_fn(apply_fn, c, u, _SCALE.value, share_input=True)
 
   # --- scan: the whole trajectory and the decoder in one compiled function --------------------
   def generate(params, ae_params, c, u, x):

@@ -236,7 +236,7 @@ def _jax_part(part, inputs):
   decode = lambda p, z: vae.apply({"params": p}, z, method="decode")
 
   def ddim(p, x):
-    model_fn = samplers.cfg_model_fn(unet_fn(p), context, uncond, _GUIDANCE.value)
+    model_fn = samplers.cfg_model_fn(unet_fn(p), context, uncond, _GUIDANCE.value, share_input=True)
     return samplers.ddim(model_fn, schedule, x, num_steps=_STEPS.value)
 
   if part == "train":

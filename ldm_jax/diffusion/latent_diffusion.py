@@ -30,6 +30,7 @@ import numpy as np
 from ldm_jax.diffusion import samplers, tiling
 from ldm_jax.diffusion.schedule import Schedule
 from ldm_jax.models import conditioning
+from ldm_jax.models import unet as unet_lib
 
 
 class TextEncoderConditioner(nn.Module):
@@ -145,8 +146,14 @@ class LatentDiffusion:
 
   # ---- denoising ------------------------------------------------------------------------------
   def denoise(self, unet_params, z_t, t, cond, *, deterministic=True, rngs=None):
-    """U-Net on the noisy latents with the conditioner's outputs (concat channels appended)."""
-    x = z_t if cond.get("concat") is None else jnp.concatenate([z_t, cond["concat"].astype(z_t.dtype)], -1)
+    """U-Net on the noisy latents with the conditioner's outputs (concat channels appended).
+
+    The conditions may hold k·B rows for B latents (`UNet`: each latent under k conditions)."""
+    concat = cond.get("concat")
+    if concat is None:
+      x = z_t
+    else:  # the latents under each condition's channels: k·B inputs
+      x = jnp.concatenate([unet_lib.tile_batch(z_t, concat.shape[0]), concat.astype(z_t.dtype)], -1)
     return self.unet.apply({"params": unet_params}, x, t, context=cond.get("context"), y=cond.get("y"),
                            text_embeds=cond.get("text_embeds"), time_ids=cond.get("time_ids"),
                            deterministic=deterministic, rngs=rngs)
@@ -167,7 +174,8 @@ class LatentDiffusion:
     batch_size = jax.tree.leaves(batch_cond)[0].shape[0] if batch_cond else batch_size
     null_inputs = self.null(batch_size) if null_cond is None else null_cond
     uncond = self.condition(params["cond"], {**batch_cond, **null_inputs}, ae_params)
-    return samplers.cfg_model_fn(apply_fn, cond, uncond, guidance_scale, guidance_rescale, guidance_interval)
+    return samplers.cfg_model_fn(apply_fn, cond, uncond, guidance_scale, guidance_rescale, guidance_interval,
+                                 share_input=True)
 
   def sample_latents(self, params, batch_cond, rng, *, null_cond=None, sampler="ddim", num_steps=50,
                      eta=0.0, guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None, ae_params=None,

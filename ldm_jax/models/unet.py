@@ -80,6 +80,13 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> tu
   return channels // num_head_channels, num_head_channels
 
 
+def tile_batch(a: jax.Array, n: int) -> jax.Array:
+  """`a` [B, …] repeated as [a; a; …] to n = k·B rows (k = 1: `a` itself)."""
+  if a.shape[0] == n:
+    return a
+  return jnp.tile(a, (n // a.shape[0],) + (1,) * (a.ndim - 1))
+
+
 def _multi_head(q, k, v, num_heads, attention: AttentionConfig):
   """q: [B, Lq, H·D], k, v: [B, Lk, H·D] → [B, Lq, H·D]; head h owns channels h·D … (h+1)·D − 1."""
   split = lambda a: a.reshape(*a.shape[:2], num_heads, a.shape[-1] // num_heads)
@@ -147,6 +154,8 @@ class BasicTransformerBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=self.dtype, name=name)
     attn = lambda name: Attention(self.num_heads, self.head_dim, self.attention, self.dtype, name=name)
     x = x + attn("attn1")(norm("norm1")(x))
+    if context is not None:  # the first condition-dependent layer: one row per (input, condition)
+      x = tile_batch(x, context.shape[0])
     x = x + attn("attn2")(norm("norm2")(x), context)
     return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
 
@@ -180,13 +189,14 @@ class SpatialTransformer(nn.Module):
     for k in range(self.depth):
       h = block_cls(self.num_heads, self.head_dim, self.attention, self.dtype,
                     name=f"transformer_blocks_{k}")(h, context)
+    b = h.shape[0]  # k·B when the blocks took the input to one row per condition
     if self.use_linear_projection:
       h = nn.Dense(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
       h = h.reshape(b, height, width, channels)
     else:
       h = Conv1x1(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                   name="proj_out")(h.reshape(b, height, width, inner))
-    return x + h
+    return tile_batch(x, b) + h
 
 
 class AttentionBlock(nn.Module):
@@ -218,7 +228,7 @@ class _ResnetBlock(ResnetBlock):
   """ResnetBlock with `deterministic` positional, so that `nn.remat` can mark it static."""
 
   def __call__(self, x, temb, deterministic):  # pylint: disable=arguments-differ
-    return super().__call__(x, temb, deterministic=deterministic)
+    return super().__call__(x, tile_batch(temb, x.shape[0]), deterministic=deterministic)
 
 
 _RematResnetBlock = nn.remat(_ResnetBlock, static_argnums=(3,))
@@ -305,7 +315,7 @@ class _UpBlock(nn.Module):
   def __call__(self, h, skips, temb, context, deterministic):
     skips = list(skips)
     for j in range(self.num_layers):
-      h = jnp.concatenate([h, skips.pop()], axis=-1)
+      h = jnp.concatenate([h, tile_batch(skips.pop(), h.shape[0])], axis=-1)
       h = self.layers.resnet(self.out_channels, f"resnets_{j}")(h, temb, deterministic)
       if self.attention:
         h = self.layers.attention(self.out_channels, self.depth, f"attentions_{j}")(h, context)
@@ -397,25 +407,35 @@ class UNet(nn.Module):
                time_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     """Predicts eps, x0 or v (per the training parameterization) for a noisy latent.
 
+    The conditions may hold k·B rows for the B inputs: each input is then evaluated under k
+    conditions, output row j·B + i being input i under condition row j·B + i ([cond; uncond] of
+    classifier-free guidance, k = 2). With a cross-attention context as the only condition, what
+    precedes the first cross-attention (conv_in, the layers before it, that block's self-attention)
+    is computed once per input, not k times; labels and pooled embeddings enter the time embedding,
+    so with them every layer runs on k·B rows.
+
     Args:
       x: [B, H, W, in_channels] noisy latents (concatenated with concat conditioning).
       t: [B] timesteps, integer or float (a scalar is broadcast).
-      context: [B, L, context_dim] cross-attention context, required iff `context_dim` is set.
-      y: [B] integer labels in [0, num_classes] (num_classes = null), required iff `num_classes` is set.
-      text_embeds: [B, D] pooled text embedding, time_ids: [B, n] size/crop conditions; both
+      context: [N, L, context_dim] cross-attention context, required iff `context_dim` is set;
+        N = k·B (k ≥ 1), as every condition.
+      y: [N] integer labels in [0, num_classes] (num_classes = null), required iff `num_classes` is set.
+      text_embeds: [N, D] pooled text embedding, time_ids: [N, n] size/crop conditions; both
         required iff `addition_embed_type='text_time'`, text_embeds alone iff 'text'.
       deterministic: disables dropout; training passes False and a 'dropout' rng.
 
     Returns:
-      [B, H, W, out_channels].
+      [N, H, W, out_channels].
     """
-    self._check_inputs(x, context, y, text_embeds, time_ids)
+    rows = self._check_inputs(x, context, y, text_embeds, time_ids)
     depths = self.depths()
     layers = _Layers(self.num_groups, self.dropout, self.use_scale_shift_norm, self.num_heads,
                      self.num_head_channels, self.use_spatial_transformer,
                      self.use_linear_projection, AttentionConfig(self.attention, self.query_chunk_size),
                      self.remat, self.dtype)
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    if y is not None or text_embeds is not None:  # conditions of the time embedding: all layers on N rows
+      x, t = tile_batch(x, rows), tile_batch(t, rows)
     temb = timestep_embedding(t, self.model_channels, flip_sin_to_cos=self.flip_sin_to_cos,
                               freq_shift=self.freq_shift)
     temb = TimestepEmbedding(4 * self.model_channels, dtype=self.dtype, name="time_embedding")(temb)
@@ -450,10 +470,13 @@ class UNet(nn.Module):
       skips = skips[:-n]
 
     h = GroupNorm(self.num_groups, epsilon=_RESNET_EPS, dtype=self.dtype, name="conv_norm_out")(h)
-    return nn.Conv(self.out_channels, (3, 3), padding=1, kernel_init=nn.initializers.zeros,
-                   dtype=self.dtype, name="conv_out")(nn.silu(h))
+    out = nn.Conv(self.out_channels, (3, 3), padding=1, kernel_init=nn.initializers.zeros,
+                  dtype=self.dtype, name="conv_out")(nn.silu(h))
+    return tile_batch(out, rows)  # a U-Net without cross-attention never took its input to N rows
 
-  def _check_inputs(self, x, context, y, text_embeds, time_ids):
+  def _check_inputs(self, x, context, y, text_embeds, time_ids) -> int:
+    """Raises ValueError naming the input (and model key) that does not fit; returns N, the
+    conditions' batch (B without conditions)."""
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f"U-Net input: expected [B, H, W, {self.in_channels}] (model.in_channels), got {x.shape}.")
     factor = downsampling_factor(self.channel_mult)
@@ -488,6 +511,14 @@ class UNet(nn.Module):
         raise ValueError(f"U-Net input: text_embeds {text_embeds.shape} and time_ids {time_ids.shape} give "
                          f"{width} features for add_embedding; model.addition_embed_dim is {self.addition_embed_dim} "
                          f"(pooled width + time ids × model.addition_time_embed_dim={self.addition_time_embed_dim}).")
+    given = {name: a.shape[0] for name, a in
+             (("context", context), ("y", y), ("text_embeds", text_embeds), ("time_ids", time_ids))
+             if a is not None and a.ndim}
+    batches, b = set(given.values()), x.shape[0]
+    if len(batches) > 1 or any(n % b for n in batches) or 0 in batches:
+      raise ValueError(f"U-Net input: the conditions' batches {given} must be one N = k·B, a multiple of "
+                       f"x's batch B = {b} (k conditions per input; [cond; uncond] for guidance is k = 2).")
+    return batches.pop() if batches else b
 
 
 # --- configuration -----------------------------------------------------------------------------

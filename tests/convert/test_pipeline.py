@@ -62,7 +62,7 @@ def test_text_to_image_matches_the_diffusers_pipeline(sd_pipeline):
     context = clip.apply({"params": params["text_encoder"]}, tokens)
     uncond = clip.apply({"params": params["text_encoder"]}, null)
     apply_fn = lambda x, t, c: unet.apply({"params": params["unet"]}, x, t, c)
-    model_fn = samplers.cfg_model_fn(apply_fn, context, uncond, guidance_scale=4.0)
+    model_fn = samplers.cfg_model_fn(apply_fn, context, uncond, guidance_scale=4.0, share_input=True)
     z = samplers.ddim(model_fn, schedule_from_config(configs["diffusion"]), x_T, num_steps=3)
     images = vae.apply({"params": params["autoencoder"]}, z / scale_factor, method="decode")
     return jnp.clip(images / 2 + 0.5, 0, 1)

@@ -234,6 +234,46 @@ def test_text_addition_embedding_adds_the_pooled_text_embedding():
     make_unet(dict(SD1_TINY, addition_embed_type="text"))
 
 
+SHARED_PREFIX_TINY = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                         attention_resolutions=(2, 4), num_head_channels=8, num_groups=8, transformer_depth=(1, 2, 1),
+                         use_linear_projection=True, context_dim=8)
+
+
+@pytest.mark.parametrize("cfg", [SD1_TINY, SD2_TINY, SHARED_PREFIX_TINY, UPDOWN_TINY,
+                                 dict(SD1_TINY, num_classes=3)],
+                         ids=["sd1", "sd2", "no_attention_at_level_0", "attention_only_in_the_middle", "labels"])
+def test_k_conditions_per_input_equal_the_input_repeated(cfg):
+  """x [B] with conditions [2B] ([cond; uncond]) gives what [x; x] with them gives, row for row."""
+  model = UNet(**cfg)
+  x, t, context, y = _inputs(cfg, batch=2)
+  _, _, context_2, y_2 = _inputs(cfg, batch=2, seed=1)
+  context, y = jnp.concatenate([context, context_2]), None if y is None else jnp.concatenate([y, (y_2 + 1) % 3])
+  params = _random_params(model, x, t, context, y)
+  shared = jax.jit(model.apply)(params, x, t, context, y)
+  repeated = jax.jit(model.apply)(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), context, y)
+  assert shared.shape == (4, 8, 8, cfg["out_channels"])
+  np.testing.assert_allclose(shared, repeated, rtol=1e-5, atol=1e-5 * float(jnp.abs(repeated).max()))
+  assert float(jnp.abs(shared[:2] - shared[2:]).max()) > 1e-3  # the two conditions differ
+
+
+def test_layers_before_the_first_cross_attention_run_once_per_input():
+  """With a context of 2B rows for B inputs, conv_in, the level-0 ResnetBlocks, the downsampler
+  and the first SpatialTransformer's self-attention see B rows; its cross-attention and all after 2B."""
+  cfg = SHARED_PREFIX_TINY
+  model = UNet(**cfg)
+  x, t, context, _ = _inputs(cfg, batch=2)
+  context = jnp.concatenate([context, context + 1])
+  params = _random_params(model, x, t, context)
+  _, state = model.apply(params, x, t, context, capture_intermediates=True)
+  rows = {"/".join(k[:-1]): jax.tree.leaves(v)[0].shape[0] for k, v in  # a down block's first output: h
+          flax.traverse_util.flatten_dict(state["intermediates"]).items() if k[-1] == "__call__"}
+  block = "down_blocks_1/attentions_0/transformer_blocks_0"
+  assert rows["conv_in"] == rows["down_blocks_0/resnets_0"] == rows["down_blocks_0/downsamplers_0"] == 2
+  assert rows["down_blocks_1/resnets_0"] == rows[f"{block}/attn1"] == 2
+  assert rows[f"{block}/attn2"] == rows[block] == rows["down_blocks_1/attentions_0"] == 4
+  assert rows["mid_block"] == rows["up_blocks_2"] == rows["conv_out"] == 4
+
+
 def test_inputs_are_checked():
   model = UNet(**SD1_TINY)
   x, t, context, _ = _inputs(SD1_TINY)
@@ -245,6 +285,11 @@ def test_inputs_are_checked():
     model.init(jax.random.key(0), x, t, context, jnp.zeros((2,), jnp.int32))
   with pytest.raises(ValueError, match="not divisible by 2"):
     model.init(jax.random.key(0), x[:, :7, :7], t, context)
+  with pytest.raises(ValueError, match=r"batches \{'context': 3\} must be one N = k·B, a multiple of x's batch B = 2"):
+    model.init(jax.random.key(0), x, t, jnp.concatenate([context, context[:1]]))
+  with pytest.raises(ValueError, match=r"batches \{'context': 4, 'y': 2\} must be one N"):
+    UNet(**dict(SD1_TINY, num_classes=3)).init(jax.random.key(0), x, t, jnp.concatenate([context, context]),
+                                               jnp.zeros((2,), jnp.int32))
 
 
 def test_resblock_updown_layout():
