@@ -153,7 +153,7 @@ class LatentDiffusion:
     if concat is None:
       x = z_t
     else:  # the latents under each condition's channels: k·B inputs
-      x = jnp.concatenate([unet_lib.tile_batch(z_t, concat.shape[0]), concat.astype(z_t.dtype)], -1)
+      x = jnp.concatenate([unet_lib.repeat_rows(z_t, concat.shape[0]), concat.astype(z_t.dtype)], -1)
     return self.unet.apply({"params": unet_params}, x, t, context=cond.get("context"), y=cond.get("y"),
                            text_embeds=cond.get("text_embeds"), time_ids=cond.get("time_ids"),
                            deterministic=deterministic, rngs=rngs)

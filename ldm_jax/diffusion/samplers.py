@@ -155,9 +155,11 @@ def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], con
       (Fashion-MNIST: too bright) and adds little class fidelity; the README's recipe measures it.
     share_input: give `apply_fn` x and t once (batch B) with the conditions of both branches
       (batch 2B); it returns 2B outputs. ldm_jax's `UNet` takes that, and then computes the layers
-      before its first cross-attention once for both branches. False: x and t twice, [x; x].
+      before its first cross-attention once for both branches. False: x and t twice.
 
-  The conditional and unconditional passes are one call on a batch of 2B ([cond; uncond]).
+  The conditional and unconditional passes are one call on a batch of 2B rows, example i's
+  conditional row 2i and its unconditional row 2i + 1: on a mesh that splits the batch, each device
+  keeps its examples' rows (no communication for the guidance).
   """
   guidance_scale = float(guidance_scale)
   guidance_rescale = float(guidance_rescale)
@@ -179,16 +181,17 @@ def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], con
       raise ValueError(f"uncond: a leaf of shape {np.shape(u)} does not match cond's {np.shape(c)}; "
                        "expected the same shape with batch size B or 1.")
 
-  def both(c, u):
-    u = jnp.broadcast_to(u, c.shape)
-    return jnp.concatenate([c, u.astype(jnp.asarray(c).dtype)], axis=0)
+  def both(c, u):  # [c0, u0, c1, u1, …]
+    u = jnp.broadcast_to(u, c.shape).astype(jnp.asarray(c).dtype)
+    return jnp.stack([c, u], axis=1).reshape((2 * c.shape[0],) + c.shape[1:])
 
   cond_uncond = jax.tree.map(both, cond, uncond)
 
   def model_fn(x, t):
-    x_in, t_in = (x, t) if share_input else (jnp.concatenate([x, x]), jnp.concatenate([t, t]))
+    x_in, t_in = (x, t) if share_input else (jnp.repeat(x, 2, axis=0), jnp.repeat(t, 2, axis=0))
     out = apply_fn(x_in, t_in, cond_uncond).astype(jnp.float32)
-    out_cond, out_uncond = jnp.split(out, 2)
+    out = out.reshape((x.shape[0], 2) + out.shape[1:])
+    out_cond, out_uncond = out[:, 0], out[:, 1]
     guided = out_uncond + guidance_scale * (out_cond - out_uncond)
     if guidance_rescale > 0:
       guided = rescale_guidance(guided, out_cond, guidance_rescale)

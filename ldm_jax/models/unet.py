@@ -80,11 +80,12 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> tu
   return channels // num_head_channels, num_head_channels
 
 
-def tile_batch(a: jax.Array, n: int) -> jax.Array:
-  """`a` [B, …] repeated as [a; a; …] to n = k·B rows (k = 1: `a` itself)."""
+def repeat_rows(a: jax.Array, n: int) -> jax.Array:
+  """`a` [B, …] with each row repeated k times in place, n = k·B rows (row i·k + j is row i; k = 1:
+  `a` itself). On a mesh that splits the batch every device keeps its own rows: no communication."""
   if a.shape[0] == n:
     return a
-  return jnp.tile(a, (n // a.shape[0],) + (1,) * (a.ndim - 1))
+  return jnp.repeat(a, n // a.shape[0], axis=0)
 
 
 def _multi_head(q, k, v, num_heads, attention: AttentionConfig):
@@ -155,7 +156,7 @@ class BasicTransformerBlock(nn.Module):
     attn = lambda name: Attention(self.num_heads, self.head_dim, self.attention, self.dtype, name=name)
     x = x + attn("attn1")(norm("norm1")(x))
     if context is not None:  # the first condition-dependent layer: one row per (input, condition)
-      x = tile_batch(x, context.shape[0])
+      x = repeat_rows(x, context.shape[0])
     x = x + attn("attn2")(norm("norm2")(x), context)
     return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
 
@@ -196,7 +197,7 @@ class SpatialTransformer(nn.Module):
     else:
       h = Conv1x1(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                   name="proj_out")(h.reshape(b, height, width, inner))
-    return tile_batch(x, b) + h
+    return repeat_rows(x, b) + h
 
 
 class AttentionBlock(nn.Module):
@@ -228,7 +229,7 @@ class _ResnetBlock(ResnetBlock):
   """ResnetBlock with `deterministic` positional, so that `nn.remat` can mark it static."""
 
   def __call__(self, x, temb, deterministic):  # pylint: disable=arguments-differ
-    return super().__call__(x, tile_batch(temb, x.shape[0]), deterministic=deterministic)
+    return super().__call__(x, repeat_rows(temb, x.shape[0]), deterministic=deterministic)
 
 
 _RematResnetBlock = nn.remat(_ResnetBlock, static_argnums=(3,))
@@ -315,7 +316,7 @@ class _UpBlock(nn.Module):
   def __call__(self, h, skips, temb, context, deterministic):
     skips = list(skips)
     for j in range(self.num_layers):
-      h = jnp.concatenate([h, tile_batch(skips.pop(), h.shape[0])], axis=-1)
+      h = jnp.concatenate([h, repeat_rows(skips.pop(), h.shape[0])], axis=-1)
       h = self.layers.resnet(self.out_channels, f"resnets_{j}")(h, temb, deterministic)
       if self.attention:
         h = self.layers.attention(self.out_channels, self.depth, f"attentions_{j}")(h, context)
@@ -408,8 +409,8 @@ class UNet(nn.Module):
     """Predicts eps, x0 or v (per the training parameterization) for a noisy latent.
 
     The conditions may hold k·B rows for the B inputs: each input is then evaluated under k
-    conditions, output row j·B + i being input i under condition row j·B + i ([cond; uncond] of
-    classifier-free guidance, k = 2). With a cross-attention context as the only condition, what
+    conditions, output row i·k + j being input i under condition row i·k + j (classifier-free
+    guidance: k = 2, each input's conditional then unconditional condition). With a cross-attention context as the only condition, what
     precedes the first cross-attention (conv_in, the layers before it, that block's self-attention)
     is computed once per input, not k times; labels and pooled embeddings enter the time embedding,
     so with them every layer runs on k·B rows.
@@ -435,7 +436,7 @@ class UNet(nn.Module):
                      self.remat, self.dtype)
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     if y is not None or text_embeds is not None:  # conditions of the time embedding: all layers on N rows
-      x, t = tile_batch(x, rows), tile_batch(t, rows)
+      x, t = repeat_rows(x, rows), repeat_rows(t, rows)
     temb = timestep_embedding(t, self.model_channels, flip_sin_to_cos=self.flip_sin_to_cos,
                               freq_shift=self.freq_shift)
     temb = TimestepEmbedding(4 * self.model_channels, dtype=self.dtype, name="time_embedding")(temb)
@@ -472,7 +473,7 @@ class UNet(nn.Module):
     h = GroupNorm(self.num_groups, epsilon=_RESNET_EPS, dtype=self.dtype, name="conv_norm_out")(h)
     out = nn.Conv(self.out_channels, (3, 3), padding=1, kernel_init=nn.initializers.zeros,
                   dtype=self.dtype, name="conv_out")(nn.silu(h))
-    return tile_batch(out, rows)  # a U-Net without cross-attention never took its input to N rows
+    return repeat_rows(out, rows)  # a U-Net without cross-attention never took its input to N rows
 
   def _check_inputs(self, x, context, y, text_embeds, time_ids) -> int:
     """Raises ValueError naming the input (and model key) that does not fit; returns N, the
@@ -517,7 +518,7 @@ class UNet(nn.Module):
     batches, b = set(given.values()), x.shape[0]
     if len(batches) > 1 or any(n % b for n in batches) or 0 in batches:
       raise ValueError(f"U-Net input: the conditions' batches {given} must be one N = k·B, a multiple of "
-                       f"x's batch B = {b} (k conditions per input; [cond; uncond] for guidance is k = 2).")
+                       f"x's batch B = {b} (k conditions per input, rows i·k … i·k + k − 1 for input i; guidance has k = 2).")
     return batches.pop() if batches else b
 
 

@@ -341,7 +341,7 @@ def test_shared_input_gives_the_network_x_and_t_once(x_toy, interval):
     def apply_fn(x, t, cond):
       calls.append(x.shape[0])
       k = cond["scale"].shape[0] // x.shape[0]
-      return _recording_apply([])(jnp.tile(x, (k, 1, 1, 1)), jnp.tile(t, k), cond)
+      return _recording_apply([])(jnp.repeat(x, k, axis=0), jnp.repeat(t, k), cond)
     return apply_fn
   calls, shared_calls = [], []
   cond, uncond = {"scale": jnp.array([2.0, -1.0])}, {"scale": jnp.array([0.5])}
@@ -351,7 +351,7 @@ def test_shared_input_gives_the_network_x_and_t_once(x_toy, interval):
                             share_input=True)(x_toy, t)
   np.testing.assert_array_equal(shared, plain)
   assert float(jnp.abs(plain - _recording_apply([])(x_toy, t, cond)).max()) > 0.1  # guided
-  assert 4 in calls and set(shared_calls) == {2}  # the guided call: [x; x] against x once
+  assert 4 in calls and set(shared_calls) == {2}  # the guided call: x repeated against x once
 
 
 def test_guidance_rescale_matches_lin_et_al(x_toy):
