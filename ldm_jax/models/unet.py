@@ -190,14 +190,14 @@ class SpatialTransformer(nn.Module):
     for k in range(self.depth):
       h = block_cls(self.num_heads, self.head_dim, self.attention, self.dtype,
                     name=f"transformer_blocks_{k}")(h, context)
-    b = h.shape[0]  # k·B when the blocks took the input to one row per condition
+    rows = h.shape[0]  # k·B when the blocks took the input to one row per condition
     if self.use_linear_projection:
       h = nn.Dense(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
-      h = h.reshape(b, height, width, channels)
+      h = h.reshape(rows, height, width, channels)
     else:
       h = Conv1x1(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                  name="proj_out")(h.reshape(b, height, width, inner))
-    return repeat_rows(x, b) + h
+                  name="proj_out")(h.reshape(rows, height, width, inner))
+    return repeat_rows(x, rows) + h
 
 
 class AttentionBlock(nn.Module):
@@ -410,10 +410,10 @@ class UNet(nn.Module):
 
     The conditions may hold k·B rows for the B inputs: each input is then evaluated under k
     conditions, output row i·k + j being input i under condition row i·k + j (classifier-free
-    guidance: k = 2, each input's conditional then unconditional condition). With a cross-attention context as the only condition, what
-    precedes the first cross-attention (conv_in, the layers before it, that block's self-attention)
-    is computed once per input, not k times; labels and pooled embeddings enter the time embedding,
-    so with them every layer runs on k·B rows.
+    guidance: k = 2, each input's conditional then unconditional condition). With a cross-attention
+    context as the only condition, what precedes the first cross-attention (conv_in, the layers
+    before it, that block's self-attention) is computed once per input, not k times; labels and
+    pooled embeddings enter the time embedding, so with them every layer runs on k·B rows.
 
     Args:
       x: [B, H, W, in_channels] noisy latents (concatenated with concat conditioning).
@@ -518,7 +518,8 @@ class UNet(nn.Module):
     batches, b = set(given.values()), x.shape[0]
     if len(batches) > 1 or any(n % b for n in batches) or 0 in batches:
       raise ValueError(f"U-Net input: the conditions' batches {given} must be one N = k·B, a multiple of "
-                       f"x's batch B = {b} (k conditions per input, rows i·k … i·k + k − 1 for input i; guidance has k = 2).")
+                       f"x's batch B = {b} (k conditions per input, rows i·k … i·k + k − 1 for input i; "
+                       "guidance has k = 2).")
     return batches.pop() if batches else b
 
 

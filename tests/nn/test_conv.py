@@ -141,8 +141,9 @@ def test_layer_convolves_images_of_at_most_3x3_pixels_as_patches_on_cpu(monkeypa
                                         ((1, 6, 1, 32), 48), ((1, 5, 7, 288), 64)])
 def test_weight_gradient_kernel_matches_float64(shape, out):
   """The weight-gradient kernel (which `conv3x3`'s backward takes from 64×64 images, 32×32 with at
-  most 320 channels or 16×16 with at most 256; called directly here, whatever the shape): one-row and one-column images (taps off the border dropped), 1, 2, 3
-  and 4 vectors of output channels, 288 input channels."""
+  most 320 channels or 16×16 with at most 256; called directly here, whatever the shape): one-row
+  and one-column images (taps off the border dropped), 1, 2, 3 and 4 vectors of output channels,
+  288 input channels."""
   rng = np.random.default_rng(1)
   x = rng.standard_normal(shape).astype(np.float32)
   d_out = rng.standard_normal(shape[:-1] + (out,)).astype(np.float32)
