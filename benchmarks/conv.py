@@ -7,17 +7,20 @@ against `Conv1x1`'s matmul; XLA's 3×3 on tiny images against `patches_conv3x3`'
   .venv/bin/python benchmarks/conv.py --shapes 32x256,64x256,128x128,4x256,8x256,16x128 --upsample --grad
   .venv/bin/python benchmarks/conv.py --shapes 32x64,32x128x64,32x192x64,16x128,16x384x128,8x256 --pointwise --grad
   .venv/bin/python benchmarks/conv.py --shapes 1x512,2x512,3x512,4x512,4x256,8x256 --batch 64 --small --grad
+  .venv/bin/python benchmarks/conv.py --shapes 8x256,8x512x256,8x384x256,8x128x256,4x256,14x512 --batch 16 --winograd
 
 For each `SIZExCHANNELS` (square images, channels in = out) or `SIZExINxOUT` it prints the forward
 time (with --grad: forward + backward of a sum of the output times a fixed array, input and weight
 gradients; with --weight_grad: the weight gradient alone, XLA's against the kernel's whatever
 `conv3x3`'s backward would choose) of each implementation, min / median over --repeats after a
-warm-up, and the kernel's speed-up. With --upsample, SIZE is the input of an `Upsample` layer (×2
+warm-up (the two implementations' calls alternating), and the kernel's speed-up. With --upsample, SIZE is the input of an `Upsample` layer (×2
 nearest-neighbour, then the 3×3 conv): repeating the pixels and convolving at 2·SIZE (with the
 kernel where 'auto' takes it there) against `upsample_conv3x3`'s 2×2 convolution at SIZE. With
 --pointwise, a 1×1 convolution: XLA's against `Conv1x1`'s [B·H·W, C] × [C, O] matmul. With --small,
 the 3×3 convolution of (tiny) images: XLA's against `patches_conv3x3`'s [B·H·W, 9·C] × [9·C, O]
-matmul, which 'auto' takes on CPU for images of at most `conv.SMALL_IMAGE_PIXELS` pixels.
+matmul, which 'auto' takes on CPU for images of at most `conv.SMALL_IMAGE_PIXELS` pixels. With
+--winograd, XLA's 3×3 convolution against `winograd_conv3x3` (F(2×2, 3×3)), which 'auto' takes on CPU
+for float32 images from `conv.WINOGRAD_PIXELS` to `conv.MIN_PIXELS` pixels.
 """
 
 import os
@@ -40,6 +43,7 @@ _WEIGHT_GRAD = flags.DEFINE_bool("weight_grad", False, "Time the weight gradient
 _UPSAMPLE = flags.DEFINE_bool("upsample", False, "Time the Upsample layer's two ways instead.")
 _POINTWISE = flags.DEFINE_bool("pointwise", False, "Time 1×1 convolutions, XLA's and Conv1x1's, instead.")
 _SMALL = flags.DEFINE_bool("small", False, "Time 3×3 convolutions, XLA's and the patches' matmul, instead.")
+_WINOGRAD = flags.DEFINE_bool("winograd", False, "Time 3×3 convolutions, XLA's and Winograd's F(2×2, 3×3), instead.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions.")
 
 
@@ -57,31 +61,36 @@ def _pointwise_matmul(x, kernel, bias):
   return conv.Conv1x1(kernel.shape[-1]).apply({"params": {"kernel": kernel, "bias": bias}}, x)
 
 
-def _timed(fn, *args):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    t0 = time.perf_counter()
+def _timed(fns, *args):
+  """{name: (min, median)} seconds of each function over --repeats rounds, the functions alternating
+  within a round (the machine's speed drifts; each gets the same share of it)."""
+  for fn in fns.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return min(times), float(np.median(times))
+  times = {name: [] for name in fns}
+  for _ in range(_REPEATS.value):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: (min(t), float(np.median(t))) for name, t in times.items()}
 
 
 def main(argv):
   del argv
-  if conv.cpu_kernels.unavailable_reason() and not (_POINTWISE.value or _SMALL.value):
+  if conv.cpu_kernels.unavailable_reason() and not (_POINTWISE.value or _SMALL.value or _WINOGRAD.value):
     raise SystemExit(f"the CPU kernel is unavailable: {conv.cpu_kernels.unavailable_reason()}")
-  if (_UPSAMPLE.value or _POINTWISE.value or _SMALL.value) and _WEIGHT_GRAD.value:
-    raise SystemExit("--upsample, --pointwise and --small time the forward (with --grad forward + backward), "
-                     "not --weight_grad")
-  if _UPSAMPLE.value + _POINTWISE.value + _SMALL.value > 1:
-    raise SystemExit("--upsample, --pointwise and --small are separate measurements: pass one")
+  if (_UPSAMPLE.value or _POINTWISE.value or _SMALL.value or _WINOGRAD.value) and _WEIGHT_GRAD.value:
+    raise SystemExit("--upsample, --pointwise, --small and --winograd time the forward (with --grad forward + "
+                     "backward), not --weight_grad")
+  if _UPSAMPLE.value + _POINTWISE.value + _SMALL.value + _WINOGRAD.value > 1:
+    raise SystemExit("--upsample, --pointwise, --small and --winograd are separate measurements: pass one")
   part = "weight gradient" if _WEIGHT_GRAD.value else "forward+backward" if _GRAD.value else "forward"
   part += (", Upsample layers" if _UPSAMPLE.value else ", 1x1 convolutions" if _POINTWISE.value else
-           ", 3x3 convolutions as patches" if _SMALL.value else "")
+           ", 3x3 convolutions as patches" if _SMALL.value else ", 3x3 convolutions by Winograd" if _WINOGRAD.value
+           else "")
   print(f"batch {_BATCH.value}, {part}, float32, {os.cpu_count()} cores")
   old, new = (("repeat", "phases") if _UPSAMPLE.value else ("xla", "matmul") if _POINTWISE.value or _SMALL.value
-              else ("xla", "kernel"))
+              else ("xla", "winograd") if _WINOGRAD.value else ("xla", "kernel"))
   print(f"{'shape':>12s}{old + ' ms (min/med)':>20s}{new + ' ms (min/med)':>22s}{'speed-up':>10s}{'max |diff|':>12s}")
   rng = np.random.default_rng(0)
   for shape in _SHAPES.value:
@@ -101,6 +110,8 @@ def main(argv):
       fns = {"xla": _pointwise_xla, "kernel": _pointwise_matmul}
     if _SMALL.value:
       fns["kernel"] = lambda x, k, b: conv.patches_conv3x3(x, k) + b
+    if _WINOGRAD.value:
+      fns["kernel"] = lambda x, k, b: conv.winograd_conv3x3(x, k) + b
     if _WEIGHT_GRAD.value:
       fns = {"xla": lambda x, k, b: jax.vjp(lambda k: conv._xla_conv(x, k), k)[1](upstream)[0],  # pylint: disable=protected-access
              "kernel": lambda x, k, b: conv._weight_grad_sharded(x, upstream)}  # pylint: disable=protected-access
@@ -108,7 +119,7 @@ def main(argv):
       fns = {name: jax.grad(lambda x, k, b, f=f: jnp.sum(f(x, k, b) * upstream), argnums=(0, 1)) for name, f in fns.items()}
     fns = {name: jax.jit(f) for name, f in fns.items()}
     outs = {name: jax.tree.leaves(f(x, kernel, bias))[0] for name, f in fns.items()}
-    times = {name: _timed(f, x, kernel, bias) for name, f in fns.items()}
+    times = _timed(fns, x, kernel, bias)
     diff = float(jnp.abs(outs["xla"] - outs["kernel"]).max())
     print(f"{shape:>12s}{times['xla'][0] * 1e3:>11.1f} /{times['xla'][1] * 1e3:>7.1f}"
           f"{times['kernel'][0] * 1e3:>13.1f} /{times['kernel'][1] * 1e3:>7.1f}"

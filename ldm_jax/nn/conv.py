@@ -24,7 +24,9 @@ On images of at most 3×3 pixels (`SMALL_IMAGE_PIXELS`: VGG16's last block on 32
 U-Net's lowest level on small latents) XLA's CPU convolution is pathologically slow — 2×2 images,
 512 channels: 1.5 GFLOP/s — so 'auto' convolves them on CPU as one matmul of the 3×3 patches
 (`patches_conv3x3`): at 2×2 2–4× (64 channels) to 80–90× (512–1280 channels) faster, at 1×1 6–9×, at
-3×3 1.5–4.5×.
+3×3 1.5–4.5×. From 8×8 up to the kernel's `MIN_PIXELS`, with enough images and channels
+(`use_winograd`), 'auto' on CPU runs Winograd's F(2×2, 3×3) (`winograd_conv3x3`): 16 instead of 36
+multiply-adds per 2×2 output pixels and input channel, 1.4–1.8× XLA's convolution there.
 
 `Conv1x1` (`proj_in`/`proj_out`, `conv_shortcut`, `quant_conv`) is `flax.linen.Conv(features, (1, 1))`
 computed as one matmul over the pixels: XLA's CPU convolution does not lower a 1×1 kernel to a matmul,
@@ -96,6 +98,66 @@ def patches_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   patches = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
   out = jnp.dot(patches.reshape(b * h * w, 9 * c), kernel.reshape(9 * c, -1), preferred_element_type=jnp.float32)
   return out.astype(x.dtype).reshape(b, h, w, -1)
+
+
+# Images from 8×8 up to the kernel's `MIN_PIXELS`, in batches of at least `WINOGRAD_MIN_TILES` 2×2
+# output tiles with at least `WINOGRAD_MIN_CHANNELS` input channels, are convolved under 'auto' on CPU
+# (float32) by `winograd_conv3x3`: 16 instead of 36 multiply-adds per 2×2 output pixels and input
+# channel, in matmuls at about the rate of XLA's convolution there (100–160 GFLOP/s). The transforms
+# of the input (∝ tiles·C), the output (∝ tiles·O) and the weights (∝ C·O, per call) must be paid for
+# by the matmuls saved (∝ tiles·C·O): XLA / Winograd ms (`benchmarks/conv.py --winograd`, QUIET, min
+# of 7–10 alternating): batch 16, 8×8×256 7.8 / 5.1, 8×8 512→256 16.5 / 11.3, 384→256 12.5 / 8.3,
+# 14×14×512 98.7 / 72.8; batch 32 8×8×1280 463 / 260; slower with fewer tiles or channels (batch 4
+# 8×8×256 2.4 / 3.0, batch 2 8×8×1280 74.9 / 88.3, batch 16 8×8 128→256 3.9 / 4.4) and at 4×4.
+WINOGRAD_PIXELS, WINOGRAD_MIN_TILES, WINOGRAD_MIN_CHANNELS = 64, 256, 256
+
+
+def use_winograd(implementation: str, image_shape: tuple[int, ...], dtype) -> bool:
+  """Whether a 3×3 convolution of [B, H, W, C] images that the kernel does not take runs
+  `winograd_conv3x3` ('auto' on CPU, float32, `WINOGRAD_PIXELS` ≤ H·W < `MIN_PIXELS`, at least
+  `WINOGRAD_MIN_TILES` tiles of 2×2 output pixels in the batch and `WINOGRAD_MIN_CHANNELS` input
+  channels; not with LDM_JAX_CONV=xla)."""
+  b, h, w, c = image_shape
+  return (implementation == "auto" and not _xla_requested(implementation) and jax.default_backend() == "cpu"
+          and jnp.dtype(dtype) == jnp.float32 and WINOGRAD_PIXELS <= h * w < MIN_PIXELS
+          and b * ((h + 1) // 2) * ((w + 1) // 2) >= WINOGRAD_MIN_TILES and c >= WINOGRAD_MIN_CHANNELS)
+
+
+# Winograd's F(2×2, 3×3) (Lavin & Gray 2016): each 2×2 block of output pixels is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A
+# for the 4×4 window d of the zero-padded input that covers it and the 3×3 kernel g, per pair of
+# channels; the elementwise products summed over the input channels are 16 matmuls (one per position
+# of the 4×4 transformed window) of [tiles, C] × [C, O]. The transforms' coefficients are 0, ±1 and ±½:
+# the result differs from the direct sum by float32 rounding only (~2e-6 of the largest output).
+def _input_transform(d):  # Bᵀ d along a list of four rows (or columns)
+  return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _kernel_transform(g, axis):  # G g along an axis of size 3 → 4
+  g0, g1, g2 = (jnp.take(g, i, axis) for i in range(3))
+  return jnp.stack([g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2], axis)
+
+
+def _output_transform(m):  # Aᵀ m along a leading axis of four → a list of two
+  return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [B, H, W, C] ⊛ kernel [3, 3, C, O] (stride 1, zero padding of one pixel, no bias) by Winograd's
+  F(2×2, 3×3), the matmuls accumulated in float32. Odd H or W are padded by one more row or column
+  of zeros, whose outputs are dropped."""
+  b, h, w, c = x.shape
+  th, tw = (h + 1) // 2, (w + 1) // 2  # 2×2 output tiles per column and row
+  padded = jnp.pad(x, ((0, 0), (1, 2 * th - h + 1), (1, 2 * tw - w + 1), (0, 0)))
+  windows = []
+  for rows in _input_transform([padded[:, i:i + 2 * th:2] for i in range(4)]):
+    windows += _input_transform([rows[:, :, j:j + 2 * tw:2] for j in range(4)])
+  v = jnp.stack(windows).reshape(16, b * th * tw, c)
+  u = _kernel_transform(_kernel_transform(kernel, 0), 1).reshape(16, c, -1)
+  m = jnp.einsum("pnc,pco->pno", v, u, preferred_element_type=jnp.float32).reshape(4, 4, b, th, tw, -1)
+  rows = jnp.stack(_output_transform(m))  # [2 (output row in the tile), 4, B, th, tw, O]
+  y = jnp.stack(_output_transform(jnp.swapaxes(rows, 0, 1)))  # [2 (column), 2 (row), B, th, tw, O]
+  y = y.transpose(2, 3, 1, 4, 0, 5).reshape(b, 2 * th, 2 * tw, -1)
+  return y[:, :h, :w].astype(x.dtype)
 
 
 def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtype, pixels: int = MIN_PIXELS) -> bool:
@@ -353,6 +415,8 @@ class Conv3x3(nn.Module):
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
     if use_patches(self.implementation, x.shape):
       return patches_conv3x3(x, kernel) + bias
+    if use_winograd(self.implementation, x.shape, self.dtype):
+      return winograd_conv3x3(x, kernel) + bias
     return _xla_conv(x, kernel) + bias
 
 

@@ -136,6 +136,43 @@ def test_layer_convolves_images_of_at_most_3x3_pixels_as_patches_on_cpu(monkeypa
   assert "convolution" in jax.jit(conv_lib.Conv3x3(12).apply).lower(params, x).as_text()
 
 
+@pytest.mark.parametrize("shape, out", [((2, 8, 8, 16), 24), ((1, 7, 9, 8), 5), ((3, 2, 2, 4), 4), ((1, 1, 3, 6), 8),
+                                        ((2, 8, 6, 32), 16)])
+def test_winograd_convolution_matches_float64_and_its_gradients(shape, out):
+  """Square and non-square images, odd heights and widths (a padded row or column of tiles whose
+  outputs are dropped), images smaller than one tile: `winograd_conv3x3` equals the float64
+  convolution, and so do its input and weight gradients."""
+  winograd = lambda x, k, b: conv_lib.winograd_conv3x3(x, k) + b
+  _assert_matches_float64(winograd, *_random_case(7, shape, out), grad_tolerance=1e-5)
+
+
+def test_layer_takes_winograd_for_8x8_to_15x15_images_with_enough_tiles_and_channels(monkeypatch):
+  """Under 'auto' on CPU a float32 `Conv3x3` of 8×8 images, 16 of them (256 tiles of 2×2 pixels) with
+  256 input channels, has no convolution in its program (Winograd's matmuls) and gives flax's output;
+  with 8 images, 128 channels, 4×4 or 16×16 images, bfloat16, 'xla' or LDM_JAX_CONV=xla it does not
+  take Winograd."""
+  assert jax.default_backend() == "cpu"
+  def case(batch, size, channels, dtype=jnp.float32, implementation="auto"):
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((batch, size, size, channels)), jnp.float32)
+    layer = conv_lib.Conv3x3(16, dtype=dtype, implementation=implementation)
+    params = jax.tree.map(lambda a: a + 0.01, layer.init(jax.random.key(0), x))
+    taken = conv_lib.use_winograd(implementation, x.shape, dtype)
+    if size < 16:  # (16×16: the C++ kernel, no XLA convolution either way)
+      assert ("convolution" not in jax.jit(layer.apply).lower(params, x).as_text()) == taken
+    return taken, layer, params, x
+  taken, layer, params, x = case(16, 8, 256)
+  assert taken
+  flax_conv = nn.Conv(16, (3, 3), padding=1)
+  np.testing.assert_allclose(np.asarray(jax.jit(layer.apply)(params, x)), np.asarray(flax_conv.apply(params, x)),
+                             atol=2e-5 * float(jnp.abs(flax_conv.apply(params, x)).max()))
+  assert case(6, 14, 256)[0]  # 6 · 7 · 7 = 294 tiles
+  for args in ((8, 8, 256), (16, 8, 128), (64, 4, 256), (16, 16, 256), (16, 8, 256, jnp.bfloat16),
+               (16, 8, 256, jnp.float32, "xla")):
+    assert not case(*args)[0], args
+  monkeypatch.setenv("LDM_JAX_CONV", "xla")
+  assert not case(16, 8, 256)[0]
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape, out", [((2, 5, 13, 16), 64), ((1, 7, 8, 48), 32), ((3, 1, 3, 16), 16),
                                         ((1, 6, 1, 32), 48), ((1, 5, 7, 288), 64)])
