@@ -19,8 +19,8 @@ kernel where 'auto' takes it there) against `upsample_conv3x3`'s 2×2 convolutio
 --pointwise, a 1×1 convolution: XLA's against `Conv1x1`'s [B·H·W, C] × [C, O] matmul. With --small,
 the 3×3 convolution of (tiny) images: XLA's against `patches_conv3x3`'s [B·H·W, 9·C] × [9·C, O]
 matmul, which 'auto' takes on CPU for images of at most `conv.SMALL_IMAGE_PIXELS` pixels. With
---winograd, XLA's 3×3 convolution against `winograd_conv3x3` (F(2×2, 3×3)), which 'auto' takes on CPU
-for float32 images from `conv.WINOGRAD_PIXELS` to `conv.MIN_PIXELS` pixels.
+--winograd, the direct 3×3 convolution 'auto' would otherwise run (the kernel where it applies, else
+XLA's) against `winograd_conv3x3` (F(2×2, 3×3)), which 'auto' takes where `conv.use_winograd` says.
 """
 
 import os
@@ -90,7 +90,7 @@ def main(argv):
            else "")
   print(f"batch {_BATCH.value}, {part}, float32, {os.cpu_count()} cores")
   old, new = (("repeat", "phases") if _UPSAMPLE.value else ("xla", "matmul") if _POINTWISE.value or _SMALL.value
-              else ("xla", "winograd") if _WINOGRAD.value else ("xla", "kernel"))
+              else ("direct", "winograd") if _WINOGRAD.value else ("xla", "kernel"))
   print(f"{'shape':>12s}{old + ' ms (min/med)':>20s}{new + ' ms (min/med)':>22s}{'speed-up':>10s}{'max |diff|':>12s}")
   rng = np.random.default_rng(0)
   for shape in _SHAPES.value:
@@ -110,7 +110,9 @@ def main(argv):
       fns = {"xla": _pointwise_xla, "kernel": _pointwise_matmul}
     if _SMALL.value:
       fns["kernel"] = lambda x, k, b: conv.patches_conv3x3(x, k) + b
-    if _WINOGRAD.value:
+    if _WINOGRAD.value:  # against the direct convolution 'auto' would run otherwise: the kernel or XLA's
+      if conv.use_kernel("auto", in_channels=c_in, out_channels=c_out, dtype=jnp.float32, pixels=size * size):
+        fns["xla"] = conv.conv3x3
       fns["kernel"] = lambda x, k, b: conv.winograd_conv3x3(x, k) + b
     if _WEIGHT_GRAD.value:
       fns = {"xla": lambda x, k, b: jax.vjp(lambda k: conv._xla_conv(x, k), k)[1](upstream)[0],  # pylint: disable=protected-access

@@ -1,5 +1,5 @@
-"""3×3 convolutions (stride 1, one pixel of zero padding): the C++ CPU kernel where it applies; 1×1
-convolutions as matmuls.
+"""3×3 convolutions (stride 1, one pixel of zero padding): Winograd's F(2×2, 3×3) or the C++ CPU
+kernel where they apply; 1×1 convolutions as matmuls.
 
 Nearly all of the autoencoder's and most of the U-Net's time on a CPU is in 3×3 convolutions.
 XLA's CPU convolution (Eigen) runs at ~140 GFLOP/s on a 2-core AVX-512 machine; the direct
@@ -24,9 +24,10 @@ On images of at most 3×3 pixels (`SMALL_IMAGE_PIXELS`: VGG16's last block on 32
 U-Net's lowest level on small latents) XLA's CPU convolution is pathologically slow — 2×2 images,
 512 channels: 1.5 GFLOP/s — so 'auto' convolves them on CPU as one matmul of the 3×3 patches
 (`patches_conv3x3`): at 2×2 2–4× (64 channels) to 80–90× (512–1280 channels) faster, at 1×1 6–9×, at
-3×3 1.5–4.5×. From 8×8 up to the kernel's `MIN_PIXELS`, with enough images and channels
-(`use_winograd`), 'auto' on CPU runs Winograd's F(2×2, 3×3) (`winograd_conv3x3`): 16 instead of 36
-multiply-adds per 2×2 output pixels and input channel, 1.4–1.8× XLA's convolution there.
+3×3 1.5–4.5×. From 8×8 on, with enough images and channels (`use_winograd`: 256 tiles of 2×2
+output pixels; 256 input channels, or any from 16×16 down), 'auto' on CPU runs Winograd's
+F(2×2, 3×3) (`winograd_conv3x3`): 16 instead of 36 multiply-adds per 2×2 output pixels and input
+channel, 1.2–1.9× the kernel's or XLA's convolution there.
 
 `Conv1x1` (`proj_in`/`proj_out`, `conv_shortcut`, `quant_conv`) is `flax.linen.Conv(features, (1, 1))`
 computed as one matmul over the pixels: XLA's CPU convolution does not lower a 1×1 kernel to a matmul,
@@ -100,27 +101,33 @@ def patches_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return out.astype(x.dtype).reshape(b, h, w, -1)
 
 
-# Images from 8×8 up to the kernel's `MIN_PIXELS`, in batches of at least `WINOGRAD_MIN_TILES` 2×2
-# output tiles with at least `WINOGRAD_MIN_CHANNELS` input channels, are convolved under 'auto' on CPU
-# (float32) by `winograd_conv3x3`: 16 instead of 36 multiply-adds per 2×2 output pixels and input
-# channel, in matmuls at about the rate of XLA's convolution there (100–160 GFLOP/s). The transforms
-# of the input (∝ tiles·C), the output (∝ tiles·O) and the weights (∝ C·O, per call) must be paid for
-# by the matmuls saved (∝ tiles·C·O): XLA / Winograd ms (`benchmarks/conv.py --winograd`, QUIET, min
-# of 7–10 alternating): batch 16, 8×8×256 7.8 / 5.1, 8×8 512→256 16.5 / 11.3, 384→256 12.5 / 8.3,
-# 14×14×512 98.7 / 72.8; batch 32 8×8×1280 463 / 260; slower with fewer tiles or channels (batch 4
-# 8×8×256 2.4 / 3.0, batch 2 8×8×1280 74.9 / 88.3, batch 16 8×8 128→256 3.9 / 4.4) and at 4×4.
-WINOGRAD_PIXELS, WINOGRAD_MIN_TILES, WINOGRAD_MIN_CHANNELS = 64, 256, 256
+# Where 'auto' on CPU convolves float32 images by `winograd_conv3x3` (`use_winograd`): 16 instead of
+# 36 multiply-adds per 2×2 output pixels and input channel, in matmuls, against the transforms of the
+# input (∝ tiles·C), the output (∝ tiles·O) and the weights (∝ C·O, every call), which are memory-bound.
+# Direct (the C++ kernel from 16×16, else XLA's) / Winograd ms, forward (`benchmarks/conv.py --winograd`,
+# QUIET, min of 5–10 alternating): batch 16: 8×8×256 7.9 / 5.1, 8×8 512→256 16.9 / 8.9, 4×4 512→256
+# 4.6 / 3.1, 16×16×128 8.3 / 4.9, 16×16 256→128 18.3 / 10.0, 16×16 64→128 4.0 / 2.6; batch 8: 32×32×256
+# 71.5 / 59.7, 64×64×256 296 / 251; batch 2–4: 16×16×1280 255 / 169, 32×32×640 118 / 75, 128×128×640
+# 1733 / 1070. Slower: with fewer than 256 tiles (batch 2 8×8×1280 72.8 / 91.6, 4×4×256 at batch 16
+# 2.5 / 2.6), and from 32×32 on with fewer than 256 channels, where the kernel is fast and the
+# transforms are not (batch 8 32×32×128 17.2 / 21.2, 128×128×128 288 / 352, 256×256×64 310 / 592).
+# Forward + backward (the backward recomputes the transformed input, below) 1.3–1.9× at 8×8 to 64×64
+# with 256 channels, batch 8–16. The transformed input and output (4× the input and the output, for
+# even sizes) are capped at `WINOGRAD_MAX_BYTES`: above, the direct convolution (which needs none).
+WINOGRAD_PIXELS, WINOGRAD_MIN_TILES, WINOGRAD_MIN_CHANNELS, WINOGRAD_MAX_BYTES = 64, 256, 256, 2**30
 
 
-def use_winograd(implementation: str, image_shape: tuple[int, ...], dtype) -> bool:
-  """Whether a 3×3 convolution of [B, H, W, C] images that the kernel does not take runs
-  `winograd_conv3x3` ('auto' on CPU, float32, `WINOGRAD_PIXELS` ≤ H·W < `MIN_PIXELS`, at least
-  `WINOGRAD_MIN_TILES` tiles of 2×2 output pixels in the batch and `WINOGRAD_MIN_CHANNELS` input
-  channels; not with LDM_JAX_CONV=xla)."""
+def use_winograd(implementation: str, image_shape: tuple[int, ...], out_channels: int, dtype) -> bool:
+  """Whether 'auto' convolves [B, H, W, C] images to `out_channels` by `winograd_conv3x3` (CPU,
+  float32, H·W ≥ `WINOGRAD_PIXELS`, at least `WINOGRAD_MIN_TILES` tiles of 2×2 output pixels in the
+  batch, C ≥ `WINOGRAD_MIN_CHANNELS` or H·W ≤ `MIN_PIXELS`, transforms within `WINOGRAD_MAX_BYTES`;
+  not with LDM_JAX_CONV=xla)."""
   b, h, w, c = image_shape
+  tiles = b * ((h + 1) // 2) * ((w + 1) // 2)
   return (implementation == "auto" and not _xla_requested(implementation) and jax.default_backend() == "cpu"
-          and jnp.dtype(dtype) == jnp.float32 and WINOGRAD_PIXELS <= h * w < MIN_PIXELS
-          and b * ((h + 1) // 2) * ((w + 1) // 2) >= WINOGRAD_MIN_TILES and c >= WINOGRAD_MIN_CHANNELS)
+          and jnp.dtype(dtype) == jnp.float32 and h * w >= WINOGRAD_PIXELS and tiles >= WINOGRAD_MIN_TILES
+          and (c >= WINOGRAD_MIN_CHANNELS or h * w <= MIN_PIXELS)
+          and 16 * tiles * (c + out_channels) * 4 <= WINOGRAD_MAX_BYTES)
 
 
 # Winograd's F(2×2, 3×3) (Lavin & Gray 2016): each 2×2 block of output pixels is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A
@@ -148,16 +155,20 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   b, h, w, c = x.shape
   th, tw = (h + 1) // 2, (w + 1) // 2  # 2×2 output tiles per column and row
   padded = jnp.pad(x, ((0, 0), (1, 2 * th - h + 1), (1, 2 * tw - w + 1), (0, 0)))
-  windows = []
-  for rows in _input_transform([padded[:, i:i + 2 * th:2] for i in range(4)]):
-    windows += _input_transform([rows[:, :, j:j + 2 * tw:2] for j in range(4)])
-  v = jnp.stack(windows).reshape(16, b * th * tw, c)
+  rows = jnp.stack(_input_transform([padded[:, i:i + 2 * th:2] for i in range(4)]))  # [4, B, th, W + 2, C]
+  v = jnp.stack(_input_transform([rows[:, :, :, j:j + 2 * tw:2] for j in range(4)]), axis=1)
+  v = v.reshape(16, b * th * tw, c)
   u = _kernel_transform(_kernel_transform(kernel, 0), 1).reshape(16, c, -1)
   m = jnp.einsum("pnc,pco->pno", v, u, preferred_element_type=jnp.float32).reshape(4, 4, b, th, tw, -1)
   rows = jnp.stack(_output_transform(m))  # [2 (output row in the tile), 4, B, th, tw, O]
   y = jnp.stack(_output_transform(jnp.swapaxes(rows, 0, 1)))  # [2 (column), 2 (row), B, th, tw, O]
   y = y.transpose(2, 3, 1, 4, 0, 5).reshape(b, 2 * th, 2 * tw, -1)
   return y[:, :h, :w].astype(x.dtype)
+
+
+# Under autodiff the transformed input (4× the input) would be kept for the backward; recomputed from x
+# instead, training keeps what the direct convolution keeps.
+_winograd_rematerialised = jax.checkpoint(winograd_conv3x3)
 
 
 def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtype, pixels: int = MIN_PIXELS) -> bool:
@@ -388,8 +399,8 @@ def upsample_as_phases(implementation: str, x_shape: tuple[int, ...]) -> bool:
 
 class Conv3x3(nn.Module):
   """`flax.linen.Conv(features, (3, 3), padding=1)` (same parameters and initialisation) that runs
-  `conv3x3`'s C++ kernel where `use_kernel` says it applies, `patches_conv3x3` on the tiny images of
-  `use_patches`, else XLA's convolution.
+  `winograd_conv3x3` where `use_winograd` says so, else `conv3x3`'s C++ kernel where `use_kernel`
+  says it applies, `patches_conv3x3` on the tiny images of `use_patches`, else XLA's convolution.
 
   `upsample=True` convolves x upsampled ×2 by nearest-neighbour repetition (the `Upsample` layers):
   by `upsample_conv3x3` where `upsample_as_phases` says so, else by repeating the pixels first.
@@ -408,6 +419,8 @@ class Conv3x3(nn.Module):
       if upsample_as_phases(self.implementation, x.shape):
         return upsample_conv3x3(*(jnp.asarray(a, self.dtype) for a in (x, kernel, bias)))
       x = nearest_upsample(x)
+    if use_winograd(self.implementation, x.shape, self.features, self.dtype):
+      return _winograd_rematerialised(*(jnp.asarray(a, jnp.float32) for a in (x, kernel))) + bias
     if use_kernel(self.implementation, in_channels=x.shape[-1], out_channels=self.features, dtype=self.dtype,
                   pixels=x.shape[1] * x.shape[2]):
       f32 = lambda a: jnp.asarray(a, jnp.float32)
@@ -415,8 +428,6 @@ class Conv3x3(nn.Module):
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
     if use_patches(self.implementation, x.shape):
       return patches_conv3x3(x, kernel) + bias
-    if use_winograd(self.implementation, x.shape, self.dtype):
-      return winograd_conv3x3(x, kernel) + bias
     return _xla_conv(x, kernel) + bias
 
 

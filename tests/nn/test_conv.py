@@ -146,31 +146,33 @@ def test_winograd_convolution_matches_float64_and_its_gradients(shape, out):
   _assert_matches_float64(winograd, *_random_case(7, shape, out), grad_tolerance=1e-5)
 
 
-def test_layer_takes_winograd_for_8x8_to_15x15_images_with_enough_tiles_and_channels(monkeypatch):
-  """Under 'auto' on CPU a float32 `Conv3x3` of 8×8 images, 16 of them (256 tiles of 2×2 pixels) with
-  256 input channels, has no convolution in its program (Winograd's matmuls) and gives flax's output;
-  with 8 images, 128 channels, 4×4 or 16×16 images, bfloat16, 'xla' or LDM_JAX_CONV=xla it does not
-  take Winograd."""
+def test_layer_takes_winograd_where_use_winograd_says(monkeypatch):
+  """Under 'auto' on CPU a float32 `Conv3x3` of 16 images of 8×8 pixels (256 tiles of 2×2 output
+  pixels) has no convolution in its program (Winograd's matmuls) and gives flax's output; so do 16×16
+  images with 64 channels and 32×32 images with 256; not 8 images of 8×8 (128 tiles), 4×4 images,
+  32×32 images with 128 channels, bfloat16, 'xla', LDM_JAX_CONV=xla, or transforms above 1 GiB."""
   assert jax.default_backend() == "cpu"
   def case(batch, size, channels, dtype=jnp.float32, implementation="auto"):
     x = jnp.asarray(np.random.default_rng(8).standard_normal((batch, size, size, channels)), jnp.float32)
     layer = conv_lib.Conv3x3(16, dtype=dtype, implementation=implementation)
     params = jax.tree.map(lambda a: a + 0.01, layer.init(jax.random.key(0), x))
-    taken = conv_lib.use_winograd(implementation, x.shape, dtype)
-    if size < 16:  # (16×16: the C++ kernel, no XLA convolution either way)
-      assert ("convolution" not in jax.jit(layer.apply).lower(params, x).as_text()) == taken
-    return taken, layer, params, x
-  taken, layer, params, x = case(16, 8, 256)
-  assert taken
-  flax_conv = nn.Conv(16, (3, 3), padding=1)
-  np.testing.assert_allclose(np.asarray(jax.jit(layer.apply)(params, x)), np.asarray(flax_conv.apply(params, x)),
-                             atol=2e-5 * float(jnp.abs(flax_conv.apply(params, x)).max()))
-  assert case(6, 14, 256)[0]  # 6 · 7 · 7 = 294 tiles
-  for args in ((8, 8, 256), (16, 8, 128), (64, 4, 256), (16, 16, 256), (16, 8, 256, jnp.bfloat16),
-               (16, 8, 256, jnp.float32, "xla")):
-    assert not case(*args)[0], args
+    taken = conv_lib.use_winograd(implementation, x.shape, 16, dtype)
+    program = jax.jit(layer.apply).lower(params, x).as_text()
+    if taken:
+      assert "convolution" not in program and "ldm_conv3x3" not in program
+      want = nn.Conv(16, (3, 3), padding=1).apply(params, x)
+      np.testing.assert_allclose(np.asarray(jax.jit(layer.apply)(params, x)), np.asarray(want),
+                                 atol=2e-5 * float(jnp.abs(want).max()))
+    return taken
+  assert case(16, 8, 128) and case(6, 14, 256) and case(4, 16, 64) and case(2, 32, 256)
+  for args in ((8, 8, 256), (64, 4, 256), (2, 32, 128), (16, 8, 256, jnp.bfloat16), (16, 8, 256, jnp.float32, "xla")):
+    assert not case(*args), args
   monkeypatch.setenv("LDM_JAX_CONV", "xla")
-  assert not case(16, 8, 256)[0]
+  assert not case(16, 8, 256)
+  monkeypatch.delenv("LDM_JAX_CONV")
+  # the transforms' bytes: 16 · 2×2 tiles · (C + O) floats; 8 × 64 × 64 × 1024 → 1024: 1 GiB
+  assert conv_lib.use_winograd("auto", (8, 64, 64, 1024), 1024, jnp.float32)
+  assert not conv_lib.use_winograd("auto", (8, 64, 64, 1024), 1040, jnp.float32)
 
 
 @needs_kernel
