@@ -166,11 +166,6 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y[:, :h, :w].astype(x.dtype)
 
 
-# Under autodiff the transformed input (4× the input) would be kept for the backward; recomputed from x
-# instead, training keeps what the direct convolution keeps.
-_winograd_rematerialised = jax.checkpoint(winograd_conv3x3)
-
-
 def use_kernel(implementation: str, *, in_channels: int, out_channels: int, dtype, pixels: int = MIN_PIXELS) -> bool:
   """Whether `conv3x3` runs the C++ kernel for this layer (`pixels` = H·W); 'fused' that cannot run
   is an error."""
@@ -302,6 +297,30 @@ def _conv3x3_bwd(residuals, d_out):
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
+# Winograd in the forward, the direct convolution's gradients in the backward (the kernel's where the
+# forward would otherwise have run the kernel, else XLA's), from x and the kernel: autodiff through
+# the transforms would keep the transformed input (4× x) for the backward, or recompute it, and its
+# program took 2–5 s longer to compile (the vs_diffusers train step: 24 → 26–29 s) for a train step
+# 1.5 % faster (recomputing; QUIET A/B).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _winograd_direct_backward(x: jax.Array, kernel: jax.Array, kernel_backward: bool) -> jax.Array:
+  return winograd_conv3x3(x, kernel)
+
+
+def _winograd_direct_backward_fwd(x, kernel, kernel_backward):
+  del kernel_backward
+  return winograd_conv3x3(x, kernel), (x, kernel)
+
+
+def _winograd_direct_backward_bwd(kernel_backward, residuals, d_out):
+  if kernel_backward:
+    return _conv3x3_bwd(residuals, d_out)[:2]
+  return jax.vjp(_xla_conv, *residuals)[1](d_out)
+
+
+_winograd_direct_backward.defvjp(_winograd_direct_backward_fwd, _winograd_direct_backward_bwd)
+
+
 # Nearest ×2 upsampling followed by a 3×3 convolution (the `Upsample` layers) is a 2×2 convolution
 # at the input's resolution. Along each axis, output pixel 2r + 1 sums the 3×3 kernel's taps 0 and 1
 # over input pixel r and tap 2 over r + 1; output pixel 2r + 2 sums tap 0 over r and taps 1 and 2 over
@@ -419,10 +438,12 @@ class Conv3x3(nn.Module):
       if upsample_as_phases(self.implementation, x.shape):
         return upsample_conv3x3(*(jnp.asarray(a, self.dtype) for a in (x, kernel, bias)))
       x = nearest_upsample(x)
+    kernel_applies = use_kernel(self.implementation, in_channels=x.shape[-1], out_channels=self.features,
+                                dtype=self.dtype, pixels=x.shape[1] * x.shape[2])
     if use_winograd(self.implementation, x.shape, self.features, self.dtype):
-      return _winograd_rematerialised(*(jnp.asarray(a, jnp.float32) for a in (x, kernel))) + bias
-    if use_kernel(self.implementation, in_channels=x.shape[-1], out_channels=self.features, dtype=self.dtype,
-                  pixels=x.shape[1] * x.shape[2]):
+      f32 = lambda a: jnp.asarray(a, jnp.float32)
+      return _winograd_direct_backward(f32(x), f32(kernel), kernel_applies) + bias
+    if kernel_applies:
       f32 = lambda a: jnp.asarray(a, jnp.float32)
       return conv3x3(f32(x), f32(kernel), f32(bias))
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))

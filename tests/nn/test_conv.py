@@ -146,6 +146,14 @@ def test_winograd_convolution_matches_float64_and_its_gradients(shape, out):
   _assert_matches_float64(winograd, *_random_case(7, shape, out), grad_tolerance=1e-5)
 
 
+@pytest.mark.parametrize("kernel_backward", [False, pytest.param(True, marks=needs_kernel)])
+def test_layer_winograd_forward_takes_the_direct_convolutions_gradients(kernel_backward):
+  """`Conv3x3`'s Winograd path: Winograd's values, and the gradients of the direct convolution (the
+  kernel's or XLA's) computed from the input, both equal to float64's."""
+  winograd = lambda x, k, b: conv_lib._winograd_direct_backward(x, k, kernel_backward) + b  # pylint: disable=protected-access
+  _assert_matches_float64(winograd, *_random_case(9, (2, 8, 6, 32), 16), grad_tolerance=1e-5)
+
+
 def test_layer_takes_winograd_where_use_winograd_says(monkeypatch):
   """Under 'auto' on CPU a float32 `Conv3x3` of 16 images of 8×8 pixels (256 tiles of 2×2 output
   pixels) has no convolution in its program (Winograd's matmuls) and gives flax's output; so do 16×16
