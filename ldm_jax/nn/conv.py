@@ -111,9 +111,9 @@ def patches_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 # 1733 / 1070. Slower: with fewer than 256 tiles (batch 2 8×8×1280 72.8 / 91.6, 4×4×256 at batch 16
 # 2.5 / 2.6), and from 32×32 on with fewer than 256 channels, where the kernel is fast and the
 # transforms are not (batch 8 32×32×128 17.2 / 21.2, 128×128×128 288 / 352, 256×256×64 310 / 592).
-# Forward + backward (the backward recomputes the transformed input, below) 1.3–1.9× at 8×8 to 64×64
-# with 256 channels, batch 8–16. The transformed input and output (4× the input and the output, for
-# even sizes) are capped at `WINOGRAD_MAX_BYTES`: above, the direct convolution (which needs none).
+# The backward is the direct convolution's (`_winograd_direct_backward`). The transformed input and
+# output (4× the input and the output, for even sizes) are capped at `WINOGRAD_MAX_BYTES`: above, the
+# direct convolution (which needs neither).
 WINOGRAD_PIXELS, WINOGRAD_MIN_TILES, WINOGRAD_MIN_CHANNELS, WINOGRAD_MAX_BYTES = 64, 256, 256, 2**30
 
 
@@ -438,13 +438,12 @@ class Conv3x3(nn.Module):
       if upsample_as_phases(self.implementation, x.shape):
         return upsample_conv3x3(*(jnp.asarray(a, self.dtype) for a in (x, kernel, bias)))
       x = nearest_upsample(x)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
     kernel_applies = use_kernel(self.implementation, in_channels=x.shape[-1], out_channels=self.features,
                                 dtype=self.dtype, pixels=x.shape[1] * x.shape[2])
     if use_winograd(self.implementation, x.shape, self.features, self.dtype):
-      f32 = lambda a: jnp.asarray(a, jnp.float32)
       return _winograd_direct_backward(f32(x), f32(kernel), kernel_applies) + bias
     if kernel_applies:
-      f32 = lambda a: jnp.asarray(a, jnp.float32)
       return conv3x3(f32(x), f32(kernel), f32(bias))
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
     if use_patches(self.implementation, x.shape):
