@@ -146,12 +146,19 @@ def test_winograd_convolution_matches_float64_and_its_gradients(shape, out):
   _assert_matches_float64(winograd, *_random_case(7, shape, out), grad_tolerance=1e-5)
 
 
-@pytest.mark.parametrize("kernel_backward", [False, pytest.param(True, marks=needs_kernel)])
-def test_layer_winograd_forward_takes_the_direct_convolutions_gradients(kernel_backward):
-  """`Conv3x3`'s Winograd path: Winograd's values, and the gradients of the direct convolution (the
-  kernel's or XLA's) computed from the input, both equal to float64's."""
-  winograd = lambda x, k, b: conv_lib._winograd_direct_backward(x, k, kernel_backward) + b  # pylint: disable=protected-access
-  _assert_matches_float64(winograd, *_random_case(9, (2, 8, 6, 32), 16), grad_tolerance=1e-5)
+@pytest.mark.parametrize("kernel_applies", [False, pytest.param(True, marks=needs_kernel)])
+def test_layer_winograd_path_is_winograd_alone_and_the_direct_convolution_under_autodiff(kernel_applies):
+  """`Conv3x3`'s Winograd path: called plainly, Winograd's output; under autodiff, the direct
+  convolution's (the kernel's, or XLA's) output bit for bit and its gradients, equal to float64's."""
+  x, kernel, bias, upstream = _random_case(9, (2, 8, 6, 32), 16)
+  layer = lambda x, k, b: conv_lib._winograd_unless_differentiated(x, k, b, kernel_applies)  # pylint: disable=protected-access
+  direct = conv_lib.conv3x3 if kernel_applies else lambda x, k, b: conv_lib._xla_conv(x, k) + b  # pylint: disable=protected-access
+  winograd = jax.jit(lambda x, k, b: conv_lib.winograd_conv3x3(x, k) + b)(x, kernel, bias)
+  np.testing.assert_array_equal(np.asarray(jax.jit(layer)(x, kernel, bias)), np.asarray(winograd))
+  differentiated = jax.jit(lambda x, k, b: jax.vjp(layer, x, k, b)[0])(x, kernel, bias)
+  np.testing.assert_array_equal(np.asarray(differentiated), np.asarray(jax.jit(direct)(x, kernel, bias)))
+  assert np.abs(np.asarray(differentiated) - np.asarray(winograd)).max() > 0  # two computations, two roundings
+  _assert_matches_float64(layer, x, kernel, bias, upstream, grad_tolerance=1e-5)
 
 
 def test_layer_takes_winograd_where_use_winograd_says(monkeypatch):
