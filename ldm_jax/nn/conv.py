@@ -26,8 +26,9 @@ U-Net's lowest level on small latents) XLA's CPU convolution is pathologically s
 (`patches_conv3x3`): at 2×2 2–4× (64 channels) to 80–90× (512–1280 channels) faster, at 1×1 6–9×, at
 3×3 1.5–4.5×. From 8×8 on, with enough images and channels (`use_winograd`: 256 tiles of 2×2
 output pixels; 256 input channels, or any from 16×16 down), 'auto' on CPU runs Winograd's
-F(2×2, 3×3) (`winograd_conv3x3`): 16 instead of 36 multiply-adds per 2×2 output pixels and input
-channel, 1.2–1.9× the kernel's or XLA's convolution there.
+F(2×2, 3×3) (`winograd_conv3x3`) where nothing differentiates the layer (sampling, decoding,
+features; under autodiff, the direct convolution): 16 instead of 36 multiply-adds per 2×2 output
+pixels and input channel, 1.2–1.9× the kernel's or XLA's convolution there.
 
 `Conv1x1` (`proj_in`/`proj_out`, `conv_shortcut`, `quant_conv`) is `flax.linen.Conv(features, (1, 1))`
 computed as one matmul over the pixels: XLA's CPU convolution does not lower a 1×1 kernel to a matmul,
