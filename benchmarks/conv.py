@@ -13,8 +13,8 @@ For each `SIZExCHANNELS` (square images, channels in = out) or `SIZExINxOUT` it 
 time (with --grad: forward + backward of a sum of the output times a fixed array, input and weight
 gradients; with --weight_grad: the weight gradient alone, XLA's against the kernel's whatever
 `conv3x3`'s backward would choose) of each implementation, min / median over --repeats after a
-warm-up (the two implementations' calls alternating), and the kernel's speed-up. With --upsample, SIZE is the input of an `Upsample` layer (×2
-nearest-neighbour, then the 3×3 conv): repeating the pixels and convolving at 2·SIZE (with the
+warm-up (the two implementations' calls alternating), and the kernel's speed-up. With --upsample,
+SIZE is the input of an `Upsample` layer (×2 nearest-neighbour, then the 3×3 conv): repeating the pixels and convolving at 2·SIZE (with the
 kernel where 'auto' takes it there) against `upsample_conv3x3`'s 2×2 convolution at SIZE. With
 --pointwise, a 1×1 convolution: XLA's against `Conv1x1`'s [B·H·W, C] × [C, O] matmul. With --small,
 the 3×3 convolution of (tiny) images: XLA's against `patches_conv3x3`'s [B·H·W, 9·C] × [9·C, O]
@@ -43,7 +43,8 @@ _WEIGHT_GRAD = flags.DEFINE_bool("weight_grad", False, "Time the weight gradient
 _UPSAMPLE = flags.DEFINE_bool("upsample", False, "Time the Upsample layer's two ways instead.")
 _POINTWISE = flags.DEFINE_bool("pointwise", False, "Time 1×1 convolutions, XLA's and Conv1x1's, instead.")
 _SMALL = flags.DEFINE_bool("small", False, "Time 3×3 convolutions, XLA's and the patches' matmul, instead.")
-_WINOGRAD = flags.DEFINE_bool("winograd", False, "Time 3×3 convolutions, XLA's and Winograd's F(2×2, 3×3), instead.")
+_WINOGRAD = flags.DEFINE_bool("winograd", False, "Time 3×3 convolutions, the direct one 'auto' would run otherwise "
+                                "(the kernel or XLA's) and Winograd's F(2×2, 3×3), instead.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions.")
 
 

@@ -312,14 +312,13 @@ def _winograd_unless_differentiated(x: jax.Array, kernel: jax.Array, bias: jax.A
 
 
 def _direct_fwd(x, kernel, bias, kernel_applies):
-  out = _fused(x, kernel, bias) if kernel_applies else _xla_conv(x, kernel) + bias
-  return out, (x, kernel)
+  direct = conv3x3 if kernel_applies else lambda x, kernel, bias: _xla_conv(x, kernel) + bias
+  return jax.vjp(direct, x, kernel, bias)  # the output, and its vjp (a pytree of the residuals)
 
 
-def _direct_bwd(kernel_applies, residuals, d_out):
-  if kernel_applies:
-    return _conv3x3_bwd(residuals, d_out)
-  return (*jax.vjp(_xla_conv, *residuals)[1](d_out), d_out.sum((0, 1, 2)))
+def _direct_bwd(kernel_applies, direct_vjp, d_out):
+  del kernel_applies
+  return direct_vjp(d_out)
 
 
 _winograd_unless_differentiated.defvjp(_direct_fwd, _direct_bwd)
